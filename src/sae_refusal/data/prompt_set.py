@@ -1,0 +1,172 @@
+"""Prompts with labels: the unit every later stage consumes.
+
+A :class:`Prompt` is one user turn with its label (harmful / benign / ambiguous), CoCoNot category
+(``None`` for benign prompts), subcategory, source name and split. A :class:`PromptSet` is an ordered,
+immutable collection with unique ids and a content hash, so caches and split manifests can prove
+which prompts they were built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class Label(StrEnum):
+    """What a prompt should get from a well-behaved refusal-token model."""
+
+    HARMFUL = "harmful"  #: should be refused (``[refuse_<category>]``)
+    BENIGN = "benign"  #: should be answered (``[respond]``)
+    AMBIGUOUS = "ambiguous"  #: looks refusable but should be answered (contrast / over-refusal sets)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt.
+
+    Args:
+        id: Unique id within a prompt set, conventionally ``"<source>:<row id>"``.
+        text: The user message (no chat template applied).
+        label: Harmful, benign or ambiguous.
+        category: CoCoNot category (canonical name) or ``None``.
+        subcategory: Finer category from the source, or ``None``.
+        source: Name of the source the prompt was loaded from.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` before a split manifest is applied.
+        response: A reference answer when the source has one (CoCoNot contrast ``chosen``, UltraChat).
+    """
+
+    id: str
+    text: str
+    label: Label
+    category: str | None = None
+    subcategory: str | None = None
+    source: str = ""
+    split: str | None = None
+    response: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        row = asdict(self)
+        row["label"] = str(self.label)
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> Prompt:
+        """Inverse of :meth:`to_json`."""
+        return cls(**{**row, "label": Label(row["label"])})
+
+
+class PromptSet(Sequence[Prompt]):
+    """An ordered collection of prompts with unique ids.
+
+    Args:
+        prompts: The prompts, in order.
+
+    Raises:
+        ValueError: If two prompts share an id.
+    """
+
+    def __init__(self, prompts: Iterable[Prompt]) -> None:
+        self._prompts: tuple[Prompt, ...] = tuple(prompts)
+        counts = Counter(p.id for p in self._prompts)
+        dupes = [i for i, n in counts.items() if n > 1]
+        if dupes:
+            raise ValueError(f"prompt ids must be unique; duplicated: {dupes[:5]}")
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def __getitem__(self, index: int) -> Prompt:  # type: ignore[override]
+        return self._prompts[index]
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self._prompts)
+
+    def __add__(self, other: PromptSet) -> PromptSet:
+        return PromptSet((*self._prompts, *other._prompts))
+
+    def __repr__(self) -> str:
+        return f"PromptSet({len(self)} prompts, {dict(self.counts())})"
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self._prompts]
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self._prompts]
+
+    def filter(self, predicate: Callable[[Prompt], bool]) -> PromptSet:
+        """Prompts for which ``predicate`` is true, order kept."""
+        return PromptSet(p for p in self._prompts if predicate(p))
+
+    def split(self, name: str) -> PromptSet:
+        """Prompts of one split (``"train"``, ``"val"``, ``"test"``)."""
+        return self.filter(lambda p: p.split == name)
+
+    def with_splits(self, split_of: dict[str, str]) -> PromptSet:
+        """A copy with each prompt's ``split`` set from ``split_of[id]``.
+
+        Raises:
+            KeyError: If a prompt's id is missing from ``split_of``.
+        """
+        missing = [p.id for p in self._prompts if p.id not in split_of]
+        if missing:
+            raise KeyError(f"split manifest has no entry for {len(missing)} prompt ids, e.g. {missing[:3]}")
+        return PromptSet(replace(p, split=split_of[p.id]) for p in self._prompts)
+
+    def counts(self) -> Counter[str]:
+        """Number of prompts per ``label/category`` key."""
+        return Counter(f"{p.label}/{p.category}" if p.category else str(p.label) for p in self._prompts)
+
+    def content_hash(self) -> str:
+        """SHA-256 over ids, texts, labels and categories in order (split and response excluded)."""
+        digest = hashlib.sha256()
+        for p in self._prompts:
+            digest.update(json.dumps([p.id, p.text, str(p.label), p.category]).encode())
+            digest.update(b"\n")
+        return digest.hexdigest()
+
+    def to_jsonl(self, path: str | os.PathLike[str]) -> None:
+        """Write one JSON object per line, atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                for p in self._prompts:
+                    fh.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike[str]) -> PromptSet:
+        """Read a file written by :meth:`to_jsonl`.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: If a line is not a valid prompt record (the line number is named).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        prompts = []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    prompts.append(Prompt.from_json(json.loads(line)))
+                except (ValueError, TypeError, KeyError) as err:
+                    raise ValueError(f"{path}:{lineno}: not a prompt record ({err})") from err
+        return cls(prompts)
