@@ -7,6 +7,7 @@ ChatML-style chat template; pass ``chat_template=None`` to get one without (for 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -37,7 +38,9 @@ _CORPUS = [
 TINY_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral")
 
 
-def build_tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    chat_template: str | None = CHATML_TEMPLATE, vocab_size: int = 400
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in memory on a few sentences (covers any text)."""
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,7 +65,7 @@ def build_tiny_tokenizer(chat_template: str | None = CHATML_TEMPLATE, vocab_size
 
 
 def _config(arch: str, vocab_size: int, num_layers: int, hidden_size: int) -> PretrainedConfig:
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,

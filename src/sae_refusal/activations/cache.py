@@ -1,0 +1,370 @@
+"""On-disk activation cache: sharded safetensors plus a JSON manifest.
+
+Layout of one cache folder::
+
+    manifest.json               identity (what produced it), shapes, shard list with sizes and sha256
+    prompts.jsonl               one row of prompt metadata per activation row, in row order
+    shard-00000.safetensors     {"layer_<l>": (rows, d_model)} for every cached layer
+    ...
+
+Guarantees:
+
+* **Identity.** A cache is reused only when its :class:`CacheIdentity` (model and weights hash, layers,
+  chat-template hash, prompt-set hash, dtype, tokenisation policy) matches what the caller asks for;
+  :meth:`ActivationCache.open` with ``expect=`` raises :class:`CacheMismatchError` naming every field that
+  differs. Nothing is reused silently.
+* **Atomic writes.** :class:`ActivationCacheWriter` writes into a hidden temporary sibling folder and renames
+  it into place only after the manifest is complete, so an interrupt leaves either the old cache or the new
+  one, never half of either.
+* **Corruption is detected.** Shard sizes (cheap, default) or sha256 digests (``verify="hash"``) are checked
+  against the manifest on open; a truncated or altered shard raises :class:`CacheCorruptError` naming
+  the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PROMPTS_NAME = "prompts.jsonl"
+VERIFY_MODES = ("none", "size", "hash")
+
+
+class CacheError(RuntimeError):
+    """Base class of activation-cache errors."""
+
+
+class CacheNotFoundError(CacheError, FileNotFoundError):
+    """The folder has no activation cache (no manifest)."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was produced by another model, layer set, prompt set, template or dtype."""
+
+
+class CacheCorruptError(CacheError):
+    """A shard or the manifest is missing, truncated or altered."""
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """Everything that determines the cached numbers; two caches are interchangeable iff these match.
+
+    Args:
+        model: Model id or path as configured.
+        revision: Hub revision / commit hash, or ``"local"``.
+        weights_hash: Content fingerprint of the weight files (local folders and GGUF files).
+        model_dtype: Compute dtype the model was loaded in (as configured, e.g. ``"auto"``).
+        quantization: ``"none"``, ``"4bit"`` or ``"8bit"``.
+        layers: Cached layers (residual stream after decoder block ``l``, 0-based), sorted.
+        chat_template_hash: sha256 of the effective chat template and system prompt.
+        prompt_set_hash: :meth:`PromptSet.content_hash` of the prompts, in row order.
+        dtype: dtype the activations are stored in (``"float32"``, ``"bfloat16"``, ...).
+        max_length: Token budget per prompt.
+        overflow: Policy for longer prompts (``"truncate_left"`` or ``"error"``).
+    """
+
+    model: str
+    revision: str
+    weights_hash: str
+    model_dtype: str
+    quantization: str
+    layers: tuple[int, ...]
+    chat_template_hash: str
+    prompt_set_hash: str
+    dtype: str
+    max_length: int
+    overflow: str
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["layers"] = list(self.layers)
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> CacheIdentity:
+        known = {f.name for f in fields(cls)}
+        missing = known - set(row)
+        if missing:
+            raise CacheCorruptError(f"manifest identity lacks fields {sorted(missing)}")
+        return cls(**{**{k: row[k] for k in known}, "layers": tuple(int(x) for x in row["layers"])})
+
+    def key(self) -> str:
+        """Short stable hash of the identity, used in folder names."""
+        blob = json.dumps(self.to_json(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def differences(self, other: CacheIdentity) -> list[str]:
+        """Human-readable ``field: ours != theirs`` lines for each differing field."""
+        ours, theirs = self.to_json(), other.to_json()
+        return [f"{name}: {ours[name]!r} != {theirs[name]!r}" for name in ours if ours[name] != theirs[name]]
+
+    def covers(self, wanted: CacheIdentity) -> bool:
+        """True when this cache holds everything ``wanted`` asks for (same identity, superset of layers)."""
+        same_rest = {**self.to_json(), "layers": None} == {**wanted.to_json(), "layers": None}
+        return same_rest and set(wanted.layers) <= set(self.layers)
+
+
+def _layer_key(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ActivationCacheWriter:
+    """Writes a cache atomically: shards go to a temporary sibling folder renamed into place on commit.
+
+    Use as a context manager; leaving the block with an exception removes the temporary folder and leaves
+    any existing cache at ``folder`` untouched.
+
+    Args:
+        folder: Final cache folder. An existing cache there is replaced only at commit.
+        identity: What produced the activations.
+        d_model: Width of the residual stream.
+        shard_rows: Rows per shard file.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike[str], identity: CacheIdentity, d_model: int, shard_rows: int = 4096
+    ):
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.folder = Path(folder)
+        self.identity = identity
+        self.d_model = d_model
+        self.shard_rows = shard_rows
+        self._tmp = self.folder.parent / f".{self.folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._buffers: dict[int, list[torch.Tensor]] = {layer: [] for layer in identity.layers}
+        self._buffered_rows = 0
+        self._shards: list[dict[str, Any]] = []
+        self._rows = 0
+        self._committed = False
+
+    def __enter__(self) -> ActivationCacheWriter:
+        self._tmp.mkdir(parents=True, exist_ok=False)
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._committed:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def add(self, acts_by_layer: dict[int, torch.Tensor]) -> None:
+        """Append one batch: ``{layer: (B, d_model)}`` for every cached layer, same B for all."""
+        if set(acts_by_layer) != set(self.identity.layers):
+            raise ValueError(
+                f"batch has layers {sorted(acts_by_layer)}, cache expects {list(self.identity.layers)}"
+            )
+        sizes = {t.shape[0] for t in acts_by_layer.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"layers disagree on batch size: {sizes}")
+        for layer, acts_BD in acts_by_layer.items():
+            if acts_BD.ndim != 2 or acts_BD.shape[1] != self.d_model:
+                raise ValueError(f"layer {layer}: expected (B, {self.d_model}), got {tuple(acts_BD.shape)}")
+            self._buffers[layer].append(acts_BD.detach().to("cpu", getattr(torch, self.identity.dtype)))
+        self._buffered_rows += sizes.pop()
+        while self._buffered_rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, parts in self._buffers.items():
+            stacked = torch.cat(parts)
+            tensors[_layer_key(layer)] = stacked[:rows].contiguous()
+            self._buffers[layer] = [stacked[rows:]] if stacked.shape[0] > rows else []
+        self._buffered_rows -= rows
+        name = f"shard-{len(self._shards):05d}.safetensors"
+        path = self._tmp / name
+        save_file(tensors, str(path), metadata={"rows": str(rows)})
+        self._shards.append(
+            {"file": name, "rows": rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        )
+        self._rows += rows
+
+    def commit(
+        self, prompt_rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None
+    ) -> ActivationCache:
+        """Write the remaining rows, the prompt metadata and the manifest, then move the cache into place.
+
+        Args:
+            prompt_rows: One metadata dict per activation row, in row order.
+            extra: Additional JSON-serialisable facts to keep in the manifest (e.g. ``n_truncated``).
+        """
+        if self._buffered_rows:
+            self._flush(self._buffered_rows)
+        if len(prompt_rows) != self._rows:
+            raise ValueError(f"{len(prompt_rows)} prompt rows for {self._rows} activation rows")
+        with (self._tmp / PROMPTS_NAME).open("w", encoding="utf-8") as fh:
+            for row in prompt_rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "identity": self.identity.to_json(),
+            "n_rows": self._rows,
+            "d_model": self.d_model,
+            "shards": self._shards,
+            "prompts_sha256": _sha256(self._tmp / PROMPTS_NAME),
+            "extra": extra or {},
+        }
+        _write_json_atomic(self._tmp / MANIFEST_NAME, manifest)
+        old = self.folder.parent / f".{self.folder.name}.old-{uuid.uuid4().hex[:8]}"
+        if self.folder.exists():
+            os.replace(self.folder, old)
+        os.replace(self._tmp, self.folder)
+        self._committed = True
+        shutil.rmtree(old, ignore_errors=True)
+        return ActivationCache.open(self.folder, verify="none")
+
+
+class ActivationCache:
+    """A read-only view of a committed cache folder. Open it with :meth:`open`."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], prompts: list[dict[str, Any]]):
+        self.folder = folder
+        self.manifest = manifest
+        self.identity = CacheIdentity.from_json(manifest["identity"])
+        self.prompts = prompts
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        expect: CacheIdentity | None = None,
+        verify: str = "size",
+    ) -> ActivationCache:
+        """Open and check a cache.
+
+        Args:
+            folder: Cache folder.
+            expect: If given, the cache must cover it (same identity, superset of layers).
+            verify: ``"size"`` (shard byte sizes), ``"hash"`` (sha256 of every file) or ``"none"``.
+
+        Raises:
+            CacheNotFoundError: No manifest in ``folder``.
+            CacheMismatchError: The cache does not cover ``expect``; the message lists the differing fields.
+            CacheCorruptError: A file is missing, truncated or altered; the message names it.
+        """
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"cache.verify must be one of {VERIFY_MODES}, got {verify!r}")
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise CacheNotFoundError(f"no activation cache at {folder} (missing {MANIFEST_NAME})")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CacheCorruptError(f"{manifest_path}: unreadable manifest ({err})") from err
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"{manifest_path}: cache format {manifest.get('format_version')!r}, "
+                f"this version reads {FORMAT_VERSION}"
+            )
+        identity = CacheIdentity.from_json(manifest["identity"])
+        if expect is not None and not identity.covers(expect):
+            diffs = identity.differences(expect)
+            raise CacheMismatchError(
+                f"activation cache at {folder} was produced differently (cached != requested):\n  "
+                + "\n  ".join(diffs)
+            )
+        files = [*manifest["shards"], {"file": PROMPTS_NAME, "sha256": manifest["prompts_sha256"]}]
+        for entry in files if verify != "none" else []:
+            path = folder / entry["file"]
+            if not path.is_file():
+                raise CacheCorruptError(f"activation cache shard missing: {path}")
+            if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+                raise CacheCorruptError(
+                    f"activation cache shard {path} has {path.stat().st_size} bytes, "
+                    f"manifest says {entry['bytes']}"
+                    " (truncated or overwritten; delete the folder to recompute)"
+                )
+            if verify == "hash" and _sha256(path) != entry["sha256"]:
+                raise CacheCorruptError(
+                    f"activation cache file {path} fails its sha256 check (delete it to recompute)"
+                )
+        with (folder / PROMPTS_NAME).open(encoding="utf-8") as fh:
+            prompts = [json.loads(line) for line in fh if line.strip()]
+        if len(prompts) != manifest["n_rows"]:
+            raise CacheCorruptError(
+                f"{folder / PROMPTS_NAME}: {len(prompts)} rows, manifest says {manifest['n_rows']}"
+            )
+        return cls(folder, manifest, prompts)
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    def __repr__(self) -> str:
+        layers = list(self.layers)
+        return f"ActivationCache({self.folder}, rows={len(self)}, layers={layers}, d_model={self.d_model})"
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.identity.layers
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    def iter_shards(self, layer: int) -> Iterator[torch.Tensor]:
+        """Yield ``(rows, d_model)`` tensors of one layer, shard by shard."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not cached here (cached: {list(self.layers)})")
+        for entry in self.manifest["shards"]:
+            path = self.folder / entry["file"]
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    acts = fh.get_tensor(_layer_key(layer))
+            except Exception as err:  # safetensors raises its own error types for bad headers
+                raise CacheCorruptError(f"cannot read activation cache shard {path}: {err}") from err
+            if acts.shape != (entry["rows"], self.d_model):
+                raise CacheCorruptError(f"{path}: {_layer_key(layer)} has shape {tuple(acts.shape)}")
+            yield acts
+
+    def load(self, layer: int) -> torch.Tensor:
+        """All rows of one layer as a ``(n_rows, d_model)`` tensor in the stored dtype."""
+        return torch.cat(list(self.iter_shards(layer)))
+
+
+def find_cache(root: str | os.PathLike[str], wanted: CacheIdentity) -> Path | None:
+    """A folder under ``root`` whose manifest covers ``wanted`` (exact key first), or ``None``."""
+    root = Path(root)
+    exact = root / wanted.key()
+    candidates = [exact, *sorted(p for p in root.glob("*") if p != exact)] if root.is_dir() else []
+    for folder in candidates:
+        manifest_path = folder / MANIFEST_NAME
+        if folder.name.startswith(".") or not manifest_path.is_file():
+            continue
+        try:
+            identity = CacheIdentity.from_json(json.loads(manifest_path.read_text())["identity"])
+        except (json.JSONDecodeError, KeyError, CacheCorruptError, TypeError, ValueError):
+            continue
+        if identity.covers(wanted):
+            return folder
+    return None

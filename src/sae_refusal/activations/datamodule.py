@@ -1,0 +1,211 @@
+"""``ActivationDataModule``: cached last-token activations with labels, served to Lightning.
+
+Lifecycle (see the Lightning pitfalls in docs/ARCHITECTURE.md):
+
+* ``__init__`` stores configs only (no model, no file I/O); the module is pickled to spawned workers.
+* ``prepare_data`` (one process per node) loads the prompt set, writes the split manifest and fills the
+  activation cache (loading the LLM only when no matching cache exists). It sets no state.
+* ``setup`` (every process) reads the prompt set, manifest and cache into memory-resident tensors.
+
+Under DDP each rank gets a disjoint slice of the training rows with the same number of batches
+(``DistributedSampler(drop_last=True)``, reshuffled per epoch with a fixed seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from sae_refusal.activations.build import CacheConfig, cached_activations
+from sae_refusal.activations.cache import ActivationCache
+from sae_refusal.categories import COCONOT_CATEGORIES
+from sae_refusal.data.prompt_set import Label, PromptSet
+from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_set
+from sae_refusal.data.splits import SplitConfig, apply_manifest, load_or_create_manifest, prompt_set_hash
+from sae_refusal.llm.layers import validate_layers
+from sae_refusal.llm.loading import LLMConfig, load_model_config
+
+#: Integer codes of :class:`Label` in batches.
+LABEL_INDEX: dict[str, int] = {str(Label.BENIGN): 0, str(Label.HARMFUL): 1, str(Label.AMBIGUOUS): 2}
+#: Category codes: 0 = none (benign), ``i + 1`` = ``COCONOT_CATEGORIES[i]``.
+CATEGORY_INDEX: dict[str | None, int] = {None: 0, **{c: i + 1 for i, c in enumerate(COCONOT_CATEGORIES)}}
+
+
+@dataclass
+class ActivationBatch:
+    """Tensors of one split.
+
+    Args:
+        acts_ND: Activations, float32, (N, d_model).
+        label_N: Label codes (:data:`LABEL_INDEX`).
+        category_N: Category codes (:data:`CATEGORY_INDEX`).
+        ids: Prompt ids, row-aligned.
+    """
+
+    acts_ND: torch.Tensor
+    label_N: torch.Tensor
+    category_N: torch.Tensor
+    ids: list[str]
+
+
+class ActivationDataset(Dataset[dict[str, torch.Tensor]]):
+    """Map-style dataset over an :class:`ActivationBatch`; items are dicts of tensors."""
+
+    def __init__(self, batch: ActivationBatch):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return int(self.batch.acts_ND.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "acts": self.batch.acts_ND[index],
+            "label": self.batch.label_N[index],
+            "category": self.batch.category_N[index],
+            "index": torch.tensor(index),
+        }
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Cached last-token residual activations of a prompt set at one layer, split by a held-out manifest.
+
+    Args:
+        llm: The causal LM whose residual stream is read.
+        prompts: Prompt sources; ``None`` uses the small labelled set shipped with the package.
+        split: Held-out split settings (fraction, seed, strata).
+        manifest_path: Where the split manifest is written / read; default
+            ``<cache.root>/splits-<prompt-set hash>-<split-config hash>.json``.
+        cache: Activation cache settings (root folder, layers, dtype, batch size, token budget).
+        layer: Layer served to training (must be in ``cache.layers``); default the first cached layer.
+        batch_size: Rows per training batch.
+        num_workers: DataLoader workers.
+        shuffle_seed: Seed of the per-epoch shuffle (each epoch reshuffles with ``seed + epoch``).
+    """
+
+    def __init__(
+        self,
+        llm: LLMConfig | None = None,
+        prompts: PromptSetConfig | None = None,
+        split: SplitConfig | None = None,
+        manifest_path: str | None = None,
+        cache: CacheConfig | None = None,
+        layer: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.llm = llm or LLMConfig()
+        self.prompts = prompts
+        self.split = split or SplitConfig()
+        self.manifest_path = manifest_path
+        self.cache = cache or CacheConfig()
+        if layer is not None and layer not in self.cache.layers:
+            raise ValueError(f"data.layer={layer} is not among cache.layers={list(self.cache.layers)}")
+        self.layer = layer
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
+        self._d_model: int | None = None
+        self.splits: dict[str, ActivationBatch] = {}
+        self.activation_cache: ActivationCache | None = None
+
+    # ---------------------------------------------------------------- facts linked to the model
+    @property
+    def d_model(self) -> int:
+        """Residual width, read from the model config (no weights loaded)."""
+        if self._d_model is None:
+            self._d_model = int(load_model_config(self.llm).hidden_size)
+        return self._d_model
+
+    # ---------------------------------------------------------------- preparation
+    def load_prompts(self) -> PromptSet:
+        """The full prompt set (all splits), with each prompt's split set from the manifest."""
+        prompt_set = load_builtin() if self.prompts is None else load_prompt_set(self.prompts)
+        manifest = load_or_create_manifest(prompt_set, self.split, self._manifest_file(prompt_set))
+        return apply_manifest(prompt_set, manifest)
+
+    def _manifest_file(self, prompt_set: PromptSet) -> Path:
+        if self.manifest_path is not None:
+            return Path(self.manifest_path)
+        split_key = hashlib.sha256(json.dumps(asdict(self.split), sort_keys=True).encode()).hexdigest()[:8]
+        return Path(self.cache.root) / f"splits-{prompt_set_hash(prompt_set)[:12]}-{split_key}.json"
+
+    def build_cache(self) -> ActivationCache:
+        """Write the split manifest and fill (or reuse) the activation cache; returns the cache."""
+        return cached_activations(self.load_prompts(), self.llm, self.cache)
+
+    def prepare_data(self) -> None:
+        self.build_cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        prompt_set = self.load_prompts()
+        cache = cached_activations(prompt_set, self.llm, self.cache)
+        layer = self.cache.layers[0] if self.layer is None else self.layer
+        n_layers = int(load_model_config(self.llm).num_hidden_layers)
+        (resolved,) = validate_layers([layer], n_layers, key="data.layer")
+        acts_ND = cache.load(resolved).float()
+        split_of = {p.id: p.split for p in prompt_set}
+        rows = cache.prompts
+        for name in ("train", "val", "test"):
+            index = [i for i, row in enumerate(rows) if split_of[row["id"]] == name]
+            self.splits[name] = ActivationBatch(
+                acts_ND=acts_ND[index],
+                label_N=torch.tensor([LABEL_INDEX[rows[i]["label"]] for i in index], dtype=torch.long),
+                category_N=torch.tensor(
+                    [CATEGORY_INDEX[rows[i]["category"]] for i in index], dtype=torch.long
+                ),
+                ids=[rows[i]["id"] for i in index],
+            )
+        self.activation_cache = cache
+        self._d_model = cache.d_model
+
+    # ---------------------------------------------------------------- loaders
+    def _loader(self, name: str, train: bool) -> DataLoader[dict[str, torch.Tensor]]:
+        if not self.splits:
+            raise RuntimeError("ActivationDataModule.setup() has not run")
+        dataset = ActivationDataset(self.splits[name])
+        if len(dataset) == 0:
+            raise ValueError(f"split {name!r} is empty; check split.test_fraction / split.val_fraction")
+        sampler: DistributedSampler[dict[str, torch.Tensor]] | None = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=train,
+                seed=self.shuffle_seed,
+                drop_last=train,
+            )
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            generator=generator if sampler is None else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
+        has_val = "val" in self.splits and self.splits["val"].acts_ND.shape[0] > 0
+        return self._loader("val" if has_val else "test", train=False)
+
+    def test_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
+        return self._loader("test", train=False)

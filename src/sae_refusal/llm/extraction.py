@@ -1,0 +1,305 @@
+"""Early-exit extraction of last-token residual-stream activations.
+
+Design notes:
+
+* **One forward, stopped early.** Forward hooks sit on the requested decoder blocks. Each hook slices the
+  last *real* token's row out of the block output ``(B, T, D)`` at once and keeps only that ``(B, D)``
+  copy, so no full hidden-state tensor outlives its block. The hook on the deepest requested block raises a
+  private exception that is caught around the forward: later blocks, the final norm and the LM head (a
+  ``(B, T, vocab)`` matmul) never run. Hooks are removed in ``finally``, whatever happens.
+* **Padding either side.** The last real token is the last position whose attention mask is 1, so left
+  and right padding both work. ``position_ids`` are computed from the mask (``cumsum - 1``, clamped at 0),
+  so a left-padded prompt sees the same positions as when it runs alone (see DESIGN.md, "Left padding").
+* **Layer convention.** Layer ``l`` is the output of decoder block ``l`` (see :mod:`sae_refusal.llm.layers`).
+  :func:`full_forward_last_token` is the naive baseline (``output_hidden_states=True`` over the whole
+  model); it serves benchmarks and tests as an oracle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_refusal.llm.layers import decoder_layers, validate_layers
+from sae_refusal.llm.tokenize import default_max_length, encode_prompts, pad_left
+
+__all__ = [
+    "ResidualBatch",
+    "full_forward_last_token",
+    "iter_last_token_residuals",
+    "last_token_indices",
+    "last_token_residuals",
+    "position_ids_from_mask",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook to end the forward pass early; never escapes this module."""
+
+
+def _check_batch(input_ids_BT: Tensor, attention_mask_BT: Tensor) -> None:
+    if input_ids_BT.ndim != 2:
+        raise ValueError(f"input_ids_BT must be 2-D (batch, tokens), got shape {tuple(input_ids_BT.shape)}")
+    if attention_mask_BT.shape != input_ids_BT.shape:
+        raise ValueError(
+            f"attention_mask_BT shape {tuple(attention_mask_BT.shape)} != input_ids_BT shape "
+            f"{tuple(input_ids_BT.shape)}"
+        )
+    if input_ids_BT.shape[1] == 0:
+        raise ValueError("input_ids_BT has zero tokens")
+    empty = (attention_mask_BT.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask_BT rows {empty} have no real token")
+
+
+def last_token_indices(attention_mask_BT: Tensor) -> Tensor:
+    """Index of the last position whose mask is 1, per row (works for left and right padding)."""
+    n_tokens = attention_mask_BT.shape[1]
+    flipped_first = attention_mask_BT.flip(dims=(1,)).to(torch.long).argmax(dim=1)
+    return n_tokens - 1 - flipped_first
+
+
+def position_ids_from_mask(attention_mask_BT: Tensor) -> Tensor:
+    """Positions counted over real tokens only (``cumsum - 1``, clamped at 0 on padding)."""
+    return (attention_mask_BT.to(torch.long).cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
+    if isinstance(weight, Tensor):
+        return weight.device
+    return next(model.parameters()).device
+
+
+def _block_output(output: Any) -> Tensor:
+    """The hidden states from a decoder block's output (a tensor, or a tuple/ModelOutput led by it)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    hidden = getattr(output, "hidden_states", None)
+    if isinstance(hidden, Tensor):
+        return hidden
+    raise TypeError(f"unexpected decoder block output type {type(output).__name__}")
+
+
+def last_token_residuals(
+    model: nn.Module,
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    layers: Sequence[int],
+) -> dict[int, Tensor]:
+    """Residual stream at the last real token after each requested layer, from one early-exit forward.
+
+    Args:
+        model: A Hugging Face causal LM in eval mode.
+        input_ids_BT: Token ids, left- or right-padded.
+        attention_mask_BT: 1 on real tokens, 0 on padding; every row needs at least one real token.
+        layers: Layer indices (negative ones count from the end); layer ``l`` is the output of block ``l``.
+
+    Returns:
+        ``{layer: acts_BD}`` with non-negative layer keys in ascending order; tensors are in the model's dtype
+        on the device of the block that produced them.
+
+    Raises:
+        ValueError: On an invalid layer (naming ``layers``) or malformed inputs.
+    """
+    _check_batch(input_ids_BT, attention_mask_BT)
+    blocks = decoder_layers(model)
+    wanted = validate_layers(layers, len(blocks))
+    deepest = wanted[-1]
+    device = _input_device(model)
+    input_ids_BT = input_ids_BT.to(device)
+    attention_mask_BT = attention_mask_BT.to(device)
+    last_B = last_token_indices(attention_mask_BT)
+    rows_B = torch.arange(input_ids_BT.shape[0], device=device)
+    captured: dict[int, Tensor] = {}
+
+    def make_hook(layer: int) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            hidden_BTD = _block_output(output)
+            # Advanced indexing copies: only the (B, D) rows survive the block.
+            captured[layer] = hidden_BTD[rows_B.to(hidden_BTD.device), last_B.to(hidden_BTD.device)]
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in wanted]
+    try:
+        with torch.inference_mode():
+            model(
+                input_ids=input_ids_BT,
+                attention_mask=attention_mask_BT,
+                position_ids=position_ids_from_mask(attention_mask_BT),
+                use_cache=False,
+            )
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in wanted if layer not in captured]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} never ran; the model skipped them")
+    return {layer: captured[layer] for layer in wanted}
+
+
+def full_forward_last_token(
+    model: nn.Module,
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    layers: Sequence[int],
+) -> dict[int, Tensor]:
+    """Naive baseline: a whole forward with ``output_hidden_states=True``, then pick the last real token.
+
+    Uses ``hidden_states[l + 1]`` for each layer; since Hugging Face normalises its last hidden state, the
+    final layer is read with a forward hook instead, so the result follows the project's layer convention
+    and matches :func:`last_token_residuals` (up to float noise). Same arguments and result as that function.
+    """
+    _check_batch(input_ids_BT, attention_mask_BT)
+    blocks = decoder_layers(model)
+    wanted = validate_layers(layers, len(blocks))
+    device = _input_device(model)
+    input_ids_BT = input_ids_BT.to(device)
+    attention_mask_BT = attention_mask_BT.to(device)
+    last_B = last_token_indices(attention_mask_BT)
+    rows_B = torch.arange(input_ids_BT.shape[0], device=device)
+    final_output: list[Tensor] = []
+    final = len(blocks) - 1
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        final_output.append(_block_output(output))
+
+    handle = blocks[final].register_forward_hook(hook) if final in wanted else None
+    try:
+        with torch.inference_mode():
+            outputs = model(
+                input_ids=input_ids_BT,
+                attention_mask=attention_mask_BT,
+                position_ids=position_ids_from_mask(attention_mask_BT),
+                use_cache=False,
+                output_hidden_states=True,
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
+    result: dict[int, Tensor] = {}
+    for layer in wanted:
+        hidden_BTD = final_output[0] if layer == final else outputs.hidden_states[layer + 1]
+        result[layer] = hidden_BTD[rows_B.to(hidden_BTD.device), last_B.to(hidden_BTD.device)]
+    return result
+
+
+@dataclass
+class ResidualBatch:
+    """One batch of last-token residuals from :func:`iter_last_token_residuals`, rows in input order.
+
+    Args:
+        indices: Position of each row's prompt in the input list (consecutive, ascending).
+        acts: ``{layer: acts_BD}``, rows in the order of ``indices``.
+        n_tokens: Token count of each prompt after the overflow policy.
+        truncated: Whether each prompt was cut by ``overflow="truncate_left"``.
+        n_truncated: How many prompts of this batch were cut (``sum(truncated)``).
+    """
+
+    indices: list[int]
+    acts: dict[int, Tensor]
+    n_tokens: list[int]
+    truncated: list[bool]
+    n_truncated: int
+
+
+def iter_last_token_residuals(
+    model: nn.Module,
+    tokenizer: Any,
+    formatted_texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    batch_size: int,
+    max_length: int | None = None,
+    overflow: str = "truncate_left",
+    sort_window: int = 16,
+    out_device: str | torch.device = "cpu",
+) -> Iterator[ResidualBatch]:
+    """Yield last-token residuals for many chat-formatted prompts, in input order, ``batch_size`` at a time.
+
+    To reduce padding, each window of ``sort_window * batch_size`` prompts runs sorted by length (longest
+    first); its results are put back in input order before they are yielded, so the concatenation of all
+    batches lines up with ``formatted_texts``. Overflow is handled by
+    :func:`~sae_refusal.llm.tokenize.encode_prompts`.
+
+    Args:
+        model: A Hugging Face causal LM in eval mode.
+        tokenizer: Its tokenizer (its pad id fills padding; any id works since padding is masked).
+        formatted_texts: Prompts already rendered by the chat template.
+        layers: Layer indices (config key ``layers``).
+        batch_size: Prompts per forward pass (config key ``batch_size``).
+        max_length: Token limit per prompt (config key ``max_length``); ``None`` uses
+            :func:`~sae_refusal.llm.tokenize.default_max_length`.
+        overflow: ``"truncate_left"`` or ``"error"`` (config key ``overflow``).
+        sort_window: Batches per length-sorting window; 1 runs prompts in input order.
+        out_device: Where yielded tensors go (they keep the model's dtype).
+
+    Raises:
+        ValueError: On a bad ``batch_size``/``sort_window``, layer, or overflow (see ``encode_prompts``).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    if isinstance(sort_window, bool) or not isinstance(sort_window, int) or sort_window < 1:
+        raise ValueError(f"sort_window: must be a positive integer, got {sort_window!r}")
+    wanted = validate_layers(layers, len(decoder_layers(model)))
+    if max_length is None:
+        max_length = default_max_length(model, tokenizer)
+    encoded = encode_prompts(tokenizer, formatted_texts, max_length=max_length, overflow=overflow)
+    if encoded.n_truncated:
+        logger.info(
+            "%d of %d prompts were longer than max_length=%d and lost their first tokens",
+            encoded.n_truncated,
+            len(encoded.input_ids),
+            max_length,
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        pad_id = 0  # masked out; any valid id works
+    truncated = set(encoded.truncated_indices)
+    ids = encoded.input_ids
+    window = batch_size * sort_window
+    for start in range(0, len(ids), window):
+        stop = min(start + window, len(ids))
+        order = (
+            sorted(range(start, stop), key=lambda i: -len(ids[i]))
+            if sort_window > 1
+            else list(range(start, stop))
+        )
+        parts: dict[int, list[Tensor]] = {layer: [] for layer in wanted}
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            input_ids_BT, attention_mask_BT = pad_left([ids[i] for i in chunk], pad_id)
+            acts = last_token_residuals(model, input_ids_BT, attention_mask_BT, wanted)
+            for layer, acts_BD in acts.items():
+                parts[layer].append(acts_BD.to(out_device))
+        # Row r of the sorted window holds prompt order[r]; invert to input order.
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order) - start] = torch.arange(len(order))
+        window_acts = {
+            layer: torch.cat(chunks)[inverse.to(chunks[0].device)] for layer, chunks in parts.items()
+        }
+        for b in range(0, stop - start, batch_size):
+            indices = list(range(start + b, min(start + b + batch_size, stop)))
+            flags = [i in truncated for i in indices]
+            yield ResidualBatch(
+                indices=indices,
+                acts={layer: acts_WD[b : b + len(indices)] for layer, acts_WD in window_acts.items()},
+                n_tokens=[len(ids[i]) for i in indices],
+                truncated=flags,
+                n_truncated=sum(flags),
+            )

