@@ -26,16 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sae_refusal.atomic import AtomicFolder
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -130,15 +131,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class ActivationCacheWriter:
     """Writes a cache atomically: shards go to a temporary sibling folder renamed into place on commit.
 
@@ -161,20 +153,21 @@ class ActivationCacheWriter:
         self.identity = identity
         self.d_model = d_model
         self.shard_rows = shard_rows
-        self._tmp = self.folder.parent / f".{self.folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._out = AtomicFolder(self.folder)
+        self._tmp = self._out.tmp
         self._buffers: dict[int, list[torch.Tensor]] = {layer: [] for layer in identity.layers}
         self._buffered_rows = 0
         self._shards: list[dict[str, Any]] = []
         self._rows = 0
-        self._committed = False
 
     def __enter__(self) -> ActivationCacheWriter:
-        self._tmp.mkdir(parents=True, exist_ok=False)
+        self._out.__enter__()
         return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if not self._committed:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._out.__exit__(exc_type, exc, tb)
 
     def add(self, acts_by_layer: dict[int, torch.Tensor]) -> None:
         """Append one batch: ``{layer: (B, d_model)}`` for every cached layer, same B for all."""
@@ -233,14 +226,8 @@ class ActivationCacheWriter:
             "prompts_sha256": _sha256(self._tmp / PROMPTS_NAME),
             "extra": extra or {},
         }
-        _write_json_atomic(self._tmp / MANIFEST_NAME, manifest)
-        old = self.folder.parent / f".{self.folder.name}.old-{uuid.uuid4().hex[:8]}"
-        if self.folder.exists():
-            os.replace(self.folder, old)
-        os.replace(self._tmp, self.folder)
-        self._committed = True
-        shutil.rmtree(old, ignore_errors=True)
-        return ActivationCache.open(self.folder, verify="none")
+        (self._tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        return ActivationCache.open(self._out.commit(), verify="none")
 
 
 class ActivationCache:

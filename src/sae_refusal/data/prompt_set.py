@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from sae_refusal.atomic import atomic_write_text
 
 
 class Label(StrEnum):
@@ -137,17 +138,8 @@ class PromptSet(Sequence[Prompt]):
 
     def to_jsonl(self, path: str | os.PathLike[str]) -> None:
         """Write one JSON object per line, atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                for p in self._prompts:
-                    fh.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        lines = (json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in self._prompts)
+        atomic_write_text(path, "".join(lines))
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str]) -> PromptSet:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data.prompt_set import Prompt, PromptSet
 
 #: Split names, in manifest order.
@@ -207,17 +207,7 @@ def make_split_manifest(prompt_set: PromptSet, cfg: SplitConfig) -> SplitManifes
 
 def write_manifest(manifest: SplitManifest, path: str | os.PathLike[str]) -> None:
     """Write ``manifest`` as JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(manifest.to_json(), fh, indent=1, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(manifest.to_json(), indent=1, ensure_ascii=False) + "\n")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> SplitManifest:

@@ -15,6 +15,7 @@ hub revision (commit hash where the local cache knows it) or a quick content has
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import re
@@ -214,12 +215,27 @@ def load_model_config(cfg: LLMConfig) -> PretrainedConfig:
     from transformers import AutoConfig
 
     source = _resolve_source(cfg)
-    try:
-        return AutoConfig.from_pretrained(source.location, **_common_kwargs(cfg, source))
-    except OSError as err:
-        if source.kind != "hub":
-            raise
-        raise _hub_error(cfg, source, err) from err
+    kwargs = _common_kwargs(cfg, source)
+    key = (source, tuple(sorted(kwargs.items())), _local_stamp(source))
+    if key not in _CONFIG_MEMO:  # parsing a GGUF header takes seconds; callers ask several times
+        try:
+            _CONFIG_MEMO[key] = AutoConfig.from_pretrained(source.location, **kwargs)
+        except OSError as err:
+            if source.kind != "hub":
+                raise
+            raise _hub_error(cfg, source, err) from err
+    return copy.deepcopy(_CONFIG_MEMO[key])
+
+
+_CONFIG_MEMO: dict[tuple[_Source, tuple[tuple[str, Any], ...], int], PretrainedConfig] = {}
+
+
+def _local_stamp(source: _Source) -> int:
+    """Modification time of the file a local config is read from (0 for hub ids), so edits are seen."""
+    if source.kind == "hub":
+        return 0
+    path = Path(source.location) / (source.gguf_file or "config.json")
+    return path.stat().st_mtime_ns if path.exists() else 0
 
 
 def _device_and_map(cfg: LLMConfig) -> tuple[torch.device | None, Any]:

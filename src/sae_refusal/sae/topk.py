@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +21,8 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sae_refusal.atomic import AtomicFolder
 
 
 @dataclass(frozen=True)
@@ -111,21 +111,14 @@ class TopKSAE(nn.Module):
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``cfg.json`` + ``sae.safetensors`` into ``folder`` atomically (temp folder + rename)."""
-        folder = Path(folder)
-        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
+        with AtomicFolder(folder) as out:
+            tmp = out.tmp
             (tmp / "cfg.json").write_text(json.dumps({"architecture": "topk", **asdict(self.cfg)}, indent=2))
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                 str(tmp / "sae.safetensors"),
             )
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+            return out.commit()
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
