@@ -12,6 +12,7 @@ are dispatched here first:
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -36,15 +37,18 @@ class SAERefusalCLI(LightningCLI):
 
 
 def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
-    return SAERefusalCLI(
-        SAEModule,
-        ActivationDataModule,
-        subclass_mode_model=True,
-        args=list(args),
-        run=run,
-        save_config_kwargs={"overwrite": False},
-        parser_kwargs={"prog": "sae-refusal"},
-    )
+    with warnings.catch_warnings():
+        # We pass the arguments explicitly on purpose (project subcommands strip their own name).
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return SAERefusalCLI(
+            SAEModule,
+            ActivationDataModule,
+            subclass_mode_model=True,
+            args=list(args),
+            run=run,
+            save_config_kwargs={"overwrite": False},
+            parser_kwargs={"prog": "sae-refusal"},
+        )
 
 
 def cache_command(args: Sequence[str]) -> None:
