@@ -7,6 +7,8 @@ are dispatched here first:
 
 * ``cache``: write the split manifest and fill the activation cache described by the same config file
   that ``fit`` takes (only its ``data`` section matters), then print what was cached.
+* ``finetune``: the refusal-token SFT recipe (``RefusalSFTModule`` + ``SFTDataModule``), ending with a
+  held-out refusal-token report and the exported model (``RefusalReportCallback``).
 """
 
 from __future__ import annotations
@@ -75,8 +77,33 @@ def cache_command(args: Sequence[str]) -> None:
     print(f"  truncated prompts: {extra.get('n_truncated', 0)}")
 
 
+class FinetuneCLI(LightningCLI):
+    """LightningCLI of the refusal-token fine-tuning recipe: one model config shared by module and data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.llm", "data.llm", apply_on="parse")
+        parser.link_arguments("model.refusal_tokens", "data.refusal_tokens", apply_on="parse")
+
+
+def finetune_command(args: Sequence[str]) -> None:
+    """``sae-refusal finetune --config cfg.yaml``: refusal-token SFT, held-out report and export."""
+    from sae_refusal.finetune.datamodule import SFTDataModule
+    from sae_refusal.finetune.module import RefusalSFTModule
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        FinetuneCLI(
+            RefusalSFTModule,
+            SFTDataModule,
+            args=["fit", *args],
+            save_config_kwargs={"overwrite": False},
+            parser_kwargs={"prog": "sae-refusal finetune"},
+        )
+
+
 PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "cache": (cache_command, "Write the split manifest and cache last-token activations (no training)."),
+    "finetune": (finetune_command, "Fine-tune a chat model to emit refusal tokens; report and export it."),
 }
 
 

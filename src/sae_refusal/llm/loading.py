@@ -11,11 +11,15 @@ Sources, decided from :attr:`LLMConfig.name_or_path`:
 
 :func:`model_fingerprint` identifies the weights for activation-cache manifests without loading them: a
 hub revision (commit hash where the local cache knows it) or a quick content hash of local weight files.
+
+:attr:`LLMConfig.adapter_path` names a refusal-token artifact (:mod:`sae_refusal.finetune.artifact`: added
+tokens, their embedding rows, a LoRA adapter) applied on top of the loaded base model and tokenizer.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import re
@@ -76,6 +80,10 @@ class LLMConfig:
         trust_remote_code: Allow model code from the hub repo to run.
         attn_implementation: e.g. ``eager``, ``sdpa``, ``flash_attention_2``; ``None`` lets transformers
             choose.
+        adapter_path: Folder of a refusal-token artifact (written by the finetune recipe,
+            :func:`sae_refusal.finetune.artifact.save_refusal_artifact`) trained on this base model. After
+            loading, its tokens are added to the tokenizer (same ids as in training), the embeddings resized
+            and its rows and LoRA adapter applied (merged). It is part of :func:`model_fingerprint`.
     """
 
     name_or_path: str = SMOLLM2_ALIAS
@@ -86,10 +94,13 @@ class LLMConfig:
     quantization: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    adapter_path: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name_or_path or not self.name_or_path.strip():
             raise ValueError("name_or_path: empty; give a hub id, a local folder, a .gguf file or 'smollm2'")
+        if self.adapter_path is not None and not str(self.adapter_path).strip():
+            raise ValueError("adapter_path: empty; give a refusal-token artifact folder or null")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: unknown value {self.dtype!r}; expected one of {tuple(_DTYPES)}")
         if not _DEVICE_RE.match(self.device):
@@ -182,9 +193,12 @@ def _hub_error(cfg: LLMConfig, source: _Source, err: Exception) -> OSError:
 def load_tokenizer(cfg: LLMConfig) -> Any:
     """Load the tokenizer for ``cfg``, giving it a pad token (its EOS token) if it has none.
 
+    With :attr:`LLMConfig.adapter_path` set, the artifact's refusal tokens are added (with the ids they had
+    in training).
+
     Raises:
-        FileNotFoundError: If a local ``name_or_path`` does not exist.
-        ValueError: If the tokenizer has neither a pad nor an EOS token.
+        FileNotFoundError: If a local ``name_or_path`` or the ``adapter_path`` artifact does not exist.
+        ValueError: If the tokenizer has neither a pad nor an EOS token, or does not fit the artifact.
     """
     from transformers import AutoTokenizer
 
@@ -201,6 +215,11 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
                 f"name_or_path: the tokenizer of {cfg.name_or_path!r} has neither a pad nor an EOS token"
             )
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.adapter_path is not None:
+        # finetune sits above llm: import lazily
+        from sae_refusal.finetune.artifact import add_artifact_tokens
+
+        add_artifact_tokens(tokenizer, cfg.adapter_path)
     return tokenizer
 
 
@@ -289,11 +308,50 @@ def _quantization_config(cfg: LLMConfig, source: _Source, dtype: torch.dtype | N
 def load_model(cfg: LLMConfig) -> PreTrainedModel:
     """Load the causal LM for ``cfg`` in eval mode, with gradients off, on ``cfg.device``.
 
+    With :attr:`LLMConfig.adapter_path` set, the refusal-token artifact is applied and merged (the base
+    tokenizer is loaded internally to place the new tokens).
+
     Raises:
-        FileNotFoundError: If a local ``name_or_path`` does not exist.
+        FileNotFoundError: If a local ``name_or_path`` or the ``adapter_path`` artifact does not exist.
         RuntimeError: If CUDA is requested (``device`` or ``quantization``) but unavailable.
         ImportError: If ``quantization`` is set and bitsandbytes is missing.
+        ValueError: If the artifact does not fit the model (token ids, vocabulary size, width).
     """
+    model = _load_base_model(cfg)
+    if cfg.adapter_path is None:
+        return model
+    base_tokenizer = load_tokenizer(dataclasses.replace(cfg, adapter_path=None))
+    return _apply_adapter(cfg, cfg.adapter_path, model, base_tokenizer)
+
+
+def _apply_adapter(
+    cfg: LLMConfig, adapter_path: str, model: PreTrainedModel, tokenizer: Any
+) -> PreTrainedModel:
+    """Apply the refusal-token artifact at ``adapter_path`` to the freshly loaded base ``model``."""
+    from sae_refusal.finetune.artifact import apply_refusal_artifact  # finetune sits above llm
+
+    base = model_fingerprint(dataclasses.replace(cfg, adapter_path=None))
+    model, _ = apply_refusal_artifact(model, tokenizer, adapter_path, merge=True, base=base)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """GGUF weights are dequantised on load; drop the GGUF markers so ``save_pretrained`` works.
+
+    transformers keeps a GGUF "quantizer" on the model that refuses serialisation, although the weights are
+    plain float tensors by then; without this a model fine-tuned from a GGUF file could not be saved.
+    """
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+
+
+def _load_base_model(cfg: LLMConfig) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     source = _resolve_source(cfg)
@@ -321,6 +379,8 @@ def load_model(cfg: LLMConfig) -> PreTrainedModel:
         nn.Module.to(model, device)
     if quantization_config is None and dtype is not None and model.dtype != dtype:
         nn.Module.to(model, dtype)
+    if source.kind == "gguf":
+        _forget_gguf_quantization(model)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -333,7 +393,9 @@ def load_model_and_tokenizer(cfg: LLMConfig) -> tuple[PreTrainedModel, Any]:
         ValueError: If the tokenizer has more tokens than the model's input embedding has rows.
     """
     tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg)
+    model = _load_base_model(cfg)
+    if cfg.adapter_path is not None:
+        model = _apply_adapter(cfg, cfg.adapter_path, model, tokenizer)
     embeddings = model.get_input_embeddings()
     n_rows = getattr(embeddings, "num_embeddings", None)
     if isinstance(n_rows, int) and len(tokenizer) > n_rows:
@@ -406,7 +468,9 @@ def model_fingerprint(cfg: LLMConfig, model: nn.Module | None = None) -> dict[st
 
     Returns:
         ``{"model", "source", "revision", "gguf_file", "weights_hash", "quantization"}``, all strings
-        (``""`` where not applicable).
+        (``""`` where not applicable), plus ``"adapter"`` (sha256 of the artifact's ``artifact.json`` and
+        file sizes) when :attr:`LLMConfig.adapter_path` is set, so a fine-tuned model never shares a cache
+        with its base.
 
     Raises:
         FileNotFoundError: If a local source does not exist or holds no weight files.
@@ -422,7 +486,7 @@ def model_fingerprint(cfg: LLMConfig, model: nn.Module | None = None) -> dict[st
         revision = commit or cfg.revision or "unknown"
     else:
         weights_hash = _weights_hash(source, cfg.name_or_path)
-    return {
+    fingerprint = {
         "model": cfg.name_or_path,
         "source": source.kind,
         "revision": revision,
@@ -430,3 +494,8 @@ def model_fingerprint(cfg: LLMConfig, model: nn.Module | None = None) -> dict[st
         "weights_hash": weights_hash,
         "quantization": cfg.quantization or "none",
     }
+    if cfg.adapter_path is not None:
+        from sae_refusal.finetune.artifact import artifact_hash  # finetune sits above llm: import lazily
+
+        fingerprint["adapter"] = artifact_hash(cfg.adapter_path)
+    return fingerprint

@@ -1,0 +1,1 @@
+"""Refusal-token fine-tuning recipe and the ambiguous-prompt synthesis loop."""

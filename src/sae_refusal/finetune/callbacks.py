@@ -1,0 +1,93 @@
+"""Callbacks of the fine-tuning job: held-out refusal-token report and export at the end of fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from sae_refusal.atomic import atomic_write_text
+from sae_refusal.data.prompt_set import PromptSet
+from sae_refusal.data.sources import PromptSetConfig, load_prompt_set
+
+log = logging.getLogger(__name__)
+
+
+class RefusalReportCallback(L.Callback):
+    """At the end of fit, report refusal-token accuracy on held-out prompts, then export the model.
+
+    The held-out prompts are the data module's ``split`` (the test split of its manifest, never trained on)
+    plus ``extra_prompts`` (e.g. the CoCoNot contrast set for over-refusal). Everything goes to
+    ``<log_dir>/refusal_report`` (``report.json``, ``report.md``, ``samples.json``) and the model to
+    ``<log_dir>/export`` (``model/`` HF folder, ``artifact/`` with LoRA). Runs on global rank zero only.
+
+    Args:
+        extra_prompts: Additional held-out prompt sources evaluated alongside the test split.
+        split: Which split of the data module's manifest to evaluate.
+        mode: ``greedy`` (the first generated token must be the right refusal token) or ``restricted``
+            (argmax among the refusal tokens only).
+        batch_size: Prompts per forward pass.
+        max_length: Token budget per prompt.
+        n_samples: Benign / contrast prompts answered greedily and saved, to check answers stay sensible.
+        export: Also write the fine-tuned model (HF folder, plus the artifact with LoRA).
+    """
+
+    def __init__(
+        self,
+        extra_prompts: PromptSetConfig | None = None,
+        split: str = "test",
+        mode: str = "greedy",
+        batch_size: int = 32,
+        max_length: int = 1024,
+        n_samples: int = 6,
+        export: bool = True,
+    ) -> None:
+        self.extra_prompts = extra_prompts
+        self.split = split
+        self.mode = mode
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.n_samples = n_samples
+        self.export = export
+
+    def held_out(self, datamodule: Any) -> PromptSet:
+        prompts: PromptSet = datamodule.held_out_prompts(self.split)
+        if self.extra_prompts is not None:
+            prompts = prompts + load_prompt_set(self.extra_prompts)
+        return prompts
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        from sae_refusal.finetune.evaluate import evaluate_refusal_tokens, sample_answers
+        from sae_refusal.finetune.module import RefusalSFTModule
+
+        if not isinstance(pl_module, RefusalSFTModule):
+            raise TypeError(f"RefusalReportCallback needs a RefusalSFTModule, got {type(pl_module).__name__}")
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        model, tokenizer = pl_module.model, pl_module.tokenizer
+        model.eval()
+        prompts = self.held_out(trainer.datamodule)  # type: ignore[attr-defined]
+        report = evaluate_refusal_tokens(
+            model,
+            tokenizer,
+            prompts,
+            vocab=pl_module.vocab,
+            mode=self.mode,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
+        report.save(out_dir / "refusal_report")
+        answerable = prompts.filter(lambda p: str(p.label) != "harmful")
+        step = max(len(answerable) // max(self.n_samples, 1), 1)
+        chosen = PromptSet(list(answerable)[::step][: self.n_samples])
+        samples = sample_answers(model, tokenizer, chosen, n=self.n_samples, vocab=pl_module.vocab)
+        atomic_write_text(out_dir / "refusal_report" / "samples.json", json.dumps(samples, indent=2))
+        log.info("refusal report written to %s", out_dir / "refusal_report")
+        print(report.to_markdown())
+        if self.export:
+            written = pl_module.export(out_dir / "export")
+            log.info("exported %s", {k: str(v) for k, v in written.items()})

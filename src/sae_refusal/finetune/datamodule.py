@@ -1,0 +1,312 @@
+"""``SFTDataModule``: refusal-token SFT examples from the train split of a held-out manifest.
+
+Lifecycle (see the Lightning pitfalls in docs/ARCHITECTURE.md):
+
+* ``__init__`` stores configs only (no model, no tokenizer, no file I/O); the module is pickled to workers.
+* ``prepare_data`` (one process per node) loads the prompt set, writes the split manifest and generates the
+  base model's answers for the benign / ambiguous training and validation prompts that have no
+  ``response`` (loading the base model only if some answer is not cached yet). It sets no state.
+* ``setup`` (every process) loads the tokenizer, adds the refusal tokens, reads the manifest and the answer
+  cache (never generating) and encodes the examples of the training split and of the validation split
+  (``val``, or ``test`` when the manifest has no validation prompts).
+
+Only the ``train`` split is ever trained on; :meth:`SFTDataModule.held_out_prompts` gives evaluation jobs the
+held-out prompts. Under DDP each rank gets a disjoint slice of the training rows with the same number of
+batches (``DistributedSampler(drop_last=True)``, reshuffled per epoch with a fixed seed).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS
+from sae_refusal.data.prompt_set import PromptSet
+from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_set
+from sae_refusal.data.splits import (
+    SPLIT_NAMES,
+    SplitConfig,
+    apply_manifest,
+    load_or_create_manifest,
+    prompt_set_hash,
+)
+from sae_refusal.finetune.base_answers import AnswerConfig, base_answers
+from sae_refusal.finetune.examples import (
+    EncodedSFT,
+    build_examples,
+    collate_sft,
+    encode_example,
+    end_of_turn_token,
+)
+from sae_refusal.llm.loading import LLMConfig, load_tokenizer
+from sae_refusal.llm.refusal_tokens import RefusalVocabulary
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_ROOT", "SFTDataModule", "SFTDataset", "SFTSplit"]
+
+#: Folder of the default split manifest and answer cache when their paths are not configured.
+DEFAULT_ROOT = "runs/finetune_data"
+
+
+@dataclass
+class SFTSplit:
+    """Encoded examples of one split.
+
+    Args:
+        ids: Prompt ids, row-aligned with ``rows``.
+        rows: Encoded examples.
+        n_prompt_truncated: Examples whose prompt was cut from the left.
+        n_answer_truncated: Examples whose answer (or end-of-turn token) was cut.
+    """
+
+    ids: list[str]
+    rows: list[EncodedSFT]
+    n_prompt_truncated: int = 0
+    n_answer_truncated: int = 0
+
+
+class SFTDataset(Dataset[dict[str, Any]]):
+    """Map-style dataset over an :class:`SFTSplit`; items are encoded examples plus their row ``index``."""
+
+    def __init__(self, split: SFTSplit) -> None:
+        self.split = split
+
+    @property
+    def ids(self) -> list[str]:
+        """Prompt id of each row."""
+        return self.split.ids
+
+    def __len__(self) -> int:
+        return len(self.split.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.split.rows[index], "index": index}
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Refusal-token SFT data: the training split of a prompt set, each prompt with its target token + answer.
+
+    Args:
+        llm: The base model (its tokenizer encodes the examples; the model itself answers prompts that have
+            no ``response``).
+        prompts: Prompt sources; ``None`` uses the small labelled set shipped with the package.
+        split: Held-out split settings (fractions, seed, strata).
+        manifest_path: Where the split manifest is written / read; default
+            ``<root>/splits-<prompt-set hash>-<split-config hash>.json``.
+        refusal_tokens: Token string -> CoCoNot category (``null`` = respond); default the published
+            spellings (:data:`~sae_refusal.categories.DEFAULT_REFUSAL_TOKENS`).
+        answers: Base-answer generation and cache settings; ``answers.cache_path`` defaults to
+            ``<root>/base_answers.jsonl``.
+        max_length: Most tokens per example (prompt + token + answer + end of turn); the answer is cut first.
+        batch_size: Examples per batch.
+        num_workers: DataLoader workers.
+        chat_template: Template overriding the tokenizer's (a Jinja string or a file path).
+        system_prompt: Optional system message put before each prompt.
+        shuffle_seed: Seed of the per-epoch shuffle.
+        root: Folder of the default manifest and answer cache.
+    """
+
+    def __init__(
+        self,
+        llm: LLMConfig | None = None,
+        prompts: PromptSetConfig | None = None,
+        split: SplitConfig | None = None,
+        manifest_path: str | None = None,
+        refusal_tokens: dict[str, str | None] | None = None,
+        answers: AnswerConfig | None = None,
+        max_length: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        shuffle_seed: int = 0,
+        root: str = DEFAULT_ROOT,
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.llm = llm or LLMConfig()
+        self.prompts = prompts
+        self.split = split or SplitConfig()
+        self.manifest_path = manifest_path
+        self.vocab = RefusalVocabulary(
+            dict(refusal_tokens) if refusal_tokens else dict(DEFAULT_REFUSAL_TOKENS)
+        )
+        self.answers = answers or AnswerConfig()
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.shuffle_seed = shuffle_seed
+        self.root = root
+        self.tokenizer: Any = None
+        self.splits: dict[str, SFTSplit] = {}
+        self._prompt_set: PromptSet | None = None
+
+    # ---------------------------------------------------------------- prompts and paths
+    def load_prompts(self) -> PromptSet:
+        """The full prompt set (all splits), with ``split`` set from the manifest (created if absent)."""
+        prompt_set = load_builtin() if self.prompts is None else load_prompt_set(self.prompts)
+        manifest = load_or_create_manifest(prompt_set, self.split, self._manifest_file(prompt_set))
+        return apply_manifest(prompt_set, manifest)
+
+    def _manifest_file(self, prompt_set: PromptSet) -> Path:
+        if self.manifest_path is not None:
+            return Path(self.manifest_path)
+        split_key = hashlib.sha256(json.dumps(asdict(self.split), sort_keys=True).encode()).hexdigest()[:8]
+        return Path(self.root) / f"splits-{prompt_set_hash(prompt_set)[:12]}-{split_key}.json"
+
+    def _answer_config(self) -> AnswerConfig:
+        if self.answers.cache_path is not None:
+            return self.answers
+        return AnswerConfig(
+            **{**asdict(self.answers), "cache_path": str(Path(self.root) / "base_answers.jsonl")}
+        )
+
+    @staticmethod
+    def _validation_split(prompt_set: PromptSet) -> str:
+        return "val" if len(prompt_set.split("val")) > 0 else "test"
+
+    def _trained_prompts(self, prompt_set: PromptSet) -> PromptSet:
+        """Prompts that become examples: the train split and the validation split."""
+        names = {"train", self._validation_split(prompt_set)}
+        return prompt_set.filter(lambda p: p.split in names)
+
+    def held_out_prompts(self, split: str = "test") -> PromptSet:
+        """The prompts of one split of the manifest (default the held-out test split), for evaluation jobs.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Raises:
+            ValueError: If ``split`` is not a split name.
+        """
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split: unknown split {split!r}; expected one of {SPLIT_NAMES}")
+        prompt_set = self._prompt_set if self._prompt_set is not None else self.load_prompts()
+        return prompt_set.split(split)
+
+    # ---------------------------------------------------------------- preparation
+    def prepare_data(self) -> None:
+        """Write the split manifest and generate (or reuse) base answers; sets no state."""
+        prompt_set = self.load_prompts()
+        base_answers(
+            self._trained_prompts(prompt_set),
+            self.llm,
+            self._answer_config(),
+            chat_template=self.chat_template,
+            system_prompt=self.system_prompt,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer, add the refusal tokens and encode the train and validation examples."""
+        if self.splits:
+            return
+        from sae_refusal.finetune.tokens import add_refusal_tokens
+
+        prompt_set = self.load_prompts()
+        tokenizer = load_tokenizer(self.llm)
+        answers = base_answers(
+            self._trained_prompts(prompt_set),
+            self.llm,
+            self._answer_config(),
+            tokenizer=tokenizer,
+            chat_template=self.chat_template,
+            system_prompt=self.system_prompt,
+            generate=False,
+        )
+        add_refusal_tokens(tokenizer, self.vocab)
+        resolved = self.vocab.resolve(tokenizer)
+        eos_id = end_of_turn_token(tokenizer, self.chat_template)[1]
+        val_name = self._validation_split(prompt_set)
+        splits: dict[str, SFTSplit] = {}
+        for name in dict.fromkeys(("train", val_name)):
+            examples = build_examples(prompt_set.split(name), resolved, answers)
+            rows = [
+                encode_example(
+                    tokenizer,
+                    example,
+                    token_id=resolved.token_ids[example.target_class],
+                    max_length=self.max_length,
+                    chat_template=self.chat_template,
+                    system_prompt=self.system_prompt,
+                    eos_token_id=eos_id,
+                )
+                for example in examples
+            ]
+            splits[name] = SFTSplit(
+                ids=[e.prompt_id for e in examples],
+                rows=rows,
+                n_prompt_truncated=sum(r["prompt_truncated"] for r in rows),
+                n_answer_truncated=sum(r["answer_truncated"] for r in rows),
+            )
+            if splits[name].n_prompt_truncated or splits[name].n_answer_truncated:
+                log.info(
+                    "split %s: %d of %d examples exceed data.max_length=%d (%d prompts cut from the left, "
+                    "%d answers cut)",
+                    name,
+                    sum(1 for r in rows if r["prompt_truncated"] or r["answer_truncated"]),
+                    len(rows),
+                    self.max_length,
+                    splits[name].n_prompt_truncated,
+                    splits[name].n_answer_truncated,
+                )
+        splits["validation"] = splits[val_name]
+        self.tokenizer = tokenizer
+        self._prompt_set = prompt_set
+        self.splits = splits
+
+    # ---------------------------------------------------------------- loaders
+    def _loader(self, name: str, train: bool) -> DataLoader[dict[str, Any]]:
+        if not self.splits:
+            raise RuntimeError("SFTDataModule.setup() has not run")
+        dataset = SFTDataset(self.splits[name])
+        if len(dataset) == 0:
+            raise ValueError(
+                f"split {name!r} has no examples; check split.test_fraction / split.val_fraction and the "
+                "prompts"
+            )
+        sampler: DistributedSampler[dict[str, Any]] | None = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=train,
+                seed=self.shuffle_seed,
+                drop_last=train,
+            )
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            collate_fn=functools.partial(collate_sft, pad_token_id=int(self.tokenizer.pad_token_id)),
+            generator=generator if sampler is None else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader[dict[str, Any]]:
+        return self._loader("validation", train=False)

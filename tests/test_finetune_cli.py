@@ -1,0 +1,104 @@
+"""`sae-refusal finetune` end to end on a tiny model: train, held-out report, export, reload the artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from sae_refusal.cli import main
+from sae_refusal.llm import LLMConfig, load_model_and_tokenizer
+from sae_refusal.llm.refusal_tokens import RefusalVocabulary
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
+
+
+def test_finetune_trains_reports_and_exports(tmp_path: Path, tiny_model_dir: Path, prompt_file: Path) -> None:
+    benign = [
+        {"instruction": f"Name a colour, number {i}.", "answer": f"Blue is colour {i}."} for i in range(12)
+    ]
+    (prompt_file / "benign.json").write_text(json.dumps(benign))
+    sources = [
+        {
+            "name": "h",
+            "label": "harmful",
+            "path": "harmful.jsonl",
+            "id_column": "id",
+            "category_column": "category",
+        },
+        {
+            "name": "b",
+            "label": "benign",
+            "path": "benign.json",
+            "text_column": "instruction",
+            "response_column": "answer",
+        },
+    ]
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 2,
+            "default_root_dir": str(tmp_path / "run"),
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "run"), "name": "tb"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "sae_refusal.finetune.callbacks.RefusalReportCallback",
+                    "init_args": {"batch_size": 8, "n_samples": 2},
+                },
+            ],
+        },
+        "model": {"llm": {"name_or_path": str(tiny_model_dir)}, "lora": {"r": 4, "alpha": 8}, "lr": 0.005},
+        "data": {
+            "prompts": {"data_root": str(prompt_file), "sources": sources},
+            "split": {"test_fraction": 0.25, "val_fraction": 0.0},
+            "root": str(tmp_path / "data"),
+            "max_length": 96,
+            "batch_size": 4,
+        },
+    }
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["finetune", "--config", str(path)])
+
+    log_dir = tmp_path / "run" / "tb" / "version_0"
+    report = json.loads((log_dir / "refusal_report" / "report.json").read_text())
+    assert report["n"] > 0 and 0.0 <= report["accuracy"] <= 1.0
+    assert len(report["confusion"]) == 6
+    assert json.loads((log_dir / "refusal_report" / "samples.json").read_text())
+    # The exported HF folder and the small artifact both load and agree.
+    artifact = log_dir / "export" / "artifact"
+    assert sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()) < 16 * 2**20
+    merged, tokenizer = load_model_and_tokenizer(LLMConfig(name_or_path=str(log_dir / "export" / "model")))
+    applied, tokenizer2 = load_model_and_tokenizer(
+        LLMConfig(name_or_path=str(tiny_model_dir), adapter_path=str(artifact))
+    )
+    RefusalVocabulary().resolve(tokenizer)
+    ids = tokenizer("<|im_start|>user\nhello<|im_end|>\n", return_tensors="pt").input_ids
+    assert tokenizer2("<|im_start|>user\nhello<|im_end|>\n").input_ids == ids[0].tolist()
+    torch.testing.assert_close(applied(ids).logits, merged(ids).logits, atol=2e-2, rtol=0)
+
+
+def test_finetune_preset_parses() -> None:
+    from sae_refusal.cli import FinetuneCLI
+    from sae_refusal.finetune.datamodule import SFTDataModule
+    from sae_refusal.finetune.module import RefusalSFTModule
+
+    class _ParseOnly(FinetuneCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    for config in sorted((CONFIGS / "finetune").glob("*.yaml")):
+        cli = _ParseOnly(RefusalSFTModule, SFTDataModule, args=["--config", str(config)], run=False)
+        assert cli.config.model.lora.r > 0
+        data_llm = cli.config.data.llm
+        data_llm = data_llm.get("init_args", data_llm)
+        assert data_llm.name_or_path == cli.config.model.llm.name_or_path  # linked
