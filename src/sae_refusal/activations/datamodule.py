@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from sae_refusal.activations.build import CacheConfig, cached_activations
 from sae_refusal.activations.cache import ActivationCache
@@ -30,6 +30,7 @@ from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_
 from sae_refusal.data.splits import SplitConfig, apply_manifest, load_or_create_manifest, prompt_set_hash
 from sae_refusal.llm.layers import validate_layers
 from sae_refusal.llm.loading import LLMConfig, load_model_config
+from sae_refusal.loaders import map_style_loader
 
 #: Integer codes of :class:`Label` in batches.
 LABEL_INDEX: dict[str, int] = {str(Label.BENIGN): 0, str(Label.HARMFUL): 1, str(Label.AMBIGUOUS): 2}
@@ -177,27 +178,13 @@ class ActivationDataModule(L.LightningDataModule):
         dataset = ActivationDataset(self.splits[name])
         if len(dataset) == 0:
             raise ValueError(f"split {name!r} is empty; check split.test_fraction / split.val_fraction")
-        sampler: DistributedSampler[dict[str, torch.Tensor]] | None = None
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=trainer.world_size,
-                rank=trainer.global_rank,
-                shuffle=train,
-                seed=self.shuffle_seed,
-                drop_last=train,
-            )
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
-        return DataLoader(
+        return map_style_loader(
             dataset,
+            trainer=self.trainer,
             batch_size=self.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=False,
+            train=train,
+            seed=self.shuffle_seed,
             num_workers=self.num_workers,
-            generator=generator if sampler is None else None,
-            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:

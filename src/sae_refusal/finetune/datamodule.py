@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS
 from sae_refusal.data.prompt_set import PromptSet
@@ -49,6 +48,7 @@ from sae_refusal.finetune.examples import (
 )
 from sae_refusal.llm.loading import LLMConfig, load_tokenizer
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
+from sae_refusal.loaders import map_style_loader
 
 log = logging.getLogger(__name__)
 
@@ -281,28 +281,14 @@ class SFTDataModule(L.LightningDataModule):
                 f"split {name!r} has no examples; check split.test_fraction / split.val_fraction and the "
                 "prompts"
             )
-        sampler: DistributedSampler[dict[str, Any]] | None = None
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=trainer.world_size,
-                rank=trainer.global_rank,
-                shuffle=train,
-                seed=self.shuffle_seed,
-                drop_last=train,
-            )
-        generator = torch.Generator().manual_seed(self.shuffle_seed)
-        return DataLoader(
+        return map_style_loader(
             dataset,
+            trainer=self.trainer,
             batch_size=self.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=False,
+            train=train,
+            seed=self.shuffle_seed,
             num_workers=self.num_workers,
             collate_fn=functools.partial(collate_sft, pad_token_id=int(self.tokenizer.pad_token_id)),
-            generator=generator if sampler is None else None,
-            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
