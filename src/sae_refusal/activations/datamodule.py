@@ -13,10 +13,7 @@ Under DDP each rank gets a disjoint slice of the training rows with the same num
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -27,7 +24,7 @@ from sae_refusal.activations.cache import ActivationCache
 from sae_refusal.categories import COCONOT_CATEGORIES
 from sae_refusal.data.prompt_set import Label, PromptSet
 from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_set
-from sae_refusal.data.splits import SplitConfig, apply_manifest, load_or_create_manifest, prompt_set_hash
+from sae_refusal.data.splits import SplitConfig, split_prompt_set
 from sae_refusal.llm.layers import validate_layers
 from sae_refusal.llm.loading import LLMConfig, load_model_config
 from sae_refusal.loaders import map_style_loader
@@ -131,14 +128,7 @@ class ActivationDataModule(L.LightningDataModule):
     def load_prompts(self) -> PromptSet:
         """The full prompt set (all splits), with each prompt's split set from the manifest."""
         prompt_set = load_builtin() if self.prompts is None else load_prompt_set(self.prompts)
-        manifest = load_or_create_manifest(prompt_set, self.split, self._manifest_file(prompt_set))
-        return apply_manifest(prompt_set, manifest)
-
-    def _manifest_file(self, prompt_set: PromptSet) -> Path:
-        if self.manifest_path is not None:
-            return Path(self.manifest_path)
-        split_key = hashlib.sha256(json.dumps(asdict(self.split), sort_keys=True).encode()).hexdigest()[:8]
-        return Path(self.cache.root) / f"splits-{prompt_set_hash(prompt_set)[:12]}-{split_key}.json"
+        return split_prompt_set(prompt_set, self.split, self.manifest_path, root=self.cache.root)
 
     def build_cache(self) -> ActivationCache:
         """Write the split manifest and fill (or reuse) the activation cache; returns the cache."""

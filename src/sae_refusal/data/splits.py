@@ -22,7 +22,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +329,27 @@ __all__ = [
     "read_manifest",
     "write_manifest",
 ]
+
+
+def default_manifest_path(root: str | os.PathLike[str], prompt_set: PromptSet, cfg: SplitConfig) -> Path:
+    """``<root>/splits-<prompt-set hash>-<config hash>.json``: one manifest per prompt set and config."""
+    split_key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(root) / f"splits-{prompt_set_hash(prompt_set)[:12]}-{split_key}.json"
+
+
+def split_prompt_set(
+    prompt_set: PromptSet,
+    cfg: SplitConfig,
+    manifest_path: str | os.PathLike[str] | None,
+    root: str | os.PathLike[str],
+) -> PromptSet:
+    """``prompt_set`` with each prompt's split set from its manifest (created if absent).
+
+    Args:
+        prompt_set: All prompts.
+        cfg: Split settings.
+        manifest_path: Explicit manifest file, or ``None`` for :func:`default_manifest_path` under ``root``.
+        root: Folder of the default manifest.
+    """
+    path = Path(manifest_path) if manifest_path is not None else default_manifest_path(root, prompt_set, cfg)
+    return apply_manifest(prompt_set, load_or_create_manifest(prompt_set, cfg, path))

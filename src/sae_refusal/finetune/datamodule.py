@@ -18,8 +18,6 @@ batches (``DistributedSampler(drop_last=True)``, reshuffled per epoch with a fix
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +32,7 @@ from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_
 from sae_refusal.data.splits import (
     SPLIT_NAMES,
     SplitConfig,
-    apply_manifest,
-    load_or_create_manifest,
-    prompt_set_hash,
+    split_prompt_set,
 )
 from sae_refusal.finetune.base_answers import AnswerConfig, base_answers
 from sae_refusal.finetune.examples import (
@@ -162,14 +158,7 @@ class SFTDataModule(L.LightningDataModule):
     def load_prompts(self) -> PromptSet:
         """The full prompt set (all splits), with ``split`` set from the manifest (created if absent)."""
         prompt_set = load_builtin() if self.prompts is None else load_prompt_set(self.prompts)
-        manifest = load_or_create_manifest(prompt_set, self.split, self._manifest_file(prompt_set))
-        return apply_manifest(prompt_set, manifest)
-
-    def _manifest_file(self, prompt_set: PromptSet) -> Path:
-        if self.manifest_path is not None:
-            return Path(self.manifest_path)
-        split_key = hashlib.sha256(json.dumps(asdict(self.split), sort_keys=True).encode()).hexdigest()[:8]
-        return Path(self.root) / f"splits-{prompt_set_hash(prompt_set)[:12]}-{split_key}.json"
+        return split_prompt_set(prompt_set, self.split, self.manifest_path, root=self.root)
 
     def _answer_config(self) -> AnswerConfig:
         if self.answers.cache_path is not None:
