@@ -52,17 +52,23 @@ def test_finetune_trains_reports_and_exports(tmp_path: Path, tiny_model_dir: Pat
             "callbacks": [
                 {
                     "class_path": "sae_refusal.finetune.callbacks.RefusalReportCallback",
-                    "init_args": {"batch_size": 8, "n_samples": 2},
+                    "init_args": {"batch_size": 8, "n_samples": 2, "subsets": {"bar": ["h"]}},
                 },
             ],
         },
-        "model": {"llm": {"name_or_path": str(tiny_model_dir)}, "lora": {"r": 4, "alpha": 8}, "lr": 0.005},
+        "model": {
+            "llm": {"name_or_path": str(tiny_model_dir)},
+            "lora": {"r": 4, "alpha": 8},
+            "lr": 0.005,
+            "decision_weight": 5.0,
+        },
         "data": {
             "prompts": {"data_root": str(prompt_file), "sources": sources},
             "split": {"test_fraction": 0.25, "val_fraction": 0.0},
             "root": str(tmp_path / "data"),
             "max_length": 96,
             "batch_size": 4,
+            "class_balance": 0.5,
         },
     }
     path = tmp_path / "finetune.yaml"
@@ -74,6 +80,8 @@ def test_finetune_trains_reports_and_exports(tmp_path: Path, tiny_model_dir: Pat
     assert report["n"] > 0 and 0.0 <= report["accuracy"] <= 1.0
     assert len(report["confusion"]) == 6
     assert json.loads((log_dir / "refusal_report" / "samples.json").read_text())
+    bar = json.loads((log_dir / "refusal_report" / "bar" / "report.json").read_text())
+    assert bar["n"] == report["per_source"]["h"]["n"] and set(bar["per_source"]) == {"h"}
     # The exported HF folder and the small artifact both load and agree.
     artifact = log_dir / "export" / "artifact"
     assert sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()) < 16 * 2**20

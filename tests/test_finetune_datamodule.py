@@ -18,7 +18,7 @@ from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
 from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig, load_prompt_set
 from sae_refusal.data.splits import SplitConfig, read_manifest
 from sae_refusal.finetune.base_answers import AnswerCacheError, AnswerConfig, base_answers, read_answer_cache
-from sae_refusal.finetune.datamodule import SFTDataModule
+from sae_refusal.finetune.datamodule import SFTDataModule, balanced_repeats
 from sae_refusal.finetune.examples import IGNORE_INDEX
 from sae_refusal.llm import LLMConfig, RefusalVocabulary
 from sae_refusal.testing import save_tiny_model
@@ -287,3 +287,43 @@ def test_ddp_ranks_get_disjoint_equal_shards(
         shards.append([i for b in dm.train_dataloader() for i in b["index"].tolist()])
     assert len(shards[0]) == len(shards[1]) == len(dm.splits["train"].ids) // 2
     assert not set(shards[0]) & set(shards[1])
+
+
+def test_balanced_repeats_oversamples_rare_classes_deterministically() -> None:
+    classes = [0] * 40 + [1] * 10 + [2] * 4
+    assert balanced_repeats(classes, 0.0) == list(range(54))
+    full = balanced_repeats(classes, 1.0, seed=3)
+    counts = {c: sum(classes[i] == c for i in full) for c in (0, 1, 2)}
+    assert counts == {0: 40, 1: 40, 2: 40}
+    half = balanced_repeats(classes, 0.5, seed=3)
+    counts = {c: sum(classes[i] == c for i in half) for c in (0, 1, 2)}
+    assert counts == {0: 40, 1: 20, 2: round(4 * 10**0.5)}
+    assert set(half) == set(range(54))  # every row kept at least once
+    assert half == balanced_repeats(classes, 0.5, seed=3)
+    draws = {tuple(balanced_repeats(classes, 0.5, seed=s)) for s in range(6)}
+    assert len(draws) > 1  # the remainder draw depends on the seed
+    with pytest.raises(ValueError, match=r"data\.class_balance must be in \[0, 1\]"):
+        balanced_repeats(classes, 1.5)
+
+
+def test_class_balance_resamples_train_only(
+    tiny_model_dir: Path, sft_files: Path, record_generation: list[list[str]]
+) -> None:
+    plain = _dm(tiny_model_dir, sft_files)
+    plain.prepare_data()
+    plain.setup("fit")
+    balanced = _dm(tiny_model_dir, sft_files, class_balance=1.0)
+    balanced.setup("fit")
+
+    def counts(split: Any) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for row in split.rows:
+            out[row["target_class"]] = out.get(row["target_class"], 0) + 1
+        return out
+
+    natural, resampled = counts(plain.splits["train"]), counts(balanced.splits["train"])
+    assert len(set(resampled.values())) == 1 and max(resampled.values()) == max(natural.values())
+    assert set(balanced.splits["train"].ids) == set(plain.splits["train"].ids)
+    assert balanced.splits["val"].ids == plain.splits["val"].ids
+    with pytest.raises(ValueError, match=r"data\.class_balance"):
+        _dm(tiny_model_dir, sft_files, class_balance=-0.1)

@@ -177,6 +177,23 @@ def test_greedy_metrics_match_hand_counts_and_sklearn(fake_logits: torch.Tensor,
     assert [r["id"] for r in report.predictions] == PROMPTS.ids
 
 
+def test_subset_recomputes_metrics_on_chosen_sources(fake_logits: torch.Tensor, tokenizer: Any) -> None:
+    report = evaluate_refusal_tokens(None, tokenizer, PROMPTS)  # type: ignore[arg-type]
+    sub = report.subset(["a", "b"])  # drops the contrast prompts (source c)
+    keep = [i for i, (p, _) in enumerate(CASES) if p.source in ("a", "b")]
+    truth = [TRUTH[i] for i in keep]
+    preds = [CASES[i][1] for i in keep]
+    assert sub.n == len(keep) == 13 and sub.over_refusal_rate is None
+    assert sub.macro_f1 == pytest.approx(f1_score(truth, preds, labels=[0, 1, 2, 4, 5], average="macro"))
+    assert sub.false_refusal_rate == report.false_refusal_rate
+    assert sub.per_source == {k: v for k, v in report.per_source.items() if k != "c"}
+    assert report.subset(["a", "b", "c"]) == report
+    with pytest.raises(
+        ValueError, match=r"no prompts from sources \['zzz'\]; the report has \['a', 'b', 'c'\]"
+    ):
+        report.subset(["zzz"])
+
+
 def test_p_expected_and_top_token(fake_logits: torch.Tensor, tokenizer: Any, resolved: Any) -> None:
     report = evaluate_refusal_tokens(None, tokenizer, PROMPTS)  # type: ignore[arg-type]
     full = fake_logits.softmax(dim=1)

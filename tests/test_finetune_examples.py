@@ -207,6 +207,42 @@ def test_collate_right_pads(tokenizer: Any) -> None:
     assert out.logits.shape[:2] == (2, width)
 
 
+def test_sft_loss_matches_hf_and_weights_the_decision_token(tokenizer: Any) -> None:
+    from sae_refusal.finetune.module import RefusalSFTModule, sft_loss
+
+    token_id = tokenizer.convert_tokens_to_ids(" [respond]")
+    rows = [
+        encode_example(tokenizer, _example(answer="Paris."), token_id=token_id, max_length=512),
+        encode_example(
+            tokenizer, _example(answer="It is Paris, a big city."), token_id=token_id, max_length=512
+        ),
+    ]
+    batch = collate_sft(rows, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = build_tiny_model(vocab_size=len(tokenizer))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    plain = sft_loss(out.logits, batch["labels"], batch["target_pos"])
+    torch.testing.assert_close(plain, out.loss)
+
+    # Weighted by hand: per-token CE, the decision token's counted w times.
+    w = 7.0
+    log_probs = out.logits.float().log_softmax(-1)
+    terms, weights = [], []
+    for b in range(2):
+        for t in range(1, batch["labels"].shape[1]):
+            label = int(batch["labels"][b, t])
+            if label == IGNORE_INDEX:
+                continue
+            weight = w if t == int(batch["target_pos"][b]) else 1.0
+            terms.append(-log_probs[b, t - 1, label] * weight)
+            weights.append(weight)
+    expected = torch.stack(terms).sum() / sum(weights)
+    torch.testing.assert_close(sft_loss(out.logits, batch["labels"], batch["target_pos"], w), expected)
+    assert all(int(batch["labels"][b, int(batch["target_pos"][b])]) == token_id for b in range(2))
+    with pytest.raises(ValueError, match=r"model\.decision_weight must be a finite number > 0"):
+        RefusalSFTModule(decision_weight=0.0)
+
+
 def test_default_vocabulary_tokens_are_single_ids(tokenizer: Any) -> None:
     for token in DEFAULT_REFUSAL_TOKENS:
         assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1

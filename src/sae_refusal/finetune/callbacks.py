@@ -33,6 +33,8 @@ class RefusalReportCallback(L.Callback):
         max_length: Token budget per prompt.
         n_samples: Benign / contrast prompts answered greedily and saved, to check answers stay sensible.
         export: Also write the fine-tuned model (HF folder, plus the artifact with LoRA).
+        subsets: Name -> prompt sources: the same report restricted to those sources, written to
+            ``refusal_report/<name>/`` (e.g. ``bar: [coconot, alpaca]`` for held-out CoCoNot + Alpaca only).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class RefusalReportCallback(L.Callback):
         max_length: int = 1024,
         n_samples: int = 6,
         export: bool = True,
+        subsets: dict[str, list[str]] | None = None,
     ) -> None:
         self.extra_prompts = extra_prompts
         self.split = split
@@ -52,6 +55,10 @@ class RefusalReportCallback(L.Callback):
         self.max_length = max_length
         self.n_samples = n_samples
         self.export = export
+        self.subsets = dict(subsets or {})
+        for name in self.subsets:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"subsets: {name!r} is not a usable folder name")
 
     def held_out(self, datamodule: Any) -> PromptSet:
         prompts: PromptSet = datamodule.held_out_prompts(self.split)
@@ -81,13 +88,28 @@ class RefusalReportCallback(L.Callback):
             max_length=self.max_length,
         )
         report.save(out_dir / "refusal_report")
+        reports = {"all": report}
+        for name, sources in self.subsets.items():
+            reports[name] = report.subset(sources)
+            reports[name].save(out_dir / "refusal_report" / name)
+        if trainer.logger is not None:
+            metrics: dict[str, float] = {}
+            for name, rep in reports.items():
+                metrics[f"report/{name}/macro_f1"] = rep.macro_f1_all6
+                metrics[f"report/{name}/accuracy"] = rep.accuracy
+                for key in ("false_refusal_rate", "over_refusal_rate", "harmful_refusal_rate"):
+                    value = getattr(rep, key)
+                    if value is not None:
+                        metrics[f"report/{name}/{key}"] = value
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
         answerable = prompts.filter(lambda p: str(p.label) != "harmful")
         step = max(len(answerable) // max(self.n_samples, 1), 1)
         chosen = PromptSet(list(answerable)[::step][: self.n_samples])
         samples = sample_answers(model, tokenizer, chosen, n=self.n_samples, vocab=pl_module.vocab)
         atomic_write_text(out_dir / "refusal_report" / "samples.json", json.dumps(samples, indent=2))
         log.info("refusal report written to %s", out_dir / "refusal_report")
-        print(report.to_markdown())
+        for name, rep in reports.items():
+            print(f"## Held-out refusal-token report: {name}\n\n{rep.to_markdown()}")
         if self.export:
             written = pl_module.export(out_dir / "export")
             log.info("exported %s", {k: str(v) for k, v in written.items()})

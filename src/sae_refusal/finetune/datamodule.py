@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS
@@ -48,7 +49,7 @@ from sae_refusal.loaders import map_style_loader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ROOT", "SFTDataModule", "SFTDataset", "SFTSplit"]
+__all__ = ["DEFAULT_ROOT", "SFTDataModule", "SFTDataset", "SFTSplit", "balanced_repeats"]
 
 #: Folder of the default split manifest and answer cache when their paths are not configured.
 DEFAULT_ROOT = "runs/finetune_data"
@@ -69,6 +70,44 @@ class SFTSplit:
     rows: list[EncodedSFT]
     n_prompt_truncated: int = 0
     n_answer_truncated: int = 0
+
+
+def balanced_repeats(classes: list[int], power: float, seed: int = 0) -> list[int]:
+    """Row indices that oversample rare classes: class ``c`` gets ``n_c * (n_max / n_c) ** power`` rows.
+
+    ``power = 0`` keeps every row once (natural frequencies); ``power = 1`` brings every class up to the
+    largest class's count; ``0.5`` is in between (a class 30x rarer than the largest is repeated ~5.5x).
+    Whole repeats come first; the fractional remainder is a seeded draw without replacement, so the result
+    is deterministic and every original row appears at least once. Rows are returned grouped by original
+    order (the loader shuffles).
+
+    Args:
+        classes: Class of each row.
+        power: Balancing strength in ``[0, 1]``.
+        seed: Seed of the remainder draw.
+
+    Raises:
+        ValueError: If ``power`` is outside ``[0, 1]``.
+    """
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"data.class_balance must be in [0, 1], got {power}")
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(classes):
+        by_class.setdefault(c, []).append(i)
+    if not by_class or power == 0.0:
+        return list(range(len(classes)))
+    n_max = max(len(rows) for rows in by_class.values())
+    generator = torch.Generator().manual_seed(seed)
+    picked: list[int] = []
+    for c in sorted(by_class):
+        rows = by_class[c]
+        target = round(len(rows) * (n_max / len(rows)) ** power)
+        whole, remainder = divmod(target, len(rows))
+        picked.extend(rows * whole)
+        if remainder:
+            order = torch.randperm(len(rows), generator=generator)[:remainder].tolist()
+            picked.extend(rows[j] for j in order)
+    return sorted(picked)
 
 
 class SFTDataset(Dataset[dict[str, Any]]):
@@ -109,6 +148,9 @@ class SFTDataModule(L.LightningDataModule):
         chat_template: Template overriding the tokenizer's (a Jinja string or a file path).
         system_prompt: Optional system message put before each prompt.
         shuffle_seed: Seed of the per-epoch shuffle.
+        class_balance: Oversampling of rare target tokens in the training split, in ``[0, 1]`` (see
+            :func:`balanced_repeats`): 0 keeps natural frequencies, 1 repeats every class up to the largest.
+            Validation is never resampled.
         root: Folder of the default manifest and answer cache.
     """
 
@@ -126,6 +168,7 @@ class SFTDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         system_prompt: str | None = None,
         shuffle_seed: int = 0,
+        class_balance: float = 0.0,
         root: str = DEFAULT_ROOT,
     ) -> None:
         super().__init__()
@@ -135,6 +178,8 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= class_balance <= 1.0:
+            raise ValueError(f"data.class_balance must be in [0, 1], got {class_balance}")
         self.llm = llm or LLMConfig()
         self.prompts = prompts
         self.split = split or SplitConfig()
@@ -149,6 +194,7 @@ class SFTDataModule(L.LightningDataModule):
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.shuffle_seed = shuffle_seed
+        self.class_balance = class_balance
         self.root = root
         self.tokenizer: Any = None
         self.splits: dict[str, SFTSplit] = {}
@@ -238,11 +284,25 @@ class SFTDataModule(L.LightningDataModule):
                 )
                 for example in examples
             ]
+            ids = [e.prompt_id for e in examples]
+            n_prompt_truncated = sum(r["prompt_truncated"] for r in rows)
+            n_answer_truncated = sum(r["answer_truncated"] for r in rows)
+            if name == "train" and self.class_balance > 0:
+                keep = balanced_repeats(
+                    [r["target_class"] for r in rows], self.class_balance, self.shuffle_seed
+                )
+                ids, rows = [ids[i] for i in keep], [rows[i] for i in keep]
+                log.info(
+                    "class_balance=%s: %d training rows from %d examples",
+                    self.class_balance,
+                    len(rows),
+                    len(examples),
+                )
             splits[name] = SFTSplit(
-                ids=[e.prompt_id for e in examples],
+                ids=ids,
                 rows=rows,
-                n_prompt_truncated=sum(r["prompt_truncated"] for r in rows),
-                n_answer_truncated=sum(r["answer_truncated"] for r in rows),
+                n_prompt_truncated=n_prompt_truncated,
+                n_answer_truncated=n_answer_truncated,
             )
             if splits[name].n_prompt_truncated or splits[name].n_answer_truncated:
                 log.info(

@@ -4,8 +4,9 @@ A thin LightningModule over a Hugging Face model:
 
 * ``configure_model`` (not ``__init__``) loads the base model, adds the refusal tokens to its tokenizer,
   resizes and initialises the new embedding rows, and wraps the model with LoRA when ``lora`` is set;
-* the loss is the model's own next-token loss on ``labels`` (``-100`` on the prompt and padding, so only the
-  assistant part — refusal token, answer, end of turn — is learned);
+* the loss is next-token cross-entropy on ``labels`` (``-100`` on the prompt and padding, so only the
+  assistant part — refusal token, answer, end of turn — is learned), averaged over the labelled tokens of
+  the batch with the refusal-token position weighted ``decision_weight`` times (1 = the model's own loss);
 * validation logs the first-token accuracy (is the argmax at the position before the refusal token that
   token?) and the loss;
 * ``export`` writes a standard HF folder (``save_pretrained``, LoRA merged) and, with LoRA, the small
@@ -28,6 +29,39 @@ from sae_refusal.llm.loading import LLMConfig, load_model, load_tokenizer, model
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
 
 
+def sft_loss(
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    target_pos_B: torch.Tensor,
+    decision_weight: float = 1.0,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens, the decision token weighted ``decision_weight``.
+
+    Token ``t`` is predicted from position ``t - 1``; labels of ``-100`` are ignored. The refusal / respond
+    token sits at ``target_pos_B`` (its label is the token itself). With ``decision_weight = 1`` this is the
+    Hugging Face loss (mean over all labelled tokens of the batch).
+
+    Args:
+        logits_BTV: Logits of every position.
+        labels_BT: Target ids, ``-100`` where nothing is learned.
+        target_pos_B: Position of each row's refusal / respond token.
+        decision_weight: Weight of the decision token relative to one answer token.
+    """
+    shift_logits = logits_BTV[:, :-1].float()
+    shift_labels = labels_BT[:, 1:]
+    ce_BT = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view_as(shift_labels)
+    weight_BT = (shift_labels != -100).to(ce_BT.dtype)
+    if decision_weight != 1.0:
+        rows_B = torch.arange(labels_BT.shape[0], device=labels_BT.device)
+        weight_BT[rows_B, target_pos_B - 1] = weight_BT[rows_B, target_pos_B - 1] * decision_weight
+    return (ce_BT * weight_BT).sum() / weight_BT.sum().clamp_min(1.0)
+
+
 class RefusalSFTModule(L.LightningModule):
     """Fine-tune a causal LM to start every answer with a categorical refusal token or ``[respond]``.
 
@@ -42,6 +76,9 @@ class RefusalSFTModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps, then cosine decay to 10% of ``lr``.
         gradient_checkpointing: Trade compute for memory on large models.
+        decision_weight: Weight of the refusal / respond token's loss relative to one answer token. An answer
+            has ~100 tokens and the decision one, so values around 5-20 make the decision matter; 1 gives the
+            plain mean next-token loss.
     """
 
     def __init__(
@@ -54,6 +91,7 @@ class RefusalSFTModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         gradient_checkpointing: bool = False,
+        decision_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -61,6 +99,8 @@ class RefusalSFTModule(L.LightningModule):
             raise ValueError(f"model.lr must be > 0, got {lr}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if not math.isfinite(decision_weight) or decision_weight <= 0:
+            raise ValueError(f"model.decision_weight must be a finite number > 0, got {decision_weight}")
         self.llm = llm or LLMConfig()
         self.vocab = RefusalVocabulary(
             dict(refusal_tokens) if refusal_tokens else dict(DEFAULT_REFUSAL_TOKENS)
@@ -71,6 +111,7 @@ class RefusalSFTModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.gradient_checkpointing = gradient_checkpointing
+        self.decision_weight = decision_weight
         self.model: Any = None
         self.tokenizer: Any = None
         self.added_tokens: list[str] = []
@@ -94,14 +135,17 @@ class RefusalSFTModule(L.LightningModule):
         model.train()
         self.model, self.tokenizer, self.added_tokens = model, tokenizer, added
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        )
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token logits ``(B, T, V)`` of a batch."""
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def loss(self, batch: dict[str, torch.Tensor], logits_BTV: torch.Tensor) -> torch.Tensor:
+        """Weighted next-token loss (see :func:`sft_loss`)."""
+        return sft_loss(logits_BTV, batch["labels"], batch["target_pos"], self.decision_weight)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        loss = self.loss(batch, self(batch))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite fine-tuning loss at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -114,12 +158,12 @@ class RefusalSFTModule(L.LightningModule):
         return (predicted_B == target_B).float().mean()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self(batch)
+        logits_BTV = self(batch)
         n = batch["input_ids"].shape[0]
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/loss", self.loss(batch, logits_BTV), prog_bar=True, batch_size=n, sync_dist=True)
         self.log(
             "val/token_acc",
-            self._first_token_accuracy(batch, out.logits),
+            self._first_token_accuracy(batch, logits_BTV),
             prog_bar=True,
             batch_size=n,
             sync_dist=True,
