@@ -25,14 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data.chat import chat_template_hash, format_prompts
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
 from sae_refusal.finetune.examples import end_of_turn_token
+from sae_refusal.llm.batched import generate_texts, stop_token_ids
 from sae_refusal.llm.loading import LLMConfig, load_model, load_tokenizer, model_fingerprint
-from sae_refusal.llm.tokenize import default_max_length, encode_prompts, pad_left
 
 __all__ = [
     "ANSWER_CACHE_VERSION",
@@ -162,19 +160,6 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _stop_ids(tokenizer: Any, model: Any, chat_template: str | None) -> list[int]:
-    ids = {end_of_turn_token(tokenizer, chat_template)[1]}
-    if isinstance(getattr(tokenizer, "eos_token_id", None), int):
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list | tuple):
-        ids.update(int(i) for i in configured)
-    return sorted(ids)
-
-
-@torch.no_grad()
 def _generate(
     model: Any,
     tokenizer: Any,
@@ -187,27 +172,16 @@ def _generate(
 ) -> list[str]:
     """Answer one batch of user messages; each answer is cut at its first stop token and stripped."""
     formatted = format_prompts(tokenizer, texts, chat_template=chat_template, system_prompt=system_prompt)
-    budget = max(default_max_length(model, tokenizer) - cfg.max_new_tokens, 1)
-    encoded = encode_prompts(tokenizer, formatted, max_length=budget, overflow="truncate_left")
-    input_ids_BT, attention_mask_BT = pad_left(encoded.input_ids, tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    sampling: dict[str, Any] = {"do_sample": False}
-    if cfg.temperature > 0:
-        sampling = {"do_sample": True, "temperature": cfg.temperature}
-    out_BT = model.generate(
-        input_ids=input_ids_BT.to(device),
-        attention_mask=attention_mask_BT.to(device),
+    answers = generate_texts(
+        model,
+        tokenizer,
+        formatted,
         max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_ids,
-        **sampling,
+        stop_ids=stop_ids,
+        batch_size=cfg.batch_size,
+        temperature=cfg.temperature,
     )
-    answers = []
-    stops = set(stop_ids)
-    for row in out_BT[:, input_ids_BT.shape[1] :].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return answers
+    return [answer.strip() for answer in answers]
 
 
 def base_answers(
@@ -293,7 +267,7 @@ def base_answers(
     if model is None:
         model = load_model(llm)
     model.eval()
-    stop_ids = _stop_ids(tokenizer, model, chat_template)
+    stop_ids = stop_token_ids(model, tokenizer, [end_of_turn_token(tokenizer, chat_template)[1]])
     for start in range(0, len(missing), cfg.batch_size):
         batch = missing[start : start + cfg.batch_size]
         texts = _generate(

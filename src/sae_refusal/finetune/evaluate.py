@@ -28,29 +28,34 @@ Design notes: logits are computed in batches of prompts sorted by length (less p
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
-from sae_refusal.llm.extraction import position_ids_from_mask
+from sae_refusal.llm.batched import (
+    check_positive,
+    generate,
+    iter_next_token_logits,
+    resolve_pad_id,
+    rows_in_input_order,
+    stop_token_ids,
+)
 from sae_refusal.llm.refusal_tokens import (
     RefusalPrediction,
     RefusalVocabulary,
     ResolvedRefusalTokens,
 )
-from sae_refusal.llm.tokenize import encode_prompts, pad_left
+from sae_refusal.llm.tokenize import encode_prompts
 
 __all__ = [
     "EVAL_MODES",
@@ -96,53 +101,6 @@ class FirstTokenBatch(NamedTuple):
     truncated: list[bool]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
-    if isinstance(weight, Tensor):
-        return weight.device
-    return next(model.parameters()).device
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model (or the base model under a PEFT wrapper) names ``logits_to_keep`` in ``forward``."""
-    candidates: list[Any] = [model]
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        candidates.append(get_base())
-    for candidate in candidates:
-        try:
-            if "logits_to_keep" in inspect.signature(candidate.forward).parameters:
-                return True
-        except (TypeError, ValueError):
-            continue
-    return False
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode (no dropout) for the block and restore its previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0  # masked out; any valid id works
-
-
 def iter_first_token_logits(
     model: nn.Module,
     tokenizer: Any,
@@ -174,8 +132,8 @@ def iter_first_token_logits(
         ValueError: On a non-positive ``batch_size`` / ``max_length`` or an empty ``texts``.
         ChatTemplateError: If the tokenizer has no chat template and none is given.
     """
-    _check_positive("batch_size", batch_size)
-    _check_positive("max_length", max_length)
+    check_positive("batch_size", batch_size)
+    check_positive("max_length", max_length)
     if isinstance(texts, str):
         raise TypeError("texts: expected a sequence of strings, got a single string")
     if len(texts) == 0:
@@ -189,29 +147,12 @@ def iter_first_token_logits(
             len(texts),
             max_length,
         )
-    ids = encoded.input_ids
     truncated = set(encoded.truncated_indices)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    pad_id = _pad_id(tokenizer)
-    device = _model_device(model)
-    extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    with _eval_mode(model), torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            input_ids_BT, attention_mask_BT = pad_left([ids[i] for i in chunk], pad_id)
-            attention_mask_BT = attention_mask_BT.to(device)
-            out = model(
-                input_ids=input_ids_BT.to(device),
-                attention_mask=attention_mask_BT,
-                position_ids=position_ids_from_mask(attention_mask_BT),
-                use_cache=False,
-                **extra,
-            )
-            # Left padding: the last position is the last real token of every row.
-            logits_BV = out.logits[:, -1, :].float().cpu()
-            yield FirstTokenBatch(
-                indices=chunk, logits_BV=logits_BV, truncated=[i in truncated for i in chunk]
-            )
+    for batch in iter_next_token_logits(
+        model, encoded.input_ids, batch_size=batch_size, pad_id=resolve_pad_id(tokenizer), sort_by_length=True
+    ):
+        flags = [i in truncated for i in batch.indices]
+        yield FirstTokenBatch(indices=batch.indices, logits_BV=batch.logits_BV, truncated=flags)
 
 
 def first_token_logits(
@@ -226,18 +167,10 @@ def first_token_logits(
 ) -> Tensor:
     """Logits of the first response token for each user message, in input order.
 
-    See :func:`iter_first_token_logits` for formatting, truncation, padding and device handling. The result
-    is ``(N, vocab)`` float32 on CPU; for large sets and vocabularies prefer the streaming
-    :func:`iter_first_token_logits` (or :func:`evaluate_refusal_tokens`, which never holds all of it).
-
-    Args:
-        model: A Hugging Face causal LM (or a PEFT wrapper of one), on any device.
-        tokenizer: Its tokenizer.
-        texts: User messages (no chat template applied).
-        batch_size: Prompts per forward pass.
-        max_length: Most tokens a formatted prompt keeps (longer ones lose their beginning).
-        chat_template: Template overriding the tokenizer's (config key ``chat_template``).
-        system_prompt: Optional system message before each user message.
+    Same arguments as :func:`iter_first_token_logits` (formatting, truncation, padding and device handling
+    are described there), whose batches are put back in input order. The result is ``(N, vocab)`` float32
+    on CPU; for large sets and vocabularies prefer the streaming :func:`iter_first_token_logits` (or
+    :func:`evaluate_refusal_tokens`, which never holds all of it).
 
     Returns:
         ``logits_NV``, row ``i`` for ``texts[i]``.
@@ -246,8 +179,7 @@ def first_token_logits(
         ValueError: On a non-positive ``batch_size`` / ``max_length`` or an empty ``texts``.
         ChatTemplateError: If the tokenizer has no chat template and none is given.
     """
-    logits_NV: Tensor | None = None
-    for batch in iter_first_token_logits(
+    batches = iter_first_token_logits(
         model,
         tokenizer,
         texts,
@@ -255,13 +187,8 @@ def first_token_logits(
         max_length=max_length,
         chat_template=chat_template,
         system_prompt=system_prompt,
-    ):
-        if logits_NV is None:
-            logits_NV = torch.empty((len(texts), batch.logits_BV.shape[1]), dtype=torch.float32)
-        logits_NV[torch.tensor(batch.indices)] = batch.logits_BV
-    if logits_NV is None:  # unreachable: an empty ``texts`` raises above
-        raise ValueError("texts: no prompts to evaluate")
-    return logits_NV
+    )
+    return rows_in_input_order(((batch.indices, batch.logits_BV) for batch in batches), len(texts))
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -729,9 +656,8 @@ def evaluate_refusal_tokens(
     for prompt in prompt_set:
         expected_class(prompt, resolved)  # fail before the forward passes
     n = len(prompt_set)
-    parts: dict[str, list[Tensor]] = {f.name: [] for f in fields(RefusalPrediction)}
-    order: list[int] = []
-    top_ids: list[int] = []
+    parts: dict[str, list[tuple[list[int], Tensor]]] = {f.name: [] for f in fields(RefusalPrediction)}
+    top_parts: list[tuple[list[int], Tensor]] = []
     truncated = [False] * n
     for batch in iter_first_token_logits(
         model,
@@ -743,18 +669,13 @@ def evaluate_refusal_tokens(
         system_prompt=system_prompt,
     ):
         reading = resolved.classify(batch.logits_BV)
-        for name in parts:
-            parts[name].append(getattr(reading, name))
-        order.extend(batch.indices)
-        top_ids.extend(batch.logits_BV.argmax(dim=1).tolist())
+        for name, chunks in parts.items():
+            chunks.append((batch.indices, getattr(reading, name)))
+        top_parts.append((batch.indices, batch.logits_BV.argmax(dim=1)))
         for i, flag in zip(batch.indices, batch.truncated, strict=True):
             truncated[i] = flag
-    inverse = torch.empty(n, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(n)
-    prediction = RefusalPrediction(**{name: torch.cat(chunks)[inverse] for name, chunks in parts.items()})
-    top_in_order = [0] * n
-    for i, token_id in zip(order, top_ids, strict=True):
-        top_in_order[i] = token_id
+    prediction = RefusalPrediction(**{name: rows_in_input_order(chunks, n) for name, chunks in parts.items()})
+    top_in_order = rows_in_input_order(top_parts, n).tolist()
     top_tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in top_in_order]
     return refusal_report(
         prompt_set, prediction, resolved, mode=mode, top_tokens=top_tokens, truncated=truncated
@@ -765,20 +686,13 @@ def evaluate_refusal_tokens(
 
 
 def _stop_ids(model: nn.Module, tokenizer: Any, chat_template: str | None) -> list[int]:
-    """End-of-turn id from the chat template, the tokenizer's EOS and the generation config's EOS ids."""
+    """End-of-turn id from the chat template (if it has one), the tokenizer's and generation config's EOS."""
     from sae_refusal.finetune.examples import end_of_turn_token
 
-    ids: set[int] = set()
+    end_of_turn: list[int] = []
     with suppress(ValueError):
-        ids.add(end_of_turn_token(tokenizer, chat_template)[1])
-    if isinstance(getattr(tokenizer, "eos_token_id", None), int):
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list | tuple):
-        ids.update(int(i) for i in configured)
-    return sorted(ids)
+        end_of_turn.append(end_of_turn_token(tokenizer, chat_template)[1])
+    return stop_token_ids(model, tokenizer, end_of_turn)
 
 
 def sample_answers(
@@ -827,7 +741,7 @@ def sample_answers(
         ("batch_size", batch_size),
         ("max_length", max_length),
     ):
-        _check_positive(name, value)
+        check_positive(name, value)
     resolved = vocab.resolve(tokenizer) if vocab is not None else None
     prompts = list(prompt_set)[:n]
     if not prompts:
@@ -836,45 +750,33 @@ def sample_answers(
         tokenizer, [p.text for p in prompts], chat_template=chat_template, system_prompt=system_prompt
     )
     encoded = encode_prompts(tokenizer, formatted, max_length=max_length, overflow="truncate_left")
-    stop_ids = _stop_ids(model, tokenizer, chat_template)
-    stops = set(stop_ids)
-    pad_id = _pad_id(tokenizer)
-    device = _model_device(model)
-    generate: Any = model.generate
+    generations = generate(
+        model,
+        encoded.input_ids,
+        max_new_tokens=max_new_tokens,
+        pad_id=resolve_pad_id(tokenizer),
+        stop_ids=_stop_ids(model, tokenizer, chat_template),
+        batch_size=batch_size,
+    )
     records: list[dict[str, Any]] = []
-    with _eval_mode(model), torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(prompts))))
-            input_ids_BT, attention_mask_BT = pad_left([encoded.input_ids[i] for i in chunk], pad_id)
-            out_BT = generate(
-                input_ids=input_ids_BT.to(device),
-                attention_mask=attention_mask_BT.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=stop_ids or None,
+    for prompt, generation in zip(prompts, generations, strict=True):
+        first = generation.first_id
+        record: dict[str, Any] = {
+            "id": prompt.id,
+            "source": prompt.source,
+            "label": str(prompt.label),
+            "category": prompt.category,
+            "prompt": prompt.text,
+            "first_token": "" if first is None else tokenizer.decode([first], skip_special_tokens=False),
+        }
+        if resolved is not None:
+            record["first_class"] = (
+                resolved.class_names[resolved.token_ids.index(first)]
+                if first in resolved.token_ids
+                else OTHER_CLASS_NAME
             )
-            for row, i in zip(out_BT[:, input_ids_BT.shape[1] :].tolist(), chunk, strict=True):
-                cut = next((k for k, t in enumerate(row) if t in stops), None)
-                kept = row if cut is None else row[:cut]
-                prompt = prompts[i]
-                record: dict[str, Any] = {
-                    "id": prompt.id,
-                    "source": prompt.source,
-                    "label": str(prompt.label),
-                    "category": prompt.category,
-                    "prompt": prompt.text,
-                    "first_token": tokenizer.decode(row[:1], skip_special_tokens=False) if row else "",
-                }
-                if resolved is not None:
-                    first = row[0] if row else None
-                    record["first_class"] = (
-                        resolved.class_names[resolved.token_ids.index(first)]
-                        if first in resolved.token_ids
-                        else OTHER_CLASS_NAME
-                    )
-                record["answer"] = tokenizer.decode(kept, skip_special_tokens=False)
-                record["n_new_tokens"] = len(kept)
-                record["stopped"] = cut is not None
-                records.append(record)
+        record["answer"] = tokenizer.decode(generation.token_ids, skip_special_tokens=False)
+        record["n_new_tokens"] = len(generation.token_ids)
+        record["stopped"] = generation.stopped
+        records.append(record)
     return records

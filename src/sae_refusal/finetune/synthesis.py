@@ -72,9 +72,15 @@ from sae_refusal.categories import (
 )
 from sae_refusal.data.chat import ChatTemplateError, format_prompts, resolve_chat_template
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
-from sae_refusal.llm.extraction import position_ids_from_mask
+from sae_refusal.llm.batched import (
+    check_positive,
+    generate_texts,
+    next_token_logits,
+    resolve_pad_id,
+    stop_token_ids,
+)
 from sae_refusal.llm.refusal_tokens import RESPOND_CLASS_NAME, RefusalVocabulary, ResolvedRefusalTokens
-from sae_refusal.llm.tokenize import default_max_length, encode_prompts, pad_left
+from sae_refusal.llm.tokenize import default_max_length, encode_prompts
 
 if TYPE_CHECKING:
     from transformers import LogitsProcessor
@@ -363,27 +369,6 @@ def _gumbel_processor(generator: torch.Generator, temperature: float, top_p: flo
     return _GumbelSampler()
 
 
-def _device(model: nn.Module) -> torch.device:
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
-    if isinstance(weight, Tensor):
-        return weight.device
-    return next(model.parameters()).device
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0  # masked out anyway
-
-
-def _check_positive(key: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}: must be a positive integer, got {value!r}")
-
-
 class LLMRewriter:
     """A :class:`Rewriter` backed by any chat causal LM, prompted few-shot.
 
@@ -430,7 +415,7 @@ class LLMRewriter:
             ("n_shots", n_shots),
             ("batch_size", batch_size),
         ):
-            _check_positive(key, value)
+            check_positive(key, value)
         if temperature < 0:
             raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
         if not 0 < top_p <= 1:
@@ -514,66 +499,25 @@ class LLMRewriter:
             raise ChatTemplateError(f"apply_chat_template returned {type(rendered).__name__}, expected str")
         return rendered
 
-    def _stop_ids(self) -> list[int]:
-        ids: set[int] = set()
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif isinstance(configured, list | tuple):
-            ids.update(int(i) for i in configured)
-        return sorted(ids)
-
-    @torch.no_grad()
-    def _generate(self, formatted: list[str]) -> list[str]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        budget = max(default_max_length(self.model, self.tokenizer) - self.max_new_tokens, 1)
-        encoded = encode_prompts(self.tokenizer, formatted, max_length=budget, overflow="truncate_left")
-        input_ids_BT, attention_mask_BT = pad_left(encoded.input_ids, _pad_id(self.tokenizer))
-        device = _device(self.model)
-        stop_ids = self._stop_ids()
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=_pad_id(self.tokenizer),
-            eos_token_id=stop_ids or None,
-        )
-        processors = LogitsProcessorList()
-        if self.temperature > 0:
-            processors.append(_gumbel_processor(self.generator, self.temperature, self.top_p))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out_BT = self.model.generate(  # type: ignore[operator]
-                input_ids=input_ids_BT.to(device),
-                attention_mask=attention_mask_BT.to(device),
-                generation_config=config,
-                logits_processor=processors,
-            )
-        finally:
-            self.model.train(was_training)
-        stops = set(stop_ids)
-        outputs = []
-        for row in out_BT[:, input_ids_BT.shape[1] :].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            outputs.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
-        return outputs
-
     def __call__(self, requests: list[RewriteRequest]) -> list[str]:
         """Rewrite each request's source; one cleaned line per request (possibly empty), in order.
 
         Args:
             requests: The requests.
         """
-        out: list[str] = []
-        for start in range(0, len(requests), self.batch_size):
-            batch = requests[start : start + self.batch_size]
-            raw = self._generate([self.render(r) for r in batch])
-            out.extend(clean_rewrite(text) for text in raw)
-        return out
+        processors = None
+        if self.temperature > 0:
+            processors = [_gumbel_processor(self.generator, self.temperature, self.top_p)]
+        raw = generate_texts(
+            self.model,
+            self.tokenizer,
+            [self.render(r) for r in requests],
+            max_new_tokens=self.max_new_tokens,
+            stop_ids=stop_token_ids(self.model, self.tokenizer),
+            batch_size=self.batch_size,
+            logits_processors=processors,
+        )
+        return [clean_rewrite(text) for text in raw]
 
 
 def _merge_system(chat: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -620,9 +564,9 @@ class TokenJudge:
         system_prompt: str | None = None,
         max_length: int | None = None,
     ) -> None:
-        _check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size)
         if max_length is not None:
-            _check_positive("max_length", max_length)
+            check_positive("max_length", max_length)
         vocab = vocab if vocab is not None else RefusalVocabulary()
         self.resolved = vocab if isinstance(vocab, ResolvedRefusalTokens) else vocab.resolve(tokenizer)
         self.model = model
@@ -632,7 +576,6 @@ class TokenJudge:
         self.system_prompt = system_prompt
         self.max_length = max_length if max_length is not None else default_max_length(model, tokenizer)
 
-    @torch.no_grad()
     def logits(self, texts: Sequence[str]) -> Tensor:
         """Next-token logits at the last prompt position, shape ``(len(texts), vocab)``, float32 on CPU.
 
@@ -643,27 +586,9 @@ class TokenJudge:
             self.tokenizer, list(texts), chat_template=self.chat_template, system_prompt=self.system_prompt
         )
         encoded = encode_prompts(self.tokenizer, formatted, max_length=self.max_length)
-        device = _device(self.model)
-        rows: list[Tensor] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(formatted), self.batch_size):
-                ids_BT, mask_BT = pad_left(
-                    encoded.input_ids[start : start + self.batch_size], _pad_id(self.tokenizer)
-                )
-                output = self.model(
-                    input_ids=ids_BT.to(device),
-                    attention_mask=mask_BT.to(device),
-                    position_ids=position_ids_from_mask(mask_BT).to(device),
-                    use_cache=False,
-                )
-                rows.append(output.logits[:, -1, :].float().cpu())
-        finally:
-            self.model.train(was_training)
-        if not rows:
-            return torch.empty(0, 0)
-        return torch.cat(rows)
+        return next_token_logits(
+            self.model, encoded.input_ids, batch_size=self.batch_size, pad_id=resolve_pad_id(self.tokenizer)
+        )
 
     def __call__(self, texts: list[str]) -> list[str | None]:
         """Predicted category per text (``None`` = respond).
@@ -705,8 +630,8 @@ class SynthesisConfig:
     skip_misjudged: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive("n_pairs", self.n_pairs)
-        _check_positive("max_tries", self.max_tries)
+        check_positive("n_pairs", self.n_pairs)
+        check_positive("max_tries", self.max_tries)
         if not 0.0 <= self.balance <= 1.0:
             raise ValueError(
                 f"balance: must be within [0, 1] (fraction harmful_to_benign), got {self.balance}"
