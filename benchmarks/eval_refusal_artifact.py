@@ -1,0 +1,208 @@
+"""Evaluate a refusal-token artifact on the held-out split of its fine-tuning config, and test a respond bias.
+
+Loads the base model with the artifact applied (``LLMConfig(adapter_path=...)``), reads the first-token
+logits of the validation split and of the held-out prompts (test split + the report callback's extra
+prompts, e.g. the CoCoNot contrast set), and prints:
+
+* the greedy report (the model's own first token, the number the issue's bar is about) on all held-out
+  prompts and on the bar subset (held-out CoCoNot + Alpaca);
+* a calibration study: a constant ``b`` added to the ``[respond]`` logit (what generation's
+  ``sequence_bias={(respond_id,): b}`` does) trades harmful recall against false / over-refusal. ``b`` is
+  chosen on the *validation* split only (best macro-F1 over the six tokens) and then reported on the held-out
+  prompts; the full held-out curve is printed for the record, never used to choose.
+
+Example (CPU, ~10 minutes for SmolLM2 on 2 cores)::
+
+    python benchmarks/eval_refusal_artifact.py --config lightning_configs/finetune/smollm2_lora.yaml \\
+        --adapter runs/gpu_ft2/artifact --out runs/gpu_ft2/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sae_refusal.atomic import atomic_write_text
+from sae_refusal.data import PromptSet
+from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig, load_prompt_set
+from sae_refusal.data.splits import SplitConfig, split_prompt_set
+from sae_refusal.finetune.evaluate import (
+    OTHER_CLASS_NAME,
+    RefusalReport,
+    expected_class,
+    first_token_logits,
+    report_from_records,
+    sample_answers,
+)
+from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer
+
+
+def _prompt_config(raw: dict[str, Any], data_root: str | None) -> PromptSetConfig:
+    sources = [PromptSourceConfig(**s) for s in raw.get("sources", [])]
+    return PromptSetConfig(
+        sources=sources, presets=list(raw.get("presets", [])), data_root=data_root or raw.get("data_root")
+    )
+
+
+def compact_logits(logits_NV: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """``(N, C + 2)``: the C refusal-token logits, the best logit of any other token, the full logsumexp."""
+    refusal_NC = logits_NV[:, token_ids]
+    rest_NV = logits_NV.clone()
+    rest_NV[:, token_ids] = float("-inf")
+    lse_N1 = logits_NV.logsumexp(dim=1, keepdim=True)
+    return torch.cat([refusal_NC, rest_NV.max(dim=1, keepdim=True).values, lse_N1], dim=1)
+
+
+def biased_report(
+    prompts: PromptSet,
+    compact_NC1: torch.Tensor,
+    names: list[str],
+    tokens: list[str],
+    expected: list[int],
+    b: float,
+) -> RefusalReport:
+    """Greedy report with ``b`` added to the respond logit (class 0); probabilities stay unbiased."""
+    n_classes = len(names)
+    shifted = compact_NC1[:, : n_classes + 1].clone()
+    shifted[:, 0] += b
+    top = shifted.argmax(dim=1).tolist()
+    log_p_NC = compact_NC1[:, :n_classes] - compact_NC1[:, n_classes + 1 :]
+    restricted_NC = compact_NC1[:, :n_classes].softmax(dim=1)
+    records = []
+    for i, (prompt, truth, pred) in enumerate(zip(prompts, expected, top, strict=True)):
+        predicted = OTHER_CLASS_NAME if pred == n_classes else names[pred]
+        records.append(
+            {
+                "id": prompt.id,
+                "source": prompt.source,
+                "label": str(prompt.label),
+                "expected": names[truth],
+                "predicted": predicted,
+                "correct": predicted == names[truth],
+                "top_is_refusal_token": pred != n_classes,
+                "top_token": None,
+                "p_expected": float(log_p_NC[i, truth].exp()),
+                "p_expected_restricted": float(restricted_NC[i, truth]),
+                "refusal_mass": float(log_p_NC[i].exp().sum()),
+                "truncated": False,
+            }
+        )
+    return report_from_records(records, names, tokens, names[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--adapter", required=True, help="refusal-token artifact folder")
+    parser.add_argument("--model", default=None, help="override model.llm.name_or_path")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--root", default="runs/finetune_data", help="where the split manifest lives")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--bar-sources", default="coconot,alpaca")
+    parser.add_argument("--biases", default="-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3,4")
+    parser.add_argument("--n-samples", type=int, default=6)
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args()
+
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    data = cfg["data"]
+    prompts = load_prompt_set(_prompt_config(data["prompts"], args.data_root))
+    prompts = split_prompt_set(
+        prompts, SplitConfig(**data.get("split", {})), data.get("manifest_path"), args.root
+    )
+    extra_cfg = None
+    for callback in cfg.get("trainer", {}).get("callbacks", []):
+        if callback.get("class_path", "").endswith("RefusalReportCallback"):
+            extra_cfg = callback.get("init_args", {}).get("extra_prompts")
+    extra = load_prompt_set(_prompt_config(extra_cfg, args.data_root)) if extra_cfg else PromptSet([])
+    sets = {"val": prompts.split("val"), "held_out": prompts.split("test") + extra}
+
+    llm_raw = dict(cfg["model"]["llm"])
+    if args.model:
+        llm_raw["name_or_path"] = args.model
+    llm_raw.update(device=args.device, adapter_path=args.adapter)
+    model, tokenizer = load_model_and_tokenizer(LLMConfig(**llm_raw))
+    resolved = RefusalVocabulary().resolve(tokenizer)
+    names, tokens = list(resolved.class_names), list(resolved.tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    compact: dict[str, torch.Tensor] = {}
+    for name, prompt_set in sets.items():
+        cached = out / f"logits_{name}.pt"  # compact logits, reused by a rerun on the same prompts
+        if cached.exists():
+            saved = torch.load(cached)
+            if saved["ids"] == prompt_set.ids:
+                compact[name] = saved["compact"]
+                continue
+        start = time.perf_counter()
+        logits_NV = first_token_logits(model, tokenizer, prompt_set.texts, batch_size=args.batch_size)
+        compact[name] = compact_logits(logits_NV, list(resolved.token_ids))
+        torch.save({"ids": prompt_set.ids, "compact": compact[name]}, cached)
+        print(f"{name}: {len(prompt_set)} prompts in {time.perf_counter() - start:.0f} s")
+    expected = {name: [expected_class(p, resolved) for p in s] for name, s in sets.items()}
+
+    def report(name: str, b: float) -> RefusalReport:
+        return biased_report(sets[name], compact[name], names, tokens, expected[name], b)
+
+    bar_sources = args.bar_sources.split(",")
+    greedy = report("held_out", 0.0)
+    greedy.save(out / "greedy")
+    greedy.subset(bar_sources).save(out / "greedy" / "bar")
+    biases = [float(x) for x in args.biases.split(",")]
+
+    def row(rep: RefusalReport) -> dict[str, Any]:
+        bar = rep.subset(bar_sources)
+        alpaca = next((v for k, v in bar.per_source.items() if k.startswith("alpaca")), None)
+        return {
+            "macro_f1_bar": bar.macro_f1_all6,
+            "macro_f1_all": rep.macro_f1_all6,
+            "alpaca_false_refusal": None if alpaca is None else alpaca["refusal_rate"],
+            "over_refusal": rep.over_refusal_rate,
+            "harmful_refusal": rep.harmful_refusal_rate,
+        }
+
+    val_curve = {b: report("val", b).macro_f1_all6 for b in biases}
+    chosen = max(biases, key=lambda b: (val_curve[b], -abs(b)))
+    curve = {b: row(report("held_out", b)) for b in biases}
+    print("\n| respond bias | val macro-F1 | bar macro-F1 (held-out) | Alpaca FRR | over-refusal | refused |")
+    print("|---|---|---|---|---|---|")
+    for b in biases:
+        r = curve[b]
+        frr = "n/a" if r["alpaca_false_refusal"] is None else f"{r['alpaca_false_refusal']:.1%}"
+        mark = " (chosen on val)" if b == chosen else ""
+        print(
+            f"| {b:+.1f}{mark} | {val_curve[b]:.3f} | {r['macro_f1_bar']:.3f} | {frr} | "
+            f"{r['over_refusal']:.1%} | {r['harmful_refusal']:.1%} |"
+        )
+    g = row(greedy)
+    print(f"\ngreedy (bias 0): {json.dumps(g)}")
+    samples_from = sets["held_out"].filter(lambda p: str(p.label) != "harmful")
+    step = max(len(samples_from) // max(args.n_samples, 1), 1)
+    chosen_samples = PromptSet(list(samples_from)[::step][: args.n_samples])
+    samples = sample_answers(model, tokenizer, chosen_samples, n=args.n_samples, vocab=RefusalVocabulary())
+    for s in samples:
+        print(json.dumps(s)[:400])
+    payload = {
+        "adapter": args.adapter,
+        "n": {k: len(v) for k, v in sets.items()},
+        "greedy": g,
+        "val_macro_f1_by_bias": val_curve,
+        "chosen_bias": chosen,
+        "held_out_by_bias": curve,
+        "samples": samples,
+    }
+    atomic_write_text(out / "eval.json", json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
