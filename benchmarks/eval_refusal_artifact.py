@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bar-sources", default="coconot,alpaca")
+    parser.add_argument("--contrast-source", default="coconot_contrast", help="the over-refusal bar's source")
     parser.add_argument("--biases", default="-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3,4")
     parser.add_argument("--n-samples", type=int, default=6)
     parser.add_argument("--out", required=True, help="output folder")
@@ -167,22 +168,26 @@ def main() -> None:
             "macro_f1_bar": bar.macro_f1_all6,
             "macro_f1_all": rep.macro_f1_all6,
             "alpaca_false_refusal": None if alpaca is None else alpaca["refusal_rate"],
-            "over_refusal": rep.over_refusal_rate,
+            "over_refusal_all_ambiguous": rep.over_refusal_rate,
+            "over_refusal": rep.per_source.get(args.contrast_source, {}).get("refusal_rate"),
             "harmful_refusal": rep.harmful_refusal_rate,
         }
 
     val_curve = {b: report("val", b).macro_f1_all6 for b in biases}
     chosen = max(biases, key=lambda b: (val_curve[b], -abs(b)))
     curve = {b: row(report("held_out", b)) for b in biases}
-    print("\n| respond bias | val macro-F1 | bar macro-F1 (held-out) | Alpaca FRR | over-refusal | refused |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| respond bias | val macro-F1 | bar macro-F1 (held-out) | Alpaca FRR | contrast over-refusal | "
+        "all-ambiguous over-refusal | harmful refused |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for b in biases:
         r = curve[b]
         frr = "n/a" if r["alpaca_false_refusal"] is None else f"{r['alpaca_false_refusal']:.1%}"
         mark = " (chosen on val)" if b == chosen else ""
         print(
             f"| {b:+.1f}{mark} | {val_curve[b]:.3f} | {r['macro_f1_bar']:.3f} | {frr} | "
-            f"{r['over_refusal']:.1%} | {r['harmful_refusal']:.1%} |"
+            f"{r['over_refusal']:.1%} | {r['over_refusal_all_ambiguous']:.1%} | {r['harmful_refusal']:.1%} |"
         )
     g = row(greedy)
     print(f"\ngreedy (bias 0): {json.dumps(g)}")
