@@ -51,11 +51,13 @@ for spec in sys.argv[2:]:
     bar_path = found[-1].parent / "bar" / "report.json"
     bar = json.loads(bar_path.read_text()) if bar_path.exists() else full
     alpaca = next((v for k, v in bar["per_source"].items() if k.startswith("alpaca")), {})
+    contrast_path = found[-1].parent / "contrast" / "report.json"
+    over = json.loads(contrast_path.read_text()) if contrast_path.exists() else full
     f1 = {k: round(v["f1"], 2) for k, v in bar["per_class"].items()}
     print(
         f"{name}: bar macro-F1 {bar['macro_f1_all6']:.3f} | all macro-F1 {full['macro_f1_all6']:.3f} | "
         f"Alpaca FRR {alpaca.get('refusal_rate', float('nan')):.1%} | over-refusal "
-        f"{full['over_refusal_rate'] or 0:.1%} | per-class F1 (bar) {f1}"
+        f"{over['over_refusal_rate'] or 0:.1%} | per-class F1 (bar) {f1}"
     )
 EOF
 exit $status
