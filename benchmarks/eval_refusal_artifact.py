@@ -32,14 +32,8 @@ from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data import PromptSet
 from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig, load_prompt_set
 from sae_refusal.data.splits import SplitConfig, split_prompt_set
-from sae_refusal.finetune.evaluate import (
-    OTHER_CLASS_NAME,
-    RefusalReport,
-    expected_class,
-    first_token_logits,
-    report_from_records,
-    sample_answers,
-)
+from sae_refusal.finetune.calibration import biased_report, choose_respond_bias, refusal_logits
+from sae_refusal.finetune.evaluate import RefusalReport, first_token_logits, sample_answers
 from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer
 
 
@@ -48,52 +42,6 @@ def _prompt_config(raw: dict[str, Any], data_root: str | None) -> PromptSetConfi
     return PromptSetConfig(
         sources=sources, presets=list(raw.get("presets", [])), data_root=data_root or raw.get("data_root")
     )
-
-
-def compact_logits(logits_NV: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """``(N, C + 2)``: the C refusal-token logits, the best logit of any other token, the full logsumexp."""
-    refusal_NC = logits_NV[:, token_ids]
-    rest_NV = logits_NV.clone()
-    rest_NV[:, token_ids] = float("-inf")
-    lse_N1 = logits_NV.logsumexp(dim=1, keepdim=True)
-    return torch.cat([refusal_NC, rest_NV.max(dim=1, keepdim=True).values, lse_N1], dim=1)
-
-
-def biased_report(
-    prompts: PromptSet,
-    compact_NC1: torch.Tensor,
-    names: list[str],
-    tokens: list[str],
-    expected: list[int],
-    b: float,
-) -> RefusalReport:
-    """Greedy report with ``b`` added to the respond logit (class 0); probabilities stay unbiased."""
-    n_classes = len(names)
-    shifted = compact_NC1[:, : n_classes + 1].clone()
-    shifted[:, 0] += b
-    top = shifted.argmax(dim=1).tolist()
-    log_p_NC = compact_NC1[:, :n_classes] - compact_NC1[:, n_classes + 1 :]
-    restricted_NC = compact_NC1[:, :n_classes].softmax(dim=1)
-    records = []
-    for i, (prompt, truth, pred) in enumerate(zip(prompts, expected, top, strict=True)):
-        predicted = OTHER_CLASS_NAME if pred == n_classes else names[pred]
-        records.append(
-            {
-                "id": prompt.id,
-                "source": prompt.source,
-                "label": str(prompt.label),
-                "expected": names[truth],
-                "predicted": predicted,
-                "correct": predicted == names[truth],
-                "top_is_refusal_token": pred != n_classes,
-                "top_token": None,
-                "p_expected": float(log_p_NC[i, truth].exp()),
-                "p_expected_restricted": float(restricted_NC[i, truth]),
-                "refusal_mass": float(log_p_NC[i].exp().sum()),
-                "truncated": False,
-            }
-        )
-    return report_from_records(records, names, tokens, names[0])
 
 
 def main() -> None:
@@ -110,6 +58,8 @@ def main() -> None:
     parser.add_argument("--bar-sources", default="coconot,alpaca")
     parser.add_argument("--contrast-source", default="coconot_contrast", help="the over-refusal bar's source")
     parser.add_argument("--biases", default="-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3,4")
+    parser.add_argument("--max-false-refusal", type=float, default=None, help="limit on val when choosing")
+    parser.add_argument("--max-over-refusal", type=float, default=None, help="limit on val when choosing")
     parser.add_argument("--n-samples", type=int, default=6)
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args()
@@ -133,7 +83,6 @@ def main() -> None:
     llm_raw.update(device=args.device, adapter_path=args.adapter)
     model, tokenizer = load_model_and_tokenizer(LLMConfig(**llm_raw))
     resolved = RefusalVocabulary().resolve(tokenizer)
-    names, tokens = list(resolved.class_names), list(resolved.tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -147,13 +96,12 @@ def main() -> None:
                 continue
         start = time.perf_counter()
         logits_NV = first_token_logits(model, tokenizer, prompt_set.texts, batch_size=args.batch_size)
-        compact[name] = compact_logits(logits_NV, list(resolved.token_ids))
+        compact[name] = refusal_logits(logits_NV, resolved)
         torch.save({"ids": prompt_set.ids, "compact": compact[name]}, cached)
         print(f"{name}: {len(prompt_set)} prompts in {time.perf_counter() - start:.0f} s")
-    expected = {name: [expected_class(p, resolved) for p in s] for name, s in sets.items()}
 
     def report(name: str, b: float) -> RefusalReport:
-        return biased_report(sets[name], compact[name], names, tokens, expected[name], b)
+        return biased_report(sets[name], compact[name], resolved, b)
 
     bar_sources = args.bar_sources.split(",")
     greedy = report("held_out", 0.0)
@@ -173,8 +121,16 @@ def main() -> None:
             "harmful_refusal": rep.harmful_refusal_rate,
         }
 
-    val_curve = {b: report("val", b).macro_f1_all6 for b in biases}
-    chosen = max(biases, key=lambda b: (val_curve[b], -abs(b)))
+    choice = choose_respond_bias(
+        sets["val"],
+        compact["val"],
+        resolved,
+        biases,
+        max_false_refusal=args.max_false_refusal,
+        max_over_refusal=args.max_over_refusal,
+    )
+    val_curve = {row["bias"]: row["macro_f1"] for row in choice.table}
+    chosen = choice.bias
     curve = {b: row(report("held_out", b)) for b in biases}
     print(
         "\n| respond bias | val macro-F1 | bar macro-F1 (held-out) | Alpaca FRR | contrast over-refusal | "
