@@ -493,3 +493,33 @@ def test_shared_details() -> None:
     toxic = load_source(preset("or_bench_toxic", local=True), data_root=SHARED_DATA)
     assert len({p.subcategory for p in toxic}) == 10
     assert {p.category for p in toxic} == {SAFETY}
+
+
+def test_strip_quotes_removes_one_wrapping_pair_only(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": '"What did you dream about last night?"'},
+        {"prompt": 'He said "hi" to me. Why?'},
+        {"prompt": '  "Nested "quotes" stay."  '},
+    ]
+    path = _write_jsonl(tmp_path / "q.jsonl", rows)
+    kept = load_source(PromptSourceConfig(name="q", label="benign", path=str(path)))
+    assert kept.texts[0] == '"What did you dream about last night?"'
+    stripped = load_source(PromptSourceConfig(name="q", label="benign", path=str(path), strip_quotes=True))
+    assert stripped.texts == [
+        "What did you dream about last night?",
+        'He said "hi" to me. Why?',
+        'Nested "quotes" stay.',
+    ]
+    empty = _write_jsonl(tmp_path / "e.jsonl", [{"prompt": "ok"}, {"prompt": '""'}])
+    with pytest.raises(ValueError, match=r"source 'e': empty text in .* row 1"):
+        load_source(PromptSourceConfig(name="e", label="benign", path=str(empty), strip_quotes=True))
+
+
+@pytest.mark.shared_data
+@needs_shared
+def test_coconot_preset_drops_the_humanizing_quote_cue() -> None:
+    ps = load_source(preset("coconot", local=True), data_root=SHARED_DATA)
+    assert not any(p.text.startswith('"') for p in ps if p.category == "Humanizing requests")
+    raw = load_source(preset("coconot", local=True, strip_quotes=False), data_root=SHARED_DATA)
+    quoted = [p for p in raw if p.text.startswith('"')]
+    assert len(quoted) >= 82 and {p.category for p in quoted} >= {"Humanizing requests"}

@@ -75,6 +75,9 @@ class PromptSourceConfig:
         csv_header: Whether CSV files start with a header row.
         csv_columns: Column names for CSV files; required when ``csv_header`` is false, and replace the
             header row when it is true.
+        strip_quotes: Remove one pair of double quotes wrapping a whole message. CoCoNot wraps every
+            "Humanizing requests" prompt, and almost nothing else, in quotes: a surface cue a classifier or
+            fine-tune learns instead of the category (on by default in the CoCoNot presets).
     """
 
     name: str
@@ -96,6 +99,7 @@ class PromptSourceConfig:
     limit: int | None = None
     csv_header: bool = True
     csv_columns: list[str] | None = None
+    strip_quotes: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or ":" in self.name:
@@ -420,6 +424,14 @@ def _origin(tables: list[_Table]) -> str:
     return f"{Path(tables[0].origin).parent} ({len(tables)} files)"
 
 
+def _strip_wrapping_quotes(text: str) -> str | None:
+    """``text`` without one pair of double quotes around all of it (``None`` if nothing is left)."""
+    stripped = text.strip()
+    if len(stripped) >= 2 and stripped[0] == '"' and stripped[-1] == '"':
+        return _as_text(stripped[1:-1].strip())
+    return text
+
+
 def _table_prompts(
     table: _Table,
     cfg: PromptSourceConfig,
@@ -434,6 +446,8 @@ def _table_prompts(
         if any(str(_lookup(row, col)) != value for col, value in where.items()):
             continue
         text = _as_text(_lookup(row, cfg.text_column))
+        if text is not None and cfg.strip_quotes:
+            text = _strip_wrapping_quotes(text)
         if text is None:
             raise ValueError(
                 f"source {cfg.name!r}: empty text in {table.origin} row {index} "
@@ -544,6 +558,7 @@ _PRESET_PAIRS: dict[str, tuple[PromptSourceConfig, PromptSourceConfig]] = {
         "harmful",
         hub={"hub_id": "allenai/coconot", "hub_config": "original", "hub_split": "test"},
         local={"path": "coconot/coconot_eval.jsonl"},
+        strip_quotes=True,
         **_COCONOT_COLUMNS,
     ),
     "coconot_contrast": _both(
