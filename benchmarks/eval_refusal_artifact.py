@@ -30,18 +30,10 @@ import yaml
 
 from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data import PromptSet
-from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig, load_prompt_set
-from sae_refusal.data.splits import SplitConfig, split_prompt_set
 from sae_refusal.finetune.calibration import biased_report, choose_respond_bias, refusal_logits
+from sae_refusal.finetune.config_prompts import finetune_prompts
 from sae_refusal.finetune.evaluate import RefusalReport, first_token_logits, sample_answers
 from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer
-
-
-def _prompt_config(raw: dict[str, Any], data_root: str | None) -> PromptSetConfig:
-    sources = [PromptSourceConfig(**s) for s in raw.get("sources", [])]
-    return PromptSetConfig(
-        sources=sources, presets=list(raw.get("presets", [])), data_root=data_root or raw.get("data_root")
-    )
 
 
 def main() -> None:
@@ -65,17 +57,9 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = yaml.safe_load(Path(args.config).read_text())
-    data = cfg["data"]
-    prompts = load_prompt_set(_prompt_config(data["prompts"], args.data_root))
-    prompts = split_prompt_set(
-        prompts, SplitConfig(**data.get("split", {})), data.get("manifest_path"), args.root
-    )
-    extra_cfg = None
-    for callback in cfg.get("trainer", {}).get("callbacks", []):
-        if callback.get("class_path", "").endswith("RefusalReportCallback"):
-            extra_cfg = callback.get("init_args", {}).get("extra_prompts")
-    extra = load_prompt_set(_prompt_config(extra_cfg, args.data_root)) if extra_cfg else PromptSet([])
-    sets = {"val": prompts.split("val"), "held_out": prompts.split("test") + extra}
+    loaded = finetune_prompts(args.config, args.data_root, args.root)
+    prompts = loaded.prompts
+    sets = {"val": prompts.split("val"), "held_out": loaded.held_out}
 
     llm_raw = dict(cfg["model"]["llm"])
     if args.model:

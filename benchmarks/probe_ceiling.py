@@ -33,20 +33,12 @@ from sae_refusal.atomic import atomic_write_text
 from sae_refusal.categories import CATEGORY_SHORT_NAMES, COCONOT_CATEGORIES
 from sae_refusal.data import Label, PromptSet
 from sae_refusal.data.chat import format_prompts
-from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig, load_prompt_set
-from sae_refusal.data.splits import SplitConfig, split_prompt_set
+from sae_refusal.finetune.config_prompts import finetune_prompts
 from sae_refusal.finetune.evaluate import report_from_records
 from sae_refusal.llm import LLMConfig, load_model_and_tokenizer
 from sae_refusal.llm.extraction import iter_last_token_residuals
 
 CLASS_NAMES = ["respond", *(CATEGORY_SHORT_NAMES[c] for c in COCONOT_CATEGORIES)]
-
-
-def _prompt_config(raw: dict[str, Any], data_root: str | None) -> PromptSetConfig:
-    sources = [PromptSourceConfig(**s) for s in raw.get("sources", [])]
-    return PromptSetConfig(
-        sources=sources, presets=list(raw.get("presets", [])), data_root=data_root or raw.get("data_root")
-    )
 
 
 def _class_of(prompt: Any) -> int:
@@ -67,6 +59,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the probe")
     parser.add_argument("--bar-sources", default="coconot,alpaca")
+    parser.add_argument("--contrast-source", default="coconot_contrast", help="the over-refusal bar's source")
     parser.add_argument("--root", default="runs/finetune_data", help="where the split manifest lives")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -75,18 +68,10 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     cfg = yaml.safe_load(Path(args.config).read_text())
-    data = cfg["data"]
-    prompts = load_prompt_set(_prompt_config(data["prompts"], args.data_root))
-    prompts = split_prompt_set(
-        prompts, SplitConfig(**data.get("split", {})), data.get("manifest_path"), args.root
-    )
-    extra_cfg = None
-    for callback in cfg.get("trainer", {}).get("callbacks", []):
-        if callback.get("class_path", "").endswith("RefusalReportCallback"):
-            extra_cfg = callback.get("init_args", {}).get("extra_prompts")
-    extra = load_prompt_set(_prompt_config(extra_cfg, args.data_root)) if extra_cfg else PromptSet([])
+    loaded = finetune_prompts(args.config, args.data_root, args.root)
+    prompts = loaded.prompts
     train = prompts.filter(lambda p: p.split in ("train", "val"))
-    held_out = prompts.split("test") + extra
+    held_out = loaded.held_out
 
     llm_raw = dict(cfg["model"]["llm"])
     if args.model:
@@ -116,9 +101,10 @@ def main() -> None:
     bar_sources = args.bar_sources.split(",")
     print(f"{len(train)} train, {len(held_out)} held-out prompts; extraction {extract_s:.1f} s")
     print(
-        "| layer | macro-F1 (bar) | macro-F1 (all held-out) | Alpaca false-refusal | contrast over-refusal |"
+        "| layer | macro-F1 (bar) | macro-F1 (all held-out) | Alpaca false-refusal | contrast over-refusal | "
+        "all-ambiguous over-refusal |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     results: list[dict[str, Any]] = []
     for layer in layers:
         scaler = StandardScaler().fit(x_train[layer])
@@ -146,13 +132,15 @@ def main() -> None:
             "macro_f1_bar": bar.macro_f1_all6,
             "macro_f1_all": report.macro_f1_all6,
             "alpaca_false_refusal": alpaca["refusal_rate"] if alpaca else None,
-            "over_refusal": report.over_refusal_rate,
+            "over_refusal_all_ambiguous": report.over_refusal_rate,
+            "over_refusal": report.per_source.get(args.contrast_source, {}).get("refusal_rate"),
             "per_class_f1_bar": {k: v["f1"] for k, v in bar.per_class.items()},
         }
         results.append(row)
         print(
             f"| {layer} | {row['macro_f1_bar']:.3f} | {row['macro_f1_all']:.3f} | "
             f"{row['alpaca_false_refusal'] if alpaca is None else format(alpaca['refusal_rate'], '.1%')} | "
+            f"{'n/a' if row['over_refusal'] is None else format(row['over_refusal'], '.1%')} | "
             f"{'n/a' if report.over_refusal_rate is None else format(report.over_refusal_rate, '.1%')} |"
         )
     best = max(results, key=lambda r: r["macro_f1_bar"])

@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from sae_refusal.data.prompt_set import PromptSet
-from sae_refusal.finetune.evaluate import OTHER_CLASS_NAME, RefusalReport, expected_class, report_from_records
+from sae_refusal.finetune.evaluate import (
+    OTHER_CLASS_NAME,
+    RefusalReport,
+    expected_class,
+    prediction_record,
+    report_from_records,
+)
 from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens
 
 __all__ = ["BiasChoice", "biased_report", "choose_respond_bias", "refusal_logits"]
@@ -86,23 +92,16 @@ def biased_report(
     records = []
     for i, (prompt, pred) in enumerate(zip(prompts, top, strict=True)):
         truth = expected_class(prompt, resolved)
-        predicted = OTHER_CLASS_NAME if pred == n_classes else names[pred]
         records.append(
-            {
-                "id": prompt.id,
-                "source": prompt.source,
-                "label": str(prompt.label),
-                "category": prompt.category,
-                "expected": names[truth],
-                "predicted": predicted,
-                "correct": predicted == names[truth],
-                "top_is_refusal_token": pred != n_classes,
-                "top_token": None,
-                "p_expected": float(log_p_NC[i, truth].exp()),
-                "p_expected_restricted": float(restricted_NC[i, truth]),
-                "refusal_mass": float(log_p_NC[i].exp().sum()),
-                "truncated": False,
-            }
+            prediction_record(
+                prompt,
+                names[truth],
+                OTHER_CLASS_NAME if pred == n_classes else names[pred],
+                top_is_refusal_token=pred != n_classes,
+                top_token=None,
+                p_expected_restricted=float(restricted_NC[i, truth]),
+                refusal_mass=float(log_p_NC[i].exp().sum()),
+            )
         )
     return report_from_records(records, names, list(resolved.tokens), names[respond])
 

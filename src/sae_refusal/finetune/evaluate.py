@@ -495,28 +495,60 @@ def refusal_report(
     probs_NC = prediction.probs_BC.float().cpu()
     mass_N = prediction.refusal_mass_B.float().cpu()
 
-    records: list[dict[str, Any]] = []
-    for i, prompt in enumerate(prompt_set):
-        truth, pred = expected[i], predicted[i]
-        p_restricted = float(probs_NC[i, truth])
-        records.append(
-            {
-                "id": prompt.id,
-                "source": prompt.source,
-                "label": str(prompt.label),
-                "category": prompt.category,
-                "expected": names[truth],
-                "predicted": OTHER_CLASS_NAME if pred == OTHER_CLASS else names[pred],
-                "correct": truth == pred,
-                "top_is_refusal_token": bool(top_is_refusal[i]),
-                "top_token": None if top_tokens is None else top_tokens[i],
-                "p_expected": p_restricted * float(mass_N[i]),
-                "p_expected_restricted": p_restricted,
-                "refusal_mass": float(mass_N[i]),
-                "truncated": bool(truncated[i]) if truncated is not None else False,
-            }
+    records = [
+        prediction_record(
+            prompt,
+            names[expected[i]],
+            OTHER_CLASS_NAME if predicted[i] == OTHER_CLASS else names[predicted[i]],
+            top_is_refusal_token=bool(top_is_refusal[i]),
+            top_token=None if top_tokens is None else top_tokens[i],
+            p_expected_restricted=float(probs_NC[i, expected[i]]),
+            refusal_mass=float(mass_N[i]),
+            truncated=bool(truncated[i]) if truncated is not None else False,
         )
+        for i, prompt in enumerate(prompt_set)
+    ]
     return report_from_records(records, names, list(resolved.tokens), names[respond], mode=mode)
+
+
+def prediction_record(
+    prompt: Prompt,
+    expected: str,
+    predicted: str,
+    *,
+    top_is_refusal_token: bool,
+    top_token: str | None,
+    p_expected_restricted: float,
+    refusal_mass: float,
+    truncated: bool = False,
+) -> dict[str, Any]:
+    """One per-prompt record of a :class:`RefusalReport` (see its ``predictions``).
+
+    Args:
+        prompt: The prompt.
+        expected: Its expected class name.
+        predicted: The predicted class name (or ``"other"``).
+        top_is_refusal_token: Whether the unrestricted argmax was a refusal token.
+        top_token: The unrestricted argmax token, decoded, when known.
+        p_expected_restricted: Probability of the expected token among the refusal tokens only.
+        refusal_mass: Probability of all refusal tokens together (full-vocabulary softmax).
+        truncated: Whether the prompt lost its first tokens to ``max_length``.
+    """
+    return {
+        "id": prompt.id,
+        "source": prompt.source,
+        "label": str(prompt.label),
+        "category": prompt.category,
+        "expected": expected,
+        "predicted": predicted,
+        "correct": expected == predicted,
+        "top_is_refusal_token": top_is_refusal_token,
+        "top_token": top_token,
+        "p_expected": p_expected_restricted * refusal_mass,
+        "p_expected_restricted": p_expected_restricted,
+        "refusal_mass": refusal_mass,
+        "truncated": truncated,
+    }
 
 
 def report_from_records(

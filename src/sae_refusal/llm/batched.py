@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_refusal.llm.extraction import position_ids_from_mask
+from sae_refusal.llm.layers import input_device
 from sae_refusal.llm.tokenize import default_max_length, encode_prompts, pad_left
 
 if TYPE_CHECKING:
@@ -178,14 +179,6 @@ def rows_in_input_order(batches: Iterable[tuple[Sequence[int], Tensor]], n_rows:
     return out_N if out_N is not None else torch.empty(0, 0)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
-    if isinstance(weight, Tensor):
-        return weight.device
-    return next(model.parameters()).device
-
-
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model (or the base model under a PEFT wrapper) names ``logits_to_keep`` in ``forward``."""
     candidates: list[Any] = [model]
@@ -256,7 +249,7 @@ def iter_next_token_logits(
 
 
 def _next_token_logits(model: nn.Module, batches: Iterator[PaddedBatch]) -> Iterator[LogitsBatch]:
-    device = _input_device(model)
+    device = input_device(model)
     extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     with _eval_mode(model), torch.inference_mode():
         for batch in batches:
@@ -367,7 +360,7 @@ def generate(
 
         options["logits_processor"] = LogitsProcessorList(logits_processors)
     stops = set(stop_ids)
-    device = _input_device(model)
+    device = input_device(model)
     generations: list[Generation] = []
     with _eval_mode(model), torch.inference_mode():
         for batch in batches:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae_refusal.llm.layers import decoder_layers, validate_layers
+from sae_refusal.llm.layers import decoder_layers, input_device, validate_layers
 from sae_refusal.llm.tokenize import default_max_length, encode_prompts, pad_left
 
 __all__ = [
@@ -71,14 +71,6 @@ def position_ids_from_mask(attention_mask_BT: Tensor) -> Tensor:
     return (attention_mask_BT.to(torch.long).cumsum(dim=1) - 1).clamp(min=0)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
-    if isinstance(weight, Tensor):
-        return weight.device
-    return next(model.parameters()).device
-
-
 def _block_output(output: Any) -> Tensor:
     """The hidden states from a decoder block's output (a tensor, or a tuple/ModelOutput led by it)."""
     if isinstance(output, Tensor):
@@ -116,7 +108,7 @@ def last_token_residuals(
     blocks = decoder_layers(model)
     wanted = validate_layers(layers, len(blocks))
     deepest = wanted[-1]
-    device = _input_device(model)
+    device = input_device(model)
     input_ids_BT = input_ids_BT.to(device)
     attention_mask_BT = attention_mask_BT.to(device)
     last_B = last_token_indices(attention_mask_BT)
@@ -168,7 +160,7 @@ def full_forward_last_token(
     _check_batch(input_ids_BT, attention_mask_BT)
     blocks = decoder_layers(model)
     wanted = validate_layers(layers, len(blocks))
-    device = _input_device(model)
+    device = input_device(model)
     input_ids_BT = input_ids_BT.to(device)
     attention_mask_BT = attention_mask_BT.to(device)
     last_B = last_token_indices(attention_mask_BT)

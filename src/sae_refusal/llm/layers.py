@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["d_model", "decoder_layers", "num_layers", "validate_layers"]
 
@@ -124,3 +124,12 @@ def validate_layers(layers: int | Iterable[int], n_layers: int, key: str = "laye
             )
         resolved.add(index)
     return sorted(resolved)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Device of the model's input embeddings (where token ids must go), else of its first parameter."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
+    if isinstance(weight, Tensor):
+        return weight.device
+    return next(model.parameters()).device
