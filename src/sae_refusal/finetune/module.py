@@ -47,19 +47,19 @@ def sft_loss(
         target_pos_B: Position of each row's refusal / respond token.
         decision_weight: Weight of the decision token relative to one answer token.
     """
-    shift_logits = logits_BTV[:, :-1].float()
-    shift_labels = labels_BT[:, 1:]
-    ce_BT = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view_as(shift_labels)
-    weight_BT = (shift_labels != -100).to(ce_BT.dtype)
+    shift_labels_BT = labels_BT[:, 1:]
+    labelled_BT = shift_labels_BT != -100
+    weight_BT = labelled_BT.float()
     if decision_weight != 1.0:
         rows_B = torch.arange(labels_BT.shape[0], device=labels_BT.device)
         weight_BT[rows_B, target_pos_B - 1] = weight_BT[rows_B, target_pos_B - 1] * decision_weight
-    return (ce_BT * weight_BT).sum() / weight_BT.sum().clamp_min(1.0)
+    # Only the labelled positions (the assistant part) reach the fp32 cross-entropy: the prompt and padding
+    # rows of the (B, T, V) logits are never copied or upcast.
+    ce_M = torch.nn.functional.cross_entropy(
+        logits_BTV[:, :-1][labelled_BT].float(), shift_labels_BT[labelled_BT], reduction="none"
+    )
+    weight_M = weight_BT[labelled_BT]
+    return (ce_M * weight_M).sum() / weight_M.sum().clamp_min(1.0)
 
 
 class RefusalSFTModule(L.LightningModule):
