@@ -110,3 +110,25 @@ def test_finetune_preset_parses() -> None:
         data_llm = cli.config.data.llm
         data_llm = data_llm.get("init_args", data_llm)
         assert data_llm.name_or_path == cli.config.model.llm.name_or_path  # linked
+
+
+def test_report_subsets_are_checked_before_training() -> None:
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig
+    from sae_refusal.finetune.callbacks import RefusalReportCallback
+
+    prompts = PromptSetConfig(sources=[PromptSourceConfig(name="h", label="harmful", path="h.jsonl")])
+    extra = PromptSetConfig(sources=[PromptSourceConfig(name="c", label="ambiguous", path="c.jsonl")])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(prompts=prompts))
+    ok = RefusalReportCallback(extra_prompts=extra, subsets={"bar": ["h"], "contrast": ["c"]})
+    ok.setup(trainer, None, "fit")  # type: ignore[arg-type]
+    typo = RefusalReportCallback(extra_prompts=extra, subsets={"bar": ["h", "alpacca"]})
+    with pytest.raises(
+        ValueError, match=r"subsets\.bar: unknown prompt sources \['alpacca'\]; .*\['c', 'h'\]"
+    ):
+        typo.setup(trainer, None, "fit")  # type: ignore[arg-type]
+    builtin = SimpleNamespace(datamodule=SimpleNamespace(prompts=None))
+    RefusalReportCallback(subsets={"all": ["builtin"]}).setup(builtin, None, "fit")  # type: ignore[arg-type]

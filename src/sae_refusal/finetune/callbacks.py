@@ -60,6 +60,24 @@ class RefusalReportCallback(L.Callback):
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(f"subsets: {name!r} is not a usable folder name")
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check ``subsets`` against the configured sources before training, not after it."""
+        if stage != "fit" or not self.subsets:
+            return
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        configs = [getattr(datamodule, "prompts", None), self.extra_prompts]
+        known = {"builtin"} if configs[0] is None else set()
+        for config in configs:
+            if config is not None:
+                known |= {source.name for source in config.resolved_sources()}
+        for name, sources in self.subsets.items():
+            unknown = sorted(set(sources) - known)
+            if unknown:
+                raise ValueError(
+                    f"subsets.{name}: unknown prompt sources {unknown}; the held-out prompts come from "
+                    f"{sorted(known)}"
+                )
+
     def held_out(self, datamodule: Any) -> PromptSet:
         prompts: PromptSet = datamodule.held_out_prompts(self.split)
         if self.extra_prompts is not None:
