@@ -6,6 +6,8 @@
 # CONFIG   a lightning_configs/finetune/*.yaml (already pointing at the model and the data)
 # OUT      folder; run NAME logs to OUT/NAME/tensorboard/version_0 (report in refusal_report/)
 # MAX_TIME Lightning max_time per run (DD:HH:MM:SS); a run that hits it stops training and still reports.
+#          "auto": what is left until $DEADLINE (epoch seconds) after the shared preparation, minus
+#          $REPORT_MARGIN seconds (default 180) for the end-of-fit report and export.
 #
 # Base answers and the split manifest are prepared once first (they are shared, then only read).
 # Prints one summary line per run from refusal_report/{report,bar/report}.json.
@@ -22,9 +24,19 @@ from sae_refusal.cli import FinetuneCLI
 from sae_refusal.finetune.datamodule import SFTDataModule
 from sae_refusal.finetune.module import RefusalSFTModule
 
+import time
 args = ["--config", sys.argv[1], *[a for a in sys.argv[2:] if a]]
+sys.argv = sys.argv[:1]  # the CLI reads `args`, not the command line
+start = time.perf_counter()
 FinetuneCLI(RefusalSFTModule, SFTDataModule, args=args, run=False).datamodule.prepare_data()
+print(f"split manifest and base answers ready in {time.perf_counter() - start:.1f} s", flush=True)
 EOF
+if [[ $max_time == auto ]]; then
+  left=$((${DEADLINE:?MAX_TIME auto needs DEADLINE} - $(date +%s) - ${REPORT_MARGIN:-180}))
+  ((left > 0)) || { echo "no time left before DEADLINE" >&2; exit 2; }
+  printf -v max_time '00:00:%02d:%02d' $((left / 60)) $((left % 60))
+  echo "max_time $max_time"
+fi
 pids=()
 for spec in "$@"; do
   name=${spec%%:*}

@@ -6,9 +6,10 @@
 #
 # Expects: the SmolLM2 GGUF assembled at /tmp/m (three staging calls), .device/whl and .device/data carried,
 # optionally runs/finetune_smollm2/base_answers.jsonl carried (saves ~2 minutes of generation).
-# Does: installs the carried wheels, checks the GGUF hash, rewrites the config's data and model paths, generates
-# (or reuses) the base answers, then runs benchmarks/finetune_grid.sh with max_time = what is left of BUDGET
-# minus REPORT_MARGIN (the end-of-fit report + export; it took > 2 minutes with three runs finishing together).
+# Does: installs the carried wheels, checks the GGUF hash, rewrites the config's data and model paths, then runs
+# benchmarks/finetune_grid.sh, which generates (or reuses) the base answers once and gives each run max_time =
+# what is left of BUDGET minus REPORT_MARGIN (the end-of-fit report + export; it took > 2 minutes with three
+# runs finishing together).
 # Returns in $OUT: log, base_answers.jsonl, and per run <name>_report.md (bar + contrast subsets) and
 # <name>_artifact.tar (LoRA runs). Lessons: batch 32 x 3 runs ran out of memory on an H100; 2 runs at
 # batch 16 fit with room to spare.
@@ -23,22 +24,9 @@ chmod +x /tmp/bin/sae-refusal && export PATH=/tmp/bin:$PATH
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c - || exit 3
 sed "s#\.\./shared/data#.device/data#; s#name_or_path: smollm2#name_or_path: $GGUF#" "$CONFIG" >/tmp/ft.yaml
 export FINETUNE_EXTRA_ARGS="--model.llm.device cuda"
-python3 - <<'PY' 2>&1 | grep --line-buffered -v "Loading weights\|it/s\]"
-import time
-from sae_refusal.cli import FinetuneCLI
-from sae_refusal.finetune.datamodule import SFTDataModule
-from sae_refusal.finetune.module import RefusalSFTModule
-t = time.perf_counter()
-args = ["--config", "/tmp/ft.yaml", "--model.llm.device", "cuda"]
-FinetuneCLI(RefusalSFTModule, SFTDataModule, args=args, run=False).datamodule.prepare_data()
-print(f"base answers ready in {time.perf_counter() - t:.1f} s")
-PY
-cp runs/finetune_smollm2/base_answers.jsonl "$OUT/" 2>/dev/null
-left=$((T0 + ${BUDGET:-580} - $(date +%s) - ${REPORT_MARGIN:-180}))
-printf -v mt '00:00:%02d:%02d' $((left / 60)) $((left % 60))
-echo "grid max_time $mt (elapsed $(($(date +%s) - T0)) s)"
 G=runs/grid${GRID_ID:-1}
-bash benchmarks/finetune_grid.sh /tmp/ft.yaml "$G" "$mt" "$@"
+DEADLINE=$((T0 + ${BUDGET:-580})) bash benchmarks/finetune_grid.sh /tmp/ft.yaml "$G" auto "$@"
+cp runs/finetune_smollm2/base_answers.jsonl "$OUT/" 2>/dev/null
 for d in "$G"/*/tensorboard/version_0; do
   n=$(basename "$(dirname "$(dirname "$d")")")
   cat "$d"/refusal_report/*/report.md >"$OUT/${n}_report.md" 2>/dev/null
