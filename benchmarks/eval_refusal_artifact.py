@@ -8,8 +8,12 @@ prompts, e.g. the CoCoNot contrast set), and prints:
   prompts and on the bar subset (held-out CoCoNot + Alpaca);
 * a calibration study: a constant ``b`` added to the ``[respond]`` logit (what generation's
   ``sequence_bias={(respond_id,): b}`` does) trades harmful recall against false / over-refusal. ``b`` is
-  chosen on the *validation* split only (best macro-F1 over the six tokens) and then reported on the held-out
-  prompts; the full held-out curve is printed for the record, never used to choose.
+  chosen on a *calibration* set (best macro-F1 over the six tokens within ``--max-false-refusal`` and
+  ``--max-over-refusal``): the validation split, plus with ``--calibration-share s`` a stratified share
+  ``s`` of the contrast source's held-out prompts, which are then left out of every reported number. The
+  result is reported on the remaining held-out prompts; the full curve on them is printed for the record,
+  never used to choose. ``--write-artifact DIR`` writes a copy of the artifact that carries the chosen
+  bias (applied by ``generate`` and by the refusal report wherever the artifact is loaded).
 
 Example (CPU, ~10 minutes for SmolLM2 on 2 cores)::
 
@@ -20,6 +24,7 @@ Example (CPU, ~10 minutes for SmolLM2 on 2 cores)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -30,7 +35,13 @@ import yaml
 
 from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data import PromptSet
-from sae_refusal.finetune.calibration import biased_report, choose_respond_bias, refusal_logits
+from sae_refusal.finetune.artifact import write_respond_bias
+from sae_refusal.finetune.calibration import (
+    biased_report,
+    choose_respond_bias,
+    refusal_logits,
+    split_for_calibration,
+)
 from sae_refusal.finetune.config_prompts import finetune_prompts
 from sae_refusal.finetune.evaluate import RefusalReport, first_token_logits, sample_answers
 from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer
@@ -52,6 +63,11 @@ def main() -> None:
     parser.add_argument("--biases", default="-3,-2,-1.5,-1,-0.5,0,0.5,1,1.5,2,3,4")
     parser.add_argument("--max-false-refusal", type=float, default=None, help="limit on val when choosing")
     parser.add_argument("--max-over-refusal", type=float, default=None, help="limit on val when choosing")
+    parser.add_argument(
+        "--calibration-share", type=float, default=0.0, help="share of the contrast source used to calibrate"
+    )
+    parser.add_argument("--calibration-seed", type=int, default=0)
+    parser.add_argument("--write-artifact", default=None, help="write the calibrated artifact here")
     parser.add_argument("--n-samples", type=int, default=6)
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args()
@@ -84,6 +100,19 @@ def main() -> None:
         torch.save({"ids": prompt_set.ids, "compact": compact[name]}, cached)
         print(f"{name}: {len(prompt_set)} prompts in {time.perf_counter() - start:.0f} s")
 
+    held_out_index = {pid: i for i, pid in enumerate(sets["held_out"].ids)}
+    calibration, compact_cal = sets["val"], compact["val"]
+    if args.calibration_share > 0:
+        drawn, rest = split_for_calibration(
+            sets["held_out"], args.contrast_source, args.calibration_share, seed=args.calibration_seed
+        )
+        calibration = sets["val"] + drawn
+        compact_cal = torch.cat([compact["val"], compact["held_out"][[held_out_index[i] for i in drawn.ids]]])
+        sets["held_out"] = rest
+        compact["held_out"] = compact["held_out"][[held_out_index[i] for i in rest.ids]]
+        n_val, n_drawn = len(sets["val"]), len(drawn)
+        print(f"calibration: {n_val} val + {n_drawn} {args.contrast_source}; reported on: {len(rest)}")
+
     def report(name: str, b: float) -> RefusalReport:
         return biased_report(sets[name], compact[name], resolved, b)
 
@@ -106,8 +135,8 @@ def main() -> None:
         }
 
     choice = choose_respond_bias(
-        sets["val"],
-        compact["val"],
+        calibration,
+        compact_cal,
         resolved,
         biases,
         max_false_refusal=args.max_false_refusal,
@@ -117,20 +146,45 @@ def main() -> None:
     chosen = choice.bias
     curve = {b: row(report("held_out", b)) for b in biases}
     print(
-        "\n| respond bias | val macro-F1 | bar macro-F1 (held-out) | Alpaca FRR | contrast over-refusal | "
-        "all-ambiguous over-refusal | harmful refused |"
+        "\n| respond bias | calibration macro-F1 | bar macro-F1 (held-out) | Alpaca FRR | "
+        "contrast over-refusal | all-ambiguous over-refusal | harmful refused |"
     )
     print("|---|---|---|---|---|---|---|")
     for b in biases:
         r = curve[b]
         frr = "n/a" if r["alpaca_false_refusal"] is None else f"{r['alpaca_false_refusal']:.1%}"
-        mark = " (chosen on val)" if b == chosen else ""
+        mark = " (chosen)" if b == chosen else ""
         print(
             f"| {b:+.1f}{mark} | {val_curve[b]:.3f} | {r['macro_f1_bar']:.3f} | {frr} | "
             f"{r['over_refusal']:.1%} | {r['over_refusal_all_ambiguous']:.1%} | {r['harmful_refusal']:.1%} |"
         )
     g = row(greedy)
-    print(f"\ngreedy (bias 0): {json.dumps(g)}")
+    print(f"\ngreedy (bias 0, reported held-out): {json.dumps(g)}")
+    reported = report("held_out", chosen)
+    reported.save(out / "chosen")
+    reported.subset(bar_sources).save(out / "chosen" / "bar")
+    print(
+        f"chosen bias {chosen:+g} (feasible on calibration: {choice.feasible}): {json.dumps(curve[chosen])}"
+    )
+    calibration_record = {
+        "criterion": "best macro-F1 over the six tokens within the limits (ties: bias nearest 0)",
+        "max_false_refusal": args.max_false_refusal,
+        "max_over_refusal": args.max_over_refusal,
+        "feasible": choice.feasible,
+        "calibration_set": {
+            "validation_split": len(sets["val"]) if args.calibration_share > 0 else len(calibration),
+            "share_of": args.contrast_source if args.calibration_share > 0 else None,
+            "share": args.calibration_share,
+            "seed": args.calibration_seed,
+            "n": len(calibration),
+            "ids_sha256": hashlib.sha256("\n".join(sorted(calibration.ids)).encode()).hexdigest(),
+        },
+        "table": choice.table,
+        "config": args.config,
+    }
+    if args.write_artifact:
+        written = write_respond_bias(args.adapter, chosen, calibration_record, out=args.write_artifact)
+        print(f"calibrated artifact written to {written}")
     samples_from = sets["held_out"].filter(lambda p: str(p.label) != "harmful")
     step = max(len(samples_from) // max(args.n_samples, 1), 1)
     chosen_samples = PromptSet(list(samples_from)[::step][: args.n_samples])
@@ -141,8 +195,10 @@ def main() -> None:
         "adapter": args.adapter,
         "n": {k: len(v) for k, v in sets.items()},
         "greedy": g,
-        "val_macro_f1_by_bias": val_curve,
+        "calibration_macro_f1_by_bias": val_curve,
         "chosen_bias": chosen,
+        "calibration": calibration_record,
+        "n_reported": len(sets["held_out"]),
         "held_out_by_bias": curve,
         "samples": samples,
     }

@@ -99,3 +99,35 @@ def test_choose_respond_bias_honours_limits(resolved: Any) -> None:
         biased_report(prompts, compact[:3], resolved)
     with pytest.raises(ValueError, match="logits_NV: expected"):
         refusal_logits(torch.zeros(3), resolved)
+
+
+def test_biased_report_records_its_bias(resolved: Any) -> None:
+    prompts = _prompts()
+    compact = refusal_logits(_logits(resolved, len(prompts)), resolved)
+    report = biased_report(prompts, compact, resolved, 1.5)
+    assert report.respond_bias == 1.5
+    assert report.subset(["a"]).respond_bias == 1.5
+    assert "+1.5" in report.to_markdown()
+    assert type(report).from_json(report.to_json()).respond_bias == 1.5
+
+
+def test_split_for_calibration_is_disjoint_stratified_and_stable() -> None:
+    from sae_refusal.finetune.calibration import split_for_calibration
+
+    rows = [
+        Prompt(id=f"x{i}", text=f"x{i}", label=Label.AMBIGUOUS, category=cat, source="contrast")
+        for i, cat in enumerate([SAFETY] * 10 + [INCOMPLETE] * 6)
+    ]
+    prompts = _prompts() + PromptSet(rows)
+    drawn, rest = split_for_calibration(prompts, "contrast", 0.5, seed=3)
+    assert {p.source for p in drawn} == {"contrast"}
+    assert set(drawn.ids).isdisjoint(rest.ids) and len(drawn) + len(rest) == len(prompts)
+    categories = [p.category for p in drawn]
+    assert categories.count(SAFETY) == 5 and categories.count(INCOMPLETE) == 3
+    assert rest.ids == [p.id for p in prompts if p.id not in set(drawn.ids)]  # order kept
+    again, _ = split_for_calibration(PromptSet(list(prompts)[::-1]), "contrast", 0.5, seed=3)
+    assert sorted(again.ids) == sorted(drawn.ids)  # independent of prompt order
+    with pytest.raises(ValueError, match="share"):
+        split_for_calibration(prompts, "contrast", 1.0)
+    with pytest.raises(ValueError, match=r"'nope'.*sources"):
+        split_for_calibration(prompts, "nope", 0.5)

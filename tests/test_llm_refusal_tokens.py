@@ -147,3 +147,29 @@ def test_detect_errors() -> None:
         RefusalVocabulary.detect(
             _tokenizer_with(["[respond]", "[refuse_safety]", " [Requests with safety concerns]"])
         )
+
+
+def test_set_respond_bias_keeps_other_entries_and_serialises() -> None:
+    from transformers import GenerationConfig
+
+    from sae_refusal.llm.refusal_tokens import respond_bias_of, set_respond_bias
+
+    class Holder:
+        generation_config = GenerationConfig(sequence_bias=[[[7, 8], -1.0]])
+
+    model = Holder()
+    assert respond_bias_of(model, 5) == 0.0
+    set_respond_bias(model, 5, 1.5)
+    assert respond_bias_of(model, 5) == 1.5
+    set_respond_bias(model, 5, -0.5)  # replaced, not appended
+    assert model.generation_config.sequence_bias == [[[7, 8], -1.0], [[5], -0.5]]
+    assert GenerationConfig.from_dict(model.generation_config.to_dict()).sequence_bias is not None
+    set_respond_bias(model, 5, 0.0)
+    assert model.generation_config.sequence_bias == [[[7, 8], -1.0]]
+    model.generation_config.sequence_bias = {(5,): 3.0}  # the dict form transformers also accepts
+    assert respond_bias_of(model, 5) == 3.0
+    with pytest.raises(ValueError, match="finite"):
+        set_respond_bias(model, 5, float("inf"))
+    with pytest.raises(ValueError, match="generation_config"):
+        set_respond_bias(object(), 5, 1.0)
+    assert respond_bias_of(object(), 5) == 0.0

@@ -7,6 +7,7 @@ base model loaded anywhere (``LLMConfig(adapter_path=...)``). Layout::
 
     artifact.json               format version, base-model fingerprint, added tokens and ids, vocabulary,
                                 tokenizer/embedding sizes, tied or not, LoRA or not, size + sha256 per file
+                                [, respond_bias + calibration: a decision threshold chosen after training]
     token_rows.safetensors      token_ids, input_embedding_rows (n_new, d_model)
                                 [, output_embedding_rows (n_new, d_model) when untied], in the model dtype
     adapter/                    only for a peft model: adapter_config.json + adapter_model.safetensors
@@ -20,12 +21,19 @@ embedding matrices (``modules_to_save``) is refused: it would store the full ``v
 
 Applying re-adds the tokens in the stored order and refuses a tokenizer on which they get other ids, or that
 ends up with another size, so the rows land where they were trained.
+
+A calibrated artifact also records a ``respond_bias`` (:func:`write_respond_bias`, chosen on a calibration
+split by :func:`~sae_refusal.finetune.calibration.choose_respond_bias`) and how it was chosen. Applying it
+puts the bias in the model's ``generation_config.sequence_bias``, so ``generate`` and the refusal report
+(:func:`~sae_refusal.finetune.evaluate.evaluate_refusal_tokens`) both use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +46,7 @@ from torch import nn
 
 from sae_refusal.atomic import AtomicFolder
 from sae_refusal.finetune.tokens import add_token_strings, base_layer, base_weight, embeddings_tied
-from sae_refusal.llm.refusal_tokens import RefusalVocabulary, _single_token_id
+from sae_refusal.llm.refusal_tokens import RefusalVocabulary, _single_token_id, set_respond_bias
 
 __all__ = [
     "ADAPTER_FOLDER",
@@ -54,6 +62,7 @@ __all__ = [
     "artifact_hash",
     "read_refusal_artifact",
     "save_refusal_artifact",
+    "write_respond_bias",
 ]
 
 ARTIFACT_FORMAT = "sae_refusal.refusal_token_artifact"
@@ -92,6 +101,8 @@ class RefusalArtifact:
         lora: Whether a peft adapter is stored.
         adapter_folder: Relative folder of the adapter (``adapter``), or ``None`` without LoRA.
         files: Relative path -> ``{"bytes": int, "sha256": str}`` of every other file of the artifact.
+        respond_bias: Added to the respond logit when the artifact is applied (0: the model's own argmax).
+        calibration: How ``respond_bias`` was chosen (split, limits, candidates), or ``None``.
     """
 
     folder: Path
@@ -106,6 +117,8 @@ class RefusalArtifact:
     lora: bool
     adapter_folder: str | None
     files: dict[str, dict[str, Any]]
+    respond_bias: float = 0.0
+    calibration: dict[str, Any] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -349,7 +362,7 @@ def read_refusal_artifact(folder: str | Path) -> RefusalArtifact:
         )
     try:
         added = record["added_tokens"]
-        return RefusalArtifact(
+        artifact = RefusalArtifact(
             folder=folder,
             base={str(k): str(v) for k, v in record["base"].items()},
             tokens=tuple(str(entry["token"]) for entry in added),
@@ -362,9 +375,20 @@ def read_refusal_artifact(folder: str | Path) -> RefusalArtifact:
             lora=bool(record["lora"]),
             adapter_folder=None if record.get("adapter_folder") is None else str(record["adapter_folder"]),
             files={str(k): dict(v) for k, v in record["files"].items()},
+            respond_bias=float(record.get("respond_bias", 0.0)),
+            calibration=None if record.get("calibration") is None else dict(record["calibration"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise RefusalArtifactError(f"adapter_path: {path} is malformed: missing or bad field {err}") from err
+    if not math.isfinite(artifact.respond_bias):
+        raise RefusalArtifactError(
+            f"adapter_path: {path}: respond_bias must be finite, got {artifact.respond_bias}"
+        )
+    if artifact.respond_bias != 0.0 and None not in artifact.vocabulary.values():
+        raise RefusalArtifactError(
+            f"adapter_path: {path}: respond_bias set but the vocabulary has no respond token"
+        )
+    return artifact
 
 
 def artifact_hash(folder: str | Path) -> str:
@@ -535,6 +559,14 @@ def apply_refusal_artifact(
     if rows < artifact.embedding_rows:
         model.resize_token_embeddings(artifact.embedding_rows, mean_resizing=False)
     _copy_rows(model, artifact)
+    if artifact.respond_bias != 0.0:
+        respond = next(token for token, category in artifact.vocabulary.items() if category is None)
+        respond_id = _single_token_id(tokenizer, respond)
+        if respond_id is None:
+            raise RefusalArtifactError(
+                f"adapter_path: respond token {respond!r} of {str(artifact.folder)!r} is not a single token"
+            )
+        set_respond_bias(model, respond_id, artifact.respond_bias)  # kept by PeftModel / merge_and_unload
     if not artifact.lora:
         return model, tokenizer
     from peft import PeftModel
@@ -548,3 +580,48 @@ def apply_refusal_artifact(
     if merge:
         return peft_model.merge_and_unload(), tokenizer
     return peft_model, tokenizer
+
+
+def write_respond_bias(
+    folder: str | Path,
+    respond_bias: float,
+    calibration: Mapping[str, Any],
+    *,
+    out: str | Path | None = None,
+) -> Path:
+    """Record a calibrated respond bias in an artifact (a copy at ``out``, or in place), atomically.
+
+    The weights are untouched (their sha256 are checked first); only ``artifact.json`` gains
+    ``respond_bias`` and ``calibration``, so :func:`artifact_hash` (and every cache keyed on it) changes.
+
+    Args:
+        folder: The artifact folder.
+        respond_bias: The bias to record (0 removes it).
+        calibration: How it was chosen: calibration split, limits, candidates (JSON-serialisable).
+        out: Where to write the calibrated artifact; ``None`` rewrites ``folder`` itself.
+
+    Returns:
+        The calibrated artifact folder.
+
+    Raises:
+        FileNotFoundError, RefusalArtifactError: As :func:`read_refusal_artifact`, or when a file is altered.
+        ValueError: If ``respond_bias`` is not finite or ``calibration`` is not JSON-serialisable.
+    """
+    if not math.isfinite(respond_bias):
+        raise ValueError(f"respond_bias must be finite, got {respond_bias}")
+    artifact = read_refusal_artifact(folder)
+    _verify_files(artifact)
+    record = json.loads((artifact.folder / ARTIFACT_FILE).read_text(encoding="utf-8"))
+    record.pop("respond_bias", None)
+    record.pop("calibration", None)
+    if respond_bias != 0.0:
+        record["respond_bias"] = float(respond_bias)
+        record["calibration"] = dict(calibration)
+    try:
+        text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+    except TypeError as err:
+        raise ValueError(f"calibration: not JSON-serialisable: {err}") from err
+    with AtomicFolder(artifact.folder if out is None else out) as dest:
+        shutil.copytree(artifact.folder, dest.tmp, dirs_exist_ok=True)
+        (dest.tmp / ARTIFACT_FILE).write_text(text, encoding="utf-8")
+        return dest.commit()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sae_refusal.data.prompt_set import PromptSet
+from sae_refusal.data.splits import SplitConfig, make_split_manifest
 from sae_refusal.finetune.evaluate import (
     OTHER_CLASS_NAME,
     RefusalReport,
@@ -25,7 +26,7 @@ from sae_refusal.finetune.evaluate import (
 )
 from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens
 
-__all__ = ["BiasChoice", "biased_report", "choose_respond_bias", "refusal_logits"]
+__all__ = ["BiasChoice", "biased_report", "choose_respond_bias", "refusal_logits", "split_for_calibration"]
 
 
 def refusal_logits(logits_NV: Tensor, resolved: ResolvedRefusalTokens) -> Tensor:
@@ -103,7 +104,9 @@ def biased_report(
                 refusal_mass=float(log_p_NC[i].exp().sum()),
             )
         )
-    return report_from_records(records, names, list(resolved.tokens), names[respond])
+    return report_from_records(
+        records, names, list(resolved.tokens), names[respond], respond_bias=respond_bias
+    )
 
 
 @dataclass
@@ -183,3 +186,36 @@ def choose_respond_bias(
         ),
     )
     return BiasChoice(bias=float(best["bias"] or 0.0), feasible=False, table=table)
+
+
+def split_for_calibration(
+    prompts: PromptSet, source: str, share: float, *, seed: int = 0
+) -> tuple[PromptSet, PromptSet]:
+    """Set a stratified share of one source's prompts aside for calibration; the rest is reported on.
+
+    For a held-out set whose distribution no training or validation prompt shares (e.g. the CoCoNot contrast
+    set), a bias chosen on validation alone need not transfer. Calibrating on part of it and reporting on the
+    other part keeps the two disjoint. The draw is the project's split (stratified by label and category,
+    deterministic in ``seed``, independent of prompt order).
+
+    Args:
+        prompts: The held-out prompts.
+        source: ``Prompt.source`` whose prompts are shared out.
+        share: Fraction of that source moved to calibration, in ``(0, 1)``.
+        seed: Seed of the draw.
+
+    Returns:
+        ``(calibration, rest)``: the drawn prompts, and every other prompt of ``prompts`` in its order.
+
+    Raises:
+        ValueError: If ``share`` is outside ``(0, 1)`` or no prompt comes from ``source``.
+    """
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"calibration share must be in (0, 1), got {share}")
+    from_source = prompts.filter(lambda p: p.source == source)
+    if len(from_source) == 0:
+        sources = sorted({str(p.source) for p in prompts})
+        raise ValueError(f"calibration source {source!r}: no such prompts (sources: {sources})")
+    manifest = make_split_manifest(from_source, SplitConfig(test_fraction=share, seed=seed))
+    drawn = set(manifest.splits["test"])
+    return prompts.filter(lambda p: p.id in drawn), prompts.filter(lambda p: p.id not in drawn)

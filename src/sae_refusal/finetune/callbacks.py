@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class RefusalReportCallback(L.Callback):
-    """At the end of fit, report refusal-token accuracy on held-out prompts, then export the model.
+    """At the end of fit, export the model, then report refusal-token accuracy on held-out prompts.
+
+    The export comes first: the trained weights are what a time-limited job must not lose; the report can
+    be recomputed from them (``benchmarks/eval_refusal_artifact.py``). Each stage's wall time is logged.
 
     The held-out prompts are the data module's ``split`` (the test split of its manifest, never trained on)
     plus ``extra_prompts`` (e.g. the CoCoNot contrast set for over-refusal). Everything goes to
@@ -93,8 +97,13 @@ class RefusalReportCallback(L.Callback):
         if not isinstance(pl_module, RefusalSFTModule):
             raise TypeError(f"RefusalReportCallback needs a RefusalSFTModule, got {type(pl_module).__name__}")
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if self.export:
+            start = time.perf_counter()
+            written = pl_module.export(out_dir / "export")
+            self._stage_done("export", start, {k: str(v) for k, v in written.items()})
         model, tokenizer = pl_module.model, pl_module.tokenizer
         model.eval()
+        start = time.perf_counter()
         prompts = self.held_out(trainer.datamodule)  # type: ignore[attr-defined]
         report = evaluate_refusal_tokens(
             model,
@@ -105,6 +114,7 @@ class RefusalReportCallback(L.Callback):
             batch_size=self.batch_size,
             max_length=self.max_length,
         )
+        self._stage_done("held-out report", start, f"{len(prompts)} prompts")
         report.save(out_dir / "refusal_report")
         reports = {"all": report}
         for name, sources in self.subsets.items():
@@ -123,11 +133,17 @@ class RefusalReportCallback(L.Callback):
         answerable = prompts.filter(lambda p: str(p.label) != "harmful")
         step = max(len(answerable) // max(self.n_samples, 1), 1)
         chosen = PromptSet(list(answerable)[::step][: self.n_samples])
+        start = time.perf_counter()
         samples = sample_answers(model, tokenizer, chosen, n=self.n_samples, vocab=pl_module.vocab)
+        self._stage_done("sample answers", start, f"{len(samples)} answers")
         atomic_write_text(out_dir / "refusal_report" / "samples.json", json.dumps(samples, indent=2))
         log.info("refusal report written to %s", out_dir / "refusal_report")
         for name, rep in reports.items():
             print(f"## Held-out refusal-token report: {name}\n\n{rep.to_markdown()}")
-        if self.export:
-            written = pl_module.export(out_dir / "export")
-            log.info("exported %s", {k: str(v) for k, v in written.items()})
+
+    @staticmethod
+    def _stage_done(stage: str, start: float, detail: Any) -> None:
+        # print as well as log: the GPU job script greps its run logs, where logging may be silenced
+        message = f"RefusalReportCallback: {stage} in {time.perf_counter() - start:.1f} s ({detail})"
+        log.info(message)
+        print(message, flush=True)

@@ -54,6 +54,7 @@ from sae_refusal.llm.refusal_tokens import (
     RefusalPrediction,
     RefusalVocabulary,
     ResolvedRefusalTokens,
+    respond_bias_of,
 )
 from sae_refusal.llm.tokenize import encode_prompts
 
@@ -266,6 +267,8 @@ class RefusalReport:
         per_label: Label -> ``n``, ``accuracy``, ``refusal_rate`` (predicted as a category token).
         per_source: ``Prompt.source`` -> ``n``, ``accuracy``, ``refusal_rate``.
         n_truncated: Prompts that lost their first tokens to ``max_length``.
+        respond_bias: Constant added to the ``[respond]`` logit before reading the predictions (a calibrated
+            decision threshold, see :mod:`sae_refusal.finetune.calibration`); 0 for the model's own argmax.
         predictions: One record per prompt: ``id``, ``source``, ``label``, ``category``, ``expected`` and
             ``predicted`` (class names), ``correct``, ``top_is_refusal_token``, ``top_token`` (the
             unrestricted argmax token when known), ``p_expected`` (probability of the expected token under
@@ -293,6 +296,7 @@ class RefusalReport:
     per_source: dict[str, dict[str, Any]]
     n_truncated: int = 0
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    respond_bias: float = 0.0
 
     def subset(self, sources: Sequence[str]) -> RefusalReport:
         """The same metrics over the prompts of some sources only (e.g. the bar's CoCoNot + Alpaca).
@@ -310,7 +314,12 @@ class RefusalReport:
                 f"no prompts from sources {sorted(keep)}; the report has {sorted(self.per_source)}"
             )
         return report_from_records(
-            records, self.class_names, self.tokens, self.class_names[0], mode=self.mode
+            records,
+            self.class_names,
+            self.tokens,
+            self.class_names[0],
+            mode=self.mode,
+            respond_bias=self.respond_bias,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -325,7 +334,8 @@ class RefusalReport:
             ValueError: If a field is missing.
         """
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.name not in ("n_truncated", "predictions")}
+        optional = ("n_truncated", "predictions", "respond_bias")
+        required = {f.name for f in fields(cls) if f.name not in optional}
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"not a refusal report: missing fields {missing}")
@@ -354,6 +364,7 @@ class RefusalReport:
             f"{pct(self.harmful_refusal_rate)} |",
             f"| first token not a refusal token | {pct(self.not_a_refusal_token_rate)} |",
             f"| prompts truncated | {self.n_truncated} |",
+            f"| respond bias (added to the ` [respond]` logit) | {self.respond_bias:+g} |",
             "",
             "## Per class",
             "",
@@ -454,6 +465,7 @@ def refusal_report(
     mode: str = "greedy",
     top_tokens: Sequence[str] | None = None,
     truncated: Sequence[bool] | None = None,
+    respond_bias: float = 0.0,
 ) -> RefusalReport:
     """Compute the refusal-token metrics from the readings of each prompt's first-token logits.
 
@@ -464,6 +476,7 @@ def refusal_report(
         mode: ``greedy`` (unrestricted argmax; a non-refusal token is ``"other"``) or ``restricted``.
         top_tokens: The unrestricted argmax token of each prompt, decoded (optional, for the records).
         truncated: Whether each prompt was cut to ``max_length`` (optional).
+        respond_bias: The respond bias already added to the logits ``prediction`` was read from (recorded).
 
     Raises:
         ValueError: On an unknown ``mode``, an empty prompt set, rows that do not match the prompts, a
@@ -508,7 +521,9 @@ def refusal_report(
         )
         for i, prompt in enumerate(prompt_set)
     ]
-    return report_from_records(records, names, list(resolved.tokens), names[respond], mode=mode)
+    return report_from_records(
+        records, names, list(resolved.tokens), names[respond], mode=mode, respond_bias=respond_bias
+    )
 
 
 def prediction_record(
@@ -558,6 +573,7 @@ def report_from_records(
     respond_name: str,
     *,
     mode: str = "greedy",
+    respond_bias: float = 0.0,
 ) -> RefusalReport:
     """The metrics of a :class:`RefusalReport` from its per-prompt records (see its ``predictions``).
 
@@ -571,6 +587,7 @@ def report_from_records(
         tokens: Token string of each class.
         respond_name: The class name of the respond token.
         mode: The mode the predictions were read in.
+        respond_bias: The respond bias the predictions were read with (recorded in the report).
 
     Raises:
         ValueError: If ``records`` is empty or names a class outside ``class_names``.
@@ -638,6 +655,7 @@ def report_from_records(
         n_by_label={label: row["n"] for label, row in per_label.items()},
         per_label=per_label,
         per_source=_breakdown(by_source),
+        respond_bias=float(respond_bias),
         n_truncated=sum(bool(r.get("truncated")) for r in records),
         predictions=records,
     )
@@ -654,6 +672,7 @@ def evaluate_refusal_tokens(
     max_length: int = 1024,
     chat_template: str | None = None,
     system_prompt: str | None = None,
+    respond_bias: float | None = None,
 ) -> RefusalReport:
     """Refusal-token accuracy, confusion, macro-F1 and false/over-refusal rates on labelled prompts.
 
@@ -673,6 +692,9 @@ def evaluate_refusal_tokens(
         max_length: Most tokens a formatted prompt keeps.
         chat_template: Template overriding the tokenizer's (config key ``chat_template``).
         system_prompt: Optional system message before each user message.
+        respond_bias: Added to the respond logit before reading the prediction; ``None`` (default) takes
+            the bias the model's ``generate`` applies (``respond_bias_of``, set by a calibrated artifact),
+            so the report describes what the model generates.
 
     Raises:
         RefusalTokenError: If a refusal token is not a single token of ``tokenizer`` (names them).
@@ -687,6 +709,7 @@ def evaluate_refusal_tokens(
         raise ValueError(f"refusal vocabulary has no respond token (tokens {list(resolved.tokens)})")
     for prompt in prompt_set:
         expected_class(prompt, resolved)  # fail before the forward passes
+    bias = respond_bias_of(model, resolved.respond_id) if respond_bias is None else float(respond_bias)
     n = len(prompt_set)
     parts: dict[str, list[tuple[list[int], Tensor]]] = {f.name: [] for f in fields(RefusalPrediction)}
     top_parts: list[tuple[list[int], Tensor]] = []
@@ -700,17 +723,27 @@ def evaluate_refusal_tokens(
         chat_template=chat_template,
         system_prompt=system_prompt,
     ):
-        reading = resolved.classify(batch.logits_BV)
+        logits_BV = batch.logits_BV
+        if bias != 0.0:
+            logits_BV = logits_BV.float().clone()
+            logits_BV[:, resolved.respond_id] += bias
+        reading = resolved.classify(logits_BV)
         for name, chunks in parts.items():
             chunks.append((batch.indices, getattr(reading, name)))
-        top_parts.append((batch.indices, batch.logits_BV.argmax(dim=1)))
+        top_parts.append((batch.indices, logits_BV.argmax(dim=1)))
         for i, flag in zip(batch.indices, batch.truncated, strict=True):
             truncated[i] = flag
     prediction = RefusalPrediction(**{name: rows_in_input_order(chunks, n) for name, chunks in parts.items()})
     top_in_order = rows_in_input_order(top_parts, n).tolist()
     top_tokens = [tokenizer.decode([t], skip_special_tokens=False) for t in top_in_order]
     return refusal_report(
-        prompt_set, prediction, resolved, mode=mode, top_tokens=top_tokens, truncated=truncated
+        prompt_set,
+        prediction,
+        resolved,
+        mode=mode,
+        top_tokens=top_tokens,
+        truncated=truncated,
+        respond_bias=bias,
     )
 
 

@@ -11,6 +11,7 @@ Class order is fixed: ``respond`` is class 0, then the categories in
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ __all__ = [
     "RefusalTokenError",
     "RefusalVocabulary",
     "ResolvedRefusalTokens",
+    "respond_bias_of",
+    "set_respond_bias",
 ]
 
 #: Class name of the ``respond`` (benign) class, index 0.
@@ -111,6 +114,17 @@ class ResolvedRefusalTokens:
     def num_classes(self) -> int:
         """Number of classes (refusal tokens)."""
         return len(self.token_ids)
+
+    @property
+    def respond_id(self) -> int:
+        """Token id of the respond token.
+
+        Raises:
+            ValueError: If the vocabulary has no respond token.
+        """
+        if None not in self.categories:
+            raise ValueError(f"refusal vocabulary has no respond token (tokens {list(self.tokens)})")
+        return self.token_ids[self.categories.index(None)]
 
     def class_index(self, category: str | None) -> int:
         """Class index of a category (canonical or short name), or of respond for ``None``/``"respond"``.
@@ -295,3 +309,58 @@ class RefusalVocabulary:
                 f"one category token. {_FINETUNE_HINT}."
             )
         return cls(tokens={tokens[0]: category for category, tokens in found.items()})
+
+
+# ------------------------------------------------------------------------- calibrated respond bias
+
+
+def _sequence_bias_entries(sequence_bias: Any) -> list[tuple[tuple[int, ...], float]]:
+    """``generation_config.sequence_bias`` in either of its forms (dict or list of pairs) as pairs."""
+    if not sequence_bias:
+        return []
+    if isinstance(sequence_bias, dict):
+        return [(tuple(int(t) for t in k), float(v)) for k, v in sequence_bias.items()]
+    return [(tuple(int(t) for t in ids), float(bias)) for ids, bias in sequence_bias]
+
+
+def respond_bias_of(model: Any, respond_id: int) -> float:
+    """The bias ``generate`` adds to the respond token, from ``model.generation_config.sequence_bias``.
+
+    A calibrated refusal-token model carries its decision threshold there (set by :func:`set_respond_bias`
+    when its artifact is applied), so generation and every first-token reading agree; 0 when unset.
+
+    Args:
+        model: A Hugging Face model (with or without a ``generation_config``).
+        respond_id: Token id of the respond token.
+    """
+    config = getattr(model, "generation_config", None)
+    for ids, bias in _sequence_bias_entries(getattr(config, "sequence_bias", None)):
+        if ids == (respond_id,):
+            return bias
+    return 0.0
+
+
+def set_respond_bias(model: Any, respond_id: int, bias: float) -> None:
+    """Make ``generate`` add ``bias`` to the respond token's logit (``generation_config.sequence_bias``).
+
+    Stored in the JSON-serialisable list form, so ``save_pretrained`` keeps it; other entries are kept, and
+    ``bias = 0`` removes the respond entry. Like any ``sequence_bias`` of one token it applies at every
+    generated position, which only matters at the first (the respond token appears nowhere else).
+
+    Args:
+        model: A Hugging Face causal LM with a ``generation_config``.
+        respond_id: Token id of the respond token.
+        bias: The bias; must be finite.
+
+    Raises:
+        ValueError: If ``bias`` is not finite or the model has no ``generation_config``.
+    """
+    if not math.isfinite(bias):
+        raise ValueError(f"respond_bias must be finite, got {bias}")
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no generation_config to carry a respond bias")
+    entries = [(ids, b) for ids, b in _sequence_bias_entries(config.sequence_bias) if ids != (respond_id,)]
+    if bias != 0.0:
+        entries.append(((respond_id,), float(bias)))
+    config.sequence_bias = [[list(ids), b] for ids, b in entries] or None
