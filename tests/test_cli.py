@@ -7,16 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sae_refusal.activations import ActivationDataModule
 from sae_refusal.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, SAERefusalCLI, main
-from sae_refusal.sae import SAEModule, TopKSAE
+from sae_refusal.sae import SAEModule, TopKSAE, load_sae
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "lightning_configs"
 FULL_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
 DATA_CONFIGS = sorted((CONFIGS / "data").glob("*.yaml"))
+#: Fragments layered on top of default.yaml (SAE architectures, trainer settings, sweep points).
+FRAGMENTS = sorted(p for folder in ("sae", "trainer", "sweeps") for p in (CONFIGS / folder).glob("*.yaml"))
 
 
 class _ParseOnlyCLI(SAERefusalCLI):
@@ -67,6 +71,25 @@ def test_every_data_config_parses_into_the_data_section(config: Path) -> None:
     assert cfg.data.llm.name_or_path
 
 
+@pytest.mark.parametrize("config", FRAGMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_fragment_parses_on_top_of_default(config: Path) -> None:
+    cfg = parse(["--config", str(CONFIGS / "default.yaml"), "--config", str(config)])
+    assert cfg.model.init_args.architecture.class_path.startswith("sae_refusal.sae.")
+
+
+def test_sae_fragments_choose_each_architecture() -> None:
+    chosen = {
+        p.stem: parse(
+            ["--config", str(CONFIGS / "default.yaml"), "--config", str(p)]
+        ).model.init_args.architecture
+        for p in FRAGMENTS
+        if p.parent.name == "sae"
+    }
+    assert chosen["topk"].class_path == "sae_refusal.sae.TopK"
+    assert chosen["l1"].class_path == "sae_refusal.sae.L1"
+    assert chosen["contrastive"].init_args.base.class_path == "sae_refusal.sae.TopK"
+
+
 def test_config_typo_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
@@ -91,8 +114,21 @@ def tiny_config(tmp_path: Path, model_dir: Path, prompt_root: Path) -> Path:
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(tmp_path / "run"), "name": "tb"},
             },
+            "callbacks": [
+                {
+                    "class_path": "sae_refusal.sae.splice.SpliceMetricsCallback",
+                    "init_args": {"n_prompts": 3, "every_n_epochs": 3},
+                }
+            ],
         },
-        "model": {"class_path": "sae_refusal.sae.SAEModule", "init_args": {"expansion_factor": 2, "k": 4}},
+        "model": {
+            "class_path": "sae_refusal.sae.SAEModule",
+            "init_args": {
+                "expansion_factor": 2,
+                "seeds": [0, 1],
+                "architecture": {"class_path": "sae_refusal.sae.TopK", "init_args": {"k": 4}},
+            },
+        },
         "data": {
             "llm": {"name_or_path": str(model_dir)},
             "prompts": {
@@ -108,7 +144,7 @@ def tiny_config(tmp_path: Path, model_dir: Path, prompt_root: Path) -> Path:
                     {"name": "b", "label": "benign", "path": "benign.json", "text_column": "instruction"},
                 ],
             },
-            "split": {"test_fraction": 0.25, "val_fraction": 0.0},
+            "split": {"test_fraction": 0.25, "val_fraction": 0.2},
             "cache": {"root": str(tmp_path / "cache"), "layers": [1, 2], "batch_size": 8},
             "layer": 2,
             "batch_size": 8,
@@ -127,9 +163,17 @@ def test_cache_then_fit_then_test_from_checkpoint(
     assert "rows: 24" in capsys.readouterr().out
     main(["fit", "--config", str(config)])
     log_dir = tmp_path / "run" / "tb" / "version_0"
-    assert list(log_dir.glob("events.out.tfevents.*"))
-    sae = TopKSAE.load(log_dir / "sae")
-    assert sae.cfg.d_model == 32 and sae.cfg.n_latents == 64 and sae.cfg.k == 4
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/seed0/splice/kl", "val/seed1/splice/loss_recovered", "val/seed1/fvu_class/safety"} <= scalars
+    for seed in (0, 1):
+        sae = load_sae(log_dir / "sae" / f"seed{seed}")
+        assert isinstance(sae, TopKSAE) and sae.config()["k"] == 4
+        assert sae.d_model == 32 and sae.n_latents == 64
+    assert not torch.equal(
+        load_sae(log_dir / "sae" / "seed0").W_dec_FD, load_sae(log_dir / "sae" / "seed1").W_dec_FD
+    )
     ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
     main(
         [
@@ -144,7 +188,8 @@ def test_cache_then_fit_then_test_from_checkpoint(
             str(tmp_path / "eval"),
         ]
     )
-    assert "test/fvu" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test/seed0/fvu" in printed and "test/seed1/fvu_class/benign" in printed
 
 
 @pytest.mark.slow
@@ -156,5 +201,5 @@ def test_main_job_default_config_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main(["fit", "--config", str(CONFIGS / "default.yaml"), "--trainer.max_epochs", "2"])
-    sae = TopKSAE.load(tmp_path / "runs" / "default" / "tensorboard" / "version_0" / "sae")
-    assert sae.cfg.d_model == 576
+    sae = load_sae(tmp_path / "runs" / "default" / "tensorboard" / "version_0" / "sae" / "seed0")
+    assert sae.d_model == 576

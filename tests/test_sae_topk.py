@@ -1,78 +1,215 @@
-"""The minimal TopK SAE: sparsity, decoder constraint, export round trip, it learns."""
+"""TopK SAE: the sparse forward/backward equals a dense autograd reference, AuxK, constraints, export."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sae_refusal.sae.topk import TopKSAE, TopKSAEConfig
+from sae_refusal.sae import ReLUSAE, TopKSAE, load_sae, mean_norm_scale
 
 
-def test_forward_shapes_and_exact_sparsity() -> None:
-    sae = TopKSAE(TopKSAEConfig(d_model=16, n_latents=64, k=4), generator=torch.Generator().manual_seed(0))
-    x = torch.randn(32, 16)
+def dense_reference_loss(sae: TopKSAE, x_BD: torch.Tensor, dead_F: torch.Tensor | None) -> torch.Tensor:
+    """The same loss written the plain way: dense pre-activations, scatter, dense decoder."""
+    x_BD = x_BD * sae.input_scale
+    pre_BF = (x_BD - sae.b_dec_D) @ sae.W_enc_FD.T + sae.b_enc_F
+    values, indices = pre_BF.topk(sae.k, dim=-1)
+    z_BF = torch.zeros_like(pre_BF).scatter(1, indices, values.relu())
+    recon_BD = z_BF @ sae.W_dec_FD + sae.b_dec_D
+    loss = (recon_BD - x_BD).pow(2).sum(-1).mean()
+    if dead_F is not None and dead_F.any():
+        masked = pre_BF.masked_fill(~dead_F, float("-inf"))
+        aux_v, aux_i = masked.topk(min(sae.aux_k, int(dead_F.sum())), dim=-1)
+        aux_z = torch.zeros_like(pre_BF).scatter(1, aux_i, aux_v.relu())
+        residual = (x_BD - recon_BD).detach()
+        aux = (aux_z @ sae.W_dec_FD - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+        loss = loss + sae.aux_coef * aux
+    return loss
+
+
+@pytest.mark.parametrize("with_dead", [False, True], ids=["no-dead", "auxk"])
+def test_sparse_path_matches_dense_reference(with_dead: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    sae = TopKSAE(12, 48, k=5, aux_k=7, dead_after_steps=3, generator=gen)
+    with torch.no_grad():  # move away from the symmetric init so every gradient is non-trivial
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    sae.set_input_scale(1.7)
+    x = torch.randn(20, 12, generator=gen)
+    dead_F = None
+    if with_dead:
+        sae.steps_since_fired_F[::3] = 3  # every third latent is dead
+        dead_F = sae.dead_F
     out = sae(x)
-    assert out.recon_BD.shape == (32, 16) and out.latents_BF.shape == (32, 64)
-    assert ((out.latents_BF > 0).sum(-1) <= 4).all()
-    assert (out.latents_BF >= 0).all()
+    assert ("aux" in out.parts) == with_dead
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
+    ref_loss = dense_reference_loss(sae, x, dead_F)
+    ref_grads = torch.autograd.grad(ref_loss, list(sae.parameters()))
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for (name, _), mine, theirs in zip(sae.named_parameters(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_forward_shapes_sparsity_and_raw_space_recon() -> None:
+    sae = TopKSAE(16, 64, k=4, generator=torch.Generator().manual_seed(0))
+    sae.set_input_scale(3.0)
+    x = torch.randn(32, 16)
+    out = sae(x, return_latents=True)
+    assert out.latents_BF is not None and out.latents_BF.shape == (32, 64)
+    assert ((out.latents_BF > 0).sum(-1) <= 4).all() and (out.latents_BF >= 0).all()
+    assert out.l0 <= 4 and out.fired_F.sum() == (out.latents_BF > 0).any(0).sum()
+    assert sae(x).latents_BF is None  # no dense (B, F) matrix unless asked
+    torch.testing.assert_close(sae.decode(sae.encode(x)), out.recon_BD, rtol=1e-5, atol=1e-5)
     manual_fvu = (out.recon_BD - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    torch.testing.assert_close(out.fvu, manual_fvu)
+    torch.testing.assert_close(out.fvu, manual_fvu, rtol=1e-5, atol=1e-6)  # scale-free
 
 
 def test_parameters_stay_fp32_for_bf16_inputs() -> None:
-    sae = TopKSAE(TopKSAEConfig(8, 16, 2))
+    sae = TopKSAE(8, 16, 2)
     out = sae(torch.randn(4, 8, dtype=torch.bfloat16))
     assert out.recon_BD.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in sae.parameters())
 
 
 def test_init_ties_encoder_to_decoder_and_unit_norm() -> None:
-    sae = TopKSAE(TopKSAEConfig(8, 32, 4), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(sae.W_enc_DF, sae.W_dec_FD.T)
+    sae = TopKSAE(8, 32, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sae.W_enc_FD, sae.W_dec_FD)
     torch.testing.assert_close(sae.W_dec_FD.norm(dim=1), torch.ones(32))
 
 
 def test_parallel_grad_removal_is_orthogonal_to_decoder_rows() -> None:
-    sae = TopKSAE(TopKSAEConfig(8, 32, 4))
-    sae(torch.randn(16, 8)).mse.backward()
+    sae = TopKSAE(8, 32, 4)
+    sae(torch.randn(16, 8)).loss.backward()
     sae.remove_parallel_grads()
     assert sae.W_dec_FD.grad is not None
-    dots = (sae.W_dec_FD.grad * sae.W_dec_FD).sum(-1)
-    assert dots.abs().max() < 1e-5
+    assert (sae.W_dec_FD.grad * sae.W_dec_FD).sum(-1).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize(("d", "f", "k"), [(0, 4, 1), (4, 4, 0), (4, 4, 5)])
-def test_invalid_shapes_are_rejected(d: int, f: int, k: int) -> None:
+def test_dead_latent_bookkeeping() -> None:
+    sae = TopKSAE(4, 6, 2, dead_after_steps=2)
+    fired = torch.tensor([True, False, False, True, False, False])
+    sae.update_firing(fired)
+    assert not sae.dead_F.any()
+    sae.update_firing(torch.tensor([True, False, False, False, False, False]))
+    assert sae.dead_F.tolist() == [False, True, True, False, True, True]
+    sae.eval()
+    assert "aux" not in sae(torch.randn(3, 4)).parts  # AuxK only while training
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"d_model": 0, "n_latents": 4, "k": 1},
+        {"d_model": 4, "n_latents": 4, "k": 0},
+        {"d_model": 4, "n_latents": 4, "k": 5},
+        {"d_model": 4, "n_latents": 4, "k": 2, "aux_k": -1},
+        {"d_model": 4, "n_latents": 4, "k": 2, "dead_after_steps": 0},
+    ],
+)
+def test_invalid_settings_are_rejected(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
-        TopKSAEConfig(d, f, k)
+        TopKSAE(**kwargs)
 
 
-def test_export_round_trip(tmp_path: Path) -> None:
-    sae = TopKSAE(TopKSAEConfig(8, 16, 3), generator=torch.Generator().manual_seed(2))
-    sae.save(tmp_path / "sae")
+@pytest.mark.parametrize("cls", [TopKSAE, ReLUSAE])
+def test_export_round_trip_keeps_scale_and_config(cls: type, tmp_path: Path) -> None:
+    sae = cls(8, 16, 3) if cls is TopKSAE else cls(8, 16, l1_coef=0.5)
+    sae.set_input_scale(2.5)
+    sae.save(tmp_path / "sae", metadata={"seed": 3})
     sae.save(tmp_path / "sae")  # overwriting an export is fine
-    loaded = TopKSAE.load(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is cls and float(loaded.input_scale) == 2.5
     x = torch.randn(5, 8)
     torch.testing.assert_close(loaded(x).recon_BD, sae(x).recon_BD)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+    assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["architecture"] == cls.architecture
     with pytest.raises(FileNotFoundError, match=r"cfg\.json"):
-        TopKSAE.load(tmp_path / "nothing")
+        load_sae(tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cfg.json").write_text(json.dumps({"architecture": "gated"}))
+    (tmp_path / "bad" / "sae.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown architecture 'gated'"):
+        load_sae(tmp_path / "bad")
 
 
-def test_training_reduces_fvu_on_sparse_data() -> None:
+def test_mean_norm_scale() -> None:
+    acts = torch.randn(100, 16) * 7.0
+    scale = mean_norm_scale(acts)
+    assert (acts * scale).norm(dim=1).mean().item() == pytest.approx(4.0, rel=1e-5)
+    with pytest.raises(ValueError, match="mean row norm"):
+        mean_norm_scale(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="non-empty"):
+        mean_norm_scale(torch.zeros(0, 4))
+
+
+def test_topk_training_reduces_fvu_on_sparse_data() -> None:
     gen = torch.Generator().manual_seed(0)
     dictionary = torch.randn(32, 16, generator=gen)
     codes = torch.rand(512, 32, generator=gen) * (torch.rand(512, 32, generator=gen) < 0.1)
     x = codes @ dictionary
-    sae = TopKSAE(TopKSAEConfig(16, 64, 4), generator=gen)
+    sae = TopKSAE(16, 64, 4, dead_after_steps=20, generator=gen)
+    sae.set_input_scale(mean_norm_scale(x))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     first = sae(x).fvu.item()
     for _ in range(200):
         opt.zero_grad()
-        sae(x).mse.backward()
+        out = sae(x)
+        out.loss.backward()
         sae.remove_parallel_grads()
         opt.step()
         sae.normalize_decoder()
+        sae.update_firing(out.fired_F)
     assert sae(x).fvu.item() < 0.5 * first
+
+
+def test_relu_l1_penalty_is_decoder_norm_aware() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sae = ReLUSAE(8, 24, l1_coef=2.0, generator=gen)
+    x = torch.randn(16, 8, generator=gen)
+    out = sae(x, return_latents=True)
+    assert out.latents_BF is not None
+    expected_l1 = (out.latents_BF * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(out.parts["l1"], expected_l1)
+    torch.testing.assert_close(out.loss, out.mse + 2.0 * expected_l1)
+    # rescaling a latent's encoder by c and its decoder row by 1/c leaves recon and penalty unchanged
+    with torch.no_grad():
+        sae.W_enc_DF[:, 0] *= 4.0
+        sae.b_enc_F[0] *= 4.0
+        sae.W_dec_FD[0] /= 4.0
+    again = sae(x)
+    torch.testing.assert_close(again.recon_BD, out.recon_BD, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.parts["l1"], out.parts["l1"], rtol=1e-5, atol=1e-5)
+    sae.remove_parallel_grads()  # no-op (free decoder norms)
+    norms = sae.W_dec_FD.norm(dim=1).clone()
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec_FD.norm(dim=1), norms)
+
+
+def test_relu_training_gets_sparser_with_larger_lambda() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 8, generator=gen) @ torch.randn(8, 8, generator=gen)
+    l0 = {}
+    for coef in (0.01, 1.0):
+        sae = ReLUSAE(8, 32, l1_coef=coef, generator=torch.Generator().manual_seed(0))
+        sae.set_input_scale(mean_norm_scale(x))
+        opt = torch.optim.Adam(sae.parameters(), lr=5e-3)
+        for _ in range(150):
+            opt.zero_grad()
+            sae(x).loss.backward()
+            opt.step()
+        l0[coef] = sae(x).l0.item()
+    assert l0[1.0] < l0[0.01]
+
+
+def test_sparse_decode_matches_dense() -> None:
+    from sae_refusal.sae import sparse_decode
+
+    W = torch.randn(10, 4)
+    values, indices = torch.rand(3, 2), torch.tensor([[0, 9], [3, 3], [5, 1]])
+    rows = torch.arange(3)[:, None].expand(3, 2)
+    dense = torch.zeros(3, 10).index_put_((rows, indices), values, accumulate=True)
+    torch.testing.assert_close(sparse_decode(values, indices, W), dense @ W)
+    torch.testing.assert_close(F.embedding_bag(indices, W, per_sample_weights=values, mode="sum"), dense @ W)

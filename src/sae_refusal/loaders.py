@@ -1,15 +1,59 @@
-"""One DataLoader recipe for every map-style data module (DDP-aware, seeded, no global RNG)."""
+"""One DataLoader recipe for every map-style data module (DDP-aware, seeded, resumable, no global RNG)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 T = TypeVar("T")
+
+__all__ = ["EpochSampler", "map_style_loader"]
+
+
+class EpochSampler(DistributedSampler[Any]):
+    """The training order as a function of ``(seed, epoch)`` only, sharded by rank, resumable mid-epoch.
+
+    One process gets the global order that DDP ranks split between them (rank ``r`` of ``w`` gets
+    ``perm[r::w]``), so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+    :meth:`skip` makes the first pass over one epoch start after the batches already trained.
+
+    Args:
+        dataset: The dataset.
+        num_replicas: World size.
+        rank: This process's global rank.
+        seed: Seed of the shuffle (the epoch is added by ``set_epoch``, which Lightning calls).
+        batch_size: Rows per batch (to turn skipped batches into rows).
+        shuffle: Shuffle (training) or keep the order.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        batch_size: int,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        self._skip_epoch, self._skip_batches = -1, 0
+
+    def skip(self, epoch: int, batches: int) -> None:
+        """On the next pass over ``epoch``, leave out its first ``batches`` batches (once)."""
+        self._skip_epoch, self._skip_batches = epoch, max(batches, 0)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.epoch == self._skip_epoch:
+            indices = indices[self._skip_batches * self.batch_size :]
+            self._skip_epoch = -1
+        return iter(indices)
 
 
 def map_style_loader(
@@ -21,13 +65,13 @@ def map_style_loader(
     seed: int,
     num_workers: int = 0,
     collate_fn: Callable[[list[T]], Any] | None = None,
+    resume: tuple[int, int] | None = None,
 ) -> DataLoader[T]:
-    """A DataLoader that shuffles with its own seeded generator, and under DDP shards by rank.
+    """A DataLoader whose order depends only on ``(seed, epoch)``; under DDP it shards by rank.
 
-    Under DDP (``trainer.world_size > 1``) every rank gets a disjoint slice; for training the slices have
-    the same length (``drop_last=True``: at most ``world_size - 1`` rows are left out per epoch) and are
-    reshuffled per epoch (Lightning calls ``set_epoch``). Lightning keeps a sampler that is already a
-    ``DistributedSampler``.
+    Training uses an :class:`EpochSampler` at any world size: every rank gets a disjoint slice of the same
+    length (``drop_last``: at most ``world_size - 1`` rows are left out per epoch), reshuffled per epoch
+    (Lightning calls ``set_epoch``). Evaluation keeps the dataset order (sharded under DDP).
 
     Args:
         dataset: Map-style dataset.
@@ -37,25 +81,23 @@ def map_style_loader(
         seed: Seed of the shuffle.
         num_workers: DataLoader worker processes.
         collate_fn: Batch collation; default stacking.
+        resume: ``(epoch, batches)``: skip the first ``batches`` batches of ``epoch`` (a mid-epoch resume).
     """
+    world = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
     sampler: DistributedSampler[T] | None = None
-    if trainer is not None and trainer.world_size > 1:
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=trainer.world_size,
-            rank=trainer.global_rank,
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-        )
+    if train:
+        sampler = EpochSampler(dataset, world, rank, seed, batch_size)
+        if resume is not None:
+            sampler.skip(*resume)
+    elif world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=False,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(seed) if sampler is None else None,
         persistent_workers=num_workers > 0,
     )

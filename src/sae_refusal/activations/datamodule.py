@@ -7,8 +7,10 @@ Lifecycle (see the Lightning pitfalls in docs/ARCHITECTURE.md):
   activation cache (loading the LLM only when no matching cache exists). It sets no state.
 * ``setup`` (every process) reads the prompt set, manifest and cache into memory-resident tensors.
 
-Under DDP each rank gets a disjoint slice of the training rows with the same number of batches
-(``DistributedSampler(drop_last=True)``, reshuffled per epoch with a fixed seed).
+The training order depends only on ``(shuffle_seed, epoch)`` (:class:`~sae_refusal.loaders.EpochSampler`);
+under DDP each rank gets a disjoint slice of it with the same number of batches. Checkpoints keep how far
+into its epoch training got (:meth:`ActivationDataModule.state_dict`), so a fit resumed mid-epoch trains on
+exactly the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class ActivationDataModule(L.LightningDataModule):
         self._d_model: int | None = None
         self.splits: dict[str, ActivationBatch] = {}
         self.activation_cache: ActivationCache | None = None
+        self._resume: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- facts linked to the model
     @property
@@ -168,6 +171,7 @@ class ActivationDataModule(L.LightningDataModule):
         dataset = ActivationDataset(self.splits[name])
         if len(dataset) == 0:
             raise ValueError(f"split {name!r} is empty; check split.test_fraction / split.val_fraction")
+        resume, self._resume = (self._resume, None) if train else (None, self._resume)
         return map_style_loader(
             dataset,
             trainer=self.trainer,
@@ -175,10 +179,29 @@ class ActivationDataModule(L.LightningDataModule):
             train=train,
             seed=self.shuffle_seed,
             num_workers=self.num_workers,
+            resume=resume,
         )
 
     def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self._loader("train", train=True)
+
+    # ---------------------------------------------------------------- mid-epoch resume
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in its epoch; kept in checkpoints, so a resumed fit skips trained batches."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        loop = trainer.fit_loop
+        # progress trackers are typed by their base class; at run time they count `processed`
+        done = int(getattr(loop.epoch_loop.batch_progress.current, "processed", 0))
+        if done >= trainer.num_training_batches:
+            done = 0  # an end-of-epoch checkpoint: the next epoch starts at its first batch
+        return {"epoch": int(getattr(loop.epoch_progress.current, "processed", 0)), "batches": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Skip the already trained batches of ``state_dict['epoch']`` in the next training loader."""
+        if state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         has_val = "val" in self.splits and self.splits["val"].acts_ND.shape[0] > 0

@@ -1,6 +1,23 @@
-"""Sparse autoencoders (plain modules) and their Lightning training shell."""
+"""Sparse autoencoders (plain modules), architectures (chosen with ``class_path``), the Lightning shell."""
 
+from sae_refusal.sae.architectures import L1, Contrastive, SAEArchitecture, TopK
+from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, load_sae, mean_norm_scale
 from sae_refusal.sae.module import SAEModule
-from sae_refusal.sae.topk import SAEOutput, TopKSAE, TopKSAEConfig
+from sae_refusal.sae.relu import ReLUSAE
+from sae_refusal.sae.topk import TopKSAE, sparse_decode
 
-__all__ = ["SAEModule", "SAEOutput", "TopKSAE", "TopKSAEConfig"]
+__all__ = [
+    "L1",
+    "SAE_REGISTRY",
+    "Contrastive",
+    "ReLUSAE",
+    "SAEArchitecture",
+    "SAEModule",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "TopK",
+    "TopKSAE",
+    "load_sae",
+    "mean_norm_scale",
+    "sparse_decode",
+]

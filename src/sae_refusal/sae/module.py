@@ -1,80 +1,245 @@
-"""``SAEModule``: a thin LightningModule training one TopK SAE on cached activations.
+"""``SAEModule``: a thin LightningModule training one SAE per seed, side by side on the same batches.
 
-The SAE itself is the plain :class:`~sae_refusal.sae.topk.TopKSAE`; this class only wires the loss,
-decoder-norm constraint, metrics and export. The SAE export (``cfg.json`` + ``sae.safetensors``) is written
-at the end of fit to ``<log_dir>/sae`` on global rank zero.
+The SAEs are plain modules (:mod:`sae_refusal.sae.topk`, :mod:`sae_refusal.sae.relu`) built by the configured
+architecture (:mod:`sae_refusal.sae.architectures`); this class only wires losses, the decoder constraint,
+dead-latent bookkeeping, metrics and the export. Each seed has its own ``torch.Generator`` for its weights and
+its own parameters, so training them together is the same as training each alone on the same batches (Adam is
+per parameter; nothing couples the seeds).
+
+At the start of fit (once; a resumed run keeps the stored values) the input scale is set from the training
+split so that the mean activation norm is ``sqrt(d_model)``, and every seed's decoder bias starts at the
+(normalised) mean activation. Metrics per seed go to ``{stage}/seed{n}/...``: ``mse``, ``fvu``, ``l0``,
+``loss``, the architecture's terms (``aux``, ``l1``, ``supcon``, ``separation``), ``dead_fraction`` per epoch,
+and per class FVU (benign, ambiguous and each harmful category) on validation and test.
+
+A non-finite loss raises :class:`FloatingPointError` naming the step and the seed before any optimiser step;
+the exports (``<log_dir>/sae/seed{n}/cfg.json`` + ``sae.safetensors``) are written only at the end of a
+successful fit, each atomically, on global rank zero.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 
-from sae_refusal.sae.topk import TopKSAE, TopKSAEConfig
+from sae_refusal.activations.datamodule import LABEL_INDEX
+from sae_refusal.categories import CATEGORY_SHORT_NAMES
+from sae_refusal.sae.architectures import SAEArchitecture, TopK
+from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, mean_norm_scale
+from sae_refusal.sae.topk import TopKSAE
+
+__all__ = ["SAEModule", "class_names_of_batch"]
+
+_CLASS_NAMES = ["benign", "ambiguous", *CATEGORY_SHORT_NAMES.values()]
+
+
+def class_names_of_batch(label_B: torch.Tensor, category_B: torch.Tensor) -> torch.Tensor:
+    """Per-row index into ``benign, ambiguous, <harmful categories>`` (harmful rows by their category)."""
+    out_B = torch.where(label_B == LABEL_INDEX["ambiguous"], 1, 0)
+    harmful_B = label_B == LABEL_INDEX["harmful"]
+    return torch.where(harmful_B, category_B + 1, out_B)  # category codes 1..C -> 2..C+1
 
 
 class SAEModule(L.LightningModule):
-    """Train a TopK sparse autoencoder on residual activations.
+    """Train sparse autoencoders (one per seed) on residual activations.
 
     Args:
         d_model: Input width (linked from the data module; leave unset in configs).
+        architecture: ``TopK``, ``L1`` or ``Contrastive`` (``class_path`` in YAML); default ``TopK(k=32)``.
         expansion_factor: Latents per input dimension.
-        k: Active latents per input.
+        seeds: One SAE per seed, each initialised from its own generator.
         lr: Adam learning rate.
-        seed: Seed of the weight initialisation (own generator; global RNG untouched).
+        normalize_inputs: Scale inputs to mean norm ``sqrt(d_model)`` (stored with each SAE).
     """
 
-    def __init__(self, d_model: int, expansion_factor: int = 8, k: int = 32, lr: float = 1e-3, seed: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        architecture: SAEArchitecture | None = None,
+        expansion_factor: int = 8,
+        seeds: list[int] | None = None,
+        lr: float = 1e-3,
+        normalize_inputs: bool = True,
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["architecture"])
+        self.architecture = architecture or TopK()
+        seeds = [0] if seeds is None else list(seeds)
+        if d_model < 1:
+            raise ValueError(f"model.d_model must be >= 1, got {d_model}")
         if expansion_factor < 1:
             raise ValueError(f"model.expansion_factor must be >= 1, got {expansion_factor}")
-        generator = torch.Generator().manual_seed(seed)
-        self.sae = TopKSAE(TopKSAEConfig(d_model, expansion_factor * d_model, k), generator=generator)
-        self.lr = lr
-        self.fired_F: torch.Tensor
-        self.register_buffer(
-            "fired_F", torch.zeros(self.sae.cfg.n_latents, dtype=torch.bool), persistent=False
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"model.seeds must be a non-empty list of distinct seeds, got {seeds}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        self.seeds, self.lr, self.normalize_inputs = seeds, lr, normalize_inputs
+        n_latents = expansion_factor * d_model
+        self.saes = torch.nn.ModuleDict(
+            {
+                f"seed{s}": self.architecture.build(d_model, n_latents, torch.Generator().manual_seed(s))
+                for s in seeds
+            }
         )
+        self.stats_ready: torch.Tensor
+        self.data_mean_D: torch.Tensor
+        self.register_buffer("stats_ready", torch.tensor(False))
+        self.register_buffer("data_mean_D", torch.zeros(d_model))
+        self._fired: dict[str, torch.Tensor] = {}
+        self._class_sums: dict[str, dict[str, torch.Tensor]] = {}
+
+    def named_saes(self) -> list[tuple[str, SparseAutoencoder]]:
+        """``(seed{n}, SAE)`` pairs in seed order."""
+        return [(name, cast(SparseAutoencoder, sae)) for name, sae in self.saes.items()]
+
+    # ------------------------------------------------------------------ data statistics
+    def on_fit_start(self) -> None:
+        if bool(self.stats_ready):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        splits = getattr(datamodule, "splits", None) or {}
+        if "train" not in splits:
+            raise RuntimeError("SAEModule needs a data module with a `train` split (ActivationDataModule)")
+        acts_ND = splits["train"].acts_ND.float()
+        scale = mean_norm_scale(acts_ND) if self.normalize_inputs else 1.0
+        mean_D = (acts_ND.mean(0) * scale).to(self.device)
+        with torch.no_grad():
+            for _, sae in self.named_saes():
+                sae.set_input_scale(scale)
+                sae.b_dec_D.copy_(mean_D)
+            self.data_mean_D.copy_(mean_D)
+            self.stats_ready.fill_(True)
+
+    # ------------------------------------------------------------------ training
+    def _seed_loss(
+        self, name: str, sae: SparseAutoencoder, batch: dict[str, torch.Tensor], stage: str
+    ) -> tuple[torch.Tensor, SAEOutput]:
+        out = sae(batch["acts"], return_latents=self.architecture.needs_latents)
+        loss = out.loss
+        terms = dict(out.parts)
+        extras = self.architecture.extra_losses(out, batch)
+        for term, weight in self.architecture.loss_weights().items():
+            if weight:
+                loss = loss + weight * extras[term]
+        terms.update(extras)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite SAE loss ({loss.item()}) at step {self.global_step} for {name} "
+                f"(mse {out.mse.item()}, terms { {k: v.item() for k, v in terms.items()} }); stopping "
+                "before the optimiser step, nothing exported. Try a lower model.lr"
+            )
+        n = batch["acts"].shape[0]
+        metrics = {"mse": out.mse, "fvu": out.fvu, "l0": out.l0, "loss": loss, **terms}
+        self.log_dict(
+            {f"{stage}/{name}/{k}": v.detach() for k, v in metrics.items()},
+            batch_size=n,
+            sync_dist=stage != "train",
+            prog_bar=False,
+        )
+        return loss, out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.sae(batch["acts"])
-        if not torch.isfinite(out.mse):
-            raise FloatingPointError(
-                f"non-finite SAE loss at step {self.global_step} (seed {self.hparams['seed']})"
-            )
-        self.fired_F |= (out.latents_BF > 0).any(0)
-        n = batch["acts"].shape[0]
-        self.log_dict({"train/mse": out.mse, "train/fvu": out.fvu}, prog_bar=True, batch_size=n)
-        self.log("train/l0", (out.latents_BF > 0).float().sum(-1).mean(), batch_size=n)
-        return out.mse
+        total = batch["acts"].new_zeros(())
+        for name, sae in self.named_saes():
+            loss, out = self._seed_loss(name, sae, batch, "train")
+            total = total + loss
+            fired_F = self._any_rank(out.fired_F)
+            if isinstance(sae, TopKSAE):
+                sae.update_firing(fired_F)
+            self._fired[name] = self._fired.get(name, torch.zeros_like(fired_F)) | fired_F
+        return total
+
+    def _any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        """OR of a bool tensor over the DDP ranks (so every rank sees the same dead latents)."""
+        if self.trainer.world_size == 1:
+            return flags
+        summed = self.trainer.strategy.reduce(flags.float(), reduce_op="sum")
+        return torch.as_tensor(summed) > 0
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/dead_fraction", 1.0 - self.fired_F.float().mean(), sync_dist=True)
-        self.fired_F.zero_()
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.sae(batch["acts"])
-        n = batch["acts"].shape[0]
-        self.log_dict({"val/mse": out.mse, "val/fvu": out.fvu}, prog_bar=True, batch_size=n, sync_dist=True)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.sae(batch["acts"])
-        n = batch["acts"].shape[0]
-        self.log_dict({"test/mse": out.mse, "test/fvu": out.fvu}, batch_size=n, sync_dist=True)
+        for name, fired_F in self._fired.items():
+            self.log(f"train/{name}/dead_fraction", 1.0 - fired_F.float().mean())
+        self._fired = {}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.sae.remove_parallel_grads()
+        for _, sae in self.named_saes():
+            sae.remove_parallel_grads()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.sae.normalize_decoder()
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # renormalise right after the step (before any callback's on_train_batch_end, e.g. a step-based
+        # ModelCheckpoint, so a checkpoint holds the renormalised decoder and a resumed fit matches)
+        super().optimizer_step(*args, **kwargs)
+        for _, sae in self.named_saes():
+            sae.normalize_decoder()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.sae.parameters(), lr=self.lr)
+        params = list(self.saes.parameters())
+        # the fused CUDA kernel: one launch for all parameters (same update as the default implementation)
+        return torch.optim.Adam(params, lr=self.lr, fused=all(p.is_cuda for p in params))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        classes_B = class_names_of_batch(batch["label"], batch["category"])
+        for name, sae in self.named_saes():
+            _, out = self._seed_loss(name, sae, batch, stage)
+            x_BD = batch["acts"].float() * sae.input_scale
+            err_B = (out.recon_BD.float() * sae.input_scale - x_BD).pow(2).sum(-1)
+            var_B = (x_BD - self.data_mean_D).pow(2).sum(-1)
+            if name not in self._class_sums:
+                zeros = torch.zeros(len(_CLASS_NAMES), device=self.device)
+                self._class_sums[name] = {"err": zeros, "var": zeros.clone()}
+            self._class_sums[name]["err"].index_add_(0, classes_B, err_B)
+            self._class_sums[name]["var"].index_add_(0, classes_B, var_B)
+
+    def _log_class_fvu(self, stage: str) -> None:
+        for name, sums in self._class_sums.items():
+            err, var = sums["err"], sums["var"]
+            if self.trainer.world_size > 1:
+                err = torch.as_tensor(self.trainer.strategy.reduce(err, reduce_op="sum"))
+                var = torch.as_tensor(self.trainer.strategy.reduce(var, reduce_op="sum"))
+            for i, cls in enumerate(_CLASS_NAMES):
+                if float(var[i]) > 0:
+                    self.log(f"{stage}/{name}/fvu_class/{cls}", err[i] / var[i])
+        self._class_sums = {}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_class_fvu("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_class_fvu("test")
+
+    # ------------------------------------------------------------------ export
+    def export_metadata(self, seed: int) -> dict[str, Any]:
+        """Facts kept in each export's ``cfg.json``: seed, architecture, data (model, layer) when known."""
+        meta: dict[str, Any] = {"seed": seed, "architecture": self.architecture.describe()}
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            llm = getattr(datamodule, "llm", None)
+            meta["layer"] = getattr(datamodule, "layer", None)
+            meta["model"] = getattr(llm, "name_or_path", None)
+        return meta
+
+    def export(self, folder: str | Path) -> dict[int, Path]:
+        """Write every seed's SAE to ``<folder>/seed{n}`` (``cfg.json`` + ``sae.safetensors``)."""
+        folder = Path(folder)
+        written: dict[int, Path] = {}
+        for seed in self.seeds:
+            sae = cast(SparseAutoencoder, self.saes[f"seed{seed}"])
+            written[seed] = sae.save(folder / f"seed{seed}", self.export_metadata(seed))
+        return written
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir is not None:
-            self.sae.save(Path(self.trainer.log_dir) / "sae")
+        log_dir = self.trainer.log_dir  # a collective under DDP: read it on every rank
+        if self.trainer.is_global_zero and log_dir is not None:
+            self.export(Path(log_dir) / "sae")

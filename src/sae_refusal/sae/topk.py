@@ -1,135 +1,230 @@
-"""TopK sparse autoencoder (Gao et al., 2024) as a plain ``nn.Module``.
+"""TopK sparse autoencoder (Gao et al., 2024) as a plain module, with a sparse decoder and encoder backward.
 
-Shapes: ``B`` batch, ``D`` d_model, ``F`` latents (``expansion_factor * D``).
+    x' = input_scale * x
+    z  = ReLU(TopK_k((x' - b_dec) @ W_enc_FD.T + b_enc))           keep the k largest pre-activations
+    x_hat = (z @ W_dec_FD + b_dec) / input_scale
 
-    z = TopK_k(ReLU((x - b_dec) @ W_enc_DF + b_enc_F))      keep the k largest pre-activations
-    x_hat = z @ W_dec_FD + b_dec_D
+Only the encoder's forward is a dense matrix product. Everything else touches the ``B * k`` active entries:
 
-The encoder starts as the transpose of the unit-norm decoder, and the decoder rows are kept at unit norm
-(:meth:`TopKSAE.normalize_decoder`, with :meth:`TopKSAE.remove_parallel_grads` before each step).
-Parameters are float32 whatever dtype the activations come in.
+* the decoder is an ``embedding_bag`` over the active rows of ``W_dec_FD`` (its backward gives the gradients
+  of those rows and of the k values);
+* the encoder's backward (:class:`_TopKEncode`) builds ``dL/dW_enc`` as a sparse ``(F, B) @ (B, D)`` product
+  and ``dL/dx`` as another ``embedding_bag``, instead of multiplying a mostly-zero ``(B, F)`` gradient.
+
+A plain loop does three more dense ``B x F x D`` products per step (decoder forward, decoder backward twice)
+plus one for the encoder weight gradient; ``benchmarks/sae_throughput.py`` measures the difference.
+
+AuxK (the paper's dead-latent loss): latents that have not fired for ``dead_after_steps`` training steps are
+*dead*; the ``aux_k`` largest pre-activations among them reconstruct the residual ``x - x_hat``, and
+``aux_coef`` times that normalised error is added to the loss, so dead latents get gradient again. The
+encoder starts as the decoder (rows unit norm, ``W_enc_FD = W_dec_FD``), and the decoder rows are kept at
+unit norm by the training loop (:meth:`~SparseAutoencoder.remove_parallel_grads` before each step,
+:meth:`~SparseAutoencoder.normalize_decoder` after). Parameters are float32 whatever dtype comes in.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
-from sae_refusal.atomic import AtomicFolder
+from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, fvu_of
+
+__all__ = ["TopKSAE", "sparse_decode"]
 
 
-@dataclass(frozen=True)
-class TopKSAEConfig:
-    """Shape of a TopK SAE.
+def sparse_decode(values_BK: torch.Tensor, indices_BK: torch.Tensor, W_dec_FD: torch.Tensor) -> torch.Tensor:
+    """``sum_k values[b, k] * W_dec[indices[b, k]]`` without a dense ``(B, F)`` matrix."""
+    return F.embedding_bag(indices_BK, W_dec_FD, per_sample_weights=values_BK, mode="sum")
+
+
+class _TopKEncode(torch.autograd.Function):
+    """TopK encoder with a backward that only touches the selected latents.
+
+    Returns the ReLU'd top-k values and their indices, and, when ``dead_F`` marks any latent, the same for
+    the ``aux_k`` largest pre-activations among the dead latents (empty tensors otherwise).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_BD: torch.Tensor,
+        W_enc_FD: torch.Tensor,
+        b_enc_F: torch.Tensor,
+        k: int,
+        aux_k: int,
+        dead_F: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
+        values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
+        values_BK = values_BK.relu()
+        n_dead = 0 if dead_F is None else int(dead_F.sum())
+        if dead_F is not None and aux_k > 0 and n_dead > 0:
+            pre_BF.masked_fill_(~dead_F, float("-inf"))  # pre_BF is not needed any more
+            aux_values_BA, aux_indices_BA = pre_BF.topk(min(aux_k, n_dead), dim=-1, sorted=False)
+            aux_values_BA = aux_values_BA.relu()
+        else:
+            aux_values_BA = x_BD.new_zeros(x_BD.shape[0], 0)
+            aux_indices_BA = indices_BK.new_zeros(x_BD.shape[0], 0)
+        ctx.save_for_backward(x_BD, W_enc_FD, values_BK, indices_BK, aux_values_BA, aux_indices_BA)
+        ctx.mark_non_differentiable(indices_BK, aux_indices_BA)
+        ctx.n_latents = W_enc_FD.shape[0]
+        return values_BK, indices_BK, aux_values_BA, aux_indices_BA
+
+    @staticmethod
+    def backward(
+        ctx: Any,
+        grad_values_BK: torch.Tensor,
+        _grad_indices: torch.Tensor | None,
+        grad_aux_BA: torch.Tensor | None,
+        _grad_aux_indices: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        x_BD, W_enc_FD, values_BK, indices_BK, aux_values_BA, aux_indices_BA = ctx.saved_tensors
+        grad_BK = grad_values_BK * (values_BK > 0)  # through the ReLU
+        indices = indices_BK
+        if aux_indices_BA.shape[1] > 0 and grad_aux_BA is not None:
+            grad_BK = torch.cat([grad_BK, grad_aux_BA * (aux_values_BA > 0)], dim=1)
+            indices = torch.cat([indices_BK, aux_indices_BA], dim=1)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc_FD, per_sample_weights=grad_BK, mode="sum")
+        if ctx.needs_input_grad[1]:
+            n, width = indices.shape
+            rows = torch.arange(n, device=indices.device).repeat_interleave(width)
+            grad_FB = torch.sparse_coo_tensor(
+                torch.stack([indices.reshape(-1), rows]),
+                grad_BK.reshape(-1),
+                (ctx.n_latents, n),
+                check_invariants=False,  # indices come from topk: in range by construction
+            )
+            grad_W = torch.sparse.mm(grad_FB, x_BD)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_BK.new_zeros(ctx.n_latents).index_add_(0, indices.reshape(-1), grad_BK.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+class TopKSAE(SparseAutoencoder):
+    """TopK sparse autoencoder with AuxK.
 
     Args:
         d_model: Input width.
         n_latents: Dictionary size.
         k: Active latents per input.
+        aux_k: Dead latents used by the AuxK loss (0 disables it).
+        aux_coef: Weight of the AuxK loss.
+        dead_after_steps: Training steps without firing after which a latent counts as dead.
+        generator: RNG of the initial weights (the global RNG is never touched).
     """
 
-    d_model: int
-    n_latents: int
-    k: int
+    architecture = "topk"
+    unit_norm_decoder = True
+    steps_since_fired_F: torch.Tensor
 
-    def __post_init__(self) -> None:
-        if self.d_model < 1 or self.n_latents < 1:
-            raise ValueError(f"d_model and n_latents must be >= 1, got {self.d_model}, {self.n_latents}")
-        if not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k must be in [1, n_latents={self.n_latents}], got {self.k}")
-
-
-class SAEOutput(NamedTuple):
-    """What a forward pass returns.
-
-    Attributes:
-        recon_BD: Reconstruction ``x_hat``.
-        latents_BF: Sparse codes ``z`` (dense tensor, at most k non-zeros per row).
-        mse: Mean over the batch of ``||x - x_hat||^2`` (summed over D).
-        fvu: Fraction of variance unexplained: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``.
-    """
-
-    recon_BD: torch.Tensor
-    latents_BF: torch.Tensor
-    mse: torch.Tensor
-    fvu: torch.Tensor
-
-
-class TopKSAE(nn.Module):
-    """TopK sparse autoencoder.
-
-    Args:
-        cfg: Shape.
-        generator: RNG for the initial weights (the global RNG is never touched).
-    """
-
-    def __init__(self, cfg: TopKSAEConfig, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        k: int,
+        aux_k: int = 256,
+        aux_coef: float = 1.0 / 32.0,
+        dead_after_steps: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
-        W_dec_FD = torch.randn(cfg.n_latents, cfg.d_model, generator=generator)
+        if d_model < 1 or n_latents < 1:
+            raise ValueError(f"d_model and n_latents must be >= 1, got {d_model}, {n_latents}")
+        if not 1 <= k <= n_latents:
+            raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}")
+        if aux_k < 0 or aux_coef < 0 or dead_after_steps < 1:
+            raise ValueError(
+                f"aux_k and aux_coef must be >= 0 and dead_after_steps >= 1, got {aux_k}, {aux_coef}, "
+                f"{dead_after_steps}"
+            )
+        self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
+        W_dec_FD = torch.randn(n_latents, d_model, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec_FD = nn.Parameter(W_dec_FD)
-        self.W_enc_DF = nn.Parameter(W_dec_FD.T.clone())
-        self.b_enc_F = nn.Parameter(torch.zeros(cfg.n_latents))
-        self.b_dec_D = nn.Parameter(torch.zeros(cfg.d_model))
+        self.W_enc_FD = nn.Parameter(W_dec_FD.clone())
+        self.b_enc_F = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec_D = nn.Parameter(torch.zeros(d_model))
+        self.register_buffer("steps_since_fired_F", torch.zeros(n_latents, dtype=torch.long))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "d_model": self.d_model,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "aux_k": self.aux_k,
+            "aux_coef": self.aux_coef,
+            "dead_after_steps": self.dead_after_steps,
+        }
+
+    @property
+    def dead_F(self) -> torch.Tensor:
+        """Latents that have not fired for ``dead_after_steps`` training steps."""
+        return self.steps_since_fired_F >= self.dead_after_steps
+
+    @torch.no_grad()
+    def update_firing(self, fired_F: torch.Tensor) -> None:
+        """Count one training step: reset the latents that fired, age the others."""
+        self.steps_since_fired_F += 1
+        self.steps_since_fired_F[fired_F] = 0
+
+    def encode_sparse(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(values_BK, indices_BK)`` of the active latents (normalised space)."""
+        x_BD = x_BD.float() * self.input_scale - self.b_dec_D
+        values_BK, indices_BK, _, _ = _TopKEncode.apply(x_BD, self.W_enc_FD, self.b_enc_F, self.k, 0, None)
+        return values_BK, indices_BK
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        pre_BF = torch.relu((x_BD.float() - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F)
-        values_BK, indices_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre_BF).scatter_(-1, indices_BK, values_BK)
+        """Dense codes ``(B, F)`` (at most k non-zeros per row)."""
+        values_BK, indices_BK = self.encode_sparse(x_BD)
+        return torch.zeros(x_BD.shape[0], self.n_latents, device=x_BD.device).scatter(
+            1, indices_BK, values_BK
+        )
 
     def decode(self, latents_BF: torch.Tensor) -> torch.Tensor:
-        return latents_BF @ self.W_dec_FD + self.b_dec_D
+        """Raw-space reconstruction of dense codes."""
+        return (latents_BF @ self.W_dec_FD + self.b_dec_D) / self.input_scale
 
-    def forward(self, x_BD: torch.Tensor) -> SAEOutput:
-        x_BD = x_BD.float()
-        latents_BF = self.encode(x_BD)
-        recon_BD = self.decode(latents_BF)
-        sq_err = (recon_BD - x_BD).pow(2).sum(-1)
-        total_var = (x_BD - x_BD.mean(0, keepdim=True)).pow(2).sum(-1).sum().clamp_min(1e-12)
-        return SAEOutput(recon_BD, latents_BF, sq_err.mean(), sq_err.sum() / total_var)
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rescale every decoder row to unit norm."""
-        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-    @torch.no_grad()
-    def remove_parallel_grads(self) -> None:
-        """Drop the gradient component along each (unit) decoder row, so steps do not change its norm."""
-        if self.W_dec_FD.grad is None:
-            return
-        parallel_F = (self.W_dec_FD.grad * self.W_dec_FD).sum(-1, keepdim=True)
-        self.W_dec_FD.grad -= parallel_F * self.W_dec_FD
-
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``cfg.json`` + ``sae.safetensors`` into ``folder`` atomically (temp folder + rename)."""
-        with AtomicFolder(folder) as out:
-            tmp = out.tmp
-            (tmp / "cfg.json").write_text(json.dumps({"architecture": "topk", **asdict(self.cfg)}, indent=2))
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                str(tmp / "sae.safetensors"),
+    def forward(self, x_BD: torch.Tensor, return_latents: bool = False) -> SAEOutput:
+        x_BD = x_BD.float() * self.input_scale
+        dead_F = self.dead_F if self.training and self.aux_k > 0 else None
+        values_BK, indices_BK, aux_values_BA, aux_indices_BA = _TopKEncode.apply(
+            x_BD - self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.k, self.aux_k, dead_F
+        )
+        recon_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
+        sq_err_B = (recon_BD - x_BD).pow(2).sum(-1)
+        mse = sq_err_B.mean()
+        loss = mse
+        parts: dict[str, torch.Tensor] = {}
+        if aux_indices_BA.shape[1] > 0:
+            residual_BD = (x_BD - recon_BD).detach()
+            aux_recon_BD = sparse_decode(aux_values_BA, aux_indices_BA, self.W_dec_FD)
+            parts["aux"] = (aux_recon_BD - residual_BD).pow(2).sum() / (
+                residual_BD - residual_BD.mean(0, keepdim=True)
+            ).pow(2).sum().clamp_min(1e-12)
+            loss = loss + self.aux_coef * parts["aux"]
+        active_BK = values_BK > 0
+        fired_F = torch.zeros(self.n_latents, dtype=torch.bool, device=x_BD.device)
+        fired_F[indices_BK[active_BK]] = True
+        latents_BF = None
+        if return_latents:
+            latents_BF = torch.zeros(x_BD.shape[0], self.n_latents, device=x_BD.device).scatter(
+                1, indices_BK, values_BK
             )
-            return out.commit()
+        return SAEOutput(
+            recon_BD=recon_BD / self.input_scale,
+            latents_BF=latents_BF,
+            loss=loss,
+            mse=mse,
+            fvu=fvu_of(x_BD, recon_BD),
+            l0=active_BK.sum(-1).float().mean(),
+            fired_F=fired_F,
+            parts=parts,
+        )
 
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
-        """Load an export written by :meth:`save` (no Lightning needed)."""
-        folder = Path(folder)
-        cfg_path = folder / "cfg.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"no SAE export at {folder} (missing cfg.json)")
-        raw = json.loads(cfg_path.read_text())
-        if raw.pop("architecture", "topk") != "topk":
-            raise ValueError(f"{cfg_path}: not a TopK SAE export")
-        sae = cls(TopKSAEConfig(**raw))
-        sae.load_state_dict(load_file(str(folder / "sae.safetensors"), device=str(device)))
-        return sae.to(device)
+
+SAE_REGISTRY[TopKSAE.architecture] = TopKSAE

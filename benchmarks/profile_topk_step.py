@@ -1,0 +1,66 @@
+"""Where the time of one TopK SAE training step goes (torch.profiler, CUDA kernels), for tuning.
+
+    python benchmarks/profile_topk_step.py --device cuda [--tf32] [--dead-fraction 0.5]
+
+Prints the kernels that took the most device time over a few profiled steps of
+:class:`~sae_refusal.sae.TopKSAE` (forward, backward, fused Adam, decoder-norm duties).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sae_refusal.sae import TopKSAE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--d-model", type=int, default=4096)
+    parser.add_argument("--expansion", type=int, default=16)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--tf32", action="store_true")
+    parser.add_argument("--dead-fraction", type=float, default=0.0)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sae = TopKSAE(args.d_model, args.expansion * args.d_model, args.k).to(device)
+    params = list(sae.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3, fused=device.type == "cuda")
+    x = torch.randn(args.batch, args.d_model, device=device, generator=gen)
+    n_dead = int(args.dead_fraction * sae.n_latents)
+
+    def step() -> None:
+        if n_dead:
+            sae.steps_since_fired_F[:n_dead] = sae.dead_after_steps
+        out = sae(x)
+        out.loss.backward()
+        sae.update_firing(out.fired_F)
+        sae.remove_parallel_grads()
+        opt.step()
+        sae.normalize_decoder()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

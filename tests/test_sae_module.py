@@ -1,0 +1,162 @@
+"""SAEModule: seeds together equal seeds alone, scaling, per-class metrics, non-finite stop, contrastive."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from sae_refusal.activations.datamodule import ActivationBatch, ActivationDataset
+from sae_refusal.sae import L1, Contrastive, SAEModule, TopK, TopKSAE, load_sae, mean_norm_scale
+from sae_refusal.sae.contrastive import batch_classes, mean_separation, supcon_loss
+
+
+def make_split(n: int, d: int, seed: int) -> ActivationBatch:
+    gen = torch.Generator().manual_seed(seed)
+    label = torch.tensor([i % 3 for i in range(n)])  # benign, harmful, ambiguous
+    category = torch.where(label == 1, torch.tensor([1 + (i % 5) for i in range(n)]), 0)
+    acts = 5.0 * torch.randn(n, d, generator=gen) + 3.0 * category[:, None].float()
+    return ActivationBatch(acts, label, category, [f"p{i}" for i in range(n)])
+
+
+class InMemoryData(L.LightningDataModule):
+    def __init__(self, d: int = 8, n: int = 48, batch_size: int = 16):
+        super().__init__()
+        self.splits = {
+            "train": make_split(n, d, 0),
+            "val": make_split(24, d, 1),
+            "test": make_split(24, d, 2),
+        }
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(ActivationDataset(self.splits["train"]), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(ActivationDataset(self.splits["val"]), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(ActivationDataset(self.splits["test"]), batch_size=self.batch_size)
+
+
+def fit(module: SAEModule, tmp_path: Path, epochs: int = 2, **trainer_kwargs: Any) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=InMemoryData())
+    return trainer
+
+
+def test_seeds_side_by_side_equal_seeds_alone(tmp_path: Path) -> None:
+    arch = TopK(k=3, aux_k=4, dead_after_steps=2)
+    together = SAEModule(d_model=8, architecture=arch, expansion_factor=4, seeds=[0, 1], lr=1e-2)
+    alone = SAEModule(d_model=8, architecture=arch, expansion_factor=4, seeds=[1], lr=1e-2)
+    fit(together, tmp_path / "a")
+    fit(alone, tmp_path / "b")
+    a, b = together.saes["seed1"].state_dict(), alone.saes["seed1"].state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert not torch.equal(together.saes["seed0"].W_dec_FD, together.saes["seed1"].W_dec_FD)
+
+
+def test_fit_sets_scale_and_bias_exports_each_seed_and_logs_per_class(tmp_path: Path) -> None:
+    arch = TopK(k=3, dead_after_steps=2)
+    module = SAEModule(d_model=8, architecture=arch, expansion_factor=4, seeds=[0, 2], lr=1e-2)
+    trainer = fit(module, tmp_path)
+    data = InMemoryData().splits["train"].acts_ND
+    scale = mean_norm_scale(data)
+    for name in ("seed0", "seed2"):
+        sae = module.saes[name]
+        assert float(sae.input_scale) == pytest.approx(scale)
+    log_dir = Path(trainer.log_dir or "")
+    for seed in (0, 2):
+        sae = load_sae(log_dir / "sae" / f"seed{seed}")
+        assert isinstance(sae, TopKSAE) and float(sae.input_scale) == pytest.approx(scale)
+        x = data[:4]
+        torch.testing.assert_close(sae(x).recon_BD, module.saes[f"seed{seed}"](x).recon_BD)
+    metrics = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/seed0/mse", "train/seed2/aux", "train/seed0/dead_fraction", "val/seed2/fvu"):
+        assert key in metrics, key
+    for cls in ("benign", "ambiguous", "humanizing", "safety"):
+        assert f"val/seed0/fvu_class/{cls}" in metrics
+    scores = trainer.test(module, datamodule=InMemoryData(), verbose=False)[0]
+    assert 0.0 <= scores["test/seed0/fvu"] < 1.5 and scores["test/seed2/l0"] <= 3
+
+
+def test_non_finite_loss_names_step_and_seed_and_exports_nothing(tmp_path: Path) -> None:
+    module = SAEModule(d_model=8, architecture=TopK(k=3), expansion_factor=2, seeds=[0, 5])
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    pl_module.saes["seed5"].W_dec_FD[0, 0] = math.nan
+
+    with pytest.raises(FloatingPointError, match=r"step 2 for seed5"):
+        fit(module, tmp_path, callbacks=[Poison()])
+    assert not list(tmp_path.rglob("sae.safetensors"))
+
+
+def test_l1_and_contrastive_architectures_train(tmp_path: Path) -> None:
+    l1 = SAEModule(d_model=8, architecture=L1(l1_coef=0.1), expansion_factor=2, seeds=[0], lr=1e-2)
+    fit(l1, tmp_path / "l1", epochs=1)
+    assert load_sae(Path(l1.trainer.log_dir or "") / "sae" / "seed0").architecture == "relu_l1"
+    arch = Contrastive(TopK(k=3), supcon_weight=0.5, separation_weight=0.5)
+    module = SAEModule(d_model=8, architecture=arch, expansion_factor=2, seeds=[0], lr=1e-2)
+    trainer = fit(module, tmp_path / "c", epochs=1)
+    header = (Path(trainer.log_dir or "") / "metrics.csv").read_text().splitlines()[0]
+    assert "train/seed0/supcon" in header and "train/seed0/separation" in header
+    meta = (Path(trainer.log_dir or "") / "sae" / "seed0" / "cfg.json").read_text()
+    assert '"Contrastive"' in meta and '"supcon_weight": 0.5' in meta
+
+
+def test_module_input_errors() -> None:
+    with pytest.raises(ValueError, match="seeds"):
+        SAEModule(d_model=8, seeds=[1, 1])
+    with pytest.raises(ValueError, match="expansion_factor"):
+        SAEModule(d_model=8, expansion_factor=0)
+    with pytest.raises(ValueError, match=r"architecture\.k"):
+        SAEModule(d_model=4, architecture=TopK(k=100), expansion_factor=2)
+    with pytest.raises(ValueError, match="Contrastive SAE needs a TopK or L1 base"):
+        Contrastive(Contrastive(TopK()))
+
+
+def test_supcon_matches_hand_computation() -> None:
+    codes = torch.tensor([[1.0, 0.0], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9]])
+    classes = torch.tensor([0, 0, 1, 1])
+    t = 0.5
+    z = torch.nn.functional.normalize(codes, dim=1)
+    sim = z @ z.T / t
+    total = 0.0
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        denom = torch.logsumexp(sim[i, others], 0)
+        pos = [j for j in others if classes[j] == classes[i]]
+        total += -sum(float(sim[i, j] - denom) for j in pos) / len(pos)
+    assert supcon_loss(codes, classes, t).item() == pytest.approx(total / 4, rel=1e-5)
+    # rows with class -1 are ignored; a lone class contributes no anchor
+    ignored = supcon_loss(torch.cat([codes, torch.ones(1, 2)]), torch.tensor([0, 0, 1, 1, -1]), t)
+    assert ignored.item() == pytest.approx(total / 4, rel=1e-5)
+    assert supcon_loss(codes[:2], torch.tensor([0, 1]), t).item() == 0.0
+
+
+def test_mean_separation_and_batch_classes() -> None:
+    label = torch.tensor([0, 1, 2, 1])
+    category = torch.tensor([0, 3, 4, 5])
+    assert batch_classes(label, category).tolist() == [0, 3, 0, 5]
+    assert batch_classes(label, category, ambiguous_as_benign=False).tolist() == [0, 3, -1, 5]
+    codes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0]])
+    assert mean_separation(codes, batch_classes(label, category)).item() == pytest.approx(0.0, abs=1e-6)
+    assert mean_separation(codes, torch.tensor([0, 0, 0, 0])).item() == 0.0
