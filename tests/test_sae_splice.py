@@ -23,7 +23,7 @@ class ScaledSAE(SparseAutoencoder):
     architecture = "scaled-test"
 
     def __init__(self, d_model: int, factor: float) -> None:
-        super().__init__()
+        super().__init__(d_model, 1)
         self.W_dec_FD = torch.nn.Parameter(torch.zeros(1, d_model))
         self.factor = factor
 

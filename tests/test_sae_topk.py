@@ -43,14 +43,23 @@ def test_sparse_path_matches_dense_reference(with_dead: bool) -> None:
     if with_dead:
         sae.steps_since_fired_F[::3] = 3  # every third latent is dead
         dead_F = sae.dead_F
+    x.requires_grad_(True)  # also the input gradient (attribution through the SAE)
     out = sae(x)
     assert ("aux" in out.parts) == with_dead
-    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
+    grads = torch.autograd.grad(out.loss, [*sae.parameters(), x])
     ref_loss = dense_reference_loss(sae, x, dead_F)
-    ref_grads = torch.autograd.grad(ref_loss, list(sae.parameters()))
+    ref_grads = torch.autograd.grad(ref_loss, [*sae.parameters(), x])
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-5)
-    for (name, _), mine, theirs in zip(sae.named_parameters(), grads, ref_grads, strict=True):
+    names = [name for name, _ in sae.named_parameters()] + ["input"]
+    for name, mine, theirs in zip(names, grads, ref_grads, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    # without an input gradient, b_dec's gradient comes from the GEMV path
+    x.requires_grad_(False)
+    no_x = torch.autograd.grad(sae(x).loss, list(sae.parameters()))
+    for name, mine, theirs in zip(names, no_x, ref_grads, strict=False):
+        torch.testing.assert_close(
+            mine, theirs, rtol=1e-4, atol=1e-5, msg=f"gradient of {name} (no input grad)"
+        )
 
 
 def test_forward_shapes_sparsity_and_raw_space_recon() -> None:

@@ -90,8 +90,10 @@ class SparseAutoencoder(nn.Module):
     b_dec_D: nn.Parameter
     input_scale: torch.Tensor
 
-    def __init__(self) -> None:
+    def __init__(self, d_model: int, n_latents: int) -> None:
         super().__init__()
+        if d_model < 1 or n_latents < 1:
+            raise ValueError(f"d_model and n_latents must be >= 1, got {d_model}, {n_latents}")
         self.register_buffer("input_scale", torch.tensor(1.0))
 
     def config(self) -> dict[str, Any]:

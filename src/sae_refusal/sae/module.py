@@ -32,9 +32,10 @@ from sae_refusal.sae.architectures import SAEArchitecture, TopK
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, mean_norm_scale
 from sae_refusal.sae.topk import TopKSAE
 
-__all__ = ["SAEModule", "class_names_of_batch"]
+__all__ = ["EVAL_CLASS_NAMES", "SAEModule", "class_names_of_batch"]
 
-_CLASS_NAMES = ["benign", "ambiguous", *CATEGORY_SHORT_NAMES.values()]
+#: Classes of the per-class metrics: index of :func:`class_names_of_batch`.
+EVAL_CLASS_NAMES = ["benign", "ambiguous", *CATEGORY_SHORT_NAMES.values()]
 
 
 def class_names_of_batch(label_B: torch.Tensor, category_B: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,7 @@ class SAEModule(L.LightningModule):
             err_B = (out.recon_BD.float() * sae.input_scale - x_BD).pow(2).sum(-1)
             var_B = (x_BD - self.data_mean_D).pow(2).sum(-1)
             if name not in self._class_sums:
-                zeros = torch.zeros(len(_CLASS_NAMES), device=self.device)
+                zeros = torch.zeros(len(EVAL_CLASS_NAMES), device=self.device)
                 self._class_sums[name] = {"err": zeros, "var": zeros.clone()}
             self._class_sums[name]["err"].index_add_(0, classes_B, err_B)
             self._class_sums[name]["var"].index_add_(0, classes_B, var_B)
@@ -202,7 +203,7 @@ class SAEModule(L.LightningModule):
             if self.trainer.world_size > 1:
                 err = torch.as_tensor(self.trainer.strategy.reduce(err, reduce_op="sum"))
                 var = torch.as_tensor(self.trainer.strategy.reduce(var, reduce_op="sum"))
-            for i, cls in enumerate(_CLASS_NAMES):
+            for i, cls in enumerate(EVAL_CLASS_NAMES):
                 if float(var[i]) > 0:
                     self.log(f"{stage}/{name}/fvu_class/{cls}", err[i] / var[i])
         self._class_sums = {}

@@ -45,9 +45,7 @@ class ReLUSAE(SparseAutoencoder):
         init_decoder_norm: float = 0.1,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        if d_model < 1 or n_latents < 1:
-            raise ValueError(f"d_model and n_latents must be >= 1, got {d_model}, {n_latents}")
+        super().__init__(d_model, n_latents)
         if l1_coef < 0 or init_decoder_norm <= 0:
             raise ValueError(
                 f"l1_coef must be >= 0 and init_decoder_norm > 0, got {l1_coef}, {init_decoder_norm}"

@@ -9,7 +9,8 @@ Only the encoder's forward is a dense matrix product. Everything else touches th
 * the decoder is an ``embedding_bag`` over the active rows of ``W_dec_FD`` (its backward gives the gradients
   of those rows and of the k values);
 * the encoder's backward (:class:`_TopKEncode`) builds ``dL/dW_enc`` as a sparse ``(F, B) @ (B, D)`` product
-  and ``dL/dx`` as another ``embedding_bag``, instead of multiplying a mostly-zero ``(B, F)`` gradient.
+  instead of multiplying a mostly-zero ``(B, F)`` gradient, and ``dL/db_dec`` as ``-(dL/db_enc) @ W_enc``;
+  ``dL/dx`` (another ``embedding_bag``) only when the input itself requires a gradient.
 
 A plain loop does three more dense ``B x F x D`` products per step (decoder forward, decoder backward twice)
 plus one for the encoder weight gradient; ``benchmarks/sae_throughput.py`` measures the difference.
@@ -51,12 +52,14 @@ class _TopKEncode(torch.autograd.Function):
     def forward(
         ctx: Any,
         x_BD: torch.Tensor,
+        b_dec_D: torch.Tensor,
         W_enc_FD: torch.Tensor,
         b_enc_F: torch.Tensor,
         k: int,
         aux_k: int,
         dead_F: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_BD = x_BD - b_dec_D  # the pre-encoder bias
         pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
         values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
         values_BK = values_BK.relu()
@@ -87,10 +90,15 @@ class _TopKEncode(torch.autograd.Function):
         if aux_indices_BA.shape[1] > 0 and grad_aux_BA is not None:
             grad_BK = torch.cat([grad_BK, grad_aux_BA * (aux_values_BA > 0)], dim=1)
             indices = torch.cat([indices_BK, aux_indices_BA], dim=1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
+        grad_x = grad_b_dec = grad_W = grad_b = None
+        grad_F = None  # sum of the gradient per latent: dL/db_enc, and (times -W_enc) dL/db_dec
+        if any(ctx.needs_input_grad[1:4:2]):
+            grad_F = grad_BK.new_zeros(ctx.n_latents).index_add_(0, indices.reshape(-1), grad_BK.reshape(-1))
+        if ctx.needs_input_grad[0]:  # only when the input itself needs a gradient (e.g. attribution)
             grad_x = F.embedding_bag(indices, W_enc_FD, per_sample_weights=grad_BK, mode="sum")
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_F is not None:
+            grad_b_dec = -(grad_F @ W_enc_FD)  # = -sum_b grad_x[b], without the B*k*D gather
+        if ctx.needs_input_grad[2]:
             n, width = indices.shape
             rows = torch.arange(n, device=indices.device).repeat_interleave(width)
             grad_FB = torch.sparse_coo_tensor(
@@ -100,9 +108,9 @@ class _TopKEncode(torch.autograd.Function):
                 check_invariants=False,  # indices come from topk: in range by construction
             )
             grad_W = torch.sparse.mm(grad_FB, x_BD)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_BK.new_zeros(ctx.n_latents).index_add_(0, indices.reshape(-1), grad_BK.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_F
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None
 
 
 class TopKSAE(SparseAutoencoder):
@@ -132,9 +140,7 @@ class TopKSAE(SparseAutoencoder):
         dead_after_steps: int = 1000,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        if d_model < 1 or n_latents < 1:
-            raise ValueError(f"d_model and n_latents must be >= 1, got {d_model}, {n_latents}")
+        super().__init__(d_model, n_latents)
         if not 1 <= k <= n_latents:
             raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}")
         if aux_k < 0 or aux_coef < 0 or dead_after_steps < 1:
@@ -174,8 +180,10 @@ class TopKSAE(SparseAutoencoder):
 
     def encode_sparse(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(values_BK, indices_BK)`` of the active latents (normalised space)."""
-        x_BD = x_BD.float() * self.input_scale - self.b_dec_D
-        values_BK, indices_BK, _, _ = _TopKEncode.apply(x_BD, self.W_enc_FD, self.b_enc_F, self.k, 0, None)
+        x_BD = x_BD.float() * self.input_scale
+        values_BK, indices_BK, _, _ = _TopKEncode.apply(
+            x_BD, self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.k, 0, None
+        )
         return values_BK, indices_BK
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -193,7 +201,7 @@ class TopKSAE(SparseAutoencoder):
         x_BD = x_BD.float() * self.input_scale
         dead_F = self.dead_F if self.training and self.aux_k > 0 else None
         values_BK, indices_BK, aux_values_BA, aux_indices_BA = _TopKEncode.apply(
-            x_BD - self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.k, self.aux_k, dead_F
+            x_BD, self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.k, self.aux_k, dead_F
         )
         recon_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
         sq_err_B = (recon_BD - x_BD).pow(2).sum(-1)

@@ -1,0 +1,99 @@
+"""Score exported SAEs (``<log_dir>/sae/seed{n}``) without Lightning: FVU, L0, dead latents, splice metrics.
+
+Reads the activation cache of a fit config's data section (the same prompts, split and layer as the fit),
+loads every seed's export with :func:`sae_refusal.sae.load_sae`, and prints per seed: held-out (test split)
+FVU and L0, per-class FVU, the share of latents that never fire on the training split, and the splice
+metrics at the last prompt position on the first ``--n-prompts`` test prompts. Optionally writes the training
+split's activations to ``--dump-train`` (for ``benchmarks/sae_throughput.py --quality --acts``).
+
+    python benchmarks/evaluate_sae_exports.py --config lightning_configs/default.yaml \\
+        --data lightning_configs/data/coconot_alpaca.yaml --layer 12 \\
+        --exports runs/sae_real/topk/tensorboard/version_0/sae --out runs/sae_real/topk_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sae_refusal.activations.build import CacheConfig
+from sae_refusal.activations.datamodule import ActivationDataModule
+from sae_refusal.data.splits import SplitConfig
+from sae_refusal.finetune.config_prompts import prompt_set_config
+from sae_refusal.llm import LLMConfig, load_model_and_tokenizer
+from sae_refusal.sae import load_sae
+from sae_refusal.sae.module import EVAL_CLASS_NAMES, class_names_of_batch
+from sae_refusal.sae.splice import splice_metrics
+
+
+def data_module(config: str, data: str | None, layer: int) -> ActivationDataModule:
+    """The fit config's data module (its ``data`` section, optionally replaced by a data YAML)."""
+    section: dict[str, Any] = yaml.safe_load(Path(config).read_text())["data"]
+    if data:
+        section = {**section, **yaml.safe_load(Path(data).read_text())}
+    prompts = section.get("prompts")
+    return ActivationDataModule(
+        llm=LLMConfig(**section["llm"]),
+        prompts=None if prompts is None else prompt_set_config(prompts),
+        split=SplitConfig(**section.get("split", {})),
+        cache=CacheConfig(**section.get("cache", {})),
+        layer=layer,
+    )
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--layer", type=int, required=True)
+    parser.add_argument("--exports", required=True, help="folder holding seed*/cfg.json")
+    parser.add_argument("--n-prompts", type=int, default=64)
+    parser.add_argument("--dump-train", default=None, help="write the training activations here (.pt)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    dm = data_module(args.config, args.data, args.layer)
+    dm.setup()
+    train, test = dm.splits["train"], dm.splits["test"]
+    if args.dump_train:
+        torch.save(train.acts_ND.clone(), args.dump_train)
+    model, tokenizer = load_model_and_tokenizer(dm.llm)
+    texts = dm.load_prompts().split("test").texts[: args.n_prompts]
+    classes_N = class_names_of_batch(test.label_N, test.category_N)
+    rows: dict[str, Any] = {}
+    for folder in sorted(Path(args.exports).glob("seed*")):
+        sae = load_sae(folder)
+        out = sae(test.acts_ND)
+        x = test.acts_ND.float()
+        err_N = (out.recon_BD - x).pow(2).sum(-1)
+        mean_D = train.acts_ND.float().mean(0)
+        per_class = {}
+        for i, name in enumerate(EVAL_CLASS_NAMES):
+            keep = classes_N == i
+            if keep.any():
+                per_class[name] = float(err_N[keep].sum() / (x[keep] - mean_D).pow(2).sum())
+        fired_F = sae(train.acts_ND).fired_F
+        splice = splice_metrics(model, tokenizer, texts, args.layer, sae, positions="last")
+        rows[folder.name] = {
+            "architecture": sae.architecture,
+            "test_fvu": float(out.fvu),
+            "test_l0": float(out.l0),
+            "never_fired_on_train": float(1.0 - fired_F.float().mean()),
+            "fvu_per_class": per_class,
+            "splice_last": splice.to_dict(),
+        }
+        print(f"{folder.name}: {json.dumps(rows[folder.name])}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
