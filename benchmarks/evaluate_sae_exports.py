@@ -3,8 +3,10 @@
 Reads the activation cache of a fit config's data section (the same prompts, split and layer as the fit),
 loads every seed's export with :func:`sae_refusal.sae.load_sae`, and prints per seed: held-out (test split)
 FVU and L0, per-class FVU, the share of latents that never fire on the training split, and the splice
-metrics at the last prompt position on the first ``--n-prompts`` test prompts. Optionally writes the training
-split's activations to ``--dump-train`` (for ``benchmarks/sae_throughput.py --quality --acts``).
+metrics at the last prompt position on the first ``--n-prompts`` test prompts, and the two quantities the
+contrastive terms train (SupCon loss, cosine of the mean harmful and benign codes) on the test split.
+Optionally writes the training split's activations to ``--dump-train`` (for ``benchmarks/sae_throughput.py
+--quality --acts``).
 
     python benchmarks/evaluate_sae_exports.py --config lightning_configs/default.yaml \\
         --data lightning_configs/data/coconot_alpaca.yaml --layer 12 \\
@@ -27,6 +29,7 @@ from sae_refusal.data.splits import SplitConfig
 from sae_refusal.finetune.config_prompts import prompt_set_config
 from sae_refusal.llm import LLMConfig, load_model_and_tokenizer
 from sae_refusal.sae import load_sae
+from sae_refusal.sae.contrastive import batch_classes, mean_separation, supcon_loss
 from sae_refusal.sae.module import EVAL_CLASS_NAMES, class_names_of_batch
 from sae_refusal.sae.splice import splice_metrics
 
@@ -81,6 +84,8 @@ def main() -> None:
             if keep.any():
                 per_class[name] = float(err_N[keep].sum() / (x[keep] - mean_D).pow(2).sum())
         fired_F = sae(train.acts_ND).fired_F
+        codes_NF = sae.encode(test.acts_ND)
+        supervised = batch_classes(test.label_N, test.category_N)
         splice = splice_metrics(model, tokenizer, texts, args.layer, sae, positions="last")
         rows[folder.name] = {
             "architecture": sae.architecture,
@@ -88,6 +93,9 @@ def main() -> None:
             "test_l0": float(out.l0),
             "never_fired_on_train": float(1.0 - fired_F.float().mean()),
             "fvu_per_class": per_class,
+            # what the contrastive terms act on, for any architecture (lower = classes more apart)
+            "test_supcon": float(supcon_loss(codes_NF, supervised, 0.1)),
+            "test_mean_code_cosine_harmful_benign": float(mean_separation(codes_NF, supervised)),
             "splice_last": splice.to_dict(),
         }
         print(f"{folder.name}: {json.dumps(rows[folder.name])}", flush=True)

@@ -84,7 +84,7 @@ class L1(SAEArchitecture):
         init_decoder_norm: Norm of each decoder row at initialisation.
     """
 
-    def __init__(self, l1_coef: float = 5.0, init_decoder_norm: float = 0.1):
+    def __init__(self, l1_coef: float = 0.5, init_decoder_norm: float = 0.1):
         self.l1_coef, self.init_decoder_norm = l1_coef, init_decoder_norm
 
     def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:

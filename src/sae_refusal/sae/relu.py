@@ -41,7 +41,7 @@ class ReLUSAE(SparseAutoencoder):
         self,
         d_model: int,
         n_latents: int,
-        l1_coef: float = 5.0,
+        l1_coef: float = 0.5,
         init_decoder_norm: float = 0.1,
         generator: torch.Generator | None = None,
     ) -> None:
