@@ -21,32 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from sae_refusal.activations.build import CacheConfig
-from sae_refusal.activations.datamodule import ActivationDataModule
-from sae_refusal.data.splits import SplitConfig
-from sae_refusal.finetune.config_prompts import prompt_set_config
-from sae_refusal.llm import LLMConfig, load_model_and_tokenizer
+from sae_refusal.cli import activation_datamodule
+from sae_refusal.llm import load_model_and_tokenizer
 from sae_refusal.sae import load_sae
 from sae_refusal.sae.contrastive import batch_classes, mean_separation, supcon_loss
 from sae_refusal.sae.module import EVAL_CLASS_NAMES, class_names_of_batch
 from sae_refusal.sae.splice import splice_metrics
-
-
-def data_module(config: str, data: str | None, layer: int) -> ActivationDataModule:
-    """The fit config's data module (its ``data`` section, optionally replaced by a data YAML)."""
-    section: dict[str, Any] = yaml.safe_load(Path(config).read_text())["data"]
-    if data:
-        section = {**section, **yaml.safe_load(Path(data).read_text())}
-    prompts = section.get("prompts")
-    return ActivationDataModule(
-        llm=LLMConfig(**section["llm"]),
-        prompts=None if prompts is None else prompt_set_config(prompts),
-        split=SplitConfig(**section.get("split", {})),
-        cache=CacheConfig(**section.get("cache", {})),
-        layer=layer,
-    )
 
 
 @torch.no_grad()
@@ -63,7 +44,14 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    dm = data_module(args.config, args.data, args.layer)
+    fit_args = [
+        "--config",
+        args.config,
+        *(["--data", args.data] if args.data else []),
+        "--data.layer",
+        str(args.layer),
+    ]
+    dm = activation_datamodule(fit_args)  # the data section exactly as `sae-refusal fit` reads it
     dm.setup()
     train, test = dm.splits["train"], dm.splits["test"]
     if args.dump_train:

@@ -53,6 +53,18 @@ def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
         )
 
 
+def activation_datamodule(args: Sequence[str]) -> ActivationDataModule:
+    """The data module a ``fit`` command line describes (parsed exactly as ``sae-refusal fit`` parses it).
+
+    Raises:
+        TypeError: If the config's data is not an :class:`ActivationDataModule`.
+    """
+    datamodule = _lightning_cli(args, run=False).datamodule
+    if not isinstance(datamodule, ActivationDataModule):
+        raise TypeError(f"data must be an ActivationDataModule, got {type(datamodule).__name__}")
+    return datamodule
+
+
 def cache_command(args: Sequence[str]) -> None:
     """``sae-refusal cache --config cfg.yaml``: fill the activation cache of the config's ``data`` section."""
     if any(a in ("-h", "--help") for a in args):
@@ -63,11 +75,7 @@ def cache_command(args: Sequence[str]) -> None:
             "`sae-refusal fit` (see `sae-refusal fit --help`); only `data.*` matters here."
         )
         return
-    cli = _lightning_cli(args[1:] if args[:1] == ["fit"] else args, run=False)
-    datamodule = cli.datamodule
-    if not isinstance(datamodule, ActivationDataModule):
-        raise TypeError(f"`cache` needs data to be an ActivationDataModule, got {type(datamodule).__name__}")
-    cache = datamodule.build_cache()
+    cache = activation_datamodule(args[1:] if args[:1] == ["fit"] else args).build_cache()
     extra = cache.manifest.get("extra", {})
     print(f"activation cache: {cache.folder}")
     print(

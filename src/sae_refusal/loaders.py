@@ -26,7 +26,6 @@ class EpochSampler(DistributedSampler[Any]):
         rank: This process's global rank.
         seed: Seed of the shuffle (the epoch is added by ``set_epoch``, which Lightning calls).
         batch_size: Rows per batch (to turn skipped batches into rows).
-        shuffle: Shuffle (training) or keep the order.
     """
 
     def __init__(
@@ -36,10 +35,9 @@ class EpochSampler(DistributedSampler[Any]):
         rank: int,
         seed: int,
         batch_size: int,
-        shuffle: bool = True,
     ) -> None:
         super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batch_size = batch_size
         self._skip_epoch, self._skip_batches = -1, 0

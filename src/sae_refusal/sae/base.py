@@ -120,6 +120,9 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"input_scale must be finite and > 0, got {scale}")
         self.input_scale.fill_(scale)
 
+    def update_firing(self, fired_F: torch.Tensor) -> None:
+        """Count one training step's active latents (a no-op unless the SAE tracks dead latents)."""
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit norm (no-op for SAEs with free decoder norms)."""

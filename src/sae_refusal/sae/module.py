@@ -30,7 +30,6 @@ from sae_refusal.activations.datamodule import LABEL_INDEX
 from sae_refusal.categories import CATEGORY_SHORT_NAMES
 from sae_refusal.sae.architectures import SAEArchitecture, TopK
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, mean_norm_scale
-from sae_refusal.sae.topk import TopKSAE
 
 __all__ = ["EVAL_CLASS_NAMES", "SAEModule", "class_names_of_batch"]
 
@@ -149,8 +148,7 @@ class SAEModule(L.LightningModule):
             loss, out = self._seed_loss(name, sae, batch, "train")
             total = total + loss
             fired_F = self._any_rank(out.fired_F)
-            if isinstance(sae, TopKSAE):
-                sae.update_firing(fired_F)
+            sae.update_firing(fired_F)
             self._fired[name] = self._fired.get(name, torch.zeros_like(fired_F)) | fired_F
         return total
 

@@ -159,8 +159,10 @@ def splice_metrics(
                 real_BT1[:, -1] = True
 
             def spliced(hidden_BTD: Tensor, real_BT1: Tensor = real_BT1) -> Tensor:
-                recon = sae(hidden_BTD.reshape(-1, hidden_BTD.shape[-1])).recon_BD.reshape(hidden_BTD.shape)
-                return torch.where(real_BT1, recon.to(hidden_BTD.dtype), hidden_BTD)
+                where_BT = real_BT1.squeeze(-1)  # the SAE runs only on the positions it replaces
+                out_BTD = hidden_BTD.clone()
+                out_BTD[where_BT] = sae(hidden_BTD[where_BT]).recon_BD.to(hidden_BTD.dtype)
+                return out_BTD
 
             def zeroed(hidden_BTD: Tensor, real_BT1: Tensor = real_BT1) -> Tensor:
                 return torch.where(real_BT1, torch.zeros_like(hidden_BTD), hidden_BTD)

@@ -188,10 +188,11 @@ class TopKSAE(SparseAutoencoder):
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Dense codes ``(B, F)`` (at most k non-zeros per row)."""
-        values_BK, indices_BK = self.encode_sparse(x_BD)
-        return torch.zeros(x_BD.shape[0], self.n_latents, device=x_BD.device).scatter(
-            1, indices_BK, values_BK
-        )
+        return self._dense(*self.encode_sparse(x_BD))
+
+    def _dense(self, values_BK: torch.Tensor, indices_BK: torch.Tensor) -> torch.Tensor:
+        zeros_BF = values_BK.new_zeros(values_BK.shape[0], self.n_latents)
+        return zeros_BF.scatter(1, indices_BK, values_BK)
 
     def decode(self, latents_BF: torch.Tensor) -> torch.Tensor:
         """Raw-space reconstruction of dense codes."""
@@ -211,21 +212,14 @@ class TopKSAE(SparseAutoencoder):
         if aux_indices_BA.shape[1] > 0:
             residual_BD = (x_BD - recon_BD).detach()
             aux_recon_BD = sparse_decode(aux_values_BA, aux_indices_BA, self.W_dec_FD)
-            parts["aux"] = (aux_recon_BD - residual_BD).pow(2).sum() / (
-                residual_BD - residual_BD.mean(0, keepdim=True)
-            ).pow(2).sum().clamp_min(1e-12)
+            parts["aux"] = fvu_of(residual_BD, aux_recon_BD)  # the residual's unexplained share
             loss = loss + self.aux_coef * parts["aux"]
         active_BK = values_BK > 0
         fired_F = torch.zeros(self.n_latents, dtype=torch.bool, device=x_BD.device)
         fired_F[indices_BK[active_BK]] = True
-        latents_BF = None
-        if return_latents:
-            latents_BF = torch.zeros(x_BD.shape[0], self.n_latents, device=x_BD.device).scatter(
-                1, indices_BK, values_BK
-            )
         return SAEOutput(
             recon_BD=recon_BD / self.input_scale,
-            latents_BF=latents_BF,
+            latents_BF=self._dense(values_BK, indices_BK) if return_latents else None,
             loss=loss,
             mse=mse,
             fvu=fvu_of(x_BD, recon_BD),
