@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true")
     parser.add_argument("--dead-fraction", type=float, default=0.0)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--shapes", action="store_true", help="group the table by input shapes too")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     device = torch.device(args.device)
@@ -53,13 +54,16 @@ def main() -> None:
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    averages = prof.key_averages(group_by_input_shape=args.shapes)
+    print(
+        averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=60, max_shapes_column_width=70)
+    )
 
 
 if __name__ == "__main__":

@@ -222,3 +222,29 @@ def test_sparse_decode_matches_dense() -> None:
     dense = torch.zeros(3, 10).index_put_((rows, indices), values, accumulate=True)
     torch.testing.assert_close(sparse_decode(values, indices, W), dense @ W)
     torch.testing.assert_close(F.embedding_bag(indices, W, per_sample_weights=values, mode="sum"), dense @ W)
+
+
+@pytest.mark.parametrize("path", ["dispatch", "csr"])
+def test_sparse_decode_gradients_match_dense_with_repeated_indices(path: str) -> None:
+    """Both decoder paths (CPU dispatch: embedding_bag; CUDA: the CSR Function) sum repeated indices."""
+    from sae_refusal.sae.topk import _SparseDecode
+    from sae_refusal.sae.topk import sparse_decode as dispatch
+
+    def sparse_decode(v: torch.Tensor, i: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        return dispatch(v, i, W) if path == "dispatch" else _SparseDecode.apply(v, i, W)
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(10, 4, generator=gen, requires_grad=True)
+    values = torch.rand(3, 3, generator=gen, requires_grad=True)
+    indices = torch.tensor([[0, 9, 0], [3, 3, 3], [5, 1, 7]])
+    grad_out = torch.randn(3, 4, generator=gen)
+    mine = torch.autograd.grad(sparse_decode(values, indices, W), [values, W], grad_out)
+    rows = torch.arange(3)[:, None].expand(3, 3)
+    dense = torch.zeros(3, 10).index_put((rows, indices), values, accumulate=True)
+    ref = torch.autograd.grad(dense @ W, [values, W], grad_out)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no autograd node when nothing needs a gradient
+        assert sparse_decode(values, indices, W).grad_fn is None
+    rows_only = torch.autograd.grad(sparse_decode(values.detach(), indices, W), W, grad_out)[0]
+    torch.testing.assert_close(rows_only, ref[1])

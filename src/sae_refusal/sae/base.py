@@ -135,7 +135,7 @@ class SparseAutoencoder(nn.Module):
         if not self.unit_norm_decoder or self.W_dec_FD.grad is None:
             return
         parallel_F1 = (self.W_dec_FD.grad * self.W_dec_FD).sum(-1, keepdim=True)
-        self.W_dec_FD.grad -= parallel_F1 * self.W_dec_FD
+        self.W_dec_FD.grad.addcmul_(parallel_F1, self.W_dec_FD, value=-1.0)  # one pass, no (F, D) temporary
 
     def save(self, folder: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
         """Write ``cfg.json`` + ``sae.safetensors`` into ``folder`` atomically (temp folder + rename).
