@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,30 @@ def test_main_job_default_config_runs(tmp_path: Path, monkeypatch: pytest.Monkey
     main(["fit", "--config", str(CONFIGS / "default.yaml"), "--trainer.max_epochs", "2"])
     sae = load_sae(tmp_path / "runs" / "default" / "tensorboard" / "version_0" / "sae" / "seed0")
     assert sae.d_model == 576
+
+
+def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
+    tmp_path: Path, tiny_model_dir: Path, prompt_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    config = yaml.safe_load(config_path.read_text())
+    analysis = {"projections": ["pca"], "n_permutations": 3, "top_k_features": 2}
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "sae_refusal.features.FeatureAnalysisCallback",
+            "init_args": {"analysis": analysis, "every_n_epochs": 3},
+        }
+    ]
+    config_path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(config_path)])
+    log_dir = tmp_path / "run" / "tb" / "version_0"
+    from_callback = json.loads((log_dir / "features" / "epoch2" / "report.json").read_text())
+    out = tmp_path / "standalone"
+    main(["features", "--config", str(config_path), "--sae_dir", str(log_dir / "sae"), "--out", str(out)])
+    assert "head_accuracy" in capsys.readouterr().out
+    standalone = json.loads((out / "report.json").read_text())
+    for section in ("residual", "seeds", "across_seeds", "set_sizes", "config"):
+        assert standalone[section] == from_callback[section], section
+    assert sorted(p.name for p in out.iterdir()) == ["plots", "report.json", "seed0", "seed1"]
+    with pytest.raises(SystemExit, match=r"no cfg\.json"):
+        main(["features", "--config", str(config_path), "--sae_dir", str(tmp_path)])

@@ -7,6 +7,8 @@ are dispatched here first:
 
 * ``cache``: write the split manifest and fill the activation cache described by the same config file
   that ``fit`` takes (only its ``data`` section matters), then print what was cached.
+* ``features``: the feature analysis (:mod:`sae_refusal.features`) of saved SAE exports on the activation
+  cache a fit config describes, with that config's ``FeatureAnalysisCallback`` settings.
 * ``finetune``: the refusal-token SFT recipe (``RefusalSFTModule`` + ``SFTDataModule``), ending with a
   held-out refusal-token report and the exported model (``RefusalReportCallback``).
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sae_refusal import __version__
@@ -38,11 +42,24 @@ class SAERefusalCLI(LightningCLI):
         parser.link_arguments("data.d_model", "model.init_args.d_model", apply_on="instantiate")
 
 
+class _ConfigOnlyCLI(SAERefusalCLI):
+    """The fit CLI's classes without a subcommand (for project subcommands that read a fit config).
+
+    Accepts (and ignores) the options of ``Trainer.fit`` itself (``ckpt_path``, ``weights_only``), so the
+    ``config.yaml`` a fit run saves can be read back.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        skip = {"model", "train_dataloaders", "val_dataloaders", "datamodule"}
+        parser.add_method_arguments(L.Trainer, "fit", skip=skip)
+
+
 def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
     with warnings.catch_warnings():
         # We pass the arguments explicitly on purpose (project subcommands strip their own name).
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return SAERefusalCLI(
+        return (SAERefusalCLI if run else _ConfigOnlyCLI)(
             SAEModule,
             ActivationDataModule,
             subclass_mode_model=True,
@@ -85,6 +102,64 @@ def cache_command(args: Sequence[str]) -> None:
     print(f"  truncated prompts: {extra.get('n_truncated', 0)}")
 
 
+def features_command(args: Sequence[str]) -> None:
+    """``sae-refusal features --config fit.yaml --sae_dir DIR [--out DIR]``: the analysis, standalone."""
+    import argparse
+
+    from sae_refusal.features.analysis import FeatureAnalysisConfig, analyze_features
+    from sae_refusal.features.callback import FeatureAnalysisCallback
+    from sae_refusal.sae.base import load_sae
+
+    parser = argparse.ArgumentParser(
+        prog="sae-refusal features",
+        description="Steering vectors, heads, cluster metrics, plots and cross-seed consensus from saved SAE "
+        "exports and the activation cache a fit config describes. The analysis settings are those of the "
+        "config's FeatureAnalysisCallback (defaults if it has none), so the numbers equal the callback's. "
+        "Other options are those of `sae-refusal fit` (e.g. --config, --data.layer).",
+    )
+    parser.add_argument(
+        "--sae_dir", required=True, help="an SAE export folder, or a folder of seed{n}/ exports"
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: <sae_dir>/../features/standalone)"
+    )
+    known, rest = parser.parse_known_args(list(args))
+    sae_dir = Path(known.sae_dir)
+    if (sae_dir / "cfg.json").is_file():
+        folders = {sae_dir.name: sae_dir}
+    else:
+        folders = {p.name: p for p in sorted(sae_dir.glob("seed*")) if (p / "cfg.json").is_file()}
+    if not folders:
+        raise SystemExit(f"--sae_dir {sae_dir}: no cfg.json there nor in any seed*/ subfolder")
+    cli = _lightning_cli(rest, run=False)
+    datamodule = cli.datamodule
+    if not isinstance(datamodule, ActivationDataModule):
+        raise SystemExit(f"data must be an ActivationDataModule, got {type(datamodule).__name__}")
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, FeatureAnalysisCallback)]  # type: ignore[attr-defined]
+    config = callbacks[0].analysis if callbacks else FeatureAnalysisConfig()
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    saes = {name: load_sae(folder) for name, folder in folders.items()}
+    widths = {name: sae.d_model for name, sae in saes.items() if sae.d_model != datamodule.d_model}
+    if widths:
+        raise SystemExit(
+            f"--sae_dir: SAE width {widths} differs from the data's d_model {datamodule.d_model}"
+        )
+    out = Path(known.out) if known.out else sae_dir.parent / "features" / "standalone"
+    metadata = {
+        "model": datamodule.llm.name_or_path,
+        "layer": datamodule.layer,
+        "sae_paths": {name: str(folder) for name, folder in folders.items()},
+    }
+    result = analyze_features(datamodule.splits, saes, config, out_dir=out, metadata=metadata)
+    print(f"feature analysis of {len(saes)} SAE(s) written to {out}")
+    summary = result.report.get("across_seeds", {}).get("summary", {})
+    for key in ("head_accuracy", "head_macro_f1", "sparse_silhouette"):
+        if key in summary:
+            stats = summary[key]
+            print(f"  {key}: {stats['mean']:.4f} +- {stats['std']:.4f} over {stats['n']} seed(s)")
+
+
 class FinetuneCLI(LightningCLI):
     """LightningCLI of the refusal-token fine-tuning recipe: one model config shared by module and data."""
 
@@ -112,6 +187,7 @@ def finetune_command(args: Sequence[str]) -> None:
 PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "cache": (cache_command, "Write the split manifest and cache last-token activations (no training)."),
     "finetune": (finetune_command, "Fine-tune a chat model to emit refusal tokens; report and export it."),
+    "features": (features_command, "Steering vectors, heads, cluster metrics, plots from saved SAEs."),
 }
 
 

@@ -96,6 +96,17 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"d_model and n_latents must be >= 1, got {d_model}, {n_latents}")
         self.register_buffer("input_scale", torch.tensor(1.0))
 
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Dense sparse codes ``(B, F)`` of raw-space inputs (each architecture defines it)."""
+        raise NotImplementedError
+
+    def decode_direction(self, v_KF: torch.Tensor) -> torch.Tensor:
+        """Latent-space directions ``(..., F)`` mapped to raw residual space: ``v @ W_dec / input_scale``.
+
+        No decoder bias: a *difference* of codes maps to a difference of reconstructions.
+        """
+        return (v_KF.to(self.W_dec_FD.dtype) @ self.W_dec_FD) / self.input_scale
+
     def config(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this SAE (shape and loss settings)."""
         raise NotImplementedError

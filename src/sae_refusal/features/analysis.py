@@ -1,0 +1,403 @@
+"""One feature analysis of a layer's activations and its SAEs (one per seed): vectors, heads, metrics, plots.
+
+:func:`analyze_features` is the single entry point used by the epoch-end callback
+(:class:`~sae_refusal.features.callback.FeatureAnalysisCallback`) and by ``sae-refusal features`` (a saved
+SAE export and the activation cache), so both give the same numbers for the same weights and data. It
+returns a JSON-serialisable report and, given ``out_dir``, writes::
+
+    report.json                     everything below, numbers only
+    seed{n}/vectors.safetensors     CAA + SAS (+ decoded SAS) vectors of that seed's SAE, with
+    seed{n}/vectors.json            their metadata (model, layer, SAE, tau, top_k, set sizes)
+    plots/residual_{method}.png     2-D projections of the residual activations, coloured by class
+    plots/seed{n}_sparse_{method}.png   the same for the SAE codes
+
+Rows: vectors and heads are fitted on ``fit_split`` (default ``train``); heads are scored, and cluster
+metrics and plots computed, on ``eval_split`` (default ``test``, held out). Classes are benign (0) and the
+harmful categories (1..C); ambiguous prompts are left out. Across seeds: the selected features (each head's
+top features per class, or each SAS vector's features) are matched by decoder cosine and optimal
+assignment, a feature is kept when found in at least ``consensus_min_share`` of the seeds, and per-seed
+numbers are summarised as mean and spread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_refusal.activations.datamodule import LABEL_INDEX, ActivationBatch
+from sae_refusal.atomic import atomic_write_text
+from sae_refusal.categories import CATEGORY_SHORT_NAMES, COCONOT_CATEGORIES
+from sae_refusal.features.clusters import cluster_metrics
+from sae_refusal.features.consensus import consensus_features, mean_and_spread
+from sae_refusal.features.heads import HeadReport, fit_sklearn_head, fit_torch_head
+from sae_refusal.features.plots import PROJECTIONS, ProjectionPlot, write_projection_plots
+from sae_refusal.features.vectors import SteeringVectors, caa_vectors, sas_vectors
+from sae_refusal.sae.base import SparseAutoencoder
+
+__all__ = ["CLASS_NAMES", "FeatureAnalysis", "FeatureAnalysisConfig", "analyze_features", "class_codes"]
+
+#: Class ``0`` benign, ``c`` the harmful category ``COCONOT_CATEGORIES[c - 1]`` (short names).
+CLASS_NAMES: list[str] = ["benign", *(CATEGORY_SHORT_NAMES[c] for c in COCONOT_CATEGORIES)]
+
+
+#: Report entries too fine-grained for a logger (per-latent shares, feature lists, config echoes).
+SKIPPED_SCALARS = frozenset({"share", "kept", "top_features", "confusion", "config", "n_train", "n_test"})
+
+
+@dataclass
+class FeatureAnalysisConfig:
+    """What the feature analysis computes (shared by the callback and ``sae-refusal features``).
+
+    Args:
+        fit_split: Rows the vectors and heads are fitted on.
+        eval_split: Held-out rows the heads are scored on and the metrics and plots use.
+        tau: SAS activity threshold: a feature is active in a set when its mean code is above it.
+        sas_top_k: Keep only this many SAS features per category (largest ``|v_z|``); null = all.
+        remove_shared: Drop SAS features active in both the category and the benign mean.
+        head: ``sklearn`` (L1 logistic regression, saga) or ``torch`` (softmax layer with an L1 term).
+        head_c: Inverse L1 strength of the scikit-learn head.
+        head_l1: L1 weight of the torch head.
+        head_steps: Full-batch Adam steps of the torch head.
+        top_k_features: Top features listed (and matched across seeds) per class.
+        n_permutations: Label permutations of the cluster-metric baseline.
+        metrics_max_rows: Most rows the cluster metrics use (random subset above it).
+        projections: 2-D projections drawn: any of ``pca``, ``tsne``, ``umap`` (empty = no plots).
+        plot_max_rows: Most rows drawn per plot.
+        consensus_source: Feature sets matched across seeds: ``head`` (top features) or ``sas``.
+        consensus_min_share: Share of seeds a feature must be found in to be kept.
+        consensus_min_cosine: Decoder cosine a match needs to count.
+        seed: Seed of the heads, permutations, subsets and projections.
+    """
+
+    fit_split: str = "train"
+    eval_split: str = "test"
+    tau: float = 0.0
+    sas_top_k: int | None = None
+    remove_shared: bool = True
+    head: str = "sklearn"
+    head_c: float = 1.0
+    head_l1: float = 1e-3
+    head_steps: int = 500
+    top_k_features: int = 10
+    n_permutations: int = 20
+    metrics_max_rows: int | None = 2000
+    projections: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    plot_max_rows: int | None = 2000
+    consensus_source: str = "head"
+    consensus_min_share: float = 0.5
+    consensus_min_cosine: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        prefix = "features"
+        if self.head not in ("sklearn", "torch"):
+            raise ValueError(f"{prefix}.head must be 'sklearn' or 'torch', got {self.head!r}")
+        if self.consensus_source not in ("head", "sas"):
+            raise ValueError(
+                f"{prefix}.consensus_source must be 'head' or 'sas', got {self.consensus_source!r}"
+            )
+        unknown = [p for p in self.projections if p not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"{prefix}.projections: unknown {unknown}; choose from {list(PROJECTIONS)}")
+        if self.tau < 0:
+            raise ValueError(f"{prefix}.tau must be >= 0, got {self.tau}")
+        if self.sas_top_k is not None and self.sas_top_k < 1:
+            raise ValueError(f"{prefix}.sas_top_k must be >= 1 or null, got {self.sas_top_k}")
+        if self.top_k_features < 1 or self.n_permutations < 0 or self.head_steps < 1:
+            raise ValueError(f"{prefix}: top_k_features and head_steps must be >= 1, n_permutations >= 0")
+        if not 0 < self.consensus_min_share <= 1 or not -1 <= self.consensus_min_cosine <= 1:
+            raise ValueError(
+                f"{prefix}: consensus_min_share must be in (0, 1], consensus_min_cosine in [-1, 1]"
+            )
+        if self.head_c <= 0 or self.head_l1 < 0:
+            raise ValueError(f"{prefix}: head_c must be > 0 and head_l1 >= 0")
+
+
+def class_codes(batch: ActivationBatch) -> torch.Tensor:
+    """Per row: 0 benign, ``c`` for a harmful prompt of category ``c``, -1 for ambiguous (left out)."""
+    harmful = batch.label_N == LABEL_INDEX["harmful"]
+    benign = batch.label_N == LABEL_INDEX["benign"]
+    codes = torch.full_like(batch.label_N, -1)
+    codes[benign] = 0
+    codes[harmful] = batch.category_N[harmful]
+    return codes
+
+
+@dataclass
+class FeatureAnalysis:
+    """What :func:`analyze_features` produced.
+
+    Args:
+        report: JSON-serialisable numbers (also written as ``report.json``).
+        vectors: Steering vectors per seed name.
+        plots: The projection plots written, by tag (``residual_pca``, ``seed0_sparse_umap``, ...).
+    """
+
+    report: dict[str, Any]
+    vectors: dict[str, SteeringVectors]
+    plots: dict[str, ProjectionPlot]
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``name -> number`` view of the report (for loggers); non-finite numbers are left out."""
+        out: dict[str, float] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, Mapping):
+                for key, value in node.items():
+                    if key in SKIPPED_SCALARS:
+                        continue
+                    walk(f"{prefix}/{key}" if prefix else str(key), value)
+            elif isinstance(node, bool):
+                return
+            elif isinstance(node, int | float) and math.isfinite(node):
+                out[prefix] = float(node)
+
+        for section in ("residual", "seeds", "across_seeds"):
+            walk(section, self.report.get(section, {}))
+        return out
+
+
+def _json_safe(node: Any) -> Any:
+    """The report with NaN / infinite numbers as ``None`` (strict JSON; a metric that cannot be computed)."""
+    if isinstance(node, Mapping):
+        return {key: _json_safe(value) for key, value in node.items()}
+    if isinstance(node, list | tuple):
+        return [_json_safe(value) for value in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    return node
+
+
+def _cosine_matrix(A_KD: torch.Tensor) -> list[list[float]]:
+    unit = A_KD.float() / A_KD.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (unit @ unit.T).tolist()
+
+
+def _row_cosine(A_KD: torch.Tensor, B_KD: torch.Tensor) -> list[float]:
+    return torch.nn.functional.cosine_similarity(A_KD.float(), B_KD.float(), dim=1, eps=1e-12).tolist()
+
+
+@torch.no_grad()
+def encode_rows(sae: SparseAutoencoder, acts_ND: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Dense SAE codes of ``acts_ND`` in eval mode, batched, on the SAE's device; returned on the CPU."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        device = sae.W_dec_FD.device
+        chunks = [
+            sae.encode(acts_ND[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(acts_ND), batch_size)
+        ]
+        return torch.cat(chunks) if chunks else acts_ND.new_zeros(0, sae.n_latents)
+    finally:
+        sae.train(was_training)
+
+
+def _rows(splits: Mapping[str, ActivationBatch], name: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name not in splits:
+        raise ValueError(f"features.{key}={name!r} is not a split of the data (have {sorted(splits)})")
+    batch = splits[name]
+    codes = class_codes(batch)
+    keep = codes >= 0
+    if not bool(keep.any()):
+        raise ValueError(f"features.{key}={name!r} has no benign or harmful rows")
+    return batch.acts_ND[keep].float(), codes[keep]
+
+
+def _fit_head(
+    config: FeatureAnalysisConfig,
+    X_fit: torch.Tensor,
+    y_fit: torch.Tensor,
+    X_eval: torch.Tensor,
+    y_eval: torch.Tensor,
+) -> HeadReport:
+    if config.head == "sklearn":
+        report, _ = fit_sklearn_head(
+            X_fit,
+            y_fit,
+            X_eval,
+            y_eval,
+            CLASS_NAMES,
+            C=config.head_c,
+            top_k=config.top_k_features,
+            seed=config.seed,
+        )
+    else:
+        report, _ = fit_torch_head(
+            X_fit,
+            y_fit,
+            X_eval,
+            y_eval,
+            CLASS_NAMES,
+            l1=config.head_l1,
+            steps=config.head_steps,
+            top_k=config.top_k_features,
+            seed=config.seed,
+        )
+    return report
+
+
+def analyze_features(
+    splits: Mapping[str, ActivationBatch],
+    saes: Mapping[str, SparseAutoencoder],
+    config: FeatureAnalysisConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> FeatureAnalysis:
+    """Vectors, heads, cluster metrics, plots and cross-seed consensus (see the module docstring).
+
+    Args:
+        splits: The data module's splits (``ActivationDataModule.splits``).
+        saes: SAEs by seed name (``seed0``, ...); may be empty (residual-space results only).
+        config: What to compute.
+        out_dir: Where to write the report, vector artifacts and plots (nothing written when ``None``).
+        metadata: Facts kept with every vector artifact and the report (model, layer, SAE paths by seed
+            name under ``sae_paths``, epoch).
+    """
+    config = config or FeatureAnalysisConfig()
+    metadata = dict(metadata or {})
+    X_fit, y_fit = _rows(splits, config.fit_split, "fit_split")
+    X_eval, y_eval = _rows(splits, config.eval_split, "eval_split")
+    n_classes = len(CLASS_NAMES)
+    out = Path(out_dir) if out_dir is not None else None
+    plots: dict[str, ProjectionPlot] = {}
+
+    def draw(X: torch.Tensor, prefix: str) -> None:
+        if out is None or not config.projections:
+            return
+        for plot in write_projection_plots(
+            X,
+            y_eval,
+            CLASS_NAMES,
+            out / "plots",
+            prefix=prefix,
+            methods=config.projections,
+            seed=config.seed,
+            max_rows=config.plot_max_rows,
+        ):
+            plots[f"{prefix}_{plot.method}"] = plot
+
+    def clusters(X: torch.Tensor) -> dict[str, Any]:
+        return cluster_metrics(
+            X,
+            y_eval,
+            n_permutations=config.n_permutations,
+            seed=config.seed,
+            max_rows=config.metrics_max_rows,
+        ).to_dict()
+
+    caa_CD, counts_K = caa_vectors(X_fit, y_fit, n_classes)
+    categories = CLASS_NAMES[1:]
+    report: dict[str, Any] = {
+        "config": asdict(config),
+        "metadata": metadata,
+        "class_names": CLASS_NAMES,
+        "set_sizes": {
+            config.fit_split: {n: int(c) for n, c in zip(CLASS_NAMES, counts_K.tolist(), strict=True)},
+            config.eval_split: {n: int((y_eval == i).sum()) for i, n in enumerate(CLASS_NAMES)},
+        },
+        "residual": {
+            "caa_norm": dict(zip(categories, caa_CD.norm(dim=1).tolist(), strict=True)),
+            "caa_cosine": _cosine_matrix(caa_CD),
+            "clusters": clusters(X_eval),
+        },
+    }
+    draw(X_eval, "residual")
+
+    vectors: dict[str, SteeringVectors] = {}
+    seed_reports: dict[str, Any] = {}
+    selected: dict[str, dict[int, list[int]]] = {}
+    sae_paths = dict(metadata.get("sae_paths", {}))
+    for name, sae in saes.items():
+        Z_fit, Z_eval = encode_rows(sae, X_fit), encode_rows(sae, X_eval)
+        sas = sas_vectors(
+            Z_fit,
+            y_fit,
+            n_classes,
+            tau=config.tau,
+            top_k=config.sas_top_k,
+            remove_shared=config.remove_shared,
+        )
+        with torch.no_grad():
+            decoded_CD = sae.decode_direction(sas.vectors_CF.to(sae.W_dec_FD.device)).float().cpu()
+        head = _fit_head(config, Z_fit, y_fit, Z_eval, y_eval)
+        selected[name] = (
+            head.feature_sets()
+            if config.consensus_source == "head"
+            else {c: sas.features(c) for c in range(1, n_classes)}
+        )
+        seed_reports[name] = {
+            "sas": {
+                "n_features": {cat: len(sas.features(c)) for c, cat in enumerate(categories, start=1)},
+                "n_shared_removed": dict(zip(categories, sas.shared_CF.sum(1).tolist(), strict=True)),
+                "cosine_with_caa": dict(zip(categories, _row_cosine(decoded_CD, caa_CD), strict=True)),
+                "decoded_cosine": _cosine_matrix(decoded_CD),
+            },
+            "head": head.to_dict(),
+            "clusters": clusters(Z_eval),
+        }
+        draw(Z_eval, f"{name}_sparse")
+        vectors[name] = SteeringVectors(
+            class_names=CLASS_NAMES,
+            caa_CD=caa_CD,
+            sas_CF=sas.vectors_CF,
+            sas_decoded_CD=decoded_CD,
+            metadata={
+                **{k: v for k, v in metadata.items() if k != "sae_paths"},
+                "sae": {
+                    "name": name,
+                    "path": sae_paths.get(name),
+                    "architecture": sae.architecture,
+                    **sae.config(),
+                },
+                "tau": config.tau,
+                "top_k": config.sas_top_k,
+                "remove_shared": config.remove_shared,
+                "fit_split": config.fit_split,
+                "set_sizes": report["set_sizes"][config.fit_split],
+            },
+        )
+    report["seeds"] = seed_reports
+    if saes:
+        report["across_seeds"] = _across_seeds(config, seed_reports, selected, saes)
+    report = _json_safe(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, vec in vectors.items():
+            vec.save(out / name)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False))
+    return FeatureAnalysis(report=report, vectors=vectors, plots=plots)
+
+
+def _across_seeds(
+    config: FeatureAnalysisConfig,
+    seed_reports: Mapping[str, Any],
+    selected: Mapping[str, Mapping[int, list[int]]],
+    saes: Mapping[str, SparseAutoencoder],
+) -> dict[str, Any]:
+    decoders = {name: sae.W_dec_FD.detach().float().cpu() for name, sae in saes.items()}
+    consensus = consensus_features(
+        selected, decoders, min_share=config.consensus_min_share, min_cosine=config.consensus_min_cosine
+    )
+    per_seed = list(seed_reports.values())
+    summary: dict[str, Any] = {
+        "head_accuracy": mean_and_spread([r["head"]["accuracy"] for r in per_seed]),
+        "head_macro_f1": mean_and_spread([r["head"]["macro_f1"] for r in per_seed]),
+        "sparse_silhouette": mean_and_spread([r["clusters"]["silhouette"] for r in per_seed]),
+        "sparse_davies_bouldin": mean_and_spread([r["clusters"]["davies_bouldin"] for r in per_seed]),
+        "sparse_calinski_harabasz": mean_and_spread([r["clusters"]["calinski_harabasz"] for r in per_seed]),
+    }
+    for cat in CLASS_NAMES[1:]:
+        summary[f"sas_cosine_with_caa/{cat}"] = mean_and_spread(
+            [r["sas"]["cosine_with_caa"][cat] for r in per_seed]
+        )
+        summary[f"head_f1/{cat}"] = mean_and_spread([r["head"]["per_class_f1"][cat] for r in per_seed])
+    stability = consensus.to_dict(CLASS_NAMES)
+    return {"summary": summary, "consensus": stability, "consensus_source": config.consensus_source}

@@ -1,0 +1,303 @@
+"""2-D projections (PCA, t-SNE, UMAP) of labelled activations and their scatter plots.
+
+Figures are drawn with a plain :class:`matplotlib.figure.Figure` on an Agg canvas (no pyplot state, no
+backend switch), so this works headless and from worker threads. :func:`write_projection_plots` writes one
+PNG per projection (atomically: temporary sibling, then ``os.replace``) and returns the same figure as an
+``(H, W, 3)`` uint8 RGB array for ``SummaryWriter.add_image(..., dataformats="HWC")``.
+
+UMAP needs the optional ``umap-learn`` package, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["PROJECTIONS", "ProjectionPlot", "project_2d", "scatter_figure", "write_projection_plots"]
+
+#: Supported projection methods.
+PROJECTIONS: tuple[str, ...] = ("pca", "tsne", "umap")
+
+_UMAP_MISSING = (
+    "UMAP needs the umap-learn package: pip install umap-learn, or leave 'umap' out of the projections"
+)
+
+
+@dataclass(frozen=True)
+class ProjectionPlot:
+    """One written projection plot.
+
+    Attributes:
+        method: Projection method (one of :data:`PROJECTIONS`).
+        path: The PNG written.
+        image_HWC: The same figure as a ``(H, W, 3)`` uint8 RGB array.
+    """
+
+    method: str
+    path: Path
+    image_HWC: np.ndarray
+
+
+def _as_matrix(X_ND: Any) -> npt.NDArray[np.float64]:
+    X = X_ND.detach().cpu().float().numpy() if isinstance(X_ND, torch.Tensor) else np.asarray(X_ND)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (rows, features), got shape {tuple(X.shape)}")
+    X = X.astype(np.float64, copy=False)
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinite values")
+    return X
+
+
+def _as_labels(y_N: Any, n_classes: int) -> npt.NDArray[np.int64]:
+    y = y_N.detach().cpu().numpy() if isinstance(y_N, torch.Tensor) else np.asarray(y_N)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D (one label per row), got shape {tuple(y.shape)}")
+    integral_floats = y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()
+    if y.dtype.kind not in "iub" and not integral_floats:
+        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
+    y = y.astype(np.int64, copy=False)
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ValueError(
+            f"label {bad} is out of range for {n_classes} class names (labels must be 0..{n_classes - 1})"
+        )
+    return y
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    if isinstance(methods, str):
+        methods = (methods,)
+    unknown = [m for m in methods if m not in PROJECTIONS]
+    if unknown:
+        raise ValueError(f"unknown projection method(s) {unknown}; choose from {list(PROJECTIONS)}")
+    return list(dict.fromkeys(methods))
+
+
+def _check_size(method: str, n: int, d: int) -> None:
+    if d < 2:
+        raise ValueError(f"{method} to 2-D needs at least 2 features, got {d}")
+    min_rows = 2 if method == "pca" else 3  # t-SNE: perplexity >= 2 must stay below N; UMAP: n_neighbors >= 2
+    if n < min_rows:
+        raise ValueError(f"{method} to 2-D needs at least {min_rows} rows, got {n}")
+
+
+def project_2d(X_ND: Any, method: str, *, seed: int = 0) -> npt.NDArray[np.float64]:
+    """Project rows to 2-D.
+
+    Args:
+        X_ND: ``(N, D)`` numpy array or torch tensor (``D >= 2``).
+        method: ``"pca"`` (``N >= 2``), ``"tsne"`` (``N >= 3``; perplexity ``min(30, max(2, (N - 1) / 3))``,
+            PCA init) or ``"umap"`` (``N >= 3``; ``n_neighbors = min(15, N - 1)``, random init below 10 rows,
+            spectral otherwise; needs ``umap-learn``).
+        seed: ``random_state`` of the projection.
+
+    Returns:
+        ``(N, 2)`` float64 coordinates.
+
+    Raises:
+        ValueError: Unknown method, ``X_ND`` not 2-D or non-finite, or too few rows / features.
+        ImportError: ``"umap"`` without ``umap-learn`` installed.
+    """
+    if method not in PROJECTIONS:
+        raise ValueError(f"unknown projection method {method!r}; choose from {list(PROJECTIONS)}")
+    X = _as_matrix(X_ND)
+    n, d = X.shape
+    _check_size(method, n, d)
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        out = PCA(n_components=2, random_state=seed).fit_transform(X)
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, max(2.0, (n - 1) / 3))
+        out = TSNE(n_components=2, random_state=seed, init="pca", perplexity=perplexity).fit_transform(X)
+    else:
+        try:
+            import umap
+        except ImportError as err:
+            raise ImportError(_UMAP_MISSING) from err
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*random_state.*")
+            warnings.filterwarnings("ignore", message=".*n_jobs.*")
+            reducer = umap.UMAP(
+                n_components=2,
+                random_state=seed,
+                n_neighbors=min(15, n - 1),
+                init="random" if n < 10 else "spectral",
+            )
+            out = reducer.fit_transform(X)
+    return np.asarray(out, dtype=np.float64).reshape(n, 2)
+
+
+def _class_colours(n_classes: int) -> list[tuple[float, float, float, float]]:
+    from matplotlib import colormaps
+
+    if n_classes <= 10:
+        cmap = colormaps["tab10"]
+        return [cmap(i) for i in range(n_classes)]
+    if n_classes <= 20:
+        cmap = colormaps["tab20"]
+        return [cmap(i) for i in range(n_classes)]
+    cmap = colormaps["turbo"]
+    return [cmap(i / (n_classes - 1)) for i in range(n_classes)]
+
+
+def scatter_figure(points_N2: Any, y_N: Any, class_names: Sequence[str], title: str) -> Figure:
+    """Scatter plot of 2-D points, one colour per class, with a legend of class names.
+
+    The figure has an Agg canvas attached (``fig.canvas``), so it can be drawn or saved without pyplot.
+
+    Args:
+        points_N2: ``(N, 2)`` coordinates (numpy or torch).
+        y_N: ``(N,)`` class indices in ``0..len(class_names) - 1`` (0 is benign by convention).
+        class_names: Name of each class index, shown in the legend.
+        title: Figure title.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: ``points_N2`` not ``(N, 2)``, a length mismatch, no class names or a label out of range.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not class_names:
+        raise ValueError("class_names must name at least one class")
+    points = _as_matrix(points_N2)
+    if points.shape[1] != 2:
+        raise ValueError(f"points must have shape (N, 2), got {tuple(points.shape)}")
+    y = _as_labels(y_N, len(class_names))
+    if y.shape[0] != points.shape[0]:
+        raise ValueError(f"points has {points.shape[0]} rows but y has {y.shape[0]} labels")
+
+    fig = Figure(figsize=(7.0, 5.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = _class_colours(len(class_names))
+    marker_size = 12.0 if points.shape[0] <= 500 else 5.0
+    for k, name in enumerate(class_names):
+        rows = y == k
+        if not rows.any():
+            continue
+        ax.scatter(
+            points[rows, 0],
+            points[rows, 1],
+            s=marker_size,
+            color=colours[k],
+            label=f"{name} ({int(rows.sum())})",
+            alpha=0.75,
+            linewidths=0,
+        )
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if ax.collections:
+        ax.legend(
+            loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", markerscale=2.0, frameon=False
+        )
+    return fig
+
+
+def _render_rgb(fig: Figure) -> npt.NDArray[np.uint8]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _write_png_atomic(fig: Figure, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with tmp.open("xb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_projection_plots(
+    X_ND: Any,
+    y_N: Any,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    prefix: str,
+    methods: Sequence[str] = PROJECTIONS,
+    seed: int = 0,
+    max_rows: int | None = 2000,
+) -> list[ProjectionPlot]:
+    """Project labelled rows with each method and write one scatter plot PNG per method.
+
+    Everything is validated (methods, shapes, labels, ``umap-learn`` when ``"umap"`` is asked for) before any
+    projection is computed or file written.
+
+    Args:
+        X_ND: ``(N, D)`` numpy array or torch tensor.
+        y_N: ``(N,)`` class indices in ``0..len(class_names) - 1`` (0 is benign by convention).
+        class_names: Name of each class index, shown in the legend.
+        out_dir: Folder for the PNGs (created if missing).
+        prefix: File-name prefix and title prefix: writes ``<out_dir>/<prefix>_<method>.png`` titled
+            ``"<prefix> <method>"``.
+        methods: Projection methods, a subset of :data:`PROJECTIONS` (duplicates are done once).
+        seed: Seed of the subsample (``numpy.random.default_rng``) and of each projection.
+        max_rows: When set and ``N > max_rows``, plot a random subset of ``max_rows`` rows.
+
+    Returns:
+        One :class:`ProjectionPlot` per method, in the order given.
+
+    Raises:
+        ValueError: Unknown method, bad shapes or labels, a prefix that is not a plain file-name part, or
+            ``max_rows < 1``.
+        ImportError: ``"umap"`` asked for without ``umap-learn`` installed.
+    """
+    todo = _check_methods(methods)
+    if not prefix or Path(prefix).name != prefix or "/" in prefix or "\\" in prefix:
+        raise ValueError(f"prefix must be a non-empty file-name part without folders, got {prefix!r}")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+    if not class_names:
+        raise ValueError("class_names must name at least one class")
+    X = _as_matrix(X_ND)
+    y = _as_labels(y_N, len(class_names))
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]} labels")
+    if "umap" in todo and importlib.util.find_spec("umap") is None:
+        raise ImportError(_UMAP_MISSING)
+
+    if max_rows is not None and X.shape[0] > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(X.shape[0], size=max_rows, replace=False))
+        X, y = X[keep], y[keep]
+    for method in todo:
+        _check_size(method, X.shape[0], X.shape[1])
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: list[ProjectionPlot] = []
+    for method in todo:
+        points = project_2d(X, method, seed=seed)
+        fig = scatter_figure(points, y, class_names, f"{prefix} {method}")
+        path = out / f"{prefix}_{method}.png"
+        _write_png_atomic(fig, path)
+        plots.append(ProjectionPlot(method=method, path=path, image_HWC=_render_rgb(fig)))
+    return plots

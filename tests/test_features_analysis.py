@@ -1,0 +1,150 @@
+"""The feature analysis end to end: report, artifacts, plots, consensus; the epoch-end callback."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+
+from sae_refusal.activations.datamodule import ActivationBatch, ActivationDataset
+from sae_refusal.features import (
+    CLASS_NAMES,
+    FeatureAnalysisCallback,
+    FeatureAnalysisConfig,
+    SteeringVectors,
+    analyze_features,
+)
+from sae_refusal.features.analysis import class_codes
+from sae_refusal.sae import SAEModule, TopK, TopKSAE
+
+D = 12
+
+
+def make_split(n: int, seed: int) -> ActivationBatch:
+    """Benign, ambiguous and all five categories; each category shifts its own coordinate."""
+    gen = torch.Generator().manual_seed(seed)
+    label = torch.tensor([0 if i % 7 == 0 else (2 if i % 7 == 6 else 1) for i in range(n)])
+    category = torch.where(label == 1, torch.tensor([i % 7 for i in range(n)]), 0)  # 1..5 for harmful
+    acts = torch.randn(n, D, generator=gen)
+    acts[torch.arange(n), category] += 6.0 * (category > 0)
+    return ActivationBatch(acts, label, category, [f"p{seed}-{i}" for i in range(n)])
+
+
+def splits() -> dict[str, ActivationBatch]:
+    return {"train": make_split(140, 0), "val": make_split(35, 1), "test": make_split(70, 2)}
+
+
+FAST = FeatureAnalysisConfig(projections=["pca"], n_permutations=5, top_k_features=3)
+
+
+def test_class_codes_map_benign_categories_and_drop_ambiguous() -> None:
+    batch = make_split(14, 0)
+    codes = class_codes(batch)
+    assert codes[0] == 0 and codes[6] == -1 and codes[3] == 3
+
+
+def test_analysis_writes_report_vectors_and_plots(tmp_path: Path) -> None:
+    saes = {f"seed{s}": TopKSAE(D, 48, k=4, generator=torch.Generator().manual_seed(s)) for s in (0, 1)}
+    result = analyze_features(splits(), saes, FAST, out_dir=tmp_path / "f", metadata={"layer": 3})
+    report = json.loads((tmp_path / "f" / "report.json").read_text())
+    assert report["class_names"] == CLASS_NAMES and report["metadata"] == {"layer": 3}
+    assert report["set_sizes"]["train"]["benign"] == 20 and report["set_sizes"]["train"]["safety"] == 20
+    residual = report["residual"]["clusters"]
+    assert residual["silhouette"] > residual["silhouette_perm_mean"]  # the categories really are separated
+    assert set(report["seeds"]) == {"seed0", "seed1"}
+    head = report["seeds"]["seed0"]["head"]
+    assert len(head["confusion"]) == 6 and 0.0 <= head["accuracy"] <= 1.0
+    across = report["across_seeds"]
+    assert across["summary"]["head_accuracy"]["n"] == 2
+    assert set(across["consensus"]["stability"]) <= set(CLASS_NAMES)
+    # CAA: category c's vector points along coordinate c (the planted shift)
+    vec = SteeringVectors.load(tmp_path / "f" / "seed0")
+    for c in range(1, 6):
+        assert int(vec.vector(c).abs().argmax()) == c
+    assert vec.metadata["sae"]["name"] == "seed0" and vec.metadata["set_sizes"]["benign"] == 20
+    torch.testing.assert_close(vec.sas_CF, result.vectors["seed0"].sas_CF)
+    assert sorted(p.name for p in (tmp_path / "f" / "plots").iterdir()) == [
+        "residual_pca.png",
+        "seed0_sparse_pca.png",
+        "seed1_sparse_pca.png",
+    ]
+    scalars = result.scalars()
+    assert scalars and all(math.isfinite(v) for v in scalars.values())
+    assert "seeds/seed1/head/accuracy" in scalars and not any("/share/" in k for k in scalars)
+
+
+def test_analysis_is_deterministic_and_config_errors_name_the_key(tmp_path: Path) -> None:
+    sae = {"seed0": TopKSAE(D, 24, k=3, generator=torch.Generator().manual_seed(0))}
+    a = analyze_features(splits(), sae, FAST).report
+    b = analyze_features(splits(), sae, FAST).report
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    with pytest.raises(ValueError, match=r"features\.projections"):
+        FeatureAnalysisConfig(projections=["pca", "mds"])
+    with pytest.raises(ValueError, match=r"features\.head"):
+        FeatureAnalysisConfig(head="svm")
+    with pytest.raises(ValueError, match=r"features\.eval_split='nope'"):
+        analyze_features(splits(), sae, FeatureAnalysisConfig(eval_split="nope"))
+
+
+def test_torch_head_and_sas_consensus_options() -> None:
+    saes = {f"seed{s}": TopKSAE(D, 24, k=3, generator=torch.Generator().manual_seed(s)) for s in (0, 1, 2)}
+    config = FeatureAnalysisConfig(
+        projections=[], n_permutations=0, head="torch", head_steps=50, consensus_source="sas", sas_top_k=4
+    )
+    report = analyze_features(splits(), saes, config).report
+    assert report["seeds"]["seed2"]["head"]["method"] == "torch"
+    assert all(n <= 4 for n in report["seeds"]["seed0"]["sas"]["n_features"].values())
+    assert report["across_seeds"]["consensus_source"] == "sas"
+    assert report["across_seeds"]["summary"]["head_macro_f1"]["n"] == 3
+
+
+class InMemoryData(L.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits = splits()
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(ActivationDataset(self.splits["train"]), batch_size=35)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(ActivationDataset(self.splits["val"]), batch_size=35)
+
+
+def test_callback_runs_at_due_epochs_only_and_logs_to_tensorboard(tmp_path: Path) -> None:
+    callback = FeatureAnalysisCallback(analysis=FAST, every_n_epochs=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=1,
+        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[callback],
+    )
+    module = SAEModule(d_model=D, architecture=TopK(k=4), expansion_factor=4, seeds=[0, 1])
+    trainer.fit(module, datamodule=InMemoryData())
+    log_dir = Path(trainer.log_dir or "")
+    assert sorted(p.name for p in (log_dir / "features").iterdir()) == [
+        "epoch1",
+        "epoch2",
+    ]  # every 2nd + last
+    report = json.loads((log_dir / "features" / "epoch2" / "report.json").read_text())
+    assert report["metadata"]["epoch"] == 2
+    assert report["metadata"]["sae_paths"]["seed1"] == str(log_dir / "sae" / "seed1")
+    # the last analysis used the trained weights that were then exported
+    assert callback.last is not None and callback.last.report == report
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert "features/seeds/seed0/head/macro_f1" in events.Tags()["scalars"]
+    assert "features/residual_pca" in events.Tags()["images"]
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        FeatureAnalysisCallback(every_n_epochs=0)

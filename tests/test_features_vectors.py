@@ -1,0 +1,101 @@
+"""CAA and SAS vectors against hand computation, and the steering-vector artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_refusal.features import SteeringVectors, caa_vectors, sas_vectors
+from sae_refusal.features.vectors import class_means
+from sae_refusal.sae import TopKSAE
+
+
+def test_caa_is_category_mean_minus_benign_mean_and_ignores_ambiguous() -> None:
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 5, generator=gen)
+    y = torch.tensor([0] * 10 + [1] * 8 + [2] * 7 + [-1] * 5)
+    vectors, counts = caa_vectors(X, y, n_classes=4)
+    assert vectors.shape == (3, 5) and counts.tolist() == [10, 8, 7, 0]
+    torch.testing.assert_close(vectors[0], X[10:18].mean(0) - X[:10].mean(0))
+    torch.testing.assert_close(vectors[1], X[18:25].mean(0) - X[:10].mean(0))
+    assert torch.count_nonzero(vectors[2]) == 0  # category 3 has no rows: a zero vector, count 0
+
+
+def test_sas_threshold_shared_removal_and_top_k() -> None:
+    # features: 0 benign-only, 1 shared, 2 category-1-only strong, 3 category-1-only weak, 4 below tau
+    Z = torch.tensor(
+        [
+            [2.0, 1.0, 0.0, 0.0, 0.05],
+            [2.0, 1.0, 0.0, 0.0, 0.05],
+            [0.0, 1.5, 3.0, 0.5, 0.05],
+            [0.0, 1.5, 3.0, 0.5, 0.05],
+        ]
+    )
+    y = torch.tensor([0, 0, 1, 1])
+    sas = sas_vectors(Z, y, n_classes=2, tau=0.1)
+    assert sas.vectors_CF[0].tolist() == [-2.0, 0.0, 3.0, 0.5, 0.0]
+    assert sas.shared_CF[0].tolist() == [False, True, False, False, False]
+    kept = sas_vectors(Z, y, n_classes=2, tau=0.1, remove_shared=False)
+    assert kept.vectors_CF[0, 1].item() == pytest.approx(0.5)  # the shared feature's difference stays
+    top = sas_vectors(Z, y, n_classes=2, tau=0.1, top_k=2)
+    assert top.features(1) == [0, 2]  # the two largest |v_z|
+    with pytest.raises(ValueError, match="tau"):
+        sas_vectors(Z, y, 2, tau=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        sas_vectors(Z, y, 2, top_k=0)
+
+
+def test_input_errors_name_the_problem() -> None:
+    X = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="benign"):
+        caa_vectors(X, torch.tensor([1, 1, 2, 2]), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        class_means(X, torch.tensor([0, 1, 5, 2]), 3)
+    with pytest.raises(ValueError, match="one entry per row"):
+        class_means(X, torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match="2-D"):
+        class_means(torch.randn(4), torch.tensor([0, 1, 1, 0]), 3)
+
+
+def test_artifact_round_trip_and_nothing_written_on_bad_metadata(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    sae = TopKSAE(6, 12, k=3, generator=gen)
+    sae.set_input_scale(2.0)
+    sas_CF = torch.zeros(2, 12)
+    sas_CF[0, 3], sas_CF[1, 5] = 1.5, -0.5
+    decoded = sae.decode_direction(sas_CF)
+    torch.testing.assert_close(decoded[0], 1.5 * sae.W_dec_FD[3].detach() / 2.0)
+    vec = SteeringVectors(
+        class_names=["benign", "a", "b"],
+        caa_CD=torch.randn(2, 6, generator=gen),
+        sas_CF=sas_CF,
+        sas_decoded_CD=decoded.detach(),
+        metadata={"layer": 3, "tau": 0.0},
+    )
+    folder = vec.save(tmp_path / "vec")
+    loaded = SteeringVectors.load(folder)
+    assert loaded.class_names == vec.class_names and loaded.metadata == {"layer": 3, "tau": 0.0}
+    torch.testing.assert_close(loaded.vector("b", "sas"), sas_CF[1])
+    torch.testing.assert_close(loaded.vector(1, "caa"), vec.caa_CD[0])
+    assert json.loads((folder / "vectors.json").read_text())["tensors"] == [
+        "caa_CD",
+        "sas_CF",
+        "sas_decoded_CD",
+    ]
+    with pytest.raises(ValueError, match="not one of"):
+        loaded.vector("benign")
+    bad = SteeringVectors(class_names=["benign", "a", "b"], caa_CD=vec.caa_CD, metadata={"x": object()})
+    with pytest.raises(TypeError):
+        bad.save(tmp_path / "vec")  # the existing artifact is kept, no temp folder left behind
+    torch.testing.assert_close(SteeringVectors.load(folder).caa_CD, vec.caa_CD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vec"]
+    with pytest.raises(ValueError, match="one row per category"):
+        SteeringVectors(class_names=["benign", "a"], caa_CD=torch.zeros(2, 6))
+    with pytest.raises(FileNotFoundError, match=r"vectors\.json"):
+        SteeringVectors.load(tmp_path)
+    caa_only = SteeringVectors(class_names=["benign", "a", "b"], caa_CD=vec.caa_CD)
+    with pytest.raises(ValueError, match="no 'sas'"):
+        SteeringVectors.load(caa_only.save(tmp_path / "caa")).vector("a", "sas")
