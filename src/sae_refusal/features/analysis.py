@@ -217,29 +217,12 @@ def _fit_head(
     X_eval: torch.Tensor,
     y_eval: torch.Tensor,
 ) -> HeadReport:
+    data = (X_fit, y_fit, X_eval, y_eval, CLASS_NAMES)
+    top_k, seed = config.top_k_features, config.seed
     if config.head == "sklearn":
-        report, _ = fit_sklearn_head(
-            X_fit,
-            y_fit,
-            X_eval,
-            y_eval,
-            CLASS_NAMES,
-            C=config.head_c,
-            top_k=config.top_k_features,
-            seed=config.seed,
-        )
+        report, _ = fit_sklearn_head(*data, C=config.head_c, top_k=top_k, seed=seed)
     else:
-        report, _ = fit_torch_head(
-            X_fit,
-            y_fit,
-            X_eval,
-            y_eval,
-            CLASS_NAMES,
-            l1=config.head_l1,
-            steps=config.head_steps,
-            top_k=config.top_k_features,
-            seed=config.seed,
-        )
+        report, _ = fit_torch_head(*data, l1=config.head_l1, steps=config.head_steps, top_k=top_k, seed=seed)
     return report
 
 
