@@ -142,9 +142,17 @@ def test_callback_runs_at_due_epochs_only_and_logs_to_tensorboard(tmp_path: Path
     assert report["metadata"]["sae_paths"]["seed1"] == str(log_dir / "sae" / "seed1")
     # the last analysis used the trained weights that were then exported
     assert callback.last is not None and callback.last.report == report
-    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     assert "features/seeds/seed0/head/macro_f1" in events.Tags()["scalars"]
     assert "features/residual_pca" in events.Tags()["images"]
+    assert "features/seed1/head_confusion/text_summary" in events.Tags()["tensors"]
     with pytest.raises(ValueError, match="every_n_epochs"):
         FeatureAnalysisCallback(every_n_epochs=0)
+
+
+def test_confusion_markdown_table() -> None:
+    from sae_refusal.features.callback import confusion_markdown
+
+    table = confusion_markdown([[3, 1], [0, 2]], ["benign", "safety"])
+    assert table.splitlines()[2] == "| benign | 3 | 1 |" and table.count("\n") == 3

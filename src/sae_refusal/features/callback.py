@@ -3,8 +3,9 @@
 Runs :func:`~sae_refusal.features.analysis.analyze_features` on the data module's splits and the module's
 SAEs (``named_saes()``) every ``every_n_epochs`` training epochs and at the last one, never during the
 sanity check, on global rank zero only. Output goes to ``<log_dir>/features/epoch{e}/`` (report, vector
-artifacts, PNG plots); the numbers go to the logger as ``features/...`` scalars and the plots as
-TensorBoard images when the logger is a TensorBoard one.
+artifacts, PNG plots); the numbers go to the logger as ``features/...`` scalars, the plots as
+TensorBoard images and each head's held-out confusion matrix as a text table when the logger is a
+TensorBoard one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import lightning as L
 
 from sae_refusal.features.analysis import FeatureAnalysis, FeatureAnalysisConfig, analyze_features
 
-__all__ = ["FeatureAnalysisCallback"]
+__all__ = ["FeatureAnalysisCallback", "confusion_markdown"]
+
+
+def confusion_markdown(confusion: list[list[int]], class_names: list[str]) -> str:
+    """A confusion matrix (rows true, columns predicted) as a Markdown table for TensorBoard's text tab."""
+    header = "| true \\ predicted | " + " | ".join(class_names) + " |"
+    lines = [header, "|---" * (len(class_names) + 1) + "|"]
+    for name, row in zip(class_names, confusion, strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(n) for n in row) + " |")
+    return "\n".join(lines)
 
 
 class FeatureAnalysisCallback(L.Callback):
@@ -79,3 +89,7 @@ class FeatureAnalysisCallback(L.Callback):
                 experiment.add_image(
                     f"features/{tag}", plot.image_HWC, trainer.global_step, dataformats="HWC"
                 )
+        if experiment is not None and hasattr(experiment, "add_text"):
+            for name, seed_report in result.report.get("seeds", {}).items():
+                table = confusion_markdown(seed_report["head"]["confusion"], result.report["class_names"])
+                experiment.add_text(f"features/{name}/head_confusion", table, trainer.global_step)
