@@ -229,5 +229,23 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
     for section in ("residual", "seeds", "across_seeds", "set_sizes", "config"):
         assert standalone[section] == from_callback[section], section
     assert sorted(p.name for p in out.iterdir()) == ["plots", "report.json", "seed0", "seed1"]
+    tweaked = tmp_path / "tweaked"
+    args = [
+        "features",
+        "--config",
+        str(config_path),
+        "--sae_dir",
+        str(log_dir / "sae"),
+        "--out",
+        str(tweaked),
+    ]
+    main([*args, "--analysis.sas_top_k", "3", "--analysis.projections=[]"])
+    report = json.loads((tweaked / "report.json").read_text())
+    assert report["config"]["sas_top_k"] == 3 and not (tweaked / "plots").exists()
+    assert all(n <= 3 for n in report["seeds"]["seed0"]["sas"]["n_features"].values())
+    with pytest.raises(SystemExit, match="unknown --analysis"):
+        main([*args, "--analysis.taux", "1"])
+    with pytest.raises(SystemExit, match=r"features\.tau"):
+        main([*args, "--analysis.tau", "-1"])
     with pytest.raises(SystemExit, match=r"no cfg\.json"):
         main(["features", "--config", str(config_path), "--sae_dir", str(tmp_path)])

@@ -15,10 +15,12 @@ are dispatched here first:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -102,6 +104,29 @@ def cache_command(args: Sequence[str]) -> None:
     print(f"  truncated prompts: {extra.get('n_truncated', 0)}")
 
 
+def _analysis_overrides(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Split ``--analysis.KEY VALUE`` / ``--analysis.KEY=VALUE`` pairs (values read as YAML) from ``args``."""
+    import yaml
+
+    rest: list[str] = []
+    overrides: dict[str, Any] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--analysis."):
+            key, sep, value = item.removeprefix("--analysis.").partition("=")
+            if not sep:
+                if i + 1 >= len(items):
+                    raise SystemExit(f"{item} needs a value")
+                value, i = items[i + 1], i + 1
+            overrides[key] = yaml.safe_load(value)
+        else:
+            rest.append(item)
+        i += 1
+    return rest, overrides
+
+
 def features_command(args: Sequence[str]) -> None:
     """``sae-refusal features --config fit.yaml --sae_dir DIR [--out DIR]``: the analysis, standalone."""
     import argparse
@@ -114,7 +139,8 @@ def features_command(args: Sequence[str]) -> None:
         prog="sae-refusal features",
         description="Steering vectors, heads, cluster metrics, plots and cross-seed consensus from saved SAE "
         "exports and the activation cache a fit config describes. The analysis settings are those of the "
-        "config's FeatureAnalysisCallback (defaults if it has none), so the numbers equal the callback's. "
+        "config's FeatureAnalysisCallback (defaults if it has none), so the numbers equal the callback's; "
+        "--analysis.KEY VALUE changes one (e.g. --analysis.tau 0.1 --analysis.projections '[pca]'). "
         "Other options are those of `sae-refusal fit` (e.g. --config, --data.layer).",
     )
     parser.add_argument(
@@ -124,6 +150,7 @@ def features_command(args: Sequence[str]) -> None:
         "--out", default=None, help="output folder (default: <sae_dir>/../features/standalone)"
     )
     known, rest = parser.parse_known_args(list(args))
+    rest, overrides = _analysis_overrides(rest)
     sae_dir = Path(known.sae_dir)
     if (sae_dir / "cfg.json").is_file():
         folders = {sae_dir.name: sae_dir}
@@ -137,6 +164,15 @@ def features_command(args: Sequence[str]) -> None:
         raise SystemExit(f"data must be an ActivationDataModule, got {type(datamodule).__name__}")
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, FeatureAnalysisCallback)]  # type: ignore[attr-defined]
     config = callbacks[0].analysis if callbacks else FeatureAnalysisConfig()
+    if overrides:
+        known_keys = {f.name for f in dataclasses.fields(FeatureAnalysisConfig)}
+        unknown = sorted(set(overrides) - known_keys)
+        if unknown:
+            raise SystemExit(f"unknown --analysis option(s) {unknown}; valid: {sorted(known_keys)}")
+        try:
+            config = dataclasses.replace(config, **overrides)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"--analysis: {err}") from err
     datamodule.prepare_data()
     datamodule.setup("fit")
     saes = {name: load_sae(folder) for name, folder in folders.items()}
