@@ -12,6 +12,7 @@ Data: a small in-memory :class:`ActivationDataModule` (no LLM, no cache) with th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sae_refusal.activations.datamodule import ActivationBatch, ActivationDataModule
 from sae_refusal.cli import SAERefusalCLI
+from sae_refusal.features import FeatureAnalysisCallback, FeatureAnalysisConfig
 from sae_refusal.sae import SAEModule, TopK, TopKSAE, load_sae
 
 D_MODEL, N_TRAIN, BATCH = 16, 96, 8
@@ -227,12 +229,23 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batches(tmp_pa
     per-rank gradients is the single-process gradient, and the dead-latent flags are OR-ed over ranks. The
     AuxK term is off: it is normalised per batch, so each rank would normalise its own half differently.
     """
+    analysis = FeatureAnalysisConfig(projections=[], n_permutations=2, top_k_features=2)
+
+    def features() -> list[L.Callback]:  # the feature analysis at the last epoch, on rank zero only
+        return [FeatureAnalysisCallback(analysis=analysis, every_n_epochs=2)]
+
     L.seed_everything(0)
-    single = make_trainer(tmp_path / "single")
+    single = make_trainer(tmp_path / "single", callbacks=features())
     single.fit(make_module(aux=False), datamodule=InMemoryActivations(batch_size=BATCH))
     L.seed_everything(0)
-    ddp = make_trainer(tmp_path / "ddp", devices=2, strategy="ddp_spawn")
+    ddp = make_trainer(tmp_path / "ddp", devices=2, strategy="ddp_spawn", callbacks=features())
     ddp.fit(make_module(aux=False), datamodule=InMemoryActivations(batch_size=BATCH // 2))
+    reports = {}
+    for run in ("single", "ddp"):
+        assert [p.name for p in (tmp_path / run / "features").iterdir()] == ["epoch1"]
+        reports[run] = json.loads((tmp_path / run / "features" / "epoch1" / "report.json").read_text())
+    assert reports["ddp"]["residual"] == reports["single"]["residual"]  # same data, written once
+    assert set(reports["ddp"]["seeds"]) == {"seed0", "seed1"}
     initial = make_module(aux=False)
     for seed in (0, 1):
         one = load_sae(tmp_path / "single" / "sae" / f"seed{seed}")
