@@ -173,8 +173,7 @@ def features_command(args: Sequence[str]) -> None:
             config = dataclasses.replace(config, **overrides)
         except (TypeError, ValueError) as err:
             raise SystemExit(f"--analysis: {err}") from err
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule.setup("fit")  # writes the split manifest and fills the cache when missing, then reads it
     saes = {name: load_sae(folder) for name, folder in folders.items()}
     widths = {name: sae.d_model for name, sae in saes.items() if sae.d_model != datamodule.d_model}
     if widths:

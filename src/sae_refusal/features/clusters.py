@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from sklearn.metrics import (
     calinski_harabasz_score,
     davies_bouldin_score,
     pairwise_distances,
     silhouette_score,
 )
+
+from sae_refusal.features.arrays import as_labels, as_matrix
 
 __all__ = ["METRIC_NAMES", "ClusterReport", "ClusterScores", "cluster_metrics", "cluster_scores"]
 
@@ -98,29 +99,6 @@ class ClusterReport:
         return out
 
 
-def _as_matrix(X_ND: Any) -> npt.NDArray[np.float64]:
-    X = X_ND.detach().cpu().float().numpy() if isinstance(X_ND, torch.Tensor) else np.asarray(X_ND)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (rows, features), got shape {tuple(X.shape)}")
-    if not (np.issubdtype(X.dtype, np.number) or X.dtype == np.bool_):
-        raise ValueError(f"X must be numeric, got dtype {X.dtype}")
-    X = X.astype(np.float64, copy=False)
-    if not np.isfinite(X).all():
-        raise ValueError("X contains NaN or infinite values")
-    return X
-
-
-def _as_labels(y_N: Any) -> npt.NDArray[np.int64]:
-    y = y_N.detach().cpu().numpy() if isinstance(y_N, torch.Tensor) else np.asarray(y_N)
-    if y.ndim != 1:
-        raise ValueError(f"y must be 1-D (one label per row), got shape {tuple(y.shape)}")
-    if y.dtype.kind in "iub":
-        return y.astype(np.int64, copy=False)
-    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
-        return y.astype(np.int64)
-    raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
-
-
 def _validate(X: npt.NDArray[np.float64], y: npt.NDArray[np.int64], what: str = "") -> int:
     """Check the rows can be scored; return the number of distinct labels."""
     if X.shape[0] != y.shape[0]:
@@ -174,7 +152,7 @@ def cluster_scores(X_ND: Any, y_N: Any) -> ClusterScores:
         ValueError: ``X_ND`` not 2-D, non-finite or constant; ``y_N`` not 1-D integer labels; a length
             mismatch; fewer than 2 distinct labels or no more rows than labels; or scikit-learn failing.
     """
-    X, y = _as_matrix(X_ND), _as_labels(y_N)
+    X, y = as_matrix(X_ND), as_labels(y_N)
     _validate(X, y)
     return _scores(X, y, None)
 
@@ -213,7 +191,7 @@ def cluster_metrics(
         raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
-    X, y = _as_matrix(X_ND), _as_labels(y_N)
+    X, y = as_matrix(X_ND), as_labels(y_N)
     _validate(X, y)
     rng = np.random.default_rng(seed)
     if max_rows is not None and X.shape[0] > max_rows:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
+
+from sae_refusal.features.arrays import as_labels, as_matrix
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -50,32 +51,6 @@ class ProjectionPlot:
     method: str
     path: Path
     image_HWC: np.ndarray
-
-
-def _as_matrix(X_ND: Any) -> npt.NDArray[np.float64]:
-    X = X_ND.detach().cpu().float().numpy() if isinstance(X_ND, torch.Tensor) else np.asarray(X_ND)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (rows, features), got shape {tuple(X.shape)}")
-    X = X.astype(np.float64, copy=False)
-    if not np.isfinite(X).all():
-        raise ValueError("X contains NaN or infinite values")
-    return X
-
-
-def _as_labels(y_N: Any, n_classes: int) -> npt.NDArray[np.int64]:
-    y = y_N.detach().cpu().numpy() if isinstance(y_N, torch.Tensor) else np.asarray(y_N)
-    if y.ndim != 1:
-        raise ValueError(f"y must be 1-D (one label per row), got shape {tuple(y.shape)}")
-    integral_floats = y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()
-    if y.dtype.kind not in "iub" and not integral_floats:
-        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
-    y = y.astype(np.int64, copy=False)
-    if y.size and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-        raise ValueError(
-            f"label {bad} is out of range for {n_classes} class names (labels must be 0..{n_classes - 1})"
-        )
-    return y
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
@@ -114,7 +89,7 @@ def project_2d(X_ND: Any, method: str, *, seed: int = 0) -> npt.NDArray[np.float
     """
     if method not in PROJECTIONS:
         raise ValueError(f"unknown projection method {method!r}; choose from {list(PROJECTIONS)}")
-    X = _as_matrix(X_ND)
+    X = as_matrix(X_ND)
     n, d = X.shape
     _check_size(method, n, d)
     if method == "pca":
@@ -185,10 +160,10 @@ def scatter_figure(points_N2: Any, y_N: Any, class_names: Sequence[str], title: 
 
     if not class_names:
         raise ValueError("class_names must name at least one class")
-    points = _as_matrix(points_N2)
+    points = as_matrix(points_N2)
     if points.shape[1] != 2:
         raise ValueError(f"points must have shape (N, 2), got {tuple(points.shape)}")
-    y = _as_labels(y_N, len(class_names))
+    y = as_labels(y_N, len(class_names))
     if y.shape[0] != points.shape[0]:
         raise ValueError(f"points has {points.shape[0]} rows but y has {y.shape[0]} labels")
 
@@ -284,8 +259,8 @@ def write_projection_plots(
         raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
     if not class_names:
         raise ValueError("class_names must name at least one class")
-    X = _as_matrix(X_ND)
-    y = _as_labels(y_N, len(class_names))
+    X = as_matrix(X_ND)
+    y = as_labels(y_N, len(class_names))
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]} labels")
     if "umap" in todo and importlib.util.find_spec("umap") is None:

@@ -57,23 +57,23 @@ def rows_grad(
     counts = torch.bincount(flat, minlength=n_rows)
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     cols = torch.div(order, width, rounding_mode="floor")  # the batch row of each sorted entry
+    return _csr(crow, cols, weights_BK.reshape(-1)[order], (n_rows, n)) @ dense_BD
+
+
+def _csr(
+    crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """A CSR matrix from arrays valid by construction (invariant checks off, PyTorch's beta notice hidden)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        S_NB = torch.sparse_csr_tensor(
-            crow, cols, weights_BK.reshape(-1)[order], (n_rows, n), check_invariants=False
-        )  # valid by construction: sorted, counted indices
-        return S_NB @ dense_BD
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 def _csr_of_rows(values_BK: torch.Tensor, indices_BK: torch.Tensor, n_cols: int) -> torch.Tensor:
     """The ``(B, n_cols)`` CSR matrix with ``values_BK`` at ``indices_BK`` (k per row: no sort needed)."""
     n, width = indices_BK.shape
     crow = torch.arange(0, n * width + 1, width, device=indices_BK.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            crow, indices_BK.reshape(-1), values_BK.reshape(-1), (n, n_cols), check_invariants=False
-        )
+    return _csr(crow, indices_BK.reshape(-1), values_BK.reshape(-1), (n, n_cols))
 
 
 class _SparseDecode(torch.autograd.Function):
