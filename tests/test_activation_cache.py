@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sae_refusal.activations.cache import (
     ActivationCache,
@@ -16,7 +18,9 @@ from sae_refusal.activations.cache import (
     CacheIdentity,
     CacheMismatchError,
     CacheNotFoundError,
+    NonFiniteActivationsError,
     find_cache,
+    first_non_finite,
 )
 
 D = 8
@@ -27,10 +31,15 @@ def identity(**overrides: object) -> CacheIdentity:
         model="tiny",
         revision="local",
         weights_hash="abc",
+        adapter_hash="",
         model_dtype="float32",
         quantization="none",
-        layers=(1, 3),
+        attn_implementation="",
+        trust_remote_code=False,
+        tokenizer_hash="tok",
         chat_template_hash="tmpl",
+        system_prompt_hash="sys",
+        layers=(1, 3),
         prompt_set_hash="prompts",
         dtype="float32",
         max_length=64,
@@ -82,6 +91,13 @@ def test_storage_dtype_is_applied(tmp_path: Path) -> None:
         ("layers", (5,)),
         ("model_dtype", "bfloat16"),
         ("quantization", "4bit"),
+        ("adapter_hash", "artifact"),
+        ("attn_implementation", "sdpa"),
+        ("trust_remote_code", True),
+        ("tokenizer_hash", "tok2"),
+        ("system_prompt_hash", "sys2"),
+        ("overflow", "error"),
+        ("revision", "v2"),
     ],
 )
 def test_mismatch_names_the_field(tmp_path: Path, field: str, value: object) -> None:
@@ -118,6 +134,72 @@ def test_altered_shard_fails_hash_check_and_unreadable_shard_fails_load(tmp_path
     cache = ActivationCache.open(tmp_path / "c", verify="none")
     with pytest.raises(CacheCorruptError, match="shard-00000"):
         cache.load(1)
+
+
+def test_flipped_byte_of_same_size_fails_the_default_check(tmp_path: Path) -> None:
+    write_cache(tmp_path / "c", identity())
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a mantissa bit in the middle of the tensor data: still finite
+    shard.write_bytes(bytes(data))
+    ActivationCache.open(tmp_path / "c", verify="size")  # same size: the cheap check cannot see it
+    with pytest.raises(CacheCorruptError, match=r"shard-00001.*sha256"):
+        ActivationCache.open(tmp_path / "c")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_writer_refuses_non_finite_rows_and_writes_nothing(tmp_path: Path, bad: float) -> None:
+    ident = identity()
+    acts = torch.zeros(5, D)
+    acts[3, 2] = bad
+    with (
+        pytest.raises(NonFiniteActivationsError, match=r"layer 3, row 7: non-finite"),
+        ActivationCacheWriter(tmp_path / "c", ident, D, 4) as writer,
+    ):
+        writer.add({1: torch.zeros(4, D), 3: torch.zeros(4, D)})
+        writer.add({1: torch.zeros(5, D), 3: acts})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_values_beyond_the_storage_dtype(tmp_path: Path) -> None:
+    acts = torch.zeros(2, D)
+    acts[1, 0] = 1e6  # finite in float32, inf in float16
+    with (
+        pytest.raises(NonFiniteActivationsError, match=r"row 1.*float16"),
+        ActivationCacheWriter(tmp_path / "c", identity(dtype="float16"), D) as writer,
+    ):
+        writer.add({1: acts, 3: torch.zeros(2, D)})
+
+
+def test_first_non_finite_is_exact() -> None:
+    assert first_non_finite(torch.zeros(3, D)) is None
+    huge = torch.full((4, D), 3e38)  # finite values whose float32 sum overflows
+    assert first_non_finite(huge) is None
+    huge[2, 5] = float("-inf")
+    assert first_non_finite(huge) == 2
+    half = torch.zeros(3, D, dtype=torch.float16)
+    half[1, 1] = float("nan")
+    assert first_non_finite(half) == 1
+
+
+def test_cache_with_non_finite_values_is_refused_on_open_and_load(tmp_path: Path) -> None:
+    """A cache written before the writer checked (valid hashes, inf inside) is still never served."""
+    write_cache(tmp_path / "c", identity(), n=10, shard_rows=4)
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    tensors = load_file(shard)
+    tensors["layer_3"][2, 0] = float("inf")  # row 4 + 2 = 6 of the cache
+    save_file(tensors, shard, metadata={"rows": "4"})
+    manifest_path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest["shards"][1]
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(NonFiniteActivationsError, match=r"shard-00001.*layer_3 row 6 \(prompt 'p6'\)"):
+        ActivationCache.open(tmp_path / "c")
+    cache = ActivationCache.open(tmp_path / "c", verify="size")
+    assert cache.load(1).shape == (10, D)  # the other layer is fine
+    with pytest.raises(NonFiniteActivationsError, match="row 6"):
+        cache.load(3)
 
 
 def test_missing_shard_and_missing_manifest(tmp_path: Path) -> None:
@@ -170,6 +252,10 @@ def test_corrupt_manifest_and_wrong_format(tmp_path: Path) -> None:
     payload = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**payload, "format_version": 999}))
     with pytest.raises(CacheMismatchError, match="format"):
+        ActivationCache.open(tmp_path / "c")
+    # Version-1 caches left the adapter, tokenizer and system prompt out of the identity: never reused.
+    manifest.write_text(json.dumps({**payload, "format_version": 1}))
+    with pytest.raises(CacheMismatchError, match="cache format 1, this version reads 2"):
         ActivationCache.open(tmp_path / "c")
     manifest.write_text("{not json")
     with pytest.raises(CacheCorruptError, match="unreadable manifest"):

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import sae_refusal.activations.build as build
+import sae_refusal.activations.datamodule as datamodule
 from sae_refusal.activations import ActivationCache, ActivationDataModule, CacheConfig, CacheMismatchError
 from sae_refusal.activations.build import request_identity
+from sae_refusal.data import Label, Prompt, PromptSet
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig, load_prompt_set
 from sae_refusal.data.splits import SplitConfig
@@ -184,3 +186,53 @@ def test_ddp_ranks_get_disjoint_equal_shards(tiny_model_dir: Path, prompt_file: 
         rows = [{i for batch in batches for i in batch} for batches in per_rank]
         assert rows[0].isdisjoint(rows[1])
         assert len(rows[0]) == len(rows[1]) == n_train // 2  # drop_last trims at most one row per rank
+
+
+def test_val_loader_serves_only_val_and_refuses_to_stand_in_with_test(
+    tiny_model_dir: Path, prompt_file: Path
+) -> None:
+    no_val = make_dm(tiny_model_dir, prompt_file)  # val_fraction 0
+    no_val.setup()
+    assert len(no_val.splits["val"].ids) == 0 and len(no_val.splits["test"].ids) > 0
+    with pytest.raises(
+        ValueError,
+        match=r"validation split is empty \(data\.split\.val_fraction=0\.0\).*trainer\.limit_val_batches=0",
+    ):
+        no_val.val_dataloader()
+    with_val = make_dm(tiny_model_dir, prompt_file)
+    with_val.split = SplitConfig(test_fraction=0.25, val_fraction=0.2, seed=0)
+    with_val.setup()
+    served = [with_val.splits["val"].ids[i] for b in with_val.val_dataloader() for i in b["index"].tolist()]
+    assert sorted(served) == sorted(with_val.splits["val"].ids)
+    assert set(served).isdisjoint(with_val.splits["test"].ids)
+
+
+def test_harmful_prompts_without_a_category_are_refused_before_any_encoding(
+    tiny_model_dir: Path, prompt_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prompt set that bypassed the source loaders (e.g. the built-in path): the data module checks it too.
+    prompts = [Prompt(f"b:{i}", f"benign {i}", Label.BENIGN, source="b") for i in range(6)]
+    prompts.append(Prompt("h:9", "Do something bad", Label.HARMFUL, source="h"))
+    monkeypatch.setattr(datamodule, "load_builtin", lambda: PromptSet(prompts))
+    dm = ActivationDataModule(
+        llm=LLMConfig(name_or_path=str(tiny_model_dir)),
+        cache=CacheConfig(root=str(prompt_file / "cache"), layers=(1,)),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"built-in prompt set: 1 prompts .* row 6 id 'h:9' \(source 'h'\): harmful prompt without",
+    ):
+        dm.setup()
+    assert not (prompt_file / "cache").exists()  # refused before the LLM ran
+    # Through configured sources, the loader names the file, row and id.
+    (prompt_file / "harmful.jsonl").write_text(
+        (prompt_file / "harmful.jsonl").read_text() + json.dumps({"id": "x", "prompt": "Hurt them"}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"source 'h': harmful row 12 \(id 'h:x'\) of .*harmful\.jsonl"):
+        make_dm(tiny_model_dir, prompt_file).prepare_data()
+
+
+def test_served_layer_is_resolved_without_loading_weights(tiny_model_dir: Path, prompt_file: Path) -> None:
+    assert make_dm(tiny_model_dir, prompt_file).served_layer == 1  # the first cached layer
+    assert make_dm(tiny_model_dir, prompt_file, layer=2).served_layer == 2
+    assert make_dm(tiny_model_dir, prompt_file, layers=(-1,)).served_layer == 3  # 4 blocks

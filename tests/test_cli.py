@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +250,38 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
         main([*args, "--analysis.tau", "-1"])
     with pytest.raises(SystemExit, match=r"no cfg\.json"):
         main(["features", "--config", str(config_path), "--sae_dir", str(tmp_path)])
+    meta = json.loads((log_dir / "sae" / "seed0" / "cfg.json").read_text())["metadata"]
+    assert (meta["layer"], meta["epoch"], meta["model"]) == (2, 2, str(tiny_model_dir))
+    assert report["metadata"]["epoch"] == 2 and report["metadata"]["global_step"] == meta["global_step"]
+    capsys.readouterr()
+    # another layer than the exports were trained at: refused, naming both
+    with pytest.raises(SystemExit):
+        main([*args, "--data.layer", "1"])
+    assert "seed0 was trained at layer 2, data.layer serves 1" in capsys.readouterr().err
+    # the same weights under another path are the same model; other weights are not
+    same = tmp_path / "same-weights"
+    shutil.copytree(tiny_model_dir, same)
+    main([*args, "--data.llm.name_or_path", str(same)])
+    weights = next(same.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a byte in the middle of the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit):
+        main([*args, "--data.llm.name_or_path", str(same)])
+    assert "whose weights differ from data.llm" in capsys.readouterr().err
+    main([*args, "--data.llm.name_or_path", str(same), "--allow_other_model"])
+
+
+def test_user_errors_are_one_line_and_exit_2_unless_debug(
+    tmp_path: Path, tiny_model_dir: Path, prompt_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    bad = ["cache", "--config", str(config), "--data.cache.layers", "[1, 99]"]
+    with pytest.raises(SystemExit) as exit_:
+        main(bad)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sae-refusal: error: ") and "cache.layers" in err and "99" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+    with pytest.raises(ValueError, match=r"cache\.layers"):
+        main([*bad, "--debug"])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from sae_refusal.data import ChatTemplateError, chat_template_hash, format_prompts
+from sae_refusal.data import ChatTemplateError, chat_template_hash, format_prompts, resolve_chat_template
+from sae_refusal.data.chat import ChatTemplateFileNotFoundError
 from sae_refusal.testing import build_tiny_tokenizer
 
 Tok = PreTrainedTokenizerFast
@@ -67,7 +70,7 @@ def test_missing_template_names_tokenizer_and_key(bare_tokenizer: Tok) -> None:
 
 def test_template_render_error_is_chat_template_error(tokenizer: Tok) -> None:
     rejecting = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
-    with pytest.raises(ChatTemplateError, match=r"no system role.*system_prompt"):
+    with pytest.raises(ChatTemplateError, match=r"^chat_template: .*no system role.*system_prompt"):
         format_prompts(tokenizer, ["Hi"], chat_template=rejecting, system_prompt="sys")
 
 
@@ -84,3 +87,72 @@ def test_chat_template_hash(tokenizer: Tok, bare_tokenizer: Tok) -> None:
     assert own != chat_template_hash(tokenizer, chat_template=PLAIN)
     configured = chat_template_hash(tokenizer, chat_template=PLAIN)
     assert configured == chat_template_hash(bare_tokenizer, chat_template=PLAIN)
+
+
+def test_template_from_json_file(bare_tokenizer: Tok, tmp_path: Path) -> None:
+    expected = ["[user] Hi\n[assistant] "]
+    single = tmp_path / "chat_template.json"
+    single.write_text(json.dumps({"chat_template": PLAIN}))
+    assert format_prompts(bare_tokenizer, ["Hi"], chat_template=str(single)) == expected
+    named = tmp_path / "tokenizer_config.json"
+    named.write_text(json.dumps({"chat_template": [{"name": "default", "template": PLAIN}]}))
+    assert format_prompts(bare_tokenizer, ["Hi"], chat_template=str(named)) == expected
+    empty = tmp_path / "other.json"
+    empty.write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ChatTemplateError, match=r"^chat_template: .*other.json' holds no `chat_template`"):
+        format_prompts(bare_tokenizer, ["Hi"], chat_template=str(empty))
+
+
+@pytest.mark.parametrize(
+    "value", ["templates/chatml.jinja", "chatml.j2", "chat.txt", "~/no/such/template", "C:\\templates\\t"]
+)
+def test_missing_template_file_is_an_error_naming_the_key(tokenizer: Tok, value: str) -> None:
+    expected = rf"^data.cache.chat_template: template file {re.escape(repr(value))} does not exist"
+    with pytest.raises(ChatTemplateFileNotFoundError, match=expected):
+        format_prompts(tokenizer, ["Hi"], chat_template=value, key="data.cache.chat_template")
+    # Both a FileNotFoundError and a ChatTemplateError (a ValueError); the default key is `chat_template`.
+    with pytest.raises(FileNotFoundError, match=r"^chat_template: template file"):
+        chat_template_hash(tokenizer, value)
+    with pytest.raises(ChatTemplateError):
+        resolve_chat_template(tokenizer, value)
+
+
+def test_markup_free_value_that_is_no_file_is_an_error(tokenizer: Tok) -> None:
+    with pytest.raises(ChatTemplateError, match=r"^chat_template: 'chatml' is neither a Jinja template"):
+        format_prompts(tokenizer, ["Hi"], chat_template="chatml")
+
+
+@pytest.mark.parametrize(
+    ("template", "system_prompt"),
+    [
+        ("{{ 'You are helpful. Answer:' }}", None),
+        (
+            "{% for m in messages %}[{{ m['role'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}",
+            None,
+        ),
+        ("{{ messages[0]['content'] }}{% if add_generation_prompt %} >{% endif %}", "Be brief."),
+    ],
+    ids=["constant", "roles-only", "system-only"],
+)
+def test_template_that_ignores_the_prompt_is_an_error(
+    tokenizer: Tok, template: str, system_prompt: str | None
+) -> None:
+    with pytest.raises(ChatTemplateError, match=r"^llm.chat_template: the configured template renders every"):
+        format_prompts(
+            tokenizer,
+            ["Hi", "Bye"],
+            chat_template=template,
+            system_prompt=system_prompt,
+            key="llm.chat_template",
+        )
+    with pytest.raises(ChatTemplateError, match="renders every prompt identically"):
+        chat_template_hash(tokenizer, template, system_prompt)
+
+
+def test_tokenizer_template_that_ignores_the_prompt_is_an_error() -> None:
+    broken = build_tiny_tokenizer(chat_template="{{ bos_token }}{% if add_generation_prompt %}>{% endif %}")
+    broken.name_or_path = "tiny/broken"
+    with pytest.raises(
+        ChatTemplateError, match=r"^chat_template: the template of 'tiny/broken' renders every"
+    ):
+        format_prompts(broken, ["Hi"])

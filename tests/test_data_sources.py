@@ -291,12 +291,113 @@ def test_unknown_category_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"category: unknown category 'nope'"):
         load_source(PromptSourceConfig(name="s", label="harmful", path=str(path), category="nope"))
     bad_row = _write_jsonl(tmp_path / "b.jsonl", [{"prompt": "x", "category": "deception"}])
-    with pytest.raises(ValueError, match=r"b\.jsonl row 0 `category_column` 'category': unknown category"):
+    with pytest.raises(
+        ValueError, match=r"b\.jsonl row 0 \(id 's:0'\) `category_column` 'category': unknown category"
+    ):
         load_source(
             PromptSourceConfig(name="s", label="harmful", path=str(bad_row), category_column="category")
         )
     with pytest.raises(ValueError, match=r"category_map\['x'\]: unknown category 'bogus'"):
         load_source(_harmful(path, category_map={"x": "bogus"}))
+
+
+def test_harmful_row_without_category_names_source_file_row_and_id(tmp_path: Path) -> None:
+    rows = [*ROWS, {"id": "a4", "prompt": "Make a weapon", "category": "  ", "sub": "x"}]
+    path = _write_jsonl(tmp_path / "h.jsonl", rows)
+    with pytest.raises(
+        ValueError,
+        match=r"source 'src': harmful row 3 \(id 'src:a4'\) of .*h\.jsonl has no category: its "
+        r"`category_column` 'category' is empty.*count as benign",
+    ):
+        load_source(_harmful(path))
+    rows = [
+        {"id": "a1", "prompt": "x", "category": "safety", "sub": "y"},
+        {"id": "a2", "prompt": "y", "sub": "z"},
+    ]
+    missing = _write_jsonl(tmp_path / "m.jsonl", rows)  # the key is absent from the second row
+    with pytest.raises(ValueError, match=r"harmful row 1 \(id 'src:a2'\) of .*m\.jsonl has no category"):
+        load_source(_harmful(missing))
+    no_config = PromptSourceConfig(name="s", label="harmful", path=str(path))
+    with pytest.raises(
+        ValueError, match=r"harmful row 0 \(id 's:0'\) .*set `category`.*or `category_column`"
+    ):
+        load_source(no_config)
+    # benign and ambiguous rows may have no category
+    assert load_source(_harmful(path, label="benign")).ids[-1] == "src:a4"
+    assert load_source(_harmful(path, label="ambiguous"))[-1].category is None
+
+
+def test_harmful_hub_row_without_category_names_hub_id_and_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    rows = [
+        {"id": "h1", "category": "Humanizing requests", "subcategory": "s", "prompt": "Do you love me?"},
+        {"id": "h2", "category": None, "subcategory": "t", "prompt": "Draw a cat"},
+    ]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows)
+    with pytest.raises(
+        ValueError,
+        match=r"source 'coconot': harmful row 1 \(id 'coconot:h2'\) of hub dataset 'allenai/coconot' "
+        r"\(config 'original', split 'test'\) has no category",
+    ):
+        load_source(preset("coconot"))
+
+
+def test_prompt_jsonl_rejects_harmful_rows_without_a_known_category(tmp_path: Path) -> None:
+    ok = Prompt(id="x:0", text="hi", label=Label.HARMFUL, category=SAFETY, source="x")
+    for n, (category, reason) in enumerate(
+        [(None, "harmful prompt without a category"), ("safety", "unknown category 'safety'")]
+    ):
+        bad = Prompt(id="x:1", text="bad", label=Label.HARMFUL, category=category, source="x")
+        path = tmp_path / f"p{n}.jsonl"
+        PromptSet([ok, bad]).to_jsonl(path)
+        with pytest.raises(ValueError, match=rf"p{n}\.jsonl:2: prompt 'x:1': {reason}"):
+            PromptSet.from_jsonl(path)
+        with pytest.raises(ValueError, match=rf"here: 1 prompts .* row 1 id 'x:1' \(source 'x'\): {reason}"):
+            PromptSet([ok, bad]).check_categories("here")
+    PromptSet([ok, Prompt(id="b", text="b", label=Label.BENIGN)]).check_categories()
+
+
+def test_dotted_path_that_resolves_in_no_row_names_key_and_what_is_there(tmp_path: Path) -> None:
+    rows = [
+        {
+            "prompt": "Hi",
+            "prompt_id": "x",
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}],
+        },
+        {"prompt": "Yo", "prompt_id": "y", "messages": [{"role": "user", "content": "Yo"}]},
+    ]
+    path = tmp_path / "u.json"
+    path.write_text(json.dumps(rows))
+    present_but_none = load_source(preset("ultrachat", path=str(path)))
+    assert [p.response for p in present_but_none] == [None, None]
+    with pytest.raises(
+        ValueError,
+        match=r"source 'ultrachat': `response_column` path 'messages\.1\.contnet' resolves in no row of "
+        r".*u\.json \(e\.g\. row 0: 'messages\.1' has keys \['content', 'role'\], no 'contnet'\); "
+        r"available columns: \['prompt', 'prompt_id', 'messages', '_file'\]",
+    ):
+        load_source(preset("ultrachat", path=str(path), response_column="messages.1.contnet"))
+    with pytest.raises(ValueError, match=r"'messages' is a list of 2 items, no index '5'"):
+        load_source(preset("ultrachat", path=str(path), response_column="messages.5.content"))
+    with pytest.raises(ValueError, match=r"`text_column` path 'prompt_id\.0'.*'prompt_id' is a str"):
+        load_source(preset("ultrachat", path=str(path), text_column="prompt_id.0"))
+
+
+def test_csv_cut_inside_a_quoted_last_field_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text('prompt,category\n"fine, quoted",a\n"second\nline",b\nlast,"cut inside the quote\nmore')
+    cfg = PromptSourceConfig(name="s", label="benign", path=str(path))
+    with pytest.raises(
+        ValueError, match=r"source 's': .*t\.csv:5: a quoted field .* not closed .*end of the file"
+    ):
+        load_source(cfg)
+    path.write_text(path.read_text() + '"\n')  # close the quote: four complete rows load
+    assert load_source(cfg).texts == ["fine, quoted", "second\nline", "last"]
+    odd = _write_csv(tmp_path / "o.csv", [["prompt"], ["ok"]])
+    odd.write_text(odd.read_text() + '"a"b\n')
+    with pytest.raises(ValueError, match=r"o\.csv:3: malformed CSV"):
+        load_source(PromptSourceConfig(name="s", label="benign", path=str(odd)))
 
 
 @pytest.mark.parametrize("both", [True, False])
@@ -319,7 +420,7 @@ def test_other_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="`category` or `category_column`"):
         PromptSourceConfig(name="s", label="benign", path="a.csv", category="safety", category_column="c")
     path = _write_csv(tmp_path / "t.csv", [["a", "b"], ["1"]])
-    with pytest.raises(ValueError, match=r"t\.csv row 0 .*has 1 fields, expected 2"):
+    with pytest.raises(ValueError, match=r"t\.csv row 0 \(line 2\) has 1 fields, expected 2"):
         load_source(PromptSourceConfig(name="s", label="benign", path=str(path), text_column="a"))
     dup = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "id": 1}, {"prompt": "y", "id": 1}])
     with pytest.raises(ValueError, match=r"duplicate id 's:1'.*`id_column`"):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,10 +22,12 @@ from sae_refusal.features import (
     FeatureAnalysisCallback,
     FeatureAnalysisConfig,
     SteeringVectors,
+    analysis,
     analyze_features,
 )
 from sae_refusal.features.analysis import class_codes
-from sae_refusal.sae import SAEModule, TopK, TopKSAE
+from sae_refusal.features.clusters import cluster_metrics
+from sae_refusal.sae import SAEModule, TopK, TopKSAE, load_sae
 
 D = 12
 
@@ -70,14 +75,66 @@ def test_analysis_writes_report_vectors_and_plots(tmp_path: Path) -> None:
         assert int(vec.vector(c).abs().argmax()) == c
     assert vec.metadata["sae"]["name"] == "seed0" and vec.metadata["set_sizes"]["benign"] == 20
     torch.testing.assert_close(vec.sas_CF, result.vectors["seed0"].sas_CF)
+    assert vec.metadata["epoch"] is None and vec.metadata["global_step"] is None  # not given: unknown
     assert sorted(p.name for p in (tmp_path / "f" / "plots").iterdir()) == [
         "residual_pca.png",
-        "seed0_sparse_pca.png",
-        "seed1_sparse_pca.png",
+        "seed0_sparse_full_pca.png",
+        "seed0_sparse_topk_pca.png",
+        "seed1_sparse_full_pca.png",
+        "seed1_sparse_topk_pca.png",
     ]
+    assert set(result.plots) == {p.removesuffix(".png") for p in os.listdir(tmp_path / "f" / "plots")}
     scalars = result.scalars()
     assert scalars and all(math.isfinite(v) for v in scalars.values())
     assert "seeds/seed1/head/accuracy" in scalars and not any("/share/" in k for k in scalars)
+    for variant in ("full", "topk"):
+        assert f"across_seeds/summary/sparse_{variant}_silhouette/mean" in scalars
+        assert f"seeds/seed0/clusters_{variant}/davies_bouldin_p" in scalars
+    # the old summary name still reads the whole-vector numbers, but is not logged twice
+    summary = report["across_seeds"]["summary"]
+    assert summary["sparse_silhouette"] == summary["sparse_full_silhouette"]
+    assert "across_seeds/summary/sparse_silhouette/mean" not in scalars
+
+
+def test_topk_cluster_metrics_and_plots_use_only_the_selected_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn: dict[str, np.ndarray] = {}
+    real_write = analysis.write_projection_plots
+
+    def spy(X: Any, y: Any, *args: Any, prefix: str, **kwargs: Any) -> Any:
+        drawn[prefix] = np.asarray(X).copy()
+        return real_write(X, y, *args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(analysis, "write_projection_plots", spy)
+    sae = TopKSAE(D, 48, k=4, generator=torch.Generator().manual_seed(0))
+    report = analyze_features(splits(), {"seed0": sae}, FAST, out_dir=tmp_path).report["seeds"]["seed0"]
+    # independently: the held-out codes and the union of the head's top features per class
+    test = splits()["test"]
+    codes = class_codes(test)
+    with torch.no_grad():
+        Z_eval = sae.encode(test.acts_ND[codes >= 0]).float()
+    chosen = sorted({int(f) for pairs in report["head"]["top_features"].values() for f, _ in pairs})
+    assert report["topk_source"] == "head" and report["topk_features"] == chosen
+    assert 2 <= len(chosen) < 48
+    expected = cluster_metrics(Z_eval[:, chosen], codes[codes >= 0], n_permutations=5, seed=0, max_rows=2000)
+    assert report["clusters_topk"] == pytest.approx(expected.to_dict())
+    full = cluster_metrics(Z_eval, codes[codes >= 0], n_permutations=5, seed=0, max_rows=2000)
+    assert report["clusters_full"] == pytest.approx(full.to_dict())
+    assert report["clusters_topk"]["silhouette"] != pytest.approx(report["clusters_full"]["silhouette"])
+    np.testing.assert_array_equal(drawn["seed0_sparse_topk"], Z_eval[:, chosen].numpy())
+    np.testing.assert_array_equal(drawn["seed0_sparse_full"], Z_eval.numpy())
+
+
+def test_topk_metrics_are_skipped_with_a_reason_when_undefined() -> None:
+    sae = TopKSAE(D, 24, k=3, generator=torch.Generator().manual_seed(0))
+    # a head that selects nothing: C so small that every weight is zero
+    config = dataclasses.replace(FAST, projections=[], head_c=1e-6)
+    result = analyze_features(splits(), {"seed0": sae}, config)
+    seed = result.report["seeds"]["seed0"]
+    assert seed["topk_features"] == [] and seed["clusters_topk"] is None
+    assert seed["clusters_topk_skipped"] == "no selected features"
+    assert result.report["across_seeds"]["summary"]["sparse_topk_silhouette"]["n"] == 0
 
 
 def test_analysis_is_deterministic_and_config_errors_name_the_key(tmp_path: Path) -> None:
@@ -140,12 +197,30 @@ def test_callback_runs_at_due_epochs_only_and_logs_to_tensorboard(tmp_path: Path
     report = json.loads((log_dir / "features" / "epoch2" / "report.json").read_text())
     assert report["metadata"]["epoch"] == 2
     assert report["metadata"]["sae_paths"]["seed1"] == str(log_dir / "sae" / "seed1")
-    # the last analysis used the trained weights that were then exported
-    assert callback.last is not None and callback.last.report == report
+    # each vector artifact names the epoch and optimiser step of its weights: 140 train rows in batches
+    # of 35 = 4 steps per epoch, so 8 after epoch 1 (the second) and 12 after epoch 2
+    for epoch, step in ((1, 8), (2, 12)):
+        for name in ("seed0", "seed1"):
+            meta = json.loads((log_dir / "features" / f"epoch{epoch}" / name / "vectors.json").read_text())
+            assert (meta["metadata"]["epoch"], meta["metadata"]["global_step"]) == (epoch, step)
+    assert (
+        json.loads((log_dir / "features" / "epoch1" / "report.json").read_text())["metadata"]["global_step"]
+        == 8
+    )
+    # the last analysis used the trained weights that were then exported: the analysis of the exports,
+    # computed here independently, gives the same numbers (and differs from epoch 1's)
+    exported = {name: load_sae(log_dir / "sae" / name) for name in ("seed0", "seed1")}
+    again = json.loads(json.dumps(analyze_features(splits(), exported, FAST).report))
+    for section in ("residual", "seeds", "across_seeds"):
+        assert again[section] == report[section], section
+    earlier = json.loads((log_dir / "features" / "epoch1" / "report.json").read_text())
+    assert earlier["seeds"] != again["seeds"]
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     assert "features/seeds/seed0/head/macro_f1" in events.Tags()["scalars"]
+    assert "features/across_seeds/summary/sparse_topk_silhouette/mean" in events.Tags()["scalars"]
     assert "features/residual_pca" in events.Tags()["images"]
+    assert "features/seed0_sparse_topk_pca" in events.Tags()["images"]
     assert "features/seed1/head_confusion/text_summary" in events.Tags()["tensors"]
     with pytest.raises(ValueError, match="every_n_epochs"):
         FeatureAnalysisCallback(every_n_epochs=0)

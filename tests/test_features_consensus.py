@@ -12,10 +12,12 @@ import torch
 from sae_refusal.features.consensus import (
     ConsensusReport,
     LatentMatch,
+    ReferenceConsensus,
     consensus_features,
     decoder_cosine,
     match_latents,
     mean_and_spread,
+    reference_consensus,
 )
 
 F_LAT, D_MODEL = 24, 32
@@ -145,13 +147,13 @@ def two_seeds() -> tuple[dict[str, dict[int, list[int]]], dict[str, torch.Tensor
     return selected, {"a": A_FD, "b": B_GD}, partner_F
 
 
-def test_consensus_two_seeds(two_seeds: tuple) -> None:
+def test_reference_consensus_two_seeds(two_seeds: tuple) -> None:
     selected, decoders, partner_F = two_seeds
     match = match_latents(decoders["a"], decoders["b"], [5])
     assert int(match.cols[0]) == int(partner_F[5]) and float(match.cosine[0]) == pytest.approx(0.3, abs=0.02)
 
-    report = consensus_features(selected, decoders, min_share=1.0)
-    assert isinstance(report, ConsensusReport)
+    report = reference_consensus(selected, decoders, "a", min_share=1.0)
+    assert isinstance(report, ReferenceConsensus)
     assert report.reference == "a" and report.seeds == ["a", "b"]
     assert report.kept == {0: [1, 2], 1: [3], 2: [6]}
     assert report.share == {0: {1: 1.0, 2: 1.0}, 1: {3: 1.0, 4: 0.5}, 2: {5: 0.5, 6: 1.0}}
@@ -160,21 +162,60 @@ def test_consensus_two_seeds(two_seeds: tuple) -> None:
     assert report.min_share == 1.0 and report.min_cosine == 0.5
 
     # A lower cosine threshold accepts the weak partner of 5; the wrong-class partner of 4 stays out.
-    loose = consensus_features(selected, decoders, min_share=1.0, min_cosine=0.2)
+    loose = reference_consensus(selected, decoders, "a", min_share=1.0, min_cosine=0.2)
     assert loose.kept == {0: [1, 2], 1: [3], 2: [5, 6]}
     # With the default min_share of 0.5 the reference alone is enough.
-    assert consensus_features(selected, decoders).kept == {0: [1, 2], 1: [3, 4], 2: [5, 6]}
+    assert reference_consensus(selected, decoders, "a").kept == {0: [1, 2], 1: [3, 4], 2: [5, 6]}
 
 
-def test_consensus_other_reference_and_tensor_selection(two_seeds: tuple) -> None:
+def test_reference_consensus_other_reference_and_tensor_selection(two_seeds: tuple) -> None:
     selected, decoders, partner_F = two_seeds
     p = partner_F.tolist()
     as_tensors = {s: {c: torch.tensor(v) for c, v in per.items()} for s, per in selected.items()}
-    report = consensus_features(as_tensors, decoders, reference="b", min_share=1.0)
+    report = reference_consensus(as_tensors, decoders, "b", min_share=1.0)
     assert report.reference == "b"
     assert report.kept == {0: sorted([p[1], p[2]]), 1: [p[3]], 2: [p[6]]}
     assert report.stability == {0: 1.0, 1: 0.5, 2: pytest.approx(1 / 3)}
     assert set(report.mean_match_cosine) == {"a"}
+
+
+def test_consensus_is_symmetric_each_seed_the_reference_in_turn(two_seeds: tuple) -> None:
+    selected, decoders, _ = two_seeds
+    report = consensus_features(selected, decoders, min_share=1.0)
+    assert isinstance(report, ConsensusReport)
+    assert report.seeds == ["a", "b"] and list(report.by_reference) == ["a", "b"]
+    for ref in ("a", "b"):
+        assert report.by_reference[ref] == reference_consensus(selected, decoders, ref, min_share=1.0)
+    # hand-computed: reference a {0: 1, 1: 1/2, 2: 1/2}, reference b {0: 1, 1: 1/2, 2: 1/3}
+    assert report.stability == {0: 1.0, 1: 0.5, 2: pytest.approx(5 / 12)}
+    pairs = [report.by_reference["a"].mean_match_cosine["b"], report.by_reference["b"].mean_match_cosine["a"]]
+    assert report.mean_match_cosine == pytest.approx(sum(pairs) / 2)
+
+
+def test_consensus_does_not_depend_on_the_order_of_the_seeds() -> None:
+    A_FD, _ = _basis(7)
+    B_GD, pb = _permuted(A_FD, seed=8)
+    C_GD, pc = _permuted(A_FD, seed=9)
+    selected = {
+        "s0": {1: [0, 1, 2], 2: [5]},
+        "s1": {1: [int(pb[0]), int(pb[1])], 2: [int(pb[5]), int(pb[7])]},
+        "s2": {1: [int(pc[0])], 2: [int(pc[6])]},
+    }
+    decoders = {"s0": A_FD, "s1": B_GD, "s2": C_GD}
+    dumps = set()
+    for order in itertools.permutations(selected):
+        for decoder_order in (order, order[::-1]):
+            report = consensus_features(
+                {s: selected[s] for s in order}, {s: decoders[s] for s in decoder_order}, min_share=2 / 3
+            )
+            dumps.add(json.dumps(report.to_dict(), allow_nan=False))  # values and key order
+    assert len(dumps) == 1
+    # the per-class stability is the mean over the three references (hand-computed):
+    # reference s0: class 1 keeps 0 (3 of 3 seeds), 1 (2 of 3), not 2 (1 of 3); class 2 keeps 5 (s1) -> 2/3, 1
+    # reference s1: class 1 keeps pb[0] and pb[1]; class 2 keeps pb[5] (s0), not pb[7] (alone) -> 1, 1/2
+    # reference s2: class 1 keeps pc[0] (s0, s1); class 2 not pc[6] (alone) -> 1, 0
+    assert report.stability == pytest.approx({1: (2 / 3 + 1 + 1) / 3, 2: (1 + 0.5 + 0) / 3})
+    assert report.by_reference["s1"].kept == {1: sorted([int(pb[0]), int(pb[1])]), 2: [int(pb[5])]}
 
 
 def test_consensus_three_seeds_two_thirds() -> None:
@@ -187,19 +228,21 @@ def test_consensus_three_seeds_two_thirds() -> None:
         "s2": {1: [int(pc[0])]},  # only 0 found here
     }
     decoders = {"s0": A_FD, "s1": B_GD, "s2": C_GD}
-    report = consensus_features(selected, decoders, min_share=2 / 3)
+    report = reference_consensus(selected, decoders, "s0", min_share=2 / 3)
     assert report.share[1] == pytest.approx({0: 1.0, 1: 2 / 3, 2: 1 / 3})
     assert report.kept == {1: [0, 1]}
     assert report.stability[1] == pytest.approx(2 / 3)
     assert set(report.mean_match_cosine) == {"s1", "s2"}
     assert min(report.mean_match_cosine.values()) > 0.99
-    assert consensus_features(selected, decoders, min_share=0.7).kept == {1: [0]}
-    assert consensus_features(selected, decoders, min_share=0.3).kept == {1: [0, 1, 2]}
+    assert reference_consensus(selected, decoders, "s0", min_share=0.7).kept == {1: [0]}
+    assert reference_consensus(selected, decoders, "s0", min_share=0.3).kept == {1: [0, 1, 2]}
 
 
 def test_consensus_single_seed_and_empty_class() -> None:
     A_FD, _ = _basis(10)
-    report = consensus_features({"seed0": {0: [3, 1, 3], 1: [], 2: [7]}}, {"seed0": A_FD}, min_share=1.0)
+    report = reference_consensus(
+        {"seed0": {0: [3, 1, 3], 1: [], 2: [7]}}, {"seed0": A_FD}, "seed0", min_share=1.0
+    )
     assert report.kept == {0: [1, 3], 1: [], 2: [7]}
     assert report.share == {0: {1: 1.0, 3: 1.0}, 1: {}, 2: {7: 1.0}}
     assert report.stability[0] == 1.0 and report.stability[2] == 1.0
@@ -210,7 +253,7 @@ def test_consensus_single_seed_and_empty_class() -> None:
 def test_consensus_class_missing_in_reference_and_nothing_selected() -> None:
     A_FD, _ = _basis(11)
     B_GD, pb = _permuted(A_FD, seed=12)
-    report = consensus_features({"a": {0: []}, "b": {0: [], 3: [int(pb[0])]}}, {"a": A_FD, "b": B_GD})
+    report = reference_consensus({"a": {0: []}, "b": {0: [], 3: [int(pb[0])]}}, {"a": A_FD, "b": B_GD}, "a")
     assert report.kept == {0: [], 3: []}
     assert math.isnan(report.stability[0]) and math.isnan(report.stability[3])
     assert math.isnan(report.mean_match_cosine["b"])
@@ -219,21 +262,33 @@ def test_consensus_class_missing_in_reference_and_nothing_selected() -> None:
 def test_to_dict_is_strict_json(two_seeds: tuple) -> None:
     selected, decoders, _ = two_seeds
     selected = {s: {**per, 3: []} for s, per in selected.items()}
-    report = consensus_features(selected, decoders, min_share=1.0)
     names = ["benign", "safety", "humanizing", "other"]
-    out = report.to_dict(names)
-    text = json.dumps(out, allow_nan=False)
-    back = json.loads(text)
+    one = reference_consensus(selected, decoders, "a", min_share=1.0)
+    back = json.loads(json.dumps(one.to_dict(names), allow_nan=False))
     assert back["kept"] == {"benign": [1, 2], "safety": [3], "humanizing": [6], "other": []}
     assert back["share"]["safety"] == {"3": 1.0, "4": 0.5}
     assert back["stability"]["other"] is None
     assert back["reference"] == "a" and back["seeds"] == ["a", "b"] and back["min_share"] == 1.0
     assert set(back["mean_match_cosine"]) == {"b"}
-    plain = report.to_dict()
+    plain = one.to_dict()
     assert set(plain["kept"]) == {"0", "1", "2", "3"}
     json.dumps(plain, allow_nan=False)
     with pytest.raises(ValueError, match="class 3"):
-        report.to_dict(names[:3])
+        one.to_dict(names[:3])
+
+    both = consensus_features(selected, decoders, min_share=1.0)
+    out = json.loads(json.dumps(both.to_dict(names), allow_nan=False))
+    assert out["seeds"] == ["a", "b"] and out["min_share"] == 1.0 and out["min_cosine"] == 0.5
+    assert out["stability"] == {
+        "benign": 1.0,
+        "safety": 0.5,
+        "humanizing": pytest.approx(5 / 12),
+        "other": None,
+    }
+    assert out["by_reference"]["a"]["kept"] == back["kept"] and "min_share" not in out["by_reference"]["a"]
+    assert out["mean_match_cosine"] == pytest.approx(both.mean_match_cosine)
+    with pytest.raises(ValueError, match="class 3"):
+        both.to_dict(names[:3])
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -246,7 +301,7 @@ def test_consensus_errors() -> None:
     with pytest.raises(ValueError, match=r"seeds differ.*'c'"):
         consensus_features(ok_sel, {"a": A_FD, "c": A_FD})
     with pytest.raises(ValueError, match="reference seed 'z'"):
-        consensus_features(ok_sel, ok_dec, reference="z")
+        reference_consensus(ok_sel, ok_dec, "z")
     with pytest.raises(ValueError, match=r"seed 'b'.*D=16"):
         consensus_features(
             ok_sel, {"a": A_FD, "b": torch.randn(24, 16, generator=torch.Generator().manual_seed(0))}

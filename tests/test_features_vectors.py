@@ -48,6 +48,52 @@ def test_sas_threshold_shared_removal_and_top_k() -> None:
         sas_vectors(Z, y, 2, top_k=0)
 
 
+def test_sas_tau_is_inclusive() -> None:
+    # tau 0.5; means: feature 0 exactly 0.5 in category 1 (kept), 0.25 in benign (dropped); feature 1
+    # exactly 0.5 in benign only (kept as -0.5); feature 2 just below tau everywhere (dropped)
+    Z = torch.tensor(
+        [
+            [0.0, 0.25, 0.4375, 0.0],
+            [0.5, 0.75, 0.4375, 0.0],
+            [0.25, 0.0, 0.4375, 0.0],
+            [0.75, 0.0, 0.4375, 0.0],
+        ]
+    )
+    y = torch.tensor([0, 0, 1, 1])
+    sas = sas_vectors(Z, y, n_classes=2, tau=0.5)
+    assert sas.active_KF.tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert sas.vectors_CF[0].tolist() == [0.5, -0.5, 0.0, 0.0]
+
+
+def test_sas_feature_above_tau_in_one_class_only() -> None:
+    # classes: benign, category 1, category 2; tau 0.5 (means below are hand-computed from the rows)
+    #   feature 0: 0.5 (= tau) in category 1 only, 0.25 in category 2 -> kept for 1, dropped for 2
+    #   feature 1: 1.0 in benign and 0.5 in category 1 -> shared with 1 (removed there); category 2 has
+    #              0.0 -> not shared, its vector keeps -1.0 (benign-only there)
+    #   feature 2: 2.0 in category 2 only -> kept for 2, 0 for 1
+    Z = torch.tensor(
+        [
+            [0.0, 1.0, 0.0],
+            [0.0, 1.0, 0.0],
+            [0.25, 0.25, 0.0],
+            [0.75, 0.75, 0.0],
+            [0.5, 0.0, 2.0],
+            [0.0, 0.0, 2.0],
+        ]
+    )
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    sas = sas_vectors(Z, y, n_classes=3, tau=0.5)
+    assert sas.vectors_CF.tolist() == [[0.5, 0.0, 0.0], [0.0, -1.0, 2.0]]
+    assert sas.shared_CF.tolist() == [[False, True, False], [False, False, False]]
+    assert sas.features(1) == [0] and sas.features(2) == [1, 2]
+    kept = sas_vectors(Z, y, n_classes=3, tau=0.5, remove_shared=False)
+    assert kept.vectors_CF.tolist() == [[0.5, -0.5, 0.0], [0.0, -1.0, 2.0]]
+    # tau 0 keeps every feature that fires, but a feature that never fires in a set is not active there
+    # (else every feature would be "shared" and every vector empty)
+    zero = sas_vectors(Z, y, n_classes=3, tau=0.0)
+    assert zero.vectors_CF.tolist() == [[0.5, 0.0, 0.0], [0.25, -1.0, 2.0]]
+
+
 def test_input_errors_name_the_problem() -> None:
     X = torch.randn(4, 3)
     with pytest.raises(ValueError, match="benign"):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from sae_refusal.llm import (
@@ -16,7 +18,7 @@ from sae_refusal.llm import (
     pad_left,
     position_ids_from_mask,
 )
-from sae_refusal.llm.tokenize import default_max_length
+from sae_refusal.llm.tokenize import context_length, default_max_length
 from sae_refusal.testing import TINY_ARCHITECTURES, build_tiny_model, build_tiny_tokenizer
 
 TEXTS = [
@@ -196,6 +198,22 @@ def test_iterator_truncation_and_errors(tokenizer: Any) -> None:
     with pytest.raises(ValueError, match=r"^layers"):
         list(iter_last_token_residuals(model, tokenizer, TEXTS, [9], batch_size=2))
     assert default_max_length(model, tokenizer) == 256
+    with pytest.raises(ValueError, match=r"^max_length: 257 exceeds the context \(256 tokens"):
+        list(iter_last_token_residuals(model, tokenizer, TEXTS, [0], batch_size=2, max_length=257))
+    assert (
+        len(list(iter_last_token_residuals(model, tokenizer, TEXTS, [0], batch_size=8, max_length=256))) == 1
+    )
+
+
+def test_context_length_sources(tokenizer: Any) -> None:
+    model = build_tiny_model("llama", vocab_size=len(tokenizer))
+    assert context_length(model.config) == context_length(model) == 256
+    no_positions = SimpleNamespace()  # a config without max_position_embeddings
+    assert context_length(no_positions, tokenizer) == 256  # the tokenizer's model_max_length
+    tokenizer_unlimited = build_tiny_tokenizer()
+    tokenizer_unlimited.model_max_length = int(1e30)  # transformers' "no limit" sentinel
+    assert context_length(no_positions, tokenizer_unlimited) is None
+    assert default_max_length(nn.Identity(), tokenizer_unlimited) == 4096
 
 
 def test_encode_prompts_policies(tokenizer: Any) -> None:

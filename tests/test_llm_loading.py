@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sae_refusal.llm.loading as loading
 from sae_refusal.llm import (
     LLMConfig,
     last_token_residuals,
@@ -19,6 +22,7 @@ from sae_refusal.llm import (
     model_fingerprint,
     num_layers,
 )
+from sae_refusal.llm.loading import file_sha256
 from sae_refusal.testing import save_tiny_model
 
 
@@ -143,6 +147,67 @@ def test_gguf_path_resolution_errors(tmp_path: Path) -> None:
     assert fp == model_fingerprint(LLMConfig(name_or_path=str(tmp_path), gguf_file="model.gguf")) | {
         "model": str(fake)
     }
+
+
+def _weights_folder(folder: Path, data: bytes) -> LLMConfig:
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(data)
+    return LLMConfig(name_or_path=str(folder))
+
+
+@pytest.mark.parametrize("kind", ["gguf", "folder"])
+def test_fingerprint_sees_a_change_in_the_middle_of_a_weight_file(tmp_path: Path, kind: str) -> None:
+    data = bytes(range(256)) * (12 * 4096)  # 12 MiB: the middle is far from both ends
+    middle = bytearray(data)
+    middle[len(data) // 2] ^= 0xFF
+    if kind == "gguf":  # same file name in two folders: only the contents differ
+        for name, contents in (("a", data), ("b", bytes(middle))):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.gguf").write_bytes(contents)
+        first = model_fingerprint(LLMConfig(name_or_path=str(tmp_path / "a" / "model.gguf")))
+        second = model_fingerprint(LLMConfig(name_or_path=str(tmp_path / "b" / "model.gguf")))
+    else:
+        first = model_fingerprint(_weights_folder(tmp_path / "a", data))
+        second = model_fingerprint(_weights_folder(tmp_path / "b", bytes(middle)))
+    assert first["weights_hash"] != second["weights_hash"]
+
+
+def test_weight_hash_is_memoised_by_path_size_and_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _weights_folder(tmp_path / "m", b"\1" * 4096)
+    weights = tmp_path / "m" / "model.safetensors"
+    reads: list[Path] = []
+    real_read = loading._read_sha256
+
+    def counting_read(path: Path) -> str:
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(loading, "_read_sha256", counting_read)
+    old = time.time_ns() - 3_600 * 10**9
+    os.utime(weights, ns=(old, old))
+    first = model_fingerprint(cfg)
+    assert model_fingerprint(cfg) == first
+    assert file_sha256(tmp_path / "m" / ".." / "m" / "model.safetensors") == file_sha256(weights)
+    assert reads == [weights.resolve()]  # read once: later calls (any spelling of the path) hit the memo
+    weights.write_bytes(b"\2" * 4096)  # same size, new mtime: read again
+    os.utime(weights, ns=(old + 10**9, old + 10**9))
+    changed = model_fingerprint(cfg)
+    assert changed != first and len(reads) == 2
+
+
+def test_recently_written_weights_are_always_rehashed(tmp_path: Path) -> None:
+    """A same-size rewrite within one mtime tick must not be served a stale digest from the memo."""
+    cfg = _weights_folder(tmp_path / "m", b"\1" * 4096)
+    weights = tmp_path / "m" / "model.safetensors"
+    first = model_fingerprint(cfg)
+    stat = weights.stat()
+    weights.write_bytes(b"\2" * 4096)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, size, mtime (and inode)
+    assert weights.stat().st_ino == stat.st_ino
+    assert model_fingerprint(cfg)["weights_hash"] != first["weights_hash"]
 
 
 def test_smollm2_alias_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -160,3 +160,52 @@ def test_mean_separation_and_batch_classes() -> None:
     codes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0]])
     assert mean_separation(codes, batch_classes(label, category)).item() == pytest.approx(0.0, abs=1e-6)
     assert mean_separation(codes, torch.tensor([0, 0, 0, 0])).item() == 0.0
+
+
+def test_validation_fvu_is_over_the_whole_split_not_a_mean_of_batches(tmp_path: Path) -> None:
+    """With batches of 5 the 24 validation rows end in a 4-row batch; a 1-row batch used to give ~1e10."""
+    module = SAEModule(d_model=8, architecture=TopK(k=2), expansion_factor=2, seeds=[0], lr=1e-2)
+    data = InMemoryData(batch_size=5)
+    data.splits["val"] = make_split(21, 8, 1)  # 4 batches of 5 and one of 1
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    trainer.fit(module, datamodule=data)
+    (result,) = trainer.validate(module, datamodule=data, verbose=False)
+    sae = module.saes["seed0"]
+    with torch.no_grad():
+        x_ND = data.splits["val"].acts_ND
+        recon_ND = sae(x_ND).recon_BD
+    expected = float((recon_ND - x_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum())
+    assert result["val/seed0/fvu"] == pytest.approx(expected, rel=1e-4)
+    assert 0.0 < result["val/seed0/fvu"] < 2.0
+
+
+def test_training_fvu_of_a_one_row_batch_is_relative_to_the_training_mean(tmp_path: Path) -> None:
+    """A 1-row batch has no variance of its own: training FVU divides by the distance to the train mean."""
+    module = SAEModule(d_model=8, architecture=TopK(k=2, aux_k=0), expansion_factor=2, seeds=[0], lr=1e-12)
+    data = InMemoryData(batch_size=1, n=6)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        logger=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    fvu = float(trainer.callback_metrics["train/seed0/fvu"])
+    sae = module.saes["seed0"]
+    with torch.no_grad():  # lr 1e-12: the weights are those of the logged step
+        x_1D = data.splits["train"].acts_ND[:1]
+        err = (sae(x_1D).recon_BD - x_1D).pow(2).sum() * sae.input_scale**2
+        var = (x_1D * sae.input_scale - module.data_mean_D).pow(2).sum()
+    assert fvu == pytest.approx(float(err / var), rel=1e-4)
+    assert 0.0 < fvu < 10.0

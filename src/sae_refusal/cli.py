@@ -20,7 +20,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -37,11 +37,192 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 }
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for; ``main`` prints its message and exits 2 (no traceback)."""
+
+
+#: Exceptions that reach the user as one line (``SAE_REFUSAL_DEBUG=1`` or ``--debug`` shows the traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,
+    TypeError,
+    KeyError,
+    LookupError,
+    OSError,
+    FloatingPointError,
+)
+
+#: Lightning subcommands that evaluate a checkpoint (they log into a folder of their own).
+EVAL_COMMANDS = ("validate", "test", "predict")
+
+
+def _logger_roots(trainer: Any) -> list[Path]:
+    """Folders that hold a run's ``version_*`` subfolders, from the trainer's logger settings."""
+    roots: list[Path] = []
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and init_args.get("save_dir") is not None:
+            name = init_args.get("name", "lightning_logs")
+            roots.append(Path(init_args["save_dir"]) / name if name else Path(init_args["save_dir"]))
+    root_dir = trainer.get("default_root_dir")
+    roots.append(Path(root_dir if root_dir is not None else ".") / "lightning_logs")
+    return roots
+
+
+def _version_number(folder: Path) -> int:
+    tail = folder.name.removeprefix("version_")
+    return int(tail) if tail.isdigit() else -1
+
+
+def find_last_checkpoint(trainer: Any) -> Path:
+    """The newest run's ``last.ckpt`` (else its newest ``*.ckpt``) under the configured logger folders.
+
+    Raises:
+        UserError: If no run there has a checkpoint (naming the folders searched).
+    """
+    roots = _logger_roots(trainer)
+    for root in roots:
+        versions = sorted(root.glob("version_*"), key=_version_number, reverse=True)
+        for version in versions:
+            ckpts = sorted((version / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if ckpts:
+                last = version / "checkpoints" / "last.ckpt"
+                return last if last.is_file() else ckpts[-1]
+    raise UserError(
+        f"--ckpt_path last: no checkpoint under {', '.join(str(r) for r in roots)} (no version_*/checkpoints/"
+        "*.ckpt); give the checkpoint file, or the trainer.default_root_dir / trainer.logger of the run"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Namespaces (jsonargparse) as plain dicts, recursively."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return value
+
+
+def _same_setting(key: str, asked: Any, stored: Any) -> bool:
+    if key == "architecture":
+        from sae_refusal.sae.architectures import architecture_from_config
+
+        return architecture_from_config(_plain(asked)) == architecture_from_config(_plain(stored))
+    return bool(_plain(asked) == _plain(stored))
+
+
+def checkpoint_conflicts(model_config: Any, hparams: dict[str, Any], model_class: type) -> list[str]:
+    """Model settings the config sets (away from their defaults) that differ from the checkpoint's.
+
+    Args:
+        model_config: The parsed ``model`` section (``class_path`` + ``init_args``).
+        hparams: The checkpoint's ``hyper_parameters``.
+        model_class: The class whose signature gives the defaults.
+    """
+    import inspect
+
+    init_args = model_config.get("init_args") or {}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(model_class).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    conflicts = []
+    for key, stored in hparams.items():
+        if key.startswith("_") or key == "d_model" or key not in init_args:
+            continue
+        asked = init_args[key]
+        if asked is None or (key in defaults and _plain(asked) == defaults[key]):
+            continue  # not set by the user: the checkpoint's value is taken
+        if not _same_setting(key, asked, stored):
+            conflicts.append(f"model.init_args.{key}: config {_plain(asked)!r}, checkpoint {stored!r}")
+    return conflicts
+
+
+def _eval_log_name(root: Path, subcommand: str, ckpt: Path) -> str:
+    """``{subcommand}-{run}-{checkpoint}``, made unique under ``root`` (``-2``, ``-3``, ...)."""
+    run = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.parent.name
+    base = f"{subcommand}-{run}-{ckpt.stem}".replace("=", "")
+    name, n = base, 1
+    while (root / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
 class SAERefusalCLI(LightningCLI):
-    """LightningCLI with the activation data module and the data -> model width link."""
+    """LightningCLI with the activation data module and the data -> model width link.
+
+    ``--ckpt_path`` is handled for reuse in eval jobs: ``last`` means the newest run's last checkpoint
+    under the configured logger folder (an error if there is none); the checkpoint's model settings rebuild
+    the model (architecture included), and a setting the config asks for that differs from the checkpoint's
+    is refused;
+    ``validate``, ``test`` and ``predict`` log into a folder of their own beside the run
+    (``{subcommand}-{run}-{checkpoint}``) unless ``trainer.logger.init_args.version`` is set.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.d_model", "model.init_args.d_model", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        import torch
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        ckpt_path = section.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path == "last":
+            ckpt_path = str(find_last_checkpoint(section.trainer))
+            section.ckpt_path = ckpt_path
+            print(f"--ckpt_path last: {ckpt_path}", file=sys.stderr)
+        elif ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+            return
+        ckpt = Path(ckpt_path)
+        if not ckpt.is_file():
+            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        hparams = dict(torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if hparams:
+            class_path = hparams.pop("_class_path", section.model.get("class_path"))
+            if class_path != section.model.get("class_path"):
+                raise UserError(
+                    f"--ckpt_path {ckpt}: the checkpoint holds a {class_path}, the config asks for "
+                    f"model.class_path {section.model.get('class_path')}"
+                )
+            conflicts = checkpoint_conflicts(section.model, hparams, self._model_of(class_path))
+            if conflicts:
+                raise UserError(
+                    f"--ckpt_path {ckpt}: the checkpoint's model settings replace the config's, and these "
+                    f"differ: {'; '.join(conflicts)}. Use the run's saved config.yaml (beside the "
+                    "checkpoints folder) or drop those settings."
+                )
+            if "architecture" not in hparams and section.model.init_args.get("architecture") is not None:
+                # checkpoints written before the architecture was kept: the config's architecture
+                hparams["architecture"] = _plain(section.model.init_args.architecture)
+            self.config = self.parser.parse_object(
+                {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}, self.config
+            )
+        if subcommand in EVAL_COMMANDS:
+            self._own_eval_folder(self.config[subcommand].trainer, subcommand, ckpt)
+
+    @staticmethod
+    def _model_of(class_path: str) -> type:
+        import importlib
+
+        module, _, name = class_path.rpartition(".")
+        return cast(type, getattr(importlib.import_module(module), name))
+
+    @staticmethod
+    def _own_eval_folder(trainer: Any, subcommand: str, ckpt: Path) -> None:
+        """Point a TensorBoard/CSV logger with no explicit version at a new folder named after the job."""
+        logger = trainer.get("logger")
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or "version" not in init_args or init_args.get("version") is not None:
+            return
+        roots = _logger_roots(trainer)
+        init_args.version = _eval_log_name(roots[0], subcommand, ckpt)
 
 
 class _ConfigOnlyCLI(SAERefusalCLI):
@@ -61,6 +242,8 @@ def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
     with warnings.catch_warnings():
         # We pass the arguments explicitly on purpose (project subcommands strip their own name).
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        if args[:1] and args[0] in EVAL_COMMANDS:  # restores the training run's checkpoint callback
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
         return (SAERefusalCLI if run else _ConfigOnlyCLI)(
             SAEModule,
             ActivationDataModule,
@@ -127,9 +310,53 @@ def _analysis_overrides(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]
     return rest, overrides
 
 
+def check_exports_match_data(folders: dict[str, Path], datamodule: ActivationDataModule) -> None:
+    """Refuse SAE exports trained at another layer or on another model than the data module serves.
+
+    The model is compared by weights fingerprint (source, revision, weights hash, quantization, adapter) when
+    the export records one, else by ``name_or_path``; an export without a recorded layer is refused too.
+
+    Raises:
+        UserError: Naming each export, what it records and what the data section (``data.layer``,
+            ``data.llm``) gives.
+    """
+    import json
+
+    from sae_refusal.llm.loading import model_fingerprint
+
+    layer = datamodule.served_layer
+    fingerprint = {k: v for k, v in model_fingerprint(datamodule.llm).items() if k != "model"}
+    problems = []
+    for name, folder in folders.items():
+        meta = json.loads((folder / "cfg.json").read_text()).get("metadata", {})
+        if meta.get("layer") != layer:
+            problems.append(f"{name} was trained at layer {meta.get('layer')}, data.layer serves {layer}")
+        recorded = meta.get("model_fingerprint")
+        if recorded is not None:
+            recorded = {k: v for k, v in recorded.items() if k != "model"}
+            if recorded != fingerprint:
+                diff = sorted(
+                    k for k in recorded.keys() | fingerprint.keys() if recorded.get(k) != fingerprint.get(k)
+                )
+                problems.append(
+                    f"{name} was trained on model {meta.get('model')!r} whose weights differ from data.llm "
+                    f"{datamodule.llm.name_or_path!r} (differing: {', '.join(diff)})"
+                )
+        elif meta.get("model") != datamodule.llm.name_or_path:
+            problems.append(
+                f"{name} was trained on {meta.get('model')!r}, data.llm is {datamodule.llm.name_or_path!r}"
+            )
+    if problems:
+        raise UserError(
+            f"--sae_dir: {'; '.join(problems)}. Use the run's own config, or --allow_other_model to analyse "
+            "an SAE on another model's activations on purpose"
+        )
+
+
 def features_command(args: Sequence[str]) -> None:
     """``sae-refusal features --config fit.yaml --sae_dir DIR [--out DIR]``: the analysis, standalone."""
     import argparse
+    import json
 
     from sae_refusal.features.analysis import FeatureAnalysisConfig, analyze_features
     from sae_refusal.features.callback import FeatureAnalysisCallback
@@ -148,6 +375,12 @@ def features_command(args: Sequence[str]) -> None:
     )
     parser.add_argument(
         "--out", default=None, help="output folder (default: <sae_dir>/../features/standalone)"
+    )
+    parser.add_argument(
+        "--allow_other_model",
+        action="store_true",
+        help="analyse SAEs trained on another model or layer than the data's (transfer studies); by default "
+        "the exports' model and layer must match data.llm and data.layer",
     )
     known, rest = parser.parse_known_args(list(args))
     rest, overrides = _analysis_overrides(rest)
@@ -180,16 +413,24 @@ def features_command(args: Sequence[str]) -> None:
         raise SystemExit(
             f"--sae_dir: SAE width {widths} differs from the data's d_model {datamodule.d_model}"
         )
+    if not known.allow_other_model:
+        check_exports_match_data(folders, datamodule)
     out = Path(known.out) if known.out else sae_dir.parent / "features" / "standalone"
+    export_meta = [json.loads((f / "cfg.json").read_text()).get("metadata", {}) for f in folders.values()]
     metadata = {
         "model": datamodule.llm.name_or_path,
-        "layer": datamodule.layer,
+        "layer": datamodule.served_layer,
         "sae_paths": {name: str(folder) for name, folder in folders.items()},
+        # the training position of the exported weights (the same for seeds trained side by side)
+        **{
+            key: values.pop() if len(values := {m.get(key) for m in export_meta}) == 1 else None
+            for key in ("epoch", "global_step")
+        },
     }
     result = analyze_features(datamodule.splits, saes, config, out_dir=out, metadata=metadata)
     print(f"feature analysis of {len(saes)} SAE(s) written to {out}")
     summary = result.report.get("across_seeds", {}).get("summary", {})
-    for key in ("head_accuracy", "head_macro_f1", "sparse_silhouette"):
+    for key in ("head_accuracy", "head_macro_f1", "sparse_full_silhouette", "sparse_topk_silhouette"):
         if key in summary:
             stats = summary[key]
             print(f"  {key}: {stats['mean']:.4f} +- {stats['std']:.4f} over {stats['n']} seed(s)")
@@ -243,15 +484,7 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``sae-refusal`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(_top_help())
-        return
-    if args[0] == "--version":
-        print(f"sae-refusal {__version__}")
-        return
+def _dispatch(args: list[str]) -> None:
     if args[0] in PROJECT_COMMANDS:
         PROJECT_COMMANDS[args[0]][0](args[1:])
         return
@@ -259,6 +492,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sae-refusal: unknown subcommand {args[0]!r}\n\n{_top_help()}", file=sys.stderr)
         raise SystemExit(2)
     _lightning_cli(args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``sae-refusal`` console script.
+
+    A user error (bad config value, missing file, checkpoint mismatch, ...) is printed as one line,
+    ``sae-refusal: error: ...``, with exit status 2; ``--debug`` (anywhere) or ``SAE_REFUSAL_DEBUG=1``
+    shows the full traceback instead.
+    """
+    import os
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("SAE_REFUSAL_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    if not args or args[0] in ("-h", "--help"):
+        print(_top_help())
+        return
+    if args[0] == "--version":
+        print(f"sae-refusal {__version__}")
+        return
+    try:
+        _dispatch(args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err) if not isinstance(err, KeyError) else str(err.args[0] if err.args else err)
+        print(f"sae-refusal: error: {message}", file=sys.stderr)
+        print("  (run with --debug or SAE_REFUSAL_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from sae_refusal.activations.cache import (
     CacheIdentity,
     CacheMismatchError,
     CacheNotFoundError,
+    NonFiniteActivationsError,
 )
 from sae_refusal.activations.datamodule import ActivationDataModule
 
@@ -22,5 +23,6 @@ __all__ = [
     "CacheIdentity",
     "CacheMismatchError",
     "CacheNotFoundError",
+    "NonFiniteActivationsError",
     "cached_activations",
 ]

@@ -3,10 +3,17 @@
 :func:`cached_activations` is the one entry point: it computes the :class:`CacheIdentity` of the request
 without loading the model weights (tokenizer, config and a weights fingerprint only), reuses a cache under
 ``CacheConfig.root`` that covers it, and otherwise loads the model once and writes a new cache atomically.
+
+The identity holds every input that changes the numbers (see :class:`CacheIdentity`): a fine-tuned model
+(``llm.adapter_path``) never shares a cache with its base, nor do two system prompts, chat templates,
+tokenizers, compute dtypes or attention kernels. Config keys in errors are those of the ``data`` section of a
+fit config (``data.cache.*``, ``data.llm.*``); :class:`CacheConfig` checks run when it is built.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +26,9 @@ from sae_refusal.activations.cache import (
     ActivationCache,
     ActivationCacheWriter,
     CacheIdentity,
+    NonFiniteActivationsError,
     find_cache,
+    first_non_finite,
 )
 from sae_refusal.data.chat import chat_template_hash, format_prompts
 from sae_refusal.data.prompt_set import PromptSet
@@ -32,11 +41,19 @@ from sae_refusal.llm.loading import (
     load_tokenizer,
     model_fingerprint,
 )
-from sae_refusal.llm.tokenize import OVERFLOW_POLICIES
+from sae_refusal.llm.tokenize import (
+    DEFAULT_MAX_LENGTH_CAP,
+    OVERFLOW_POLICIES,
+    check_max_length,
+    context_length,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "bfloat16", "float16")
+#: Prefix of the cache settings' config keys in errors (the ``cache`` argument of the ``data`` section).
+KEY = "data.cache"
 
 
 @dataclass
@@ -52,8 +69,10 @@ class CacheConfig:
         max_length: Token budget per prompt; ``None`` uses the model's context (capped).
         overflow: ``truncate_left`` (keep the last ``max_length`` tokens and count them) or ``error``.
         shard_rows: Rows per safetensors shard.
-        verify: Check on open: ``size`` (shard byte sizes), ``hash`` (sha256) or ``none``.
-        chat_template: Jinja chat template overriding the tokenizer's own (needed when it has none).
+        verify: Check on open: ``hash`` (sha256 of every file and no ``inf``/``nan``; costs about one read of
+            the cache, see ``benchmarks/cache_verify_cost.py``), ``size`` (file byte sizes) or ``none``.
+        chat_template: Jinja chat template, or the path of a file holding one, overriding the tokenizer's own
+            (needed when it has none).
         system_prompt: Optional system message prepended to every prompt.
     """
 
@@ -64,21 +83,23 @@ class CacheConfig:
     max_length: int | None = None
     overflow: str = "truncate_left"
     shard_rows: int = 4096
-    verify: str = "size"
+    verify: str = "hash"
     chat_template: str | None = None
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise ValueError(f"cache.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"{KEY}.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"cache.overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
+            raise ValueError(f"{KEY}.overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
         if self.verify not in VERIFY_MODES:
-            raise ValueError(f"cache.verify must be one of {VERIFY_MODES}, got {self.verify!r}")
+            raise ValueError(f"{KEY}.verify must be one of {VERIFY_MODES}, got {self.verify!r}")
         if self.batch_size < 1:
-            raise ValueError(f"cache.batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"{KEY}.batch_size must be >= 1, got {self.batch_size}")
         if not self.layers:
-            raise ValueError("cache.layers must name at least one layer")
+            raise ValueError(f"{KEY}.layers must name at least one layer")
+        if self.max_length is not None:
+            check_max_length(self.max_length, None, key=f"{KEY}.max_length")
 
 
 def _prompt_row(prompt_set: PromptSet, index: int) -> dict[str, object]:
@@ -92,46 +113,97 @@ def _prompt_row(prompt_set: PromptSet, index: int) -> dict[str, object]:
     }
 
 
-def _max_length(cfg: CacheConfig, model_max: int) -> int:
+def _max_length(cfg: CacheConfig, llm: LLMConfig, context: int | None) -> int:
     if cfg.max_length is None:
-        return min(model_max, 4096)
-    if cfg.max_length < 1:
-        raise ValueError(f"cache.max_length must be >= 1, got {cfg.max_length}")
+        return DEFAULT_MAX_LENGTH_CAP if context is None else min(context, DEFAULT_MAX_LENGTH_CAP)
+    check_max_length(cfg.max_length, context, key=f"{KEY}.max_length", model=llm.name_or_path)
     return cfg.max_length
 
 
+def _text_hash(text: str | None) -> str:
+    return hashlib.sha256(json.dumps(text or None).encode()).hexdigest()
+
+
 def request_identity(prompt_set: PromptSet, llm: LLMConfig, cfg: CacheConfig) -> CacheIdentity:
-    """The identity a cache for this request must have; loads tokenizer and config, not weights."""
+    """The identity a cache for this request must have; loads tokenizer and config, not weights.
+
+    The first call in a process reads every local weight file once (whole-file sha256, memoised).
+
+    Raises:
+        ValueError: On a bad layer (``data.cache.layers``), a ``data.cache.max_length`` beyond the model's
+            context, or a chat template that does not exist or ignores the prompt
+            (``data.cache.chat_template``; a ``ChatTemplateError``, or also a ``FileNotFoundError`` for a
+            missing template file).
+    """
     tokenizer = load_tokenizer(llm)
     model_config = load_model_config(llm)
     n_layers = int(model_config.num_hidden_layers)
-    layers = validate_layers(cfg.layers, n_layers, key="cache.layers")
+    layers = validate_layers(cfg.layers, n_layers, key=f"{KEY}.layers")
+    max_length = _max_length(cfg, llm, context_length(model_config, tokenizer))
+    template_key = f"{KEY}.chat_template"
+    # The template is checked with the system prompt in place (it must render it and use the content).
+    chat_template_hash(tokenizer, cfg.chat_template, cfg.system_prompt, key=template_key)
     fingerprint = model_fingerprint(llm)
-    model_max = int(getattr(model_config, "max_position_embeddings", 4096) or 4096)
     return CacheIdentity(
         model=fingerprint["model"] + (f"#{fingerprint['gguf_file']}" if fingerprint["gguf_file"] else ""),
         revision=fingerprint["revision"] or "local",
         weights_hash=fingerprint["weights_hash"],
+        adapter_hash=fingerprint.get("adapter", ""),
         model_dtype=llm.dtype,
         quantization=fingerprint["quantization"],
+        attn_implementation=llm.attn_implementation or "",
+        trust_remote_code=bool(llm.trust_remote_code),
+        tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        chat_template_hash=chat_template_hash(tokenizer, cfg.chat_template, key=template_key),
+        system_prompt_hash=_text_hash(cfg.system_prompt),
         layers=tuple(layers),
-        chat_template_hash=chat_template_hash(tokenizer, cfg.chat_template, cfg.system_prompt),
         prompt_set_hash=prompt_set.content_hash(),
         dtype=cfg.dtype,
-        max_length=_max_length(cfg, model_max),
+        max_length=max_length,
         overflow=cfg.overflow,
+    )
+
+
+def _non_finite_error(
+    llm: LLMConfig, identity: CacheIdentity, layer: int, prompt_id: str, *, in_model: bool
+) -> NonFiniteActivationsError:
+    adapter = f" with adapter {llm.adapter_path!r}" if llm.adapter_path else ""
+    if in_model:
+        cause = (
+            f"model {llm.name_or_path!r}{adapter} (data.llm.dtype={llm.dtype!r}) produced non-finite "
+            "activations"
+        )
+        hint = "check its weights for inf/nan, or load it in float32 (data.llm.dtype)"
+    else:
+        cause = (
+            f"activations of model {llm.name_or_path!r}{adapter} overflow the storage dtype "
+            f"{identity.dtype!r}"
+        )
+        hint = f"store them as float32 ({KEY}.dtype)"
+    return NonFiniteActivationsError(
+        f"{cause} at layer {layer} for prompt {prompt_id!r} (the first such prompt); no cache was written: "
+        f"{hint}"
     )
 
 
 def compute_cache(
     prompt_set: PromptSet, llm: LLMConfig, cfg: CacheConfig, identity: CacheIdentity, folder: Path
 ) -> ActivationCache:
-    """Run the model over ``prompt_set`` and write a cache for ``identity`` at ``folder`` (atomically)."""
+    """Run the model over ``prompt_set`` and write a cache for ``identity`` at ``folder`` (atomically).
+
+    Raises:
+        NonFiniteActivationsError: If the model produces ``inf`` or ``nan`` for any prompt (the message
+            names the model, the layer and the first such prompt's id); nothing is written.
+    """
     if len(prompt_set) == 0:
         raise ValueError("the prompt set is empty: nothing to cache (check the prompt sources and split)")
     tokenizer = load_tokenizer(llm)
     formatted = format_prompts(
-        tokenizer, prompt_set.texts, chat_template=cfg.chat_template, system_prompt=cfg.system_prompt
+        tokenizer,
+        prompt_set.texts,
+        chat_template=cfg.chat_template,
+        system_prompt=cfg.system_prompt,
+        key=f"{KEY}.chat_template",
     )
     model = load_model(llm)
     d_model = int(model.config.hidden_size)
@@ -146,7 +218,19 @@ def compute_cache(
             max_length=identity.max_length,
             overflow=identity.overflow,
         ):
-            writer.add({layer: acts_BD.float() for layer, acts_BD in batch.acts.items()})
+            storage = getattr(torch, identity.dtype)
+            stored = {layer: acts_BD.float().to("cpu", storage) for layer, acts_BD in batch.acts.items()}
+            for layer, acts_BD in stored.items():
+                bad = first_non_finite(acts_BD)
+                if bad is not None:
+                    raise _non_finite_error(
+                        llm,
+                        identity,
+                        layer,
+                        prompt_set[batch.indices[bad]].id,
+                        in_model=first_non_finite(batch.acts[layer]) is not None,
+                    )
+            writer.add(stored)
             n_truncated += batch.n_truncated
         if n_truncated:
             log.warning(

@@ -9,16 +9,20 @@ Layout of one cache folder::
 
 Guarantees:
 
-* **Identity.** A cache is reused only when its :class:`CacheIdentity` (model and weights hash, layers,
-  chat-template hash, prompt-set hash, dtype, tokenisation policy) matches what the caller asks for;
+* **Identity.** A cache is reused only when its :class:`CacheIdentity` (every input that changes the
+  numbers: weights, adapter, tokenizer, compute dtype, quantization, attention kernel, chat template, system
+  prompt, prompt set, layers, storage dtype, tokenisation policy) matches what the caller asks for;
   :meth:`ActivationCache.open` with ``expect=`` raises :class:`CacheMismatchError` naming every field that
   differs. Nothing is reused silently.
 * **Atomic writes.** :class:`ActivationCacheWriter` writes into a hidden temporary sibling folder and renames
   it into place only after the manifest is complete, so an interrupt leaves either the old cache or the new
   one, never half of either.
-* **Corruption is detected.** Shard sizes (cheap, default) or sha256 digests (``verify="hash"``) are checked
-  against the manifest on open; a truncated or altered shard raises :class:`CacheCorruptError` naming
-  the file.
+* **Finite numbers only.** The writer refuses a batch holding ``inf`` or ``nan`` (nothing is written), and
+  reading a shard with a non-finite value raises :class:`NonFiniteActivationsError`.
+* **Corruption is detected.** By default (``verify="hash"``) every file's sha256 is checked against the
+  manifest on open and every shard is checked for non-finite values; ``verify="size"`` checks only byte
+  sizes. A truncated or altered file raises :class:`CacheCorruptError` naming it. Hashing costs about as
+  much as reading the shards once (``benchmarks/cache_verify_cost.py``), which the caller does next anyway.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from safetensors.torch import save_file
 
 from sae_refusal.atomic import AtomicFolder
 
-FORMAT_VERSION = 1
+#: Version 2 added ``adapter_hash``, ``tokenizer_hash``, ``system_prompt_hash``, ``attn_implementation`` and
+#: ``trust_remote_code`` to the identity and hashes whole weight files; version-1 caches are not read.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PROMPTS_NAME = "prompts.jsonl"
 VERIFY_MODES = ("none", "size", "hash")
@@ -60,18 +66,33 @@ class CacheCorruptError(CacheError):
     """A shard or the manifest is missing, truncated or altered."""
 
 
+class NonFiniteActivationsError(CacheError, ValueError):
+    """Activations hold ``inf`` or ``nan``; such a cache is never written or served."""
+
+
 @dataclass(frozen=True)
 class CacheIdentity:
     """Everything that determines the cached numbers; two caches are interchangeable iff these match.
 
+    Left out on purpose: the device and the batch size (they change results only at round-off level) and
+    the row order of batches (the cache is always in prompt-set order).
+
     Args:
-        model: Model id or path as configured.
+        model: Model id or path as configured (``#<gguf file>`` appended for GGUF sources).
         revision: Hub revision / commit hash, or ``"local"``.
-        weights_hash: Content fingerprint of the weight files (local folders and GGUF files).
+        weights_hash: Content fingerprint of the weight files (whole-file sha256 of local folders and GGUF
+            files, plus ``config.json``); ``""`` for hub ids (identified by ``revision``).
+        adapter_hash: :func:`~sae_refusal.finetune.artifact.artifact_hash` of the refusal-token artifact
+            applied on top (``LLMConfig.adapter_path``), ``""`` for the base model.
         model_dtype: Compute dtype the model was loaded in (as configured, e.g. ``"auto"``).
         quantization: ``"none"``, ``"4bit"`` or ``"8bit"``.
+        attn_implementation: Attention kernel as configured (``""`` lets transformers choose).
+        trust_remote_code: Whether model code from the hub repo ran instead of transformers' own.
+        tokenizer_hash: :func:`~sae_refusal.llm.tokenize.tokenizer_fingerprint` of the tokenizer as loaded
+            (vocabulary, merges, normalisation, added tokens).
+        chat_template_hash: sha256 of the effective chat template (configured or the tokenizer's).
+        system_prompt_hash: sha256 of the system prompt (of ``null`` when there is none).
         layers: Cached layers (residual stream after decoder block ``l``, 0-based), sorted.
-        chat_template_hash: sha256 of the effective chat template and system prompt.
         prompt_set_hash: :meth:`PromptSet.content_hash` of the prompts, in row order.
         dtype: dtype the activations are stored in (``"float32"``, ``"bfloat16"``, ...).
         max_length: Token budget per prompt.
@@ -81,10 +102,15 @@ class CacheIdentity:
     model: str
     revision: str
     weights_hash: str
+    adapter_hash: str
     model_dtype: str
     quantization: str
-    layers: tuple[int, ...]
+    attn_implementation: str
+    trust_remote_code: bool
+    tokenizer_hash: str
     chat_template_hash: str
+    system_prompt_hash: str
+    layers: tuple[int, ...]
     prompt_set_hash: str
     dtype: str
     max_length: int
@@ -124,11 +150,20 @@ def _layer_key(layer: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def first_non_finite(acts_BD: torch.Tensor) -> int | None:
+    """Index of the first row of ``acts_BD`` holding ``inf`` or ``nan``, or ``None`` if all are finite."""
+    # A float32 sum is several times faster than an elementwise isfinite (float16 above all) and is finite
+    # whenever every value is; only a non-finite sum (a bad value, or an overflow) needs the exact check.
+    if bool(torch.isfinite(acts_BD.sum(dtype=torch.float32))):
+        return None
+    bad_B = ~torch.isfinite(acts_BD).all(dim=-1)
+    if not bool(bad_B.any()):
+        return None
+    return int(bad_B.nonzero()[0, 0])
 
 
 class ActivationCacheWriter:
@@ -178,10 +213,20 @@ class ActivationCacheWriter:
         sizes = {t.shape[0] for t in acts_by_layer.values()}
         if len(sizes) != 1:
             raise ValueError(f"layers disagree on batch size: {sizes}")
+        stored: dict[int, torch.Tensor] = {}
         for layer, acts_BD in acts_by_layer.items():
             if acts_BD.ndim != 2 or acts_BD.shape[1] != self.d_model:
                 raise ValueError(f"layer {layer}: expected (B, {self.d_model}), got {tuple(acts_BD.shape)}")
-            self._buffers[layer].append(acts_BD.detach().to("cpu", getattr(torch, self.identity.dtype)))
+            # Checked after the cast: a float32 value beyond the float16 range becomes inf there.
+            stored[layer] = acts_BD.detach().to("cpu", getattr(torch, self.identity.dtype))
+            bad = first_non_finite(stored[layer])
+            if bad is not None:
+                raise NonFiniteActivationsError(
+                    f"layer {layer}, row {self._rows + self._buffered_rows + bad}: non-finite activation "
+                    f"(stored as {self.identity.dtype}); the cache is not written"
+                )
+        for layer, acts_BD in stored.items():
+            self._buffers[layer].append(acts_BD)
         self._buffered_rows += sizes.pop()
         while self._buffered_rows >= self.shard_rows:
             self._flush(self.shard_rows)
@@ -245,19 +290,21 @@ class ActivationCache:
         folder: str | os.PathLike[str],
         *,
         expect: CacheIdentity | None = None,
-        verify: str = "size",
+        verify: str = "hash",
     ) -> ActivationCache:
         """Open and check a cache.
 
         Args:
             folder: Cache folder.
             expect: If given, the cache must cover it (same identity, superset of layers).
-            verify: ``"size"`` (shard byte sizes), ``"hash"`` (sha256 of every file) or ``"none"``.
+            verify: ``"hash"`` (sha256 of every file and a finiteness check of every shard; about the
+                cost of reading the cache once), ``"size"`` (byte sizes only) or ``"none"``.
 
         Raises:
             CacheNotFoundError: No manifest in ``folder``.
             CacheMismatchError: The cache does not cover ``expect``; the message lists the differing fields.
             CacheCorruptError: A file is missing, truncated or altered; the message names it.
+            NonFiniteActivationsError: Under ``verify="hash"``, a shard holds ``inf`` or ``nan``.
         """
         if verify not in VERIFY_MODES:
             raise ValueError(f"cache.verify must be one of {VERIFY_MODES}, got {verify!r}")
@@ -302,7 +349,12 @@ class ActivationCache:
             raise CacheCorruptError(
                 f"{folder / PROMPTS_NAME}: {len(prompts)} rows, manifest says {manifest['n_rows']}"
             )
-        return cls(folder, manifest, prompts)
+        cache = cls(folder, manifest, prompts)
+        if verify == "hash":  # the shards are in the page cache now: checking them is cheap
+            for layer in cache.layers:
+                for _ in cache.iter_shards(layer):
+                    pass
+        return cache
 
     def __len__(self) -> int:
         return int(self.manifest["n_rows"])
@@ -320,9 +372,15 @@ class ActivationCache:
         return int(self.manifest["d_model"])
 
     def iter_shards(self, layer: int) -> Iterator[torch.Tensor]:
-        """Yield ``(rows, d_model)`` tensors of one layer, shard by shard."""
+        """Yield ``(rows, d_model)`` tensors of one layer, shard by shard.
+
+        Raises:
+            CacheCorruptError: A shard is unreadable or has the wrong shape.
+            NonFiniteActivationsError: A shard holds ``inf`` or ``nan`` (naming the row and its prompt id).
+        """
         if layer not in self.layers:
             raise KeyError(f"layer {layer} is not cached here (cached: {list(self.layers)})")
+        start = 0
         for entry in self.manifest["shards"]:
             path = self.folder / entry["file"]
             try:
@@ -332,6 +390,14 @@ class ActivationCache:
                 raise CacheCorruptError(f"cannot read activation cache shard {path}: {err}") from err
             if acts.shape != (entry["rows"], self.d_model):
                 raise CacheCorruptError(f"{path}: {_layer_key(layer)} has shape {tuple(acts.shape)}")
+            bad = first_non_finite(acts)
+            if bad is not None:
+                row = self.prompts[start + bad] if start + bad < len(self.prompts) else {}
+                raise NonFiniteActivationsError(
+                    f"activation cache shard {path}: {_layer_key(layer)} row {start + bad} "
+                    f"(prompt {row.get('id')!r}) is not finite; delete the folder to recompute"
+                )
+            start += entry["rows"]
             yield acts
 
     def load(self, layer: int) -> torch.Tensor:

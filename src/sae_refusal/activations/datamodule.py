@@ -6,6 +6,8 @@ Lifecycle (see the Lightning pitfalls in docs/ARCHITECTURE.md):
 * ``prepare_data`` (one process per node) loads the prompt set, writes the split manifest and fills the
   activation cache (loading the LLM only when no matching cache exists). It sets no state.
 * ``setup`` (every process) reads the prompt set, manifest and cache into memory-resident tensors.
+* ``val_dataloader`` serves the ``val`` split and nothing else: with ``split.val_fraction: 0`` it raises
+  (fit without validation with ``trainer.limit_val_batches: 0``); the test split never stands in for it.
 
 The training order depends only on ``(shuffle_seed, epoch)`` (:class:`~sae_refusal.loaders.EpochSampler`);
 under DDP each rank gets a disjoint slice of it with the same number of batches. Checkpoints keep how far
@@ -33,7 +35,8 @@ from sae_refusal.loaders import map_style_loader
 
 #: Integer codes of :class:`Label` in batches.
 LABEL_INDEX: dict[str, int] = {str(Label.BENIGN): 0, str(Label.HARMFUL): 1, str(Label.AMBIGUOUS): 2}
-#: Category codes: 0 = none (benign), ``i + 1`` = ``COCONOT_CATEGORIES[i]``.
+#: Category codes: 0 = none (benign), ``i + 1`` = ``COCONOT_CATEGORIES[i]``. A harmful prompt always has a
+#: code >= 1: :meth:`ActivationDataModule.load_prompts` refuses harmful prompts without a category.
 CATEGORY_INDEX: dict[str | None, int] = {None: 0, **{c: i + 1 for i, c in enumerate(COCONOT_CATEGORIES)}}
 
 
@@ -127,10 +130,30 @@ class ActivationDataModule(L.LightningDataModule):
             self._d_model = int(load_model_config(self.llm).hidden_size)
         return self._d_model
 
+    @property
+    def served_layer(self) -> int:
+        """The layer served to training (``layer``, else the first of ``cache.layers``), 0-based, >= 0.
+
+        Reads the model config (no weights) to resolve a negative index.
+
+        Raises:
+            ValueError: If the layer is out of range for the model (the message names ``data.layer``).
+        """
+        layer = self.cache.layers[0] if self.layer is None else self.layer
+        n_layers = int(load_model_config(self.llm).num_hidden_layers)
+        (resolved,) = validate_layers([layer], n_layers, key="data.layer")
+        return resolved
+
     # ---------------------------------------------------------------- preparation
     def load_prompts(self) -> PromptSet:
-        """The full prompt set (all splits), with each prompt's split set from the manifest."""
+        """The full prompt set (all splits), with each prompt's split set from the manifest.
+
+        Raises:
+            ValueError: If a harmful prompt has no category or a prompt an unknown one (it would be encoded
+                as benign, class 0, in the contrastive loss and the feature analysis); the prompt is named.
+        """
         prompt_set = load_builtin() if self.prompts is None else load_prompt_set(self.prompts)
+        prompt_set.check_categories("built-in prompt set" if self.prompts is None else "data.prompts")
         return split_prompt_set(prompt_set, self.split, self.manifest_path, root=self.cache.root)
 
     def build_cache(self) -> ActivationCache:
@@ -145,10 +168,7 @@ class ActivationDataModule(L.LightningDataModule):
             return
         prompt_set = self.load_prompts()
         cache = cached_activations(prompt_set, self.llm, self.cache)
-        layer = self.cache.layers[0] if self.layer is None else self.layer
-        n_layers = int(load_model_config(self.llm).num_hidden_layers)
-        (resolved,) = validate_layers([layer], n_layers, key="data.layer")
-        acts_ND = cache.load(resolved).float()
+        acts_ND = cache.load(self.served_layer).float()
         split_of = {p.id: p.split for p in prompt_set}
         rows = cache.prompts
         for name in ("train", "val", "test"):
@@ -204,8 +224,18 @@ class ActivationDataModule(L.LightningDataModule):
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        has_val = "val" in self.splits and self.splits["val"].acts_ND.shape[0] > 0
-        return self._loader("val" if has_val else "test", train=False)
+        """The validation split; never the test split in its place.
+
+        Raises:
+            ValueError: If the validation split is empty (``data.split.val_fraction`` is 0).
+        """
+        if self.splits and len(self.splits["val"].ids) == 0:
+            raise ValueError(
+                f"the validation split is empty (data.split.val_fraction={self.split.val_fraction}); set "
+                "data.split.val_fraction > 0, or fit without validation with trainer.limit_val_batches=0 "
+                "(the test split is never used for validation)"
+            )
+        return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self._loader("test", train=False)

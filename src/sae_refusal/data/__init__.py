@@ -1,6 +1,12 @@
 """Prompt sets: sources (hub or local files), labels, categories, held-out splits, chat templates."""
 
-from sae_refusal.data.chat import ChatTemplateError, chat_template_hash, format_prompts, resolve_chat_template
+from sae_refusal.data.chat import (
+    ChatTemplateError,
+    ChatTemplateFileNotFoundError,
+    chat_template_hash,
+    format_prompts,
+    resolve_chat_template,
+)
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
 from sae_refusal.data.sources import (
     LOCAL_PRESETS,
@@ -27,6 +33,7 @@ __all__ = [
     "LOCAL_PRESETS",
     "PRESETS",
     "ChatTemplateError",
+    "ChatTemplateFileNotFoundError",
     "Label",
     "Prompt",
     "PromptSet",

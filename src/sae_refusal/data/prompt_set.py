@@ -4,6 +4,12 @@ A :class:`Prompt` is one user turn with its label (harmful / benign / ambiguous)
 (``None`` for benign prompts), subcategory, source name and split. A :class:`PromptSet` is an ordered,
 immutable collection with unique ids and a content hash, so caches and split manifests can prove
 which prompts they were built from.
+
+A harmful prompt's class everywhere downstream (contrastive loss, feature analysis, refusal tokens) is its
+category, and class 0 means benign, so a harmful prompt without a canonical CoCoNot category would silently
+train and score as benign. :func:`category_problem` says when that is the case; the loaders
+(:func:`~sae_refusal.data.sources.load_source`, :meth:`PromptSet.from_jsonl`) and the activation data module
+refuse such prompts, naming where they came from.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_refusal.atomic import atomic_write_text
+from sae_refusal.categories import COCONOT_CATEGORIES
 
 
 class Label(StrEnum):
@@ -63,6 +70,22 @@ class Prompt:
     def from_json(cls, row: dict[str, Any]) -> Prompt:
         """Inverse of :meth:`to_json`."""
         return cls(**{**row, "label": Label(row["label"])})
+
+
+def category_problem(prompt: Prompt) -> str | None:
+    """Why ``prompt``'s category cannot be used for its label, or ``None`` when it can.
+
+    A harmful prompt needs a canonical CoCoNot category (without one it would count as benign, class 0);
+    benign and ambiguous prompts may have none. A category, when present, must be a canonical name
+    (:data:`~sae_refusal.categories.COCONOT_CATEGORIES`); loaders resolve short names before this point.
+    """
+    if prompt.category is None:
+        if prompt.label == Label.HARMFUL:
+            return "harmful prompt without a category (it would count as benign)"
+        return None
+    if prompt.category not in COCONOT_CATEGORIES:
+        return f"unknown category {prompt.category!r}; expected one of {list(COCONOT_CATEGORIES)}"
+    return None
 
 
 class PromptSet(Sequence[Prompt]):
@@ -128,6 +151,20 @@ class PromptSet(Sequence[Prompt]):
         """Number of prompts per ``label/category`` key."""
         return Counter(f"{p.label}/{p.category}" if p.category else str(p.label) for p in self._prompts)
 
+    def check_categories(self, origin: str = "prompt set") -> None:
+        """Raise if a prompt's category cannot be used for its label (see :func:`category_problem`).
+
+        Args:
+            origin: Where the prompts came from, for the message (e.g. a file or config key).
+
+        Raises:
+            ValueError: Naming ``origin`` and the first offending prompts (id, source, row, reason).
+        """
+        bad = [(i, p, why) for i, p in enumerate(self._prompts) if (why := category_problem(p)) is not None]
+        if bad:
+            shown = "; ".join(f"row {i} id {p.id!r} (source {p.source!r}): {why}" for i, p, why in bad[:3])
+            raise ValueError(f"{origin}: {len(bad)} prompts have an unusable category, e.g. {shown}")
+
     def content_hash(self) -> str:
         """SHA-256 over ids, texts, labels and categories in order (split and response excluded)."""
         digest = hashlib.sha256()
@@ -147,7 +184,8 @@ class PromptSet(Sequence[Prompt]):
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
-            ValueError: If a line is not a valid prompt record (the line number is named).
+            ValueError: If a line is not a valid prompt record, or its category cannot be used for its
+                label (:func:`category_problem`); the line number and prompt id are named.
         """
         path = Path(path)
         if not path.is_file():
@@ -158,7 +196,11 @@ class PromptSet(Sequence[Prompt]):
                 if not line.strip():
                     continue
                 try:
-                    prompts.append(Prompt.from_json(json.loads(line)))
+                    prompt = Prompt.from_json(json.loads(line))
                 except (ValueError, TypeError, KeyError) as err:
                     raise ValueError(f"{path}:{lineno}: not a prompt record ({err})") from err
+                problem = category_problem(prompt)
+                if problem is not None:
+                    raise ValueError(f"{path}:{lineno}: prompt {prompt.id!r}: {problem}")
+                prompts.append(prompt)
         return cls(prompts)

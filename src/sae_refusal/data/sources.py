@@ -14,7 +14,13 @@ are concatenated and stay stable when filters or ``limit`` change. Row filters r
 Categories: a category value (from ``category_column``, through ``category_map`` when given, or the fixed
 ``category``) is resolved to its canonical CoCoNot name with
 :func:`~sae_refusal.categories.resolve_category`; an unknown value is an error. Benign sources get
-category ``None`` unless a category is configured; ambiguous sources keep the category they resemble.
+category ``None`` unless a category is configured; ambiguous sources keep the category they resemble. A
+harmful row without a category (empty cell, or no ``category`` / ``category_column`` at all) is an error
+naming the source, file or hub dataset, row and id: downstream it would count as benign.
+
+Columns are checked before any row is read: an unknown column, or a dotted path that resolves in no row
+(a typo such as ``messages.1.contnet``), is an error naming the config key and the available columns. A
+CSV file cut inside a quoted field is an error naming the file and line, never a partial last row.
 
 Presets (:data:`PRESETS`, :func:`preset`) cover the datasets of the project. Each preset has a hub
 variant (:data:`PRESETS`, the default) and a local variant (:data:`LOCAL_PRESETS`, ``path`` relative to
@@ -257,13 +263,40 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return _check_objects(rows, path, "row")
 
 
-def _read_csv(path: Path, cfg: PromptSourceConfig) -> _Table:
+def _csv_records(path: Path, cfg: PromptSourceConfig) -> list[tuple[int, list[str]]]:
+    """``(first line, fields)`` of every CSV record; a quoted field still open at the end is an error.
+
+    Python's lenient CSV reader returns the partial field of a file cut inside quotes as if it were
+    complete; ``strict=True`` makes that (and other malformed quoting) an error, reported with the
+    line the broken record starts on.
+    """
+    records: list[tuple[int, list[str]]] = []
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        records = list(csv.reader(fh))
+        reader = csv.reader(fh, strict=True)
+        while True:
+            start = reader.line_num + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                if "unexpected end of data" in str(err):
+                    raise ValueError(
+                        f"source {cfg.name!r}: {path}:{start}: a quoted field opened in the record on line "
+                        f"{start} is not closed before the end of the file (truncated or unbalanced "
+                        f"quotes?); the partial row is not loaded"
+                    ) from err
+                raise ValueError(f"source {cfg.name!r}: {path}:{start}: malformed CSV ({err})") from err
+            records.append((start, record))
+    return records
+
+
+def _read_csv(path: Path, cfg: PromptSourceConfig) -> _Table:
+    records = _csv_records(path, cfg)
     if cfg.csv_header:
         if not records:
             raise ValueError(f"source {cfg.name!r}: CSV file {path} is empty (no header row)")
-        header, body = records[0], records[1:]
+        header, body = records[0][1], records[1:]
         columns = list(cfg.csv_columns) if cfg.csv_columns else header
         if cfg.csv_columns and len(header) != len(columns):
             raise ValueError(
@@ -273,11 +306,10 @@ def _read_csv(path: Path, cfg: PromptSourceConfig) -> _Table:
     else:
         columns, body = list(cfg.csv_columns or []), records
     rows = []
-    first_line = 2 if cfg.csv_header else 1
-    for i, record in enumerate(body):
+    for i, (line, record) in enumerate(body):
         if len(record) != len(columns):
             raise ValueError(
-                f"source {cfg.name!r}: {path} row {i} (line ~{i + first_line}) has {len(record)} fields, "
+                f"source {cfg.name!r}: {path} row {i} (line {line}) has {len(record)} fields, "
                 f"expected {len(columns)} ({columns}); check `csv_header` / `csv_columns`"
             )
         row: dict[str, Any] = dict(zip(columns, record, strict=True))
@@ -334,13 +366,47 @@ def _lookup(row: Mapping[str, Any], column: str) -> Any:
     return value
 
 
+def _describe_miss(row: Mapping[str, Any], column: str) -> str:
+    """Where the dotted path ``column`` stops resolving in ``row``, and what is there instead."""
+    value: Any = row
+    done: list[str] = []
+    for part in column.split("."):
+        if isinstance(value, Mapping):
+            if part not in value:
+                return f"{'.'.join(done)!r} has keys {sorted(map(str, value))}, no {part!r}"
+            value = value[part]
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            if not part.lstrip("-").isdigit() or not -len(value) <= int(part) < len(value):
+                return f"{'.'.join(done)!r} is a list of {len(value)} items, no index {part!r}"
+            value = value[int(part)]
+        else:
+            return f"{'.'.join(done)!r} is a {type(value).__name__}, not indexable by {part!r}"
+        done.append(part)
+    return "it resolves"  # pragma: no cover - only called for paths that did not resolve
+
+
 def _check_column(table: _Table, column: str, key: str, cfg: PromptSourceConfig) -> None:
+    """Raise unless ``column`` is a column of ``table`` or a dotted path that resolves in some row.
+
+    A dotted path may be absent from some rows (a conversation without a second turn gives ``None``), but a
+    path that resolves in no row at all is a typo, not missing data.
+    """
     root = column if column in table.columns else column.split(".")[0]
     if root not in table.columns:
         raise ValueError(
             f"source {cfg.name!r}: `{key}` column {column!r} not found in {table.origin}; "
             f"available columns: {table.columns}"
         )
+    if root == column or not table.rows:
+        return
+    if any(_lookup(row, column) is not _MISSING for row in table.rows):
+        return
+    first = next((row for row in table.rows if root in row), table.rows[0])
+    raise ValueError(
+        f"source {cfg.name!r}: `{key}` path {column!r} resolves in no row of {table.origin} "
+        f"(e.g. row {table.rows.index(first)}: {_describe_miss(first, column)}); "
+        f"available columns: {table.columns}"
+    )
 
 
 def _as_text(value: Any) -> str | None:
@@ -378,8 +444,10 @@ def load_source(cfg: PromptSourceConfig, data_root: str | Path | None = None) ->
 
     Raises:
         FileNotFoundError: If ``path`` does not exist (or a folder has no readable files).
-        ValueError: On an unknown column, an empty text, an unknown category, a requested category
-            without rows, or duplicate row ids; messages name the config key and the file.
+        ValueError: On an unknown column or a dotted path that resolves in no row, a malformed or
+            truncated CSV file, an empty text, an unknown category, a harmful row without a category, a
+            requested category without rows, or duplicate row ids; messages name the config key, the file
+            (or hub dataset) and the row.
         RuntimeError: If a hub dataset cannot be loaded.
     """
     label = cfg.parsed_label
@@ -432,6 +500,15 @@ def _strip_wrapping_quotes(text: str) -> str | None:
     return text
 
 
+def _uncategorised_harmful(cfg: PromptSourceConfig, origin: str, index: int, prompt_id: str) -> str:
+    where = f"source {cfg.name!r}: harmful row {index} (id {prompt_id!r}) of {origin} has no category"
+    if cfg.category_column is None:
+        fix = "set `category` (one category for every row) or `category_column`"
+    else:
+        fix = f"its `category_column` {cfg.category_column!r} is empty; fill it in or remove the row"
+    return f"{where}: {fix} (a harmful prompt without a category would count as benign, class 0)"
+
+
 def _table_prompts(
     table: _Table,
     cfg: PromptSourceConfig,
@@ -474,11 +551,13 @@ def _table_prompts(
         if cfg.category_column is not None:
             raw = _as_text(_lookup(row, cfg.category_column))
             if raw is not None:
-                key = f"source {cfg.name!r}: {table.origin} row {index} "
+                key = f"source {cfg.name!r}: {table.origin} row {index} (id {prompt_id!r}) "
                 key += f"`category_column` {cfg.category_column!r}"
                 if mapping:
                     key += " (value not in `category_map`)"
                 category = mapping.get(raw) or resolve_category(raw, key=key)
+        if category is None and label is Label.HARMFUL:
+            raise ValueError(_uncategorised_harmful(cfg, table.origin, index, prompt_id))
         subcategory = None
         if cfg.subcategory_column is not None:
             subcategory = _as_text(_lookup(row, cfg.subcategory_column))

@@ -7,15 +7,33 @@ returns a JSON-serialisable report and, given ``out_dir``, writes::
 
     report.json                     everything below, numbers only
     seed{n}/vectors.safetensors     CAA + SAS (+ decoded SAS) vectors of that seed's SAE, with
-    seed{n}/vectors.json            their metadata (model, layer, SAE, tau, top_k, set sizes)
+    seed{n}/vectors.json            their metadata (model, layer, SAE, epoch and global step of its
+                                    weights, tau, top_k, set sizes)
     plots/residual_{method}.png     2-D projections of the residual activations, coloured by class
-    plots/seed{n}_sparse_{method}.png   the same for the SAE codes
+    plots/seed{n}_sparse_full_{method}.png   the same for the SAE codes, all latents
+    plots/seed{n}_sparse_topk_{method}.png   the same for the SAE codes, the top-K selected latents only
 
 Rows: vectors and heads are fitted on ``fit_split`` (default ``train``); heads are scored, and cluster
 metrics and plots computed, on ``eval_split`` (default ``test``, held out). Classes are benign (0) and the
-harmful categories (1..C); ambiguous prompts are left out. Across seeds: the selected features (each head's
-top features per class, or each SAS vector's features) are matched by decoder cosine and optimal
-assignment, a feature is kept when found in at least ``consensus_min_share`` of the seeds, and per-seed
+harmful categories (1..C); ambiguous prompts are left out.
+
+**Selected (top-K) features.** Each seed's *selected features* are, with ``consensus_source: head`` (the
+default), the ``top_k_features`` latents with the largest positive weights of the L1 head for each class,
+united over the classes; with ``consensus_source: sas`` the latents of the SAS vectors (at most
+``sas_top_k`` per category). We read the seed's "cluster metrics and 2-D projections on the top-K selected
+features" as this set: the latents the sparse classifier picks, chosen on the fit split only. Cluster
+metrics and projections of the SAE codes are computed twice on the held-out rows and named so:
+``sparse_full`` (every latent) and ``sparse_topk`` (only the selected latents' columns). Per seed the
+report holds ``clusters_full``, ``clusters_topk`` (null, with the reason in ``clusters_topk_skipped``, when
+the metrics are undefined there: no selected latent, or codes constant on those columns), ``topk_features``
+and ``topk_source``; across seeds ``summary`` holds ``sparse_full_{metric}`` and ``sparse_topk_{metric}``
+(``sparse_{metric}``, the old name of ``sparse_full_{metric}``, is kept in the report for readers of old
+keys but not logged). The residual stream has no selected features: its metrics (``residual.clusters``) use
+every dimension.
+
+Across seeds: the selected features are matched by decoder cosine and optimal assignment with every seed as
+the reference in turn (:func:`~sae_refusal.features.consensus.consensus_features`, independent of the
+seeds' order), a feature is kept when found in at least ``consensus_min_share`` of the seeds, and per-seed
 numbers are summarised as mean and spread.
 """
 
@@ -33,7 +51,7 @@ import torch
 from sae_refusal.activations.datamodule import LABEL_INDEX, ActivationBatch
 from sae_refusal.atomic import atomic_write_text
 from sae_refusal.categories import CATEGORY_SHORT_NAMES, COCONOT_CATEGORIES
-from sae_refusal.features.clusters import cluster_metrics
+from sae_refusal.features.clusters import METRIC_NAMES, cluster_metrics
 from sae_refusal.features.consensus import consensus_features, mean_and_spread
 from sae_refusal.features.heads import HeadReport, fit_sklearn_head, fit_torch_head
 from sae_refusal.features.plots import PROJECTIONS, ProjectionPlot, write_projection_plots
@@ -46,8 +64,14 @@ __all__ = ["CLASS_NAMES", "FeatureAnalysis", "FeatureAnalysisConfig", "analyze_f
 CLASS_NAMES: list[str] = ["benign", *(CATEGORY_SHORT_NAMES[c] for c in COCONOT_CATEGORIES)]
 
 
-#: Report entries too fine-grained for a logger (per-latent shares, feature lists, config echoes).
-SKIPPED_SCALARS = frozenset({"share", "kept", "top_features", "confusion", "config", "n_train", "n_test"})
+#: Old names of ``sparse_full_{metric}`` in the across-seed summary, kept in the report only.
+LEGACY_SUMMARY_KEYS = frozenset(f"sparse_{metric}" for metric in METRIC_NAMES)
+
+#: Report entries too fine-grained for a logger (per-latent shares, feature lists, config echoes) or
+#: duplicates of logged ones.
+SKIPPED_SCALARS = frozenset(
+    {"share", "kept", "top_features", "confusion", "config", "n_train", "n_test", *LEGACY_SUMMARY_KEYS}
+)
 
 
 @dataclass
@@ -57,22 +81,24 @@ class FeatureAnalysisConfig:
     Args:
         fit_split: Rows the vectors and heads are fitted on.
         eval_split: Held-out rows the heads are scored on and the metrics and plots use.
-        tau: SAS activity threshold: a feature is active in a set when its mean code is above it.
+        tau: SAS activity threshold: a feature is active in a set when its mean code reaches it (``>=``).
         sas_top_k: Keep only this many SAS features per category (largest ``|v_z|``); null = all.
         remove_shared: Drop SAS features active in both the category and the benign mean.
         head: ``sklearn`` (L1 logistic regression, saga) or ``torch`` (softmax layer with an L1 term).
         head_c: Inverse L1 strength of the scikit-learn head.
         head_l1: L1 weight of the torch head.
-        head_steps: Full-batch Adam steps of the torch head.
+        head_steps: Most full-batch proximal-gradient (FISTA) steps of the torch head.
         top_k_features: Top features listed (and matched across seeds) per class.
         n_permutations: Label permutations of the cluster-metric baseline.
         metrics_max_rows: Most rows the cluster metrics use (random subset above it).
         projections: 2-D projections drawn: any of ``pca``, ``tsne``, ``umap`` (empty = no plots).
         plot_max_rows: Most rows drawn per plot.
-        consensus_source: Feature sets matched across seeds: ``head`` (top features) or ``sas``.
+        consensus_source: Each seed's selected features, matched across seeds and used for the
+            ``sparse_topk`` cluster metrics and plots: ``head`` (top features) or ``sas``.
         consensus_min_share: Share of seeds a feature must be found in to be kept.
         consensus_min_cosine: Decoder cosine a match needs to count.
-        seed: Seed of the heads, permutations, subsets and projections.
+        seed: Seed of the scikit-learn head, the permutations, subsets and projections (the torch head is
+            deterministic).
     """
 
     fit_split: str = "train"
@@ -136,7 +162,8 @@ class FeatureAnalysis:
     Args:
         report: JSON-serialisable numbers (also written as ``report.json``).
         vectors: Steering vectors per seed name.
-        plots: The projection plots written, by tag (``residual_pca``, ``seed0_sparse_umap``, ...).
+        plots: The projection plots written, by tag (``residual_pca``, ``seed0_sparse_full_umap``,
+            ``seed0_sparse_topk_umap``, ...).
     """
 
     report: dict[str, Any]
@@ -222,7 +249,7 @@ def _fit_head(
     if config.head == "sklearn":
         report, _ = fit_sklearn_head(*data, C=config.head_c, top_k=top_k, seed=seed)
     else:
-        report, _ = fit_torch_head(*data, l1=config.head_l1, steps=config.head_steps, top_k=top_k, seed=seed)
+        report, _ = fit_torch_head(*data, l1=config.head_l1, steps=config.head_steps, top_k=top_k)
     return report
 
 
@@ -276,6 +303,17 @@ def analyze_features(
             max_rows=config.metrics_max_rows,
         ).to_dict()
 
+    def topk_clusters(Z_topk: torch.Tensor) -> tuple[dict[str, Any] | None, str | None]:
+        """Cluster metrics on the selected columns, or ``None`` and why they are undefined there."""
+        if Z_topk.shape[1] == 0:
+            return None, "no selected features"
+        if not bool((Z_topk != Z_topk[:1]).any()):
+            return None, "the codes are constant on the selected features"
+        try:
+            return clusters(Z_topk), None
+        except ValueError as err:  # e.g. constant on the max_rows subsample
+            return None, str(err)
+
     caa_CD, counts_K = caa_vectors(X_fit, y_fit, n_classes)
     categories = CLASS_NAMES[1:]
     report: dict[str, Any] = {
@@ -316,6 +354,9 @@ def analyze_features(
             if config.consensus_source == "head"
             else {c: sas.features(c) for c in range(1, n_classes)}
         )
+        topk_features = sorted({f for fs in selected[name].values() for f in fs})
+        Z_eval_topk = Z_eval[:, topk_features]
+        clusters_topk, topk_skipped = topk_clusters(Z_eval_topk)
         seed_reports[name] = {
             "sas": {
                 "n_features": {cat: len(sas.features(c)) for c, cat in enumerate(categories, start=1)},
@@ -324,9 +365,16 @@ def analyze_features(
                 "decoded_cosine": _cosine_matrix(decoded_CD),
             },
             "head": head.to_dict(),
-            "clusters": clusters(Z_eval),
+            "clusters_full": clusters(Z_eval),
+            "topk_source": config.consensus_source,
+            "topk_features": topk_features,
+            "clusters_topk": clusters_topk,
         }
-        draw(Z_eval, f"{name}_sparse")
+        if topk_skipped is not None:
+            seed_reports[name]["clusters_topk_skipped"] = topk_skipped
+        draw(Z_eval, f"{name}_sparse_full")
+        if len(topk_features) >= 2 and clusters_topk is not None:
+            draw(Z_eval_topk, f"{name}_sparse_topk")
         vectors[name] = SteeringVectors(
             class_names=CLASS_NAMES,
             caa_CD=caa_CD,
@@ -334,6 +382,8 @@ def analyze_features(
             sas_decoded_CD=decoded_CD,
             metadata={
                 **{k: v for k, v in metadata.items() if k != "sae_paths"},
+                "epoch": metadata.get("epoch"),
+                "global_step": metadata.get("global_step"),
                 "sae": {
                     "name": name,
                     "path": sae_paths.get(name),
@@ -373,10 +423,13 @@ def _across_seeds(
     summary: dict[str, Any] = {
         "head_accuracy": mean_and_spread([r["head"]["accuracy"] for r in per_seed]),
         "head_macro_f1": mean_and_spread([r["head"]["macro_f1"] for r in per_seed]),
-        "sparse_silhouette": mean_and_spread([r["clusters"]["silhouette"] for r in per_seed]),
-        "sparse_davies_bouldin": mean_and_spread([r["clusters"]["davies_bouldin"] for r in per_seed]),
-        "sparse_calinski_harabasz": mean_and_spread([r["clusters"]["calinski_harabasz"] for r in per_seed]),
     }
+    for variant in ("full", "topk"):
+        for metric in METRIC_NAMES:
+            values = [(r[f"clusters_{variant}"] or {}).get(metric, math.nan) for r in per_seed]
+            summary[f"sparse_{variant}_{metric}"] = mean_and_spread(values)
+    for metric in METRIC_NAMES:  # the old names, kept for readers of earlier reports (not logged)
+        summary[f"sparse_{metric}"] = summary[f"sparse_full_{metric}"]
     for cat in CLASS_NAMES[1:]:
         summary[f"sas_cosine_with_caa/{cat}"] = mean_and_spread(
             [r["sas"]["cosine_with_caa"][cat] for r in per_seed]

@@ -6,6 +6,11 @@ sanity check, on global rank zero only. Output goes to ``<log_dir>/features/epoc
 artifacts, PNG plots); the numbers go to the logger as ``features/...`` scalars, the plots as
 TensorBoard images and each head's held-out confusion matrix as a text table when the logger is a
 TensorBoard one.
+
+The report's ``metadata`` and every ``seed{n}/vectors.json`` record ``epoch`` (0-based, the epoch just
+trained) and ``global_step`` (optimiser steps so far) of the in-memory weights the analysis used. The
+``sae_paths`` (and each artifact's ``sae.path``) name where ``fit`` exports the SAEs at its end: those files
+hold these weights only for the analysis of the last epoch.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ class FeatureAnalysisCallback(L.Callback):
         out_dir = root / self.output_subdir / f"epoch{trainer.current_epoch}"
         saes = dict(named_saes())
         metadata: dict[str, Any] = {
-            "epoch": trainer.current_epoch,
+            "epoch": trainer.current_epoch,  # the epoch just trained: the SAE weights analysed are its end
+            "global_step": trainer.global_step,  # optimiser steps taken up to those weights
             "model": getattr(getattr(datamodule, "llm", None), "name_or_path", None),
             "layer": getattr(datamodule, "layer", None),
             "sae_paths": {name: str(root / "sae" / name) for name in saes},

@@ -6,17 +6,21 @@ no a-priori partner in another. We pair latents by their decoder directions: the
 :func:`scipy.optimize.linear_sum_assignment`) that maximises the total cosine (:func:`match_latents`).
 
 Each seed selects a few latents per class (0 = benign, 1..C = refusal categories), e.g. the top-K features of
-a classifier head or the features kept in a steering vector. :func:`consensus_features` takes one seed as the
+a classifier head or the features kept in a steering vector. :func:`reference_consensus` takes one seed as the
 reference and asks, for each latent the reference selected for class ``c``, in how many seeds its matched
 partner is (a) a close match (cosine ``>= min_cosine``) and (b) selected for the same class ``c`` there. The
 *share* of seeds (the reference counts as one) where that holds decides whether the feature is kept.
+
+:func:`consensus_features` is the symmetric form used by the analysis: every seed is the reference in turn and
+the per-class stability and matched cosine are averaged over the references, so the result does not depend on
+which seed comes first (seeds are sorted by name; means use ``math.fsum``, which is exactly rounded).
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +32,18 @@ from scipy.optimize import linear_sum_assignment
 __all__ = [
     "ConsensusReport",
     "LatentMatch",
+    "ReferenceConsensus",
     "consensus_features",
     "decoder_cosine",
     "match_latents",
     "mean_and_spread",
+    "reference_consensus",
 ]
 
 _SHARE_EPS = 1e-9
+
+#: Seed name -> class -> that seed's selected latent indices (a sequence, tensor or array of integers).
+Selection = Mapping[str, Mapping[int, Sequence[int] | torch.Tensor | np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -170,19 +179,19 @@ def match_latents(
 
 
 @dataclass(frozen=True)
-class ConsensusReport:
-    """Which of the reference seed's selected features recur in the other seeds.
+class ReferenceConsensus:
+    """Which of one reference seed's selected features recur in the other seeds.
 
     Attributes:
         reference: Name of the reference seed.
-        seeds: All seed names (reference included), in input order.
+        seeds: All seed names (reference included), sorted.
         kept: Class -> sorted reference latents identified in at least ``min_share`` of the seeds.
         share: Class -> {reference latent selected for the class: share of seeds (reference counts) where it
             is identified}.
         stability: Class -> ``len(kept[c]) / len(selected[reference][c])``; NaN when the reference selected
             nothing for the class.
-        mean_match_cosine: Other seed -> mean decoder cosine of the matched reference latents (the union of
-            the reference's selections); NaN when there was nothing to match.
+        mean_match_cosine: Other seed (sorted) -> mean decoder cosine of the matched reference latents (the
+            union of the reference's selections); NaN when there was nothing to match.
         min_share: Share threshold used.
         min_cosine: Cosine threshold used.
     """
@@ -209,14 +218,7 @@ class ConsensusReport:
         Raises:
             ValueError: If a class id has no entry in ``class_names``.
         """
-
-        def key(c: int) -> str:
-            if class_names is None:
-                return str(c)
-            if not 0 <= c < len(class_names):
-                raise ValueError(f"class {c} has no name in class_names (length {len(class_names)})")
-            return str(class_names[c])
-
+        key = _class_key(class_names)
         return {
             "reference": self.reference,
             "seeds": list(self.seeds),
@@ -231,18 +233,80 @@ class ConsensusReport:
         }
 
 
+@dataclass(frozen=True)
+class ConsensusReport:
+    """Cross-seed consensus with every seed as the reference in turn (independent of the seeds' order).
+
+    Attributes:
+        seeds: All seed names, sorted.
+        stability: Class -> mean over the references of their stability (references that selected nothing
+            for the class are left out; NaN when none selected anything).
+        mean_match_cosine: Mean over every ordered (reference, other) pair of the pair's mean matched decoder
+            cosine (NaN when no pair had anything to match).
+        by_reference: Reference seed (sorted) -> its :class:`ReferenceConsensus`.
+        min_share: Share threshold used.
+        min_cosine: Cosine threshold used.
+    """
+
+    seeds: list[str]
+    stability: dict[int, float]
+    mean_match_cosine: float
+    by_reference: dict[str, ReferenceConsensus]
+    min_share: float
+    min_cosine: float
+
+    def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Strict-JSON-serialisable form (NaN becomes ``None``); per reference as
+        :meth:`ReferenceConsensus.to_dict` without the repeated thresholds and seed list.
+
+        Args:
+            class_names: Names indexed by class id (see :meth:`ReferenceConsensus.to_dict`).
+
+        Raises:
+            ValueError: If a class id has no entry in ``class_names``.
+        """
+        key = _class_key(class_names)
+        repeated = ("seeds", "min_share", "min_cosine")
+        return {
+            "seeds": list(self.seeds),
+            "min_share": self.min_share,
+            "min_cosine": self.min_cosine,
+            "stability": {key(c): _json_float(v) for c, v in self.stability.items()},
+            "mean_match_cosine": _json_float(self.mean_match_cosine),
+            "by_reference": {
+                ref: {k: v for k, v in per.to_dict(class_names).items() if k not in repeated}
+                for ref, per in self.by_reference.items()
+            },
+        }
+
+
+def _class_key(class_names: Sequence[str] | None) -> Callable[[int], str]:
+    def key(c: int) -> str:
+        if class_names is None:
+            return str(c)
+        if not 0 <= c < len(class_names):
+            raise ValueError(f"class {c} has no name in class_names (length {len(class_names)})")
+        return str(class_names[c])
+
+    return key
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (``math.fsum``: exactly rounded, so independent of their order)."""
+    xs = [v for v in values if not math.isnan(v)]
+    return math.fsum(xs) / len(xs) if xs else math.nan
+
+
 def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _check_indices(
-    selected: Mapping[str, Mapping[int, Sequence[int]]], n_latents: dict[str, int]
-) -> dict[str, dict[int, list[int]]]:
+def _check_indices(selected: Selection, n_latents: dict[str, int]) -> dict[str, dict[int, list[int]]]:
     """Validate selections and return them as seed -> class -> sorted distinct latent list."""
     out: dict[str, dict[int, list[int]]] = {}
-    for seed, per_class in selected.items():
+    for seed in sorted(selected):
         out[seed] = {}
-        for c, idx in per_class.items():
+        for c, idx in selected[seed].items():
             try:
                 cls = operator.index(c)
             except TypeError as err:
@@ -263,45 +327,18 @@ def _check_indices(
     return out
 
 
-def consensus_features(
-    selected: Mapping[str, Mapping[int, Sequence[int]]],
+def _validated(
+    selected: Selection,
     decoders: Mapping[str, torch.Tensor],
-    *,
-    reference: str | None = None,
-    min_share: float = 0.5,
-    min_cosine: float = 0.5,
-) -> ConsensusReport:
-    """Find the reference seed's selected features that recur, for the same class, in other seeds.
-
-    The reference latents to match are the union of its selections over all classes. For every other seed
-    ``s`` they are matched one-to-one to all of ``s``'s latents (:func:`match_latents`). A reference latent
-    ``f`` selected for class ``c`` is *identified* in ``s`` when its partner ``g`` has cosine
-    ``>= min_cosine`` and ``g`` is in ``selected[s][c]``. Its share is ``(1 + #seeds identified) / #seeds``
-    and it is kept when the share is at least ``min_share``.
-
-    Classes reported are the union of class keys over all seeds; a class the reference did not select for
-    gets an empty ``kept``/``share`` and NaN stability.
-
-    Args:
-        selected: Seed name -> class -> selected latent indices of that seed (duplicates are ignored).
-        decoders: Seed name -> ``(F_s, D)`` decoder matrix of that seed's SAE.
-        reference: Reference seed; default the first key of ``selected``.
-        min_share: Share of seeds needed to keep a feature, in ``(0, 1]``.
-        min_cosine: Decoder cosine a partner needs to count, in ``[-1, 1]``.
-
-    Returns:
-        A :class:`ConsensusReport`.
-
-    Raises:
-        ValueError: If the seeds of ``selected`` and ``decoders`` differ, ``reference`` is not among them, a
-            decoder is not 2-D, decoder widths differ, a selected index is out of range, or a threshold is
-            out of its range.
-    """
+    min_share: float,
+    min_cosine: float,
+) -> tuple[list[str], dict[str, dict[int, list[int]]]]:
+    """Check thresholds, seeds, decoders and selections; return the sorted seeds and clean selections."""
     if not 0.0 < min_share <= 1.0:
         raise ValueError(f"min_share must be in (0, 1], got {min_share}")
     if not -1.0 <= min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be in [-1, 1], got {min_cosine}")
-    seeds = list(selected)
+    seeds = sorted(selected)
     if not seeds:
         raise ValueError("selected is empty: need at least one seed")
     if set(seeds) != set(decoders):
@@ -310,20 +347,27 @@ def consensus_features(
         raise ValueError(
             f"seeds differ between selected and decoders: no decoder for {missing}, no selection for {extra}"
         )
-    ref = seeds[0] if reference is None else reference
-    if ref not in selected:
-        raise ValueError(f"reference seed {ref!r} is not among the seeds {seeds}")
     for seed in seeds:
         _check_decoder(decoders[seed], f"seed {seed!r}")
-    width = decoders[ref].shape[1]
+    first = seeds[0]
+    width = decoders[first].shape[1]
     for seed in seeds:
         if decoders[seed].shape[1] != width:
             raise ValueError(
-                f"decoder width of seed {seed!r} is D={decoders[seed].shape[1]}, but reference seed {ref!r} "
-                f"has D={width}"
+                f"decoder width of seed {seed!r} is D={decoders[seed].shape[1]}, but seed {first!r} has "
+                f"D={width}"
             )
-    sel = _check_indices(selected, {s: decoders[s].shape[0] for s in seeds})
+    return seeds, _check_indices(selected, {s: decoders[s].shape[0] for s in seeds})
 
+
+def _one_reference(
+    sel: dict[str, dict[int, list[int]]],
+    decoders: Mapping[str, torch.Tensor],
+    seeds: list[str],
+    ref: str,
+    min_share: float,
+    min_cosine: float,
+) -> ReferenceConsensus:
     classes = sorted({c for per_class in sel.values() for c in per_class})
     ref_sel = {c: sel[ref].get(c, []) for c in classes}
     union_R = sorted({f for fs in ref_sel.values() for f in fs})
@@ -349,13 +393,92 @@ def consensus_features(
     share = {c: {f: (1 + n) / n_seeds for f, n in found[c].items()} for c in classes}
     kept = {c: sorted(f for f, v in share[c].items() if v >= min_share - _SHARE_EPS) for c in classes}
     stability = {c: len(kept[c]) / len(ref_sel[c]) if ref_sel[c] else math.nan for c in classes}
-    return ConsensusReport(
+    return ReferenceConsensus(
         reference=ref,
-        seeds=seeds,
+        seeds=list(seeds),
         kept=kept,
         share=share,
         stability=stability,
         mean_match_cosine=mean_match_cosine,
+        min_share=float(min_share),
+        min_cosine=float(min_cosine),
+    )
+
+
+def reference_consensus(
+    selected: Selection,
+    decoders: Mapping[str, torch.Tensor],
+    reference: str,
+    *,
+    min_share: float = 0.5,
+    min_cosine: float = 0.5,
+) -> ReferenceConsensus:
+    """Find one reference seed's selected features that recur, for the same class, in other seeds.
+
+    The reference latents to match are the union of its selections over all classes. For every other seed
+    ``s`` they are matched one-to-one to all of ``s``'s latents (:func:`match_latents`). A reference latent
+    ``f`` selected for class ``c`` is *identified* in ``s`` when its partner ``g`` has cosine
+    ``>= min_cosine`` and ``g`` is in ``selected[s][c]``. Its share is ``(1 + #seeds identified) / #seeds``
+    and it is kept when the share is at least ``min_share``.
+
+    Classes reported are the union of class keys over all seeds; a class the reference did not select for
+    gets an empty ``kept``/``share`` and NaN stability.
+
+    Args:
+        selected: Seed name -> class -> selected latent indices of that seed (duplicates are ignored).
+        decoders: Seed name -> ``(F_s, D)`` decoder matrix of that seed's SAE.
+        reference: The reference seed.
+        min_share: Share of seeds needed to keep a feature, in ``(0, 1]``.
+        min_cosine: Decoder cosine a partner needs to count, in ``[-1, 1]``.
+
+    Returns:
+        A :class:`ReferenceConsensus`.
+
+    Raises:
+        ValueError: If the seeds of ``selected`` and ``decoders`` differ, ``reference`` is not among them, a
+            decoder is not 2-D, decoder widths differ, a selected index is out of range, or a threshold is
+            out of its range.
+    """
+    seeds, sel = _validated(selected, decoders, min_share, min_cosine)
+    if reference not in sel:
+        raise ValueError(f"reference seed {reference!r} is not among the seeds {seeds}")
+    return _one_reference(sel, decoders, seeds, reference, min_share, min_cosine)
+
+
+def consensus_features(
+    selected: Selection,
+    decoders: Mapping[str, torch.Tensor],
+    *,
+    min_share: float = 0.5,
+    min_cosine: float = 0.5,
+) -> ConsensusReport:
+    """Cross-seed consensus with each seed as the reference in turn (:func:`reference_consensus`).
+
+    Symmetric: no seed is privileged, and the result (values and key order) does not depend on the order of
+    the seeds in ``selected`` or ``decoders``: seeds are sorted by name and means are exactly rounded sums.
+
+    Args:
+        selected: Seed name -> class -> selected latent indices of that seed (duplicates are ignored).
+        decoders: Seed name -> ``(F_s, D)`` decoder matrix of that seed's SAE.
+        min_share: Share of seeds needed to keep a feature, in ``(0, 1]``.
+        min_cosine: Decoder cosine a partner needs to count, in ``[-1, 1]``.
+
+    Returns:
+        A :class:`ConsensusReport`.
+
+    Raises:
+        ValueError: As :func:`reference_consensus`.
+    """
+    seeds, sel = _validated(selected, decoders, min_share, min_cosine)
+    by_reference = {ref: _one_reference(sel, decoders, seeds, ref, min_share, min_cosine) for ref in seeds}
+    classes = sorted({c for per_class in sel.values() for c in per_class})
+    stability = {c: _mean([r.stability[c] for r in by_reference.values()]) for c in classes}
+    pair_cosines = [v for r in by_reference.values() for v in r.mean_match_cosine.values()]
+    return ConsensusReport(
+        seeds=seeds,
+        stability=stability,
+        mean_match_cosine=_mean(pair_cosines),
+        by_reference=by_reference,
         min_share=float(min_share),
         min_cosine=float(min_cosine),
     )

@@ -4,16 +4,21 @@ Classes are integer codes: ``0`` = benign (B), ``c = 1..C`` = harmful category `
 negative code (ambiguous prompts) take part in nothing here.
 
 * **CAA** (contrastive activation addition): ``v_a(c) = mean(a | H_c) - mean(a | B)``.
-* **SAS** (sparse activation steering): mean sparse codes per set; features whose mean is below ``tau``
-  are inactive in that set (set to 0); features active in *both* the category mean and the benign mean are
-  shared and removed; ``v_z(c) = z_Hc - z_B`` on what is left; optionally only the ``top_k`` features with
-  the largest ``|v_z|`` are kept. ``v_z`` mapped through the decoder
+* **SAS** (sparse activation steering): mean sparse codes per set; a feature is *active* in a set when
+  its mean there reaches ``tau`` (``mean >= tau``, as in the seed, which drops only values below ``tau``)
+  and it fires at all (``mean > 0``, which matters only for ``tau = 0``: a feature that never fires in a
+  set is not active there); inactive means are set to 0; features active in *both* the category mean and
+  the benign mean are shared and removed from that category's vector (a feature active in the benign mean
+  only stays, as a negative entry, in the vector of every category where it is inactive);
+  ``v_z(c) = z_Hc - z_B`` on what is left; optionally only the ``top_k`` features with the largest
+  ``|v_z|`` are kept. ``v_z`` mapped through the decoder
   (:meth:`SparseAutoencoder.decode_direction`) is a residual-space vector comparable with (and usable like)
   the CAA vector.
 
 :class:`SteeringVectors` is the saved form: ``vectors.safetensors`` (``caa_CD``; ``sas_CF`` and
 ``sas_decoded_CD`` when an SAE was used; row ``c - 1`` belongs to category ``c``) and ``vectors.json`` (class
-names, layer, model, SAE id and seed, ``tau``, ``top_k``, set sizes), written atomically.
+names, layer, model, SAE id and seed, ``tau``, ``top_k``, set sizes, and the ``epoch`` and ``global_step`` of
+the SAE weights the vectors came from, ``None`` when unknown), written atomically.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ class SASResult:
     Args:
         vectors_CF: ``v_z(c)`` per category (row ``c - 1``), zero outside the kept features.
         means_KF: Mean codes per class (row 0 benign) before thresholding.
-        active_KF: Features whose class mean reaches ``tau``.
+        active_KF: Features whose class mean reaches ``tau`` (``>= tau``) and is above 0.
         shared_CF: Features removed because both the category and benign means have them active.
         counts_K: Rows per class.
         tau: The activity threshold used.
@@ -124,7 +129,8 @@ def sas_vectors(
         latents_NF: SAE codes of the rows (dense ``(N, F)``, non-negative).
         y_N: Class codes (0 benign, 1..C categories, negative = ignored).
         n_classes: ``C + 1``.
-        tau: A feature is active in a set when its mean code there is ``> tau`` (``tau = 0``: fires at all).
+        tau: A feature is active in a set when its mean code there is ``>= tau`` and ``> 0`` (``tau = 0``:
+            fires at all).
         top_k: Keep only the ``top_k`` features with the largest ``|v_z|`` per category.
         remove_shared: Drop features active in both the category mean and the benign mean.
     """
@@ -134,7 +140,7 @@ def sas_vectors(
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     means_KF, counts_K = class_means(latents_NF, y_N, n_classes)
     _require_benign(counts_K)
-    active_KF = means_KF > tau
+    active_KF = (means_KF >= tau) & (means_KF > 0)
     kept_means_KF = torch.where(active_KF, means_KF, torch.zeros_like(means_KF))
     vectors_CF = kept_means_KF[1:] - kept_means_KF[:1]
     shared_CF = active_KF[1:] & active_KF[:1]
@@ -157,7 +163,8 @@ class SteeringVectors:
         caa_CD: Residual-space CAA vectors (row ``c - 1`` for category ``c``).
         sas_CF: SAE-space SAS vectors, if an SAE was used.
         sas_decoded_CD: ``sas_CF`` mapped through the SAE decoder (raw residual space).
-        metadata: JSON facts: model, layer, SAE path / seed / architecture, tau, top_k, set sizes.
+        metadata: JSON facts: model, layer, SAE path / seed / architecture, tau, top_k, set sizes, and the
+            ``epoch`` / ``global_step`` of the SAE weights (``None`` when unknown, e.g. a plain export).
     """
 
     class_names: list[str]

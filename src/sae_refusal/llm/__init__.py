@@ -17,6 +17,7 @@ from sae_refusal.llm.layers import d_model, decoder_layers, num_layers, validate
 from sae_refusal.llm.loading import (
     SMOLLM2_ALIAS,
     LLMConfig,
+    file_sha256,
     load_model,
     load_model_and_tokenizer,
     load_model_config,
@@ -32,9 +33,11 @@ from sae_refusal.llm.refusal_tokens import (
 from sae_refusal.llm.tokenize import (
     OVERFLOW_POLICIES,
     EncodedPrompts,
+    context_length,
     default_max_length,
     encode_prompts,
     pad_left,
+    tokenizer_fingerprint,
 )
 
 __all__ = [
@@ -47,10 +50,12 @@ __all__ = [
     "RefusalVocabulary",
     "ResidualBatch",
     "ResolvedRefusalTokens",
+    "context_length",
     "d_model",
     "decoder_layers",
     "default_max_length",
     "encode_prompts",
+    "file_sha256",
     "full_forward_last_token",
     "iter_last_token_residuals",
     "last_token_indices",
@@ -63,5 +68,6 @@ __all__ = [
     "num_layers",
     "pad_left",
     "position_ids_from_mask",
+    "tokenizer_fingerprint",
     "validate_layers",
 ]

@@ -26,7 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from sae_refusal.llm.layers import decoder_layers, input_device, validate_layers
-from sae_refusal.llm.tokenize import default_max_length, encode_prompts, pad_left
+from sae_refusal.llm.tokenize import (
+    check_max_length,
+    context_length,
+    default_max_length,
+    encode_prompts,
+    pad_left,
+)
 
 __all__ = [
     "ResidualBatch",
@@ -235,14 +241,15 @@ def iter_last_token_residuals(
         formatted_texts: Prompts already rendered by the chat template.
         layers: Layer indices (config key ``layers``).
         batch_size: Prompts per forward pass (config key ``batch_size``).
-        max_length: Token limit per prompt (config key ``max_length``); ``None`` uses
-            :func:`~sae_refusal.llm.tokenize.default_max_length`.
+        max_length: Token limit per prompt (config key ``max_length``), at most the model's context;
+            ``None`` uses :func:`~sae_refusal.llm.tokenize.default_max_length`.
         overflow: ``"truncate_left"`` or ``"error"`` (config key ``overflow``).
         sort_window: Batches per length-sorting window; 1 runs prompts in input order.
         out_device: Where yielded tensors go (they keep the model's dtype).
 
     Raises:
-        ValueError: On a bad ``batch_size``/``sort_window``, layer, or overflow (see ``encode_prompts``).
+        ValueError: On a bad ``batch_size``/``sort_window``, layer, a ``max_length`` beyond the model's
+            context, or overflow (see ``encode_prompts``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
@@ -251,6 +258,8 @@ def iter_last_token_residuals(
     wanted = validate_layers(layers, len(decoder_layers(model)))
     if max_length is None:
         max_length = default_max_length(model, tokenizer)
+    else:
+        check_max_length(max_length, context_length(model, tokenizer))
     encoded = encode_prompts(tokenizer, formatted_texts, max_length=max_length, overflow=overflow)
     if encoded.n_truncated:
         logger.info(

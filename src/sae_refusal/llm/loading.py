@@ -10,7 +10,8 @@ Sources, decided from :attr:`LLMConfig.name_or_path`:
 * anything else is a hub id (``org/name``), honouring :attr:`LLMConfig.revision`.
 
 :func:`model_fingerprint` identifies the weights for activation-cache manifests without loading them: a
-hub revision (commit hash where the local cache knows it) or a quick content hash of local weight files.
+hub revision (commit hash where the local cache knows it) or the sha256 of every local weight file, read
+whole once per process and memoised by (resolved path, size, mtime, inode).
 
 :attr:`LLMConfig.adapter_path` names a refusal-token artifact (:mod:`sae_refusal.finetune.artifact`: added
 tokens, their embedding rows, a LoRA adapter) applied on top of the loaded base model and tokenizer.
@@ -22,7 +23,9 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,6 +40,7 @@ __all__ = [
     "SMOLLM2_ALIAS",
     "SMOLLM2_GGUF_FILE",
     "LLMConfig",
+    "file_sha256",
     "load_model",
     "load_model_and_tokenizer",
     "load_model_config",
@@ -58,7 +62,9 @@ _DTYPES: dict[str, torch.dtype | None] = {
 _QUANTIZATIONS = (None, "4bit", "8bit")
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-_HASH_CHUNK = 1 << 20  # 1 MiB from each end of every weight file
+#: A file modified less than this long before it is hashed is not memoised: a rewrite within the same
+#: mtime tick (coarse on some filesystems) with the same size would otherwise reuse a stale digest.
+_RACY_WINDOW_NS = 2_000_000_000
 
 
 @dataclass
@@ -406,14 +412,37 @@ def load_model_and_tokenizer(cfg: LLMConfig) -> tuple[PreTrainedModel, Any]:
     return model, tokenizer
 
 
-def _quick_file_hash(digest: Any, path: Path) -> None:
-    size = path.stat().st_size
-    digest.update(f"{path.name}\0{size}\0".encode())
+_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _read_sha256(path: Path) -> str:
+    """sha256 of the whole file (the only place weight files are read for fingerprints)."""
     with path.open("rb") as handle:
-        digest.update(handle.read(_HASH_CHUNK))
-        if size > _HASH_CHUNK:
-            handle.seek(max(_HASH_CHUNK, size - _HASH_CHUNK))
-            digest.update(handle.read(_HASH_CHUNK))
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a whole file, memoised per process by (resolved path, size, mtime_ns, inode).
+
+    A file modified within the last two seconds is hashed again on every call (its mtime may not yet tell
+    a same-size rewrite apart), so the memo never returns a stale digest for a file being written.
+
+    Args:
+        path: The file.
+
+    Raises:
+        FileNotFoundError: If it does not exist.
+    """
+    resolved = Path(path).resolve()
+    now_ns = time.time_ns()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    digest = _FILE_DIGESTS.get(key)
+    if digest is None:
+        digest = _read_sha256(resolved)
+        if now_ns - stat.st_mtime_ns > _RACY_WINDOW_NS:
+            _FILE_DIGESTS[key] = digest
+    return digest
 
 
 def _weights_hash(source: _Source, name: str) -> str:
@@ -428,7 +457,7 @@ def _weights_hash(source: _Source, name: str) -> str:
             )
     digest = hashlib.sha256()
     for path in files:
-        _quick_file_hash(digest, path)
+        digest.update(f"{path.name}\0{path.stat().st_size}\0{file_sha256(path)}\0".encode())
     config = folder / "config.json"
     if config.is_file():
         digest.update(b"config.json\0")
@@ -458,9 +487,9 @@ def model_fingerprint(cfg: LLMConfig, model: nn.Module | None = None) -> dict[st
 
     Hub ids are identified by revision: the commit hash if the local cache (or
     ``model.config._commit_hash`` of an already loaded ``model``) knows it, else ``cfg.revision``, else
-    ``"unknown"``. Local folders and GGUF files get a quick content hash: sha256 over each weight file's
-    name, size, first and last MiB, plus the bytes of ``config.json``; it takes milliseconds even for a
-    16 GB folder.
+    ``"unknown"``. Local folders and GGUF files get a content hash: sha256 over each weight file's name,
+    size and whole-file sha256 (:func:`file_sha256`, memoised per process, so only the first call reads
+    the files: about a second per 1-2 GB), plus the bytes of ``config.json``.
 
     Args:
         cfg: The model config.

@@ -8,6 +8,8 @@ prompt and the last-token activation live) and reports how many prompts were cut
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OVERFLOW_POLICIES", "EncodedPrompts", "default_max_length", "encode_prompts", "pad_left"]
+__all__ = [
+    "OVERFLOW_POLICIES",
+    "EncodedPrompts",
+    "check_max_length",
+    "context_length",
+    "default_max_length",
+    "encode_prompts",
+    "pad_left",
+    "tokenizer_fingerprint",
+]
 
 #: Accepted values of the ``overflow`` config key.
 OVERFLOW_POLICIES: tuple[str, ...] = ("truncate_left", "error")
@@ -115,26 +126,83 @@ def pad_left(batch_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Ten
     return input_ids_BT, attention_mask_BT
 
 
-def default_max_length(model: nn.Module, tokenizer: Any = None, cap: int = DEFAULT_MAX_LENGTH_CAP) -> int:
-    """A safe prompt-length limit: the model's ``max_position_embeddings``, capped at ``cap``.
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The model's context in tokens: ``max_position_embeddings`` of its (text) config.
 
     Falls back to the tokenizer's ``model_max_length`` (when it is a real number, not the "unlimited"
-    sentinel) if the config has no position limit.
+    sentinel) if the config has no position limit; ``None`` when neither says.
 
     Args:
-        model: A Hugging Face model with a ``config``.
+        config: A ``PretrainedConfig`` (or a model, whose ``config`` is used).
+        tokenizer: Optional tokenizer used as a fallback source.
+    """
+    config = getattr(config, "config", config)
+    if callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+        return positions
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+        return model_max
+    return None
+
+
+def check_max_length(
+    max_length: int, context: int | None, *, key: str = "max_length", model: str = ""
+) -> None:
+    """Refuse a token budget the model cannot attend over.
+
+    Args:
+        max_length: The configured budget.
+        context: The model's context (:func:`context_length`); ``None`` skips the check.
+        key: Config key named in the error.
+        model: Model name named in the error.
+
+    Raises:
+        ValueError: If ``max_length`` is not a positive integer or exceeds ``context``.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"{key}: must be a positive integer, got {max_length!r}")
+    if context is not None and max_length > context:
+        of = f" of model {model!r}" if model else ""
+        raise ValueError(
+            f"{key}: {max_length} exceeds the context{of} ({context} tokens, max_position_embeddings); "
+            f"set it to at most {context}, or to null for min({context}, {DEFAULT_MAX_LENGTH_CAP})"
+        )
+
+
+def default_max_length(model: nn.Module, tokenizer: Any = None, cap: int = DEFAULT_MAX_LENGTH_CAP) -> int:
+    """A safe prompt-length limit: the model's context (:func:`context_length`), capped at ``cap``.
+
+    Args:
+        model: A Hugging Face model with a ``config`` (or the config itself).
         tokenizer: Optional tokenizer used as a fallback source.
         cap: Upper bound of the result.
     """
-    limits = [cap]
-    config = getattr(model, "config", None)
-    if config is not None and callable(getattr(config, "get_text_config", None)):
-        config = config.get_text_config()
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        limits.append(positions)
-    elif tokenizer is not None:
-        model_max = getattr(tokenizer, "model_max_length", None)
-        if isinstance(model_max, int) and 0 < model_max < 1_000_000:
-            limits.append(model_max)
-    return min(limits)
+    context = context_length(model, tokenizer)
+    return cap if context is None else min(cap, context)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of everything in ``tokenizer`` that decides token ids, for activation-cache identities.
+
+    A fast tokenizer is identified by its full serialisation (vocabulary, merges, normaliser,
+    pre-tokeniser, added tokens; not the call-time padding and truncation settings); a slow one by its
+    class, vocabulary and added tokens.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and callable(getattr(backend, "to_str", None)):
+        state = json.loads(backend.to_str())
+        # Call-time settings that transformers leaves behind after a padded/truncated call; we pad ourselves.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        payload = json.dumps(state, sort_keys=True)
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+        added = sorted(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
+        payload = json.dumps({"class": type(tokenizer).__name__, "vocab": vocab, "added": added})
+    return hashlib.sha256(payload.encode()).hexdigest()

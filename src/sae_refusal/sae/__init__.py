@@ -1,6 +1,6 @@
 """Sparse autoencoders (plain modules), architectures (chosen with ``class_path``), the Lightning shell."""
 
-from sae_refusal.sae.architectures import L1, Contrastive, SAEArchitecture, TopK
+from sae_refusal.sae.architectures import L1, Contrastive, SAEArchitecture, TopK, architecture_from_config
 from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, load_sae, mean_norm_scale
 from sae_refusal.sae.module import SAEModule
 from sae_refusal.sae.relu import ReLUSAE
@@ -17,6 +17,7 @@ __all__ = [
     "SparseAutoencoder",
     "TopK",
     "TopKSAE",
+    "architecture_from_config",
     "load_sae",
     "mean_norm_scale",
     "sparse_decode",

@@ -15,6 +15,7 @@ terms (:meth:`SAEArchitecture.extra_losses`)::
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from sae_refusal.sae.contrastive import batch_classes, mean_separation, supcon_l
 from sae_refusal.sae.relu import ReLUSAE
 from sae_refusal.sae.topk import TopKSAE
 
-__all__ = ["L1", "Contrastive", "SAEArchitecture", "TopK"]
+__all__ = ["L1", "Contrastive", "SAEArchitecture", "TopK", "architecture_from_config"]
 
 
 class SAEArchitecture:
@@ -51,6 +52,56 @@ class SAEArchitecture:
             "class": type(self).__name__,
             **{k: v for k, v in vars(self).items() if not k.startswith("_")},
         }
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this architecture (nested ones as :meth:`config`)."""
+        return {
+            k: v.config() if isinstance(v, SAEArchitecture) else v
+            for k, v in vars(self).items()
+            if not k.startswith("_")
+        }
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": ...}``: the YAML form, kept in Lightning checkpoints.
+
+        :func:`architecture_from_config` turns it back into an equal architecture.
+        """
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SAEArchitecture)
+            and type(other) is type(self)
+            and self.config() == other.config()
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def architecture_from_config(config: dict[str, Any], key: str = "model.architecture") -> SAEArchitecture:
+    """Rebuild an architecture from its :meth:`SAEArchitecture.config` (or YAML ``class_path`` form).
+
+    Raises:
+        ValueError: If ``class_path`` is missing or does not name an :class:`SAEArchitecture`; the message
+            names ``key``.
+    """
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"{key}: expected {{'class_path': ..., 'init_args': ...}}, got {config!r}")
+    module_name, _, class_name = str(config["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "sae_refusal.sae"), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{key}: unknown class_path {config['class_path']!r}") from err
+    if not (isinstance(cls, type) and issubclass(cls, SAEArchitecture)):
+        raise ValueError(f"{key}: {config['class_path']!r} is not an SAE architecture")
+    init_args = {
+        name: architecture_from_config(value, f"{key}.{name}")
+        if isinstance(value, dict) and "class_path" in value
+        else value
+        for name, value in (config.get("init_args") or {}).items()
+    }
+    return cls(**init_args)
 
 
 class TopK(SAEArchitecture):

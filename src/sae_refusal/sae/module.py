@@ -10,7 +10,14 @@ At the start of fit (once; a resumed run keeps the stored values) the input scal
 split so that the mean activation norm is ``sqrt(d_model)``, and every seed's decoder bias starts at the
 (normalised) mean activation. Metrics per seed go to ``{stage}/seed{n}/...``: ``mse``, ``fvu``, ``l0``,
 ``loss``, the architecture's terms (``aux``, ``l1``, ``supcon``, ``separation``), ``dead_fraction`` per epoch,
-and per class FVU (benign, ambiguous and each harmful category) on validation and test.
+and per class FVU (benign, ambiguous and each harmful category) on validation and test. Validation and test
+``fvu`` is computed once over the whole split (sum of squared errors / total variance about the split's mean),
+never averaged over batches (a 1-row batch has no variance); the per-step training ``fvu`` divides by the
+squared distance to the training mean for the same reason.
+
+The architecture is kept in the hyperparameters as ``{"class_path", "init_args"}`` (plain data), so
+``SAEModule.load_from_checkpoint`` and ``sae-refusal validate|test --ckpt_path`` rebuild exactly the trained
+SAE.
 
 A non-finite loss raises :class:`FloatingPointError` naming the step and the seed before any optimiser step;
 the exports (``<log_dir>/sae/seed{n}/cfg.json`` + ``sae.safetensors``) are written only at the end of a
@@ -28,7 +35,8 @@ import torch
 
 from sae_refusal.activations.datamodule import LABEL_INDEX
 from sae_refusal.categories import CATEGORY_SHORT_NAMES
-from sae_refusal.sae.architectures import SAEArchitecture, TopK
+from sae_refusal.llm.loading import LLMConfig, model_fingerprint
+from sae_refusal.sae.architectures import SAEArchitecture, TopK, architecture_from_config
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, mean_norm_scale
 
 __all__ = ["EVAL_CLASS_NAMES", "SAEModule", "class_names_of_batch"]
@@ -66,8 +74,13 @@ class SAEModule(L.LightningModule):
         normalize_inputs: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["architecture"])
+        if isinstance(architecture, dict):  # as kept in a checkpoint's hyperparameters
+            architecture = architecture_from_config(architecture)
         self.architecture = architecture or TopK()
+        self.save_hyperparameters(ignore=["architecture"])
+        # the architecture as plain data (class_path + init_args), so a checkpoint rebuilds exactly what was
+        # trained, also under `--ckpt_path` (LightningCLI re-parses these) and with weights_only loading
+        self.hparams["architecture"] = self.architecture.config()
         seeds = [0] if seeds is None else list(seeds)
         if d_model < 1:
             raise ValueError(f"model.d_model must be >= 1, got {d_model}")
@@ -133,7 +146,13 @@ class SAEModule(L.LightningModule):
                 "before the optimiser step, nothing exported. Try a lower model.lr"
             )
         n = batch["acts"].shape[0]
-        metrics = {"mse": out.mse, "fvu": out.fvu, "l0": out.l0, "loss": loss, **terms}
+        metrics = {"mse": out.mse, "l0": out.l0, "loss": loss, **terms}
+        if stage == "train":
+            # against the training mean, not the batch's own: a 1-row batch has no variance of its own
+            # (validation and test FVU are computed over the whole split at epoch end)
+            x_BD = batch["acts"].float() * sae.input_scale
+            var = (x_BD - self.data_mean_D).pow(2).sum().clamp_min(1e-12)
+            metrics["fvu"] = out.mse.detach() * n / var
         self.log_dict(
             {f"{stage}/{name}/{k}": v.detach() for k, v in metrics.items()},
             batch_size=n,
@@ -191,16 +210,36 @@ class SAEModule(L.LightningModule):
             var_B = (x_BD - self.data_mean_D).pow(2).sum(-1)
             if name not in self._class_sums:
                 zeros = torch.zeros(len(EVAL_CLASS_NAMES), device=self.device)
-                self._class_sums[name] = {"err": zeros, "var": zeros.clone()}
-            self._class_sums[name]["err"].index_add_(0, classes_B, err_B)
-            self._class_sums[name]["var"].index_add_(0, classes_B, var_B)
+                self._class_sums[name] = {
+                    "err": zeros,
+                    "var": zeros.clone(),
+                    "x_sum": torch.zeros_like(self.data_mean_D),
+                    # rows, sum of squared errors, sum of squared norms (float64: a split's sums)
+                    "totals": torch.zeros(3, dtype=torch.float64, device=self.device),
+                }
+            sums = self._class_sums[name]
+            sums["err"].index_add_(0, classes_B, err_B)
+            sums["var"].index_add_(0, classes_B, var_B)
+            sums["x_sum"] += x_BD.sum(0)
+            sums["totals"] += torch.stack(
+                [err_B.new_tensor(len(err_B)), err_B.sum(), x_BD.pow(2).sum()]
+            ).double()
 
-    def _log_class_fvu(self, stage: str) -> None:
+    def _reduced(self, value: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return value
+        return torch.as_tensor(self.trainer.strategy.reduce(value, reduce_op="sum"))
+
+    def _log_split_fvu(self, stage: str) -> None:
+        """FVU of the whole split (sum of squared errors / total variance about the split's mean), and per
+        class (squared errors / squared distance to the training mean, per class)."""
         for name, sums in self._class_sums.items():
-            err, var = sums["err"], sums["var"]
-            if self.trainer.world_size > 1:
-                err = torch.as_tensor(self.trainer.strategy.reduce(err, reduce_op="sum"))
-                var = torch.as_tensor(self.trainer.strategy.reduce(var, reduce_op="sum"))
+            err, var = self._reduced(sums["err"]), self._reduced(sums["var"])
+            x_sum_D = self._reduced(sums["x_sum"]).double()
+            n, err_total, x_sq = self._reduced(sums["totals"]).tolist()
+            total_var = x_sq - float(x_sum_D.pow(2).sum()) / max(n, 1.0)
+            if n > 1 and total_var > 0:
+                self.log(f"{stage}/{name}/fvu", err_total / total_var, sync_dist=False)
             for i, cls in enumerate(EVAL_CLASS_NAMES):
                 if float(var[i]) > 0:
                     self.log(f"{stage}/{name}/fvu_class/{cls}", err[i] / var[i])
@@ -210,23 +249,36 @@ class SAEModule(L.LightningModule):
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_class_fvu("val")
+        self._log_split_fvu("val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._log_class_fvu("test")
+        self._log_split_fvu("test")
 
     # ------------------------------------------------------------------ export
     def export_metadata(self, seed: int) -> dict[str, Any]:
         """Facts kept in each export's ``cfg.json``: seed, architecture, data (model, layer) when known."""
-        meta: dict[str, Any] = {"seed": seed, "architecture": self.architecture.describe()}
+        meta: dict[str, Any] = {
+            "seed": seed,
+            "architecture": self.architecture.describe(),
+            # the 0-based epoch of the weights (the last one completed, as the feature callback's epoch{e})
+            "epoch": None,
+            "global_step": self.global_step if self._trainer is not None else None,
+        }
+        if self._trainer is not None:
+            completed = int(self.trainer.fit_loop.epoch_progress.current.completed)
+            meta["epoch"] = completed - 1 if completed > 0 else None
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
             llm = getattr(datamodule, "llm", None)
-            meta["layer"] = getattr(datamodule, "layer", None)
+            served = getattr(datamodule, "served_layer", None)
+            meta["layer"] = served if served is not None else getattr(datamodule, "layer", None)
             meta["model"] = getattr(llm, "name_or_path", None)
+            if isinstance(llm, LLMConfig):
+                meta["adapter_path"] = llm.adapter_path
+                meta["model_fingerprint"] = model_fingerprint(llm)
         return meta
 
     def export(self, folder: str | Path) -> dict[int, Path]:

@@ -16,7 +16,9 @@ the zero-ablation loss increase the SAE recovers::
 
     loss_recovered = (loss_zero - loss_spliced) / (loss_zero - loss_clean)
 
-:class:`SpliceMetricsCallback` logs them per seed at the end of validation epochs (`val/seed{n}/splice/...`).
+:class:`SpliceMetricsCallback` logs them per seed under the split it scored: at the end of validation epochs
+(fit and ``validate``) on the ``val`` split as ``val/seed{n}/splice/...``, at the end of a ``test`` run on the
+``test`` split as ``test/seed{n}/splice/...``. Fit never reads the test split.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from sae_refusal.data.chat import format_prompts
@@ -213,15 +216,18 @@ def splice_metrics(
 
 
 class SpliceMetricsCallback(L.Callback):
-    """Log :func:`splice_metrics` of every seed's SAE at the end of validation epochs.
+    """Log :func:`splice_metrics` of every seed's SAE on the split being evaluated.
 
-    The LM is loaded (once, on first use) from the data module's ``llm`` config; the prompts are the first
-    ``n_prompts`` of the data module's ``split``. Runs on global rank zero; skipped during the sanity check.
+    At the end of a validation epoch (during fit, every ``every_n_epochs``, and in ``validate``) the
+    prompts are the first ``n_prompts`` of the data module's ``val`` split and the metrics are logged as
+    ``val/seed{n}/splice/<metric>``; at the end of a ``test`` run they are the first ``n_prompts`` of the
+    ``test`` split, logged as ``test/seed{n}/splice/<metric>``. The test split is never read during fit. The
+    LM is loaded (once, on first use) from the data module's ``llm`` config. Runs on global rank zero;
+    skipped during the sanity check.
 
     Args:
         n_prompts: Held-out prompts used (the first ones of the split, in manifest order).
-        split: Which split of the data module's prompt set.
-        every_n_epochs: Run every this many validation epochs.
+        every_n_epochs: During fit, run every this many validation epochs.
         batch_size: Prompts per forward pass.
         max_length: Most tokens a prompt keeps.
         positions: ``last`` (the position the SAEs are trained on) or ``all``.
@@ -230,7 +236,6 @@ class SpliceMetricsCallback(L.Callback):
     def __init__(
         self,
         n_prompts: int = 64,
-        split: str = "test",
         every_n_epochs: int = 1,
         batch_size: int = 16,
         max_length: int = 256,
@@ -243,12 +248,12 @@ class SpliceMetricsCallback(L.Callback):
         if positions not in ("last", "all"):
             raise ValueError(f"SpliceMetricsCallback: positions must be 'last' or 'all', got {positions!r}")
         self.positions = positions
-        self.n_prompts, self.split, self.every_n_epochs = n_prompts, split, every_n_epochs
+        self.n_prompts, self.every_n_epochs = n_prompts, every_n_epochs
         self.batch_size, self.max_length = batch_size, max_length
         self._lm: tuple[Any, Any] | None = None
-        self._texts: list[str] | None = None
+        self._texts: dict[str, list[str]] = {}
 
-    def _setup(self, trainer: L.Trainer) -> tuple[Any, Any, list[str], int]:
+    def _setup(self, trainer: L.Trainer, split: str) -> tuple[Any, Any, list[str], int]:
         from sae_refusal.llm.loading import load_model_and_tokenizer
 
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
@@ -257,20 +262,32 @@ class SpliceMetricsCallback(L.Callback):
                 raise TypeError("SpliceMetricsCallback needs an ActivationDataModule (llm, prompts, layer)")
         if self._lm is None:
             self._lm = load_model_and_tokenizer(datamodule.llm)
-        if self._texts is None:
-            prompts = datamodule.load_prompts().split(self.split)
+        if split not in self._texts:
+            prompts = datamodule.load_prompts().split(split)
             if len(prompts) == 0:
-                raise ValueError(f"SpliceMetricsCallback: split {self.split!r} has no prompts")
-            self._texts = prompts.texts[: self.n_prompts]
+                raise ValueError(
+                    f"SpliceMetricsCallback: split {split!r} has no prompts; check data.split.val_fraction / "
+                    "data.split.test_fraction"
+                )
+            self._texts[split] = prompts.texts[: self.n_prompts]
         layer = datamodule.cache.layers[0] if datamodule.layer is None else datamodule.layer
-        return self._lm[0], self._lm[1], self._texts, layer
+        return self._lm[0], self._lm[1], self._texts[split], layer
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.state.fn == TrainerFn.FITTING and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        model, tokenizer, texts, layer = self._setup(trainer)
+        self._log_split(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_split(trainer, pl_module, "test")
+
+    def _log_split(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
+        """Score ``split``'s prompts with every seed's SAE; log them as ``<split>/seed{n}/splice/...``."""
+        if not trainer.is_global_zero:
+            return
+        model, tokenizer, texts, layer = self._setup(trainer, split)
         cache = trainer.datamodule.cache  # type: ignore[attr-defined]
         metrics: dict[str, float] = {}
         for name, sae in pl_module.named_saes():  # type: ignore[operator]
@@ -286,7 +303,7 @@ class SpliceMetricsCallback(L.Callback):
                 system_prompt=cache.system_prompt,
                 positions=self.positions,
             )
-            metrics.update({f"val/{name}/splice/{k}": v for k, v in result.to_dict().items()})
+            metrics.update({f"{split}/{name}/splice/{k}": v for k, v in result.to_dict().items()})
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         for key, value in metrics.items():

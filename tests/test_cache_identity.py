@@ -1,0 +1,210 @@
+"""Every input that changes the cached numbers is part of the cache identity: change it, get a new cache.
+
+One module-scoped base cache is computed on a tiny model; each parametrized case changes one input
+(weights, refusal-token adapter, tokenizer, compute dtype, quantization, attention kernel, remote code,
+chat template, system prompt, token budget, overflow policy, storage dtype, layers, prompt set) and must
+compute a new cache in a new folder, whose identity differs from the base in exactly the expected fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sae_refusal.activations.build as build
+from sae_refusal.activations.build import CacheConfig, cached_activations, request_identity
+from sae_refusal.activations.cache import ActivationCache, CacheMismatchError
+from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
+from sae_refusal.finetune.artifact import save_refusal_artifact
+from sae_refusal.finetune.lora import LoraSettings, wrap_with_lora
+from sae_refusal.finetune.tokens import add_refusal_tokens, init_refusal_embeddings
+from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer, model_fingerprint
+from sae_refusal.testing import save_tiny_model
+
+PLAIN = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+PROMPTS = PromptSet(
+    [
+        Prompt(id="p0", text="How do I bake bread at home?", label=Label.BENIGN),
+        Prompt(id="p1", text="Tell me a story about a dragon.", label=Label.BENIGN),
+        Prompt(id="p2", text="Write a poem about the sea and the stars.", label=Label.HARMFUL),
+    ]
+)
+
+
+def make_artifact(base: Path, folder: Path) -> Path:
+    """A refusal-token artifact on ``base`` whose LoRA really changes the model (non-zero B matrices)."""
+    cfg = LLMConfig(name_or_path=str(base))
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    vocab = RefusalVocabulary()
+    added = add_refusal_tokens(tokenizer, vocab)
+    init_refusal_embeddings(model, tokenizer, vocab, added)
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in added]
+    peft_model = wrap_with_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0), new_ids)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+    return save_refusal_artifact(peft_model, tokenizer, vocab, added, folder, base=model_fingerprint(cfg))
+
+
+def copy_with_new_weights(base: Path, folder: Path) -> Path:
+    """A copy of ``base`` where one tensor changed (same file size)."""
+    shutil.copytree(base, folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+def copy_with_new_tokenizer(base: Path, folder: Path) -> Path:
+    """A copy of ``base`` whose tokenizer lower-cases its input (other token ids, same weights)."""
+    shutil.copytree(base, folder)
+    path = folder / "tokenizer.json"
+    state = json.loads(path.read_text())
+    state["normalizer"] = {"type": "Lowercase"}
+    path.write_text(json.dumps(state))
+    return folder
+
+
+@dataclass
+class World:
+    root: Path
+    llm: LLMConfig
+    cfg: CacheConfig
+    base: ActivationCache
+    weights_copy: Path
+    tokenizer_copy: Path
+    artifact: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    tmp = tmp_path_factory.mktemp("identity")
+    model_dir = save_tiny_model(tmp / "base", "llama", num_layers=3)
+    llm = LLMConfig(name_or_path=str(model_dir), dtype="float32")
+    cfg = CacheConfig(root=str(tmp / "cache"), layers=(0, 1), batch_size=2, max_length=64)
+    base = cached_activations(PROMPTS, llm, cfg)
+    return World(
+        root=tmp / "cache",
+        llm=llm,
+        cfg=cfg,
+        base=base,
+        weights_copy=copy_with_new_weights(model_dir, tmp / "weights-copy"),
+        tokenizer_copy=copy_with_new_tokenizer(model_dir, tmp / "tokenizer-copy"),
+        artifact=make_artifact(model_dir, tmp / "artifact"),
+    )
+
+
+def _other_prompts() -> PromptSet:
+    rows = list(PROMPTS)
+    rows[1] = dataclasses.replace(rows[1], text="Tell me a story about a unicorn.")
+    return PromptSet(rows)
+
+
+Variant = Callable[[World], tuple[LLMConfig, CacheConfig, PromptSet]]
+
+
+def _llm(**changes: Any) -> Variant:
+    return lambda w: (dataclasses.replace(w.llm, **changes), w.cfg, PROMPTS)
+
+
+def _cfg(**changes: Any) -> Variant:
+    return lambda w: (w.llm, dataclasses.replace(w.cfg, **changes), PROMPTS)
+
+
+# name -> (how to change the base request, identity fields that must differ, whether the numbers change)
+VARIANTS: dict[str, tuple[Variant, set[str], bool]] = {
+    "weights": (
+        lambda w: (dataclasses.replace(w.llm, name_or_path=str(w.weights_copy)), w.cfg, PROMPTS),
+        {"model", "weights_hash"},
+        True,
+    ),
+    "adapter": (
+        lambda w: (dataclasses.replace(w.llm, adapter_path=str(w.artifact)), w.cfg, PROMPTS),
+        {"adapter_hash", "tokenizer_hash"},  # the artifact also adds its tokens to the tokenizer
+        True,
+    ),
+    "tokenizer": (
+        lambda w: (dataclasses.replace(w.llm, name_or_path=str(w.tokenizer_copy)), w.cfg, PROMPTS),
+        {"model", "tokenizer_hash"},
+        True,
+    ),
+    "model_dtype": (_llm(dtype="bfloat16"), {"model_dtype"}, True),
+    "quantization": (_llm(quantization="8bit"), {"quantization"}, False),
+    "attn_implementation": (_llm(attn_implementation="sdpa"), {"attn_implementation"}, False),
+    "trust_remote_code": (_llm(trust_remote_code=True), {"trust_remote_code"}, False),
+    "chat_template": (_cfg(chat_template=PLAIN), {"chat_template_hash"}, True),
+    "system_prompt": (_cfg(system_prompt="Be brief."), {"system_prompt_hash"}, True),
+    "max_length": (_cfg(max_length=8), {"max_length"}, True),  # 8 tokens truncate every prompt
+    "overflow": (_cfg(overflow="error"), {"overflow"}, False),
+    "storage_dtype": (_cfg(dtype="float16"), {"dtype"}, False),
+    "layers": (_cfg(layers=(2,)), {"layers"}, False),
+    "prompt_set": (lambda w: (w.llm, w.cfg, _other_prompts()), {"prompt_set_hash"}, True),
+}
+
+
+def count_computes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+    real = build.compute_cache
+
+    def counting(*args: Any, **kwargs: Any) -> ActivationCache:
+        calls.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "compute_cache", counting)
+    return calls
+
+
+def test_identical_request_reuses_the_cache(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_computes(monkeypatch)
+    again = cached_activations(PROMPTS, dataclasses.replace(world.llm), dataclasses.replace(world.cfg))
+    assert calls == [] and again.folder == world.base.folder
+    assert again.identity == world.base.identity
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_changed_input_gets_a_new_cache(world: World, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    variant, fields, numbers_change = VARIANTS[name]
+    llm, cfg, prompts = variant(world)
+    if llm.quantization is not None:  # bitsandbytes needs CUDA: load unquantised, only the identity matters
+        real_load = build.load_model
+        monkeypatch.setattr(
+            build, "load_model", lambda c: real_load(dataclasses.replace(c, quantization=None))
+        )
+    calls = count_computes(monkeypatch)
+    cache = cached_activations(prompts, llm, cfg)
+    assert len(calls) == 1, f"{name}: the base cache was reused"
+    assert cache.folder != world.base.folder and cache.folder.parent == world.root
+    changed = {line.split(":")[0] for line in world.base.identity.differences(cache.identity)}
+    assert changed == fields
+    with pytest.raises(CacheMismatchError, match="|".join(sorted(fields))):
+        ActivationCache.open(world.base.folder, expect=request_identity(prompts, llm, cfg))
+    if numbers_change:  # reusing the base cache would have served wrong activations
+        assert not torch.equal(cache.load(1).float(), world.base.load(1).float())
+
+
+def test_system_prompt_alone_changes_the_folder_and_the_numbers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    llm = LLMConfig(name_or_path=str(tiny_model_dir))
+    cfg = CacheConfig(root=str(tmp_path / "cache"), layers=(1,), batch_size=2)
+    plain = cached_activations(PROMPTS, llm, cfg)
+    briefed = cached_activations(PROMPTS, llm, dataclasses.replace(cfg, system_prompt="Be brief."))
+    assert briefed.folder != plain.folder
+    assert not torch.equal(briefed.load(1), plain.load(1))
+    assert [line.split(":")[0] for line in plain.identity.differences(briefed.identity)] == [
+        "system_prompt_hash"
+    ]
