@@ -240,7 +240,9 @@ def test_batches_label_token_and_answer(
     dm = _dm(tiny_model_dir, sft_files, val_fraction=0.0)
     dm.prepare_data()
     dm.setup("fit")
-    assert "val" not in dm.splits and dm.splits["validation"] is dm.splits["test"]  # test stands in for val
+    assert set(dm.splits) == {"train"}  # the test split is never encoded as a stand-in for validation
+    with pytest.raises(ValueError, match=r"data\.split\.val_fraction=0\.0.*limit_val_batches=0"):
+        dm.val_dataloader()
     resolved = RefusalVocabulary().resolve(dm.tokenizer)
     prompt_of = {p.id: p for p in load_prompt_set(_prompt_cfg(sft_files))}
     batch = next(iter(dm.train_dataloader()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_dead_latent_bookkeeping() -> None:
         {"d_model": 4, "n_latents": 4, "k": 2, "dead_after_steps": 0},
     ],
 )
-def test_invalid_settings_are_rejected(kwargs: dict[str, int]) -> None:
+def test_invalid_settings_are_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         TopKSAE(**kwargs)
 
@@ -238,9 +239,11 @@ def test_sparse_decode_gradients_match_dense_with_repeated_indices(path: str) ->
     values = torch.rand(3, 3, generator=gen, requires_grad=True)
     indices = torch.tensor([[0, 9, 0], [3, 3, 3], [5, 1, 7]])
     grad_out = torch.randn(3, 4, generator=gen)
-    mine = torch.autograd.grad(sparse_decode(values, indices, W), [values, W], grad_out)
+    out = sparse_decode(values, indices, W)
+    mine = torch.autograd.grad(out, [values, W], grad_out)
     rows = torch.arange(3)[:, None].expand(3, 3)
     dense = torch.zeros(3, 10).index_put((rows, indices), values, accumulate=True)
+    torch.testing.assert_close(out, dense @ W)  # the forward value too (the CSR path builds its own rows)
     ref = torch.autograd.grad(dense @ W, [values, W], grad_out)
     for a, b in zip(mine, ref, strict=True):
         torch.testing.assert_close(a, b)
@@ -248,3 +251,152 @@ def test_sparse_decode_gradients_match_dense_with_repeated_indices(path: str) ->
         assert sparse_decode(values, indices, W).grad_fn is None
     rows_only = torch.autograd.grad(sparse_decode(values.detach(), indices, W), W, grad_out)[0]
     torch.testing.assert_close(rows_only, ref[1])
+
+
+def _negative_topk_sae(with_dead: bool) -> tuple[TopKSAE, torch.Tensor]:
+    """A TopK SAE and inputs where about half of each row's top-k (and AuxK) pre-activations are negative."""
+    gen = torch.Generator().manual_seed(5)
+    sae = TopKSAE(12, 48, k=6, aux_k=6, dead_after_steps=3, generator=gen)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        sae.b_enc_F.sub_(2.0)  # pushes most pre-activations below zero
+    sae.set_input_scale(0.8)
+    if with_dead:
+        sae.steps_since_fired_F[1::2] = 3
+    return sae, torch.randn(24, 12, generator=gen)
+
+
+def _topk_preacts(sae: TopKSAE, x_BD: torch.Tensor, mask_F: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        pre_BF = (x_BD * sae.input_scale - sae.b_dec_D) @ sae.W_enc_FD.T + sae.b_enc_F
+        if mask_F is not None:
+            pre_BF = pre_BF.masked_fill(~mask_F, float("-inf"))
+        return pre_BF.topk(sae.k, dim=-1).values
+
+
+@pytest.mark.parametrize("with_dead", [False, True], ids=["no-dead", "auxk"])
+def test_negative_topk_preactivations_give_zero_latents_and_zero_gradient(with_dead: bool) -> None:
+    """The ReLU after TopK: a negative pre-activation among the top k is an inactive (zero) latent.
+
+    Kills: the ``.relu()`` of the top-k (or AuxK) values removed, and the backward gate
+    ``grad * (values > 0)`` removed or loosened (e.g. ``>= 0``), checked against dense autograd.
+    """
+    sae, x = _negative_topk_sae(with_dead)
+    top_BK = _topk_preacts(sae, x)
+    assert (top_BK < 0).float().mean() > 0.3 and (top_BK > 0).any()  # the case under test does occur
+    if with_dead:
+        aux_BK = _topk_preacts(sae, x, sae.dead_F)
+        assert (aux_BK < 0).any() and (aux_BK > 0).any()
+
+    latents = sae.encode(x)
+    assert (latents >= 0).all()
+    torch.testing.assert_close((latents > 0).sum(-1), (top_BK > 0).sum(-1))
+    out = sae(x, return_latents=True)
+    assert out.latents_BF is not None and (out.latents_BF >= 0).all()
+    assert out.l0.item() == pytest.approx((top_BK > 0).sum(-1).float().mean().item())
+    assert out.l0.item() < sae.k
+
+    x.requires_grad_(True)
+    out = sae(x)
+    grads = torch.autograd.grad(out.loss, [*sae.parameters(), x])
+    ref_loss = dense_reference_loss(sae, x, sae.dead_F if with_dead else None)
+    ref_grads = torch.autograd.grad(ref_loss, [*sae.parameters(), x])
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-5)
+    names = [name for name, _ in sae.named_parameters()] + ["input"]
+    for name, mine, theirs in zip(names, grads, ref_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_all_negative_preactivations_reconstruct_the_decoder_bias() -> None:
+    """Every pre-activation negative: no latent fires, the reconstruction is ``b_dec``, nothing is learned
+    through the encoder (its gradient is exactly zero)."""
+    sae = TopKSAE(6, 12, k=3, aux_k=0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc_F.fill_(-100.0)
+        sae.b_dec_D.copy_(torch.arange(6.0))
+    sae.set_input_scale(2.0)
+    x = torch.randn(5, 6)
+    out = sae(x, return_latents=True)
+    assert out.latents_BF is not None and not out.latents_BF.any()
+    assert out.l0.item() == 0.0 and not out.fired_F.any()
+    torch.testing.assert_close(out.recon_BD, (torch.arange(6.0) / 2.0).expand(5, 6))
+    out.loss.backward()
+    assert sae.W_enc_FD.grad is not None and sae.b_enc_F.grad is not None
+    assert not sae.W_enc_FD.grad.any() and not sae.b_enc_F.grad.any()
+    assert sae.W_dec_FD.grad is not None and not sae.W_dec_FD.grad.any()
+
+
+def test_decode_adds_the_decoder_bias_and_undoes_the_input_scale() -> None:
+    sae = TopKSAE(6, 12, k=3, aux_k=0, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        sae.b_dec_D.copy_(torch.linspace(-1.0, 2.0, 6))
+    sae.set_input_scale(1.5)
+    x = torch.randn(5, 6)
+    out = sae(x, return_latents=True)
+    assert out.latents_BF is not None
+    torch.testing.assert_close(sae.decode(out.latents_BF), out.recon_BD)
+    torch.testing.assert_close(out.recon_BD, (out.latents_BF @ sae.W_dec_FD + sae.b_dec_D) / 1.5)
+
+
+@pytest.mark.parametrize(("aux_k", "n_dead"), [(1, 5), (4, 1)], ids=["aux_k=1", "one-dead-latent"])
+def test_auxk_with_a_single_auxiliary_latent(aux_k: int, n_dead: int) -> None:
+    """One auxiliary latent (``aux_k = 1``, or one dead latent) is still an AuxK term, both directions."""
+    gen = torch.Generator().manual_seed(6)
+    sae = TopKSAE(8, 24, k=3, aux_k=aux_k, aux_coef=0.5, dead_after_steps=2, generator=gen)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    sae.steps_since_fired_F[:n_dead] = 2
+    assert int(sae.dead_F.sum()) == n_dead
+    x = torch.randn(10, 8, generator=gen)
+    out = sae(x)
+    assert "aux" in out.parts and out.parts["aux"].item() > 0
+    ref = dense_reference_loss(sae, x, sae.dead_F)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    for (name, _), mine, theirs in zip(
+        sae.named_parameters(),
+        torch.autograd.grad(out.loss, list(sae.parameters())),
+        torch.autograd.grad(ref, list(sae.parameters())),
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("frozen", ["W_enc_FD", "b_enc_F", "b_dec_D", "W_dec_FD"])
+def test_gradients_with_one_parameter_frozen(frozen: str) -> None:
+    """The custom backward fills each gradient on its own flag (attribution and partial fine-tuning freeze
+    some parameters): with any one frozen, the others and the input still match the dense reference."""
+    gen = torch.Generator().manual_seed(8)
+    sae = TopKSAE(8, 24, k=4, aux_k=0, generator=gen)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    getattr(sae, frozen).requires_grad_(False)
+    x = torch.randn(12, 8, generator=gen, requires_grad=True)
+    wanted = [p for p in sae.parameters() if p.requires_grad] + [x]
+    mine = torch.autograd.grad(sae(x).loss, wanted)
+    theirs = torch.autograd.grad(dense_reference_loss(sae, x, None), wanted)
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"gradient {i} with {frozen} frozen")
+
+
+def test_setting_edges_and_defaults() -> None:
+    TopKSAE(4, 6, k=1)
+    TopKSAE(4, 6, k=6)  # every latent active is allowed
+    TopKSAE(4, 6, k=2, aux_k=0, aux_coef=0.0, dead_after_steps=1)
+    with pytest.raises(ValueError, match=r"k must be in \[1, n_latents=6\], got 7"):
+        TopKSAE(4, 6, k=7)
+    with pytest.raises(ValueError, match="aux_k and aux_coef must be >= 0 and dead_after_steps >= 1"):
+        TopKSAE(4, 6, k=2, aux_coef=-0.1)
+    sae = TopKSAE(4, 6, k=2)
+    assert sae.config() == {
+        "d_model": 4,
+        "n_latents": 6,
+        "k": 2,
+        "aux_k": 256,
+        "aux_coef": 1.0 / 32.0,
+        "dead_after_steps": 1000,
+    }
+    assert sae.steps_since_fired_F.dtype == torch.long and not sae.steps_since_fired_F.any()

@@ -8,7 +8,7 @@ Lifecycle (see the Lightning pitfalls in docs/ARCHITECTURE.md):
   ``response`` (loading the base model only if some answer is not cached yet). It sets no state.
 * ``setup`` (every process) loads the tokenizer, adds the refusal tokens, reads the manifest and the answer
   cache (never generating) and encodes the examples of the training split and of the validation split
-  (``val``, or ``test`` when the manifest has no validation prompts).
+  (``val``; with no validation prompts ``val_dataloader`` raises: the test split never stands in for it).
 
 Only the ``train`` split is ever trained on; :meth:`SFTDataModule.held_out_prompts` gives evaluation jobs the
 held-out prompts. Under DDP each rank gets a disjoint slice of the training rows with the same number of
@@ -214,12 +214,13 @@ class SFTDataModule(L.LightningDataModule):
         )
 
     @staticmethod
-    def _validation_split(prompt_set: PromptSet) -> str:
-        return "val" if len(prompt_set.split("val")) > 0 else "test"
+    def _encoded_splits(prompt_set: PromptSet) -> tuple[str, ...]:
+        """``train``, and ``val`` when it has prompts (the test split never stands in for validation)."""
+        return ("train", "val") if len(prompt_set.split("val")) > 0 else ("train",)
 
     def _trained_prompts(self, prompt_set: PromptSet) -> PromptSet:
         """Prompts that become examples: the train split and the validation split."""
-        names = {"train", self._validation_split(prompt_set)}
+        names = set(self._encoded_splits(prompt_set))
         return prompt_set.filter(lambda p: p.split in names)
 
     def held_out_prompts(self, split: str = "test") -> PromptSet:
@@ -268,9 +269,8 @@ class SFTDataModule(L.LightningDataModule):
         add_refusal_tokens(tokenizer, self.vocab)
         resolved = self.vocab.resolve(tokenizer)
         eos_id = end_of_turn_token(tokenizer, self.chat_template)[1]
-        val_name = self._validation_split(prompt_set)
         splits: dict[str, SFTSplit] = {}
-        for name in dict.fromkeys(("train", val_name)):
+        for name in self._encoded_splits(prompt_set):
             examples = build_examples(prompt_set.split(name), resolved, answers)
             rows = [
                 encode_example(
@@ -315,7 +315,6 @@ class SFTDataModule(L.LightningDataModule):
                     splits[name].n_prompt_truncated,
                     splits[name].n_answer_truncated,
                 )
-        splits["validation"] = splits[val_name]
         self.tokenizer = tokenizer
         self._prompt_set = prompt_set
         self.splits = splits
@@ -344,4 +343,15 @@ class SFTDataModule(L.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:
-        return self._loader("validation", train=False)
+        """The validation split; never the test split in its place.
+
+        Raises:
+            ValueError: If there is no validation split (``data.split.val_fraction`` is 0).
+        """
+        if "val" not in self.splits and self.splits:
+            raise ValueError(
+                f"the validation split is empty (data.split.val_fraction={self.split.val_fraction}); set "
+                "data.split.val_fraction > 0, or fine-tune without validation with "
+                "trainer.limit_val_batches=0 (the test split is never used for validation)"
+            )
+        return self._loader("val", train=False)

@@ -59,7 +59,9 @@ def sft_loss(
         logits_BTV[:, :-1][labelled_BT].float(), shift_labels_BT[labelled_BT], reduction="none"
     )
     weight_M = weight_BT[labelled_BT]
-    return (ce_M * weight_M).sum() / weight_M.sum().clamp_min(1.0)
+    # a weight sum below 1 is possible (decision_weight < 1 and only decision tokens labelled); 0 only
+    # when nothing is labelled, where the loss is 0
+    return (ce_M * weight_M).sum() / weight_M.sum().clamp_min(1e-12)
 
 
 class RefusalSFTModule(L.LightningModule):
