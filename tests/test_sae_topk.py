@@ -26,7 +26,7 @@ def dense_reference_loss(sae: TopKSAE, x_BD: torch.Tensor, dead_F: torch.Tensor 
         aux_v, aux_i = masked.topk(min(sae.aux_k, int(dead_F.sum())), dim=-1)
         aux_z = torch.zeros_like(pre_BF).scatter(1, aux_i, aux_v.relu())
         residual = (x_BD - recon_BD).detach()
-        aux = (aux_z @ sae.W_dec_FD - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+        aux = (aux_z @ sae.W_dec_FD - residual).pow(2).sum() / residual.pow(2).sum()
         loss = loss + sae.aux_coef * aux
     return loss
 
@@ -400,3 +400,20 @@ def test_setting_edges_and_defaults() -> None:
         "dead_after_steps": 1000,
     }
     assert sae.steps_since_fired_F.dtype == torch.long and not sae.steps_since_fired_F.any()
+
+
+def test_auxk_term_of_a_one_row_batch_is_the_share_of_the_residual_energy() -> None:
+    """A 1-row batch has no variance about its mean: the AuxK term must not divide by it (it gave ~1e11)."""
+    gen = torch.Generator().manual_seed(3)
+    sae = TopKSAE(8, 24, k=2, aux_k=4, dead_after_steps=1, generator=gen)
+    sae.train()
+    sae.update_firing(torch.zeros(24, dtype=torch.bool))
+    sae.update_firing(torch.zeros(24, dtype=torch.bool))  # every latent dead
+    x_1D = torch.randn(1, 8, generator=gen)
+    out = sae(x_1D)
+    aux = out.parts["aux"].item()
+    expected = (dense_reference_loss(sae, x_1D, sae.dead_F) - out.mse) / sae.aux_coef
+    assert aux == pytest.approx(expected.item(), rel=1e-4)
+    assert 0.0 < aux < 1e3
+    x_BD = x_1D.expand(5, 8).clone()
+    assert sae(x_BD).parts["aux"].item() == pytest.approx(aux, rel=1e-5)  # the same row five times

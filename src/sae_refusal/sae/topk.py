@@ -19,7 +19,8 @@ plus one for the encoder weight gradient; ``benchmarks/sae_throughput.py`` measu
 
 AuxK (the paper's dead-latent loss): latents that have not fired for ``dead_after_steps`` training steps are
 *dead*; the ``aux_k`` largest pre-activations among them reconstruct the residual ``x - x_hat``, and
-``aux_coef`` times that normalised error is added to the loss, so dead latents get gradient again. The
+``aux_coef`` times that error, normalised by the residual's energy ``sum ||x - x_hat||^2`` (finite for any
+batch, one row included), is added to the loss, so dead latents get gradient again. The
 encoder starts as the decoder (rows unit norm, ``W_enc_FD = W_dec_FD``), and the decoder rows are kept at
 unit norm by the training loop (:meth:`~SparseAutoencoder.remove_parallel_grads` before each step,
 :meth:`~SparseAutoencoder.normalize_decoder` after). Parameters are float32 whatever dtype comes in.
@@ -288,7 +289,10 @@ class TopKSAE(SparseAutoencoder):
         if aux_indices_BA.shape[1] > 0:
             residual_BD = (x_BD - recon_BD).detach()
             aux_recon_BD = sparse_decode(aux_values_BA, aux_indices_BA, self.W_dec_FD)
-            parts["aux"] = fvu_of(residual_BD, aux_recon_BD)  # the residual's unexplained share
+            # the share of the residual's energy left unexplained (OpenAI's normalised MSE): unlike a
+            # variance about the batch mean it stays finite for a batch of one row
+            energy = residual_BD.pow(2).sum().clamp_min(1e-12)
+            parts["aux"] = (aux_recon_BD - residual_BD).pow(2).sum() / energy
             loss = loss + self.aux_coef * parts["aux"]
         active_BK = values_BK > 0
         fired_F = torch.zeros(self.n_latents, dtype=torch.bool, device=x_BD.device)
