@@ -20,7 +20,7 @@ T0=$(date +%s)
 CONFIG=${CONFIG:-lightning_configs/finetune/smollm2_lora.yaml}
 GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m sae_refusal.cli "$@"\n' >/tmp/bin/sae-refusal
 chmod +x /tmp/bin/sae-refusal && export PATH=/tmp/bin:$PATH
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c - || exit 3

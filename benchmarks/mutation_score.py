@@ -34,9 +34,18 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = "src/sae_refusal"
+PACKAGE = "sae_refusal"
 
-#: Module (relative to ``src/sae_refusal``) or ``dir/*`` -> test-file globs (relative to the repository).
+
+def source_root(copy: Path) -> str:
+    """Folder that holds the package in ``copy``: ``src`` (revisions before the flat layout) or ``.``."""
+    return "src" if (copy / "src" / PACKAGE).is_dir() else "."
+
+
+def package_dir(copy: Path) -> Path:
+    return copy / source_root(copy) / PACKAGE
+
+#: Module (relative to the package folder) or ``dir/*`` -> test-file globs (relative to the repository).
 TESTS_OF: dict[str, list[str]] = {
     "sae/*": ["tests/test_sae_*.py"],
     "features/vectors.py": ["tests/test_features_vectors.py"],
@@ -120,10 +129,11 @@ def write_config(copy: Path, module: str, tests: list[str], timeout_multiplier: 
 
     if "mutmut" in tomllib.loads((copy / "pyproject.toml").read_text()).get("tool", {}):
         raise SystemExit("pyproject.toml has a [tool.mutmut] table; this script keeps its settings here")
-    pattern = f"{PACKAGE}/{module}"
+    root = source_root(copy)
+    pattern = f"{PACKAGE}/{module}" if root == "." else f"{root}/{PACKAGE}/{module}"
     lines = [
         "[mutmut]",
-        "source_paths = src",
+        f"source_paths = {root if root != '.' else PACKAGE}",
         f"only_mutate = {pattern}",
         "also_copy =\n" + "".join(f"    {d}\n" for d in ALSO_COPY if (copy / d).exists()),
         "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests),
@@ -154,12 +164,13 @@ def run_module(
 ) -> dict[str, Any]:
     copy = work / module.replace("/", "__").removesuffix(".py")
     sha = export_tree(rev, copy)
-    if not (copy / PACKAGE / module).is_file():
+    if not (package_dir(copy) / module).is_file():
         raise SystemExit(f"--module {module}: {PACKAGE}/{module} does not exist at {sha}")
     tests = tests_for(module, copy)
     write_config(copy, module, tests, timeout_multiplier)
     # exists before Python starts, so the PYTHONPATH entry below is not cached as missing
-    (copy / "mutants" / "src").mkdir(parents=True)
+    mutated_root = copy / "mutants" / source_root(copy)
+    mutated_root.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -168,7 +179,7 @@ def run_module(
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         # subprocesses started by tests (spawned DDP workers, CLI runs) import the mutated copy too
-        "PYTHONPATH": os.pathsep.join([str(copy / "mutants" / "src"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(mutated_root), os.environ.get("PYTHONPATH", "")]),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     log(f"{module}: tests {' '.join(tests)}; mutmut run --max-children {jobs} in {copy}")

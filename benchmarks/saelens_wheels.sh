@@ -4,7 +4,7 @@
 #   carry [".device/whl", ".device/whl_saelens"], then run there
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl .device/whl_saelens/*.whl
 #   mkdir -p /tmp/site/wandb && touch /tmp/site/wandb/__init__.py   # SAELens imports wandb; never used here
-#   PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/sae_throughput.py --device cuda [--tf32]
+#   PYTHONPATH=/tmp/site:$PWD python3 benchmarks/sae_throughput.py --device cuda [--tf32]
 # transformer-lens < 4 because sae-lens 6.54 pins it; xxhash as a CPython 3.12 manylinux wheel (the image's Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
