@@ -1,4 +1,5 @@
-"""LoRA with trainable refusal-token rows, the small artifact, and applying it through ``LLMConfig``."""
+"""LoRA with trainable refusal-token rows, the small artifact (written by ``finetune``, read by ``llm``), and
+applying it through ``LLMConfig``."""
 
 from __future__ import annotations
 
@@ -14,14 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from sae_refusal.finetune.artifact import (
-    ARTIFACT_FILE,
-    ROWS_FILE,
-    RefusalArtifactError,
-    apply_refusal_artifact,
-    read_refusal_artifact,
-    save_refusal_artifact,
-)
+from sae_refusal.finetune.artifact import save_refusal_artifact
 from sae_refusal.finetune.lora import LoraSettings, lora_config, wrap_with_lora
 from sae_refusal.finetune.tokens import add_refusal_tokens, init_refusal_embeddings
 from sae_refusal.llm import (
@@ -31,6 +25,14 @@ from sae_refusal.llm import (
     load_model_and_tokenizer,
     load_tokenizer,
     model_fingerprint,
+)
+from sae_refusal.llm.artifact import (
+    ARTIFACT_FILE,
+    ROWS_FILE,
+    RefusalArtifactError,
+    apply_refusal_artifact,
+    artifact_hash,
+    read_refusal_artifact,
 )
 from sae_refusal.testing import build_tiny_model, build_tiny_tokenizer
 
@@ -200,6 +202,22 @@ def test_apply_errors(trained: Trained, tmp_path: Path) -> None:
     assert read_refusal_artifact(trained.artifact).tokens[0] == " [respond]"
 
 
+def test_unlisted_files_are_ignored_and_listed_ones_checked(trained: Trained, tmp_path: Path) -> None:
+    """A model card beside ``artifact.json`` changes nothing; a same-size edit of a listed file is caught."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.artifact, copy)
+    before = artifact_hash(copy)
+    (copy / "README.md").write_text("# a model card\n")
+    assert artifact_hash(copy) == before
+    model, _ = apply_refusal_artifact(*load_model_and_tokenizer(trained.cfg), copy)
+    torch.testing.assert_close(logits_of(model, trained.batch), trained.logits, atol=1e-5, rtol=0)
+    rows = bytearray((copy / ROWS_FILE).read_bytes())
+    rows[-1] ^= 0xFF  # same size, other contents
+    (copy / ROWS_FILE).write_bytes(bytes(rows))
+    with pytest.raises(RefusalArtifactError, match="truncated or altered"):
+        apply_refusal_artifact(*load_model_and_tokenizer(trained.cfg), copy)
+
+
 def test_rows_only_artifact(tmp_path: Path) -> None:
     cfg = LLMConfig(name_or_path=str(save_base(tmp_path / "base", tied=False)))
     model, tokenizer = load_model_and_tokenizer(cfg)
@@ -279,7 +297,7 @@ def test_smollm2_artifact_is_small(tmp_path: Path) -> None:
 
 def test_calibrated_respond_bias_travels_with_the_artifact(trained: Trained, tmp_path: Path) -> None:
     from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
-    from sae_refusal.finetune.artifact import artifact_hash, write_respond_bias
+    from sae_refusal.finetune.artifact import write_respond_bias
     from sae_refusal.finetune.evaluate import evaluate_refusal_tokens
     from sae_refusal.llm.refusal_tokens import respond_bias_of
 

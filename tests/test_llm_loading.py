@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import sae_refusal.llm.loading as loading
+import sae_refusal.llm.hashing as hashing
 from sae_refusal.llm import (
     LLMConfig,
+    RefusalVocabulary,
     last_token_residuals,
     load_model,
     load_model_and_tokenizer,
@@ -179,13 +182,13 @@ def test_weight_hash_is_memoised_by_path_size_and_mtime(
     cfg = _weights_folder(tmp_path / "m", b"\1" * 4096)
     weights = tmp_path / "m" / "model.safetensors"
     reads: list[Path] = []
-    real_read = loading._read_sha256
+    real_read = hashing._read_sha256
 
     def counting_read(path: Path) -> str:
         reads.append(path)
         return real_read(path)
 
-    monkeypatch.setattr(loading, "_read_sha256", counting_read)
+    monkeypatch.setattr(hashing, "_read_sha256", counting_read)
     old = time.time_ns() - 3_600 * 10**9
     os.utime(weights, ns=(old, old))
     first = model_fingerprint(cfg)
@@ -208,6 +211,57 @@ def test_recently_written_weights_are_always_rehashed(tmp_path: Path) -> None:
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, size, mtime (and inode)
     assert weights.stat().st_ino == stat.st_ino
     assert model_fingerprint(cfg)["weights_hash"] != first["weights_hash"]
+
+
+def test_importing_llm_does_not_import_finetune() -> None:
+    """``llm`` sits below ``finetune``: importing it (artifact reader included) must not pull finetune in."""
+    code = (
+        "import sys, sae_refusal.llm, sae_refusal.llm.artifact, sae_refusal.llm.loading; "
+        "bad = sorted(m for m in sys.modules if m.startswith('sae_refusal.finetune')); "
+        "assert not bad, bad"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_adapter_path_loads_through_llm_only(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal-token artifact (written by finetune) is applied by ``llm`` with ``finetune`` unimportable."""
+    from sae_refusal.finetune.artifact import save_refusal_artifact
+    from sae_refusal.finetune.lora import LoraSettings, wrap_with_lora
+    from sae_refusal.finetune.tokens import add_refusal_tokens, init_refusal_embeddings
+
+    cfg = LLMConfig(name_or_path=str(tiny_folder))
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    vocab = RefusalVocabulary()
+    added = add_refusal_tokens(tokenizer, vocab)
+    init_refusal_embeddings(model, tokenizer, vocab, added)
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in added]
+    peft_model = wrap_with_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0), new_ids)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stands in for training: every LoRA matrix and new row moves
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    artifact = save_refusal_artifact(
+        peft_model, tokenizer, vocab, added, tmp_path / "artifact", base=model_fingerprint(cfg)
+    )
+    batch = torch.tensor([tokenizer.encode("hello [respond] there", add_special_tokens=False)])
+    assert set(new_ids) & set(batch[0].tolist())
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload()(input_ids=batch).logits
+
+    for name in [m for m in sys.modules if m.startswith("sae_refusal.finetune")]:
+        monkeypatch.setitem(sys.modules, name, None)  # any import of it now raises ImportError
+    monkeypatch.setitem(sys.modules, "sae_refusal.finetune", None)
+    adapted = LLMConfig(name_or_path=str(tiny_folder), adapter_path=str(artifact))
+    loaded, loaded_tokenizer = load_model_and_tokenizer(adapted)
+    assert [loaded_tokenizer.convert_tokens_to_ids(t) for t in added] == new_ids
+    assert loaded_tokenizer.encode("hello [respond] there", add_special_tokens=False) == batch[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch).logits, expected, atol=1e-5, rtol=0)
+    assert "adapter" in model_fingerprint(adapted)
 
 
 def test_smollm2_alias_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:

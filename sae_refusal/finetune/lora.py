@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from sae_refusal.finetune.tokens import embeddings_tied
+from sae_refusal.llm.layers import embeddings_tied
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "lora_config", "wrap_with_lora"]
 

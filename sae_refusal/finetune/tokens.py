@@ -29,19 +29,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tokenizers import AddedToken
-from torch import Tensor, nn
+from torch import nn
 
 from sae_refusal.categories import COCONOT_CATEGORIES
-from sae_refusal.llm.refusal_tokens import RESPOND_CLASS_NAME, RefusalVocabulary, _single_token_id
+from sae_refusal.llm.layers import base_weight, embeddings_tied
+from sae_refusal.llm.refusal_tokens import (
+    RESPOND_CLASS_NAME,
+    RefusalVocabulary,
+    _single_token_id,
+    add_token_strings,
+)
 
 __all__ = [
     "TOKEN_INITS",
     "add_refusal_tokens",
-    "add_token_strings",
-    "base_layer",
-    "base_weight",
-    "embeddings_tied",
+    "embeddings_tied",  # re-exported from sae_refusal.llm.layers
     "init_refusal_embeddings",
     "refusal_token_order",
 ]
@@ -60,33 +62,6 @@ def refusal_token_order(vocab: RefusalVocabulary) -> list[str]:
     return [by_category[c] for c in (None, *COCONOT_CATEGORIES) if c in by_category]
 
 
-def add_token_strings(tokenizer: Any, strings: Sequence[str]) -> list[str]:
-    """Add each string that is not yet a single token of ``tokenizer``, in the given order.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer (modified in place).
-        strings: Token strings, e.g. ``" [respond]"`` (leading space included).
-
-    Returns:
-        The strings added, in order (empty when all were present already).
-
-    Raises:
-        ValueError: If a string is empty or repeated, or still does not encode to one id after adding.
-    """
-    if len(set(strings)) != len(strings) or not all(strings):
-        raise ValueError(f"refusal_tokens: token strings must be non-empty and distinct, got {list(strings)}")
-    missing = [s for s in strings if _single_token_id(tokenizer, s) is None]
-    if missing:
-        tokenizer.add_tokens([AddedToken(s, normalized=False, special=True) for s in missing])
-    broken = [s for s in missing if _single_token_id(tokenizer, s) is None]
-    if broken:
-        raise ValueError(
-            f"refusal_tokens: {broken} still do not encode to a single id of {type(tokenizer).__name__} "
-            "after adding them; this tokenizer does not support literal added tokens"
-        )
-    return missing
-
-
 def add_refusal_tokens(tokenizer: Any, vocab: RefusalVocabulary) -> list[str]:
     """Add the vocabulary's refusal tokens that ``tokenizer`` lacks, in class order.
 
@@ -102,49 +77,6 @@ def add_refusal_tokens(tokenizer: Any, vocab: RefusalVocabulary) -> list[str]:
         The token strings added, in the order their ids were assigned.
     """
     return add_token_strings(tokenizer, refusal_token_order(vocab))
-
-
-def embeddings_tied(model: nn.Module) -> bool:
-    """Whether the model's output projection shares its weight with the input embedding.
-
-    Reads the actual parameters (``get_output_embeddings().weight is get_input_embeddings().weight``), not
-    only ``config.tie_word_embeddings``; a model without output embeddings counts as tied (nothing to update).
-
-    Args:
-        model: A Hugging Face causal LM (not a peft wrapper).
-    """
-    output = model.get_output_embeddings()  # type: ignore[operator]
-    if output is None:
-        return True
-    return base_weight(output) is base_weight(model.get_input_embeddings())  # type: ignore[operator]
-
-
-def base_layer(module: nn.Module) -> nn.Module:
-    """``module`` itself, or the layer a peft wrapper (LoRA layer, trainable-tokens wrapper) wraps.
-
-    Args:
-        module: An embedding or linear layer, possibly wrapped by peft.
-    """
-    while True:
-        if callable(getattr(type(module), "get_base_layer", None)):
-            inner = module.get_base_layer()  # type: ignore[operator]
-        else:
-            inner = getattr(module, "original_module", None)  # peft's AuxiliaryTrainingWrapper
-        if not isinstance(inner, nn.Module) or inner is module:
-            return module
-        module = inner
-
-
-def base_weight(module: nn.Module) -> Tensor:
-    """The base-layer weight of ``module`` (not peft's merged view of trainable rows).
-
-    Args:
-        module: An embedding or linear layer, possibly wrapped by peft.
-    """
-    weight = base_layer(module).weight
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"{type(module).__name__} has no weight tensor")
-    return weight
 
 
 def _category_word_ids(tokenizer: Any, vocab: RefusalVocabulary, token: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Find the decoder blocks of any Hugging Face causal LM and validate layer indices.
+"""Find the decoder blocks and embedding weights of any Hugging Face causal LM and validate layer indices.
 
 Layer convention (used everywhere in this project):
     **layer ``l`` is the residual stream right after decoder block ``l``** (0-based), i.e. the output of
@@ -15,7 +15,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["d_model", "decoder_layers", "num_layers", "validate_layers"]
+__all__ = [
+    "base_layer",
+    "base_weight",
+    "d_model",
+    "decoder_layers",
+    "embeddings_tied",
+    "num_layers",
+    "validate_layers",
+]
 
 # Attribute paths (from the causal LM object) where decoder blocks live, tried in order.
 _LAYER_PATHS: tuple[tuple[str, ...], ...] = (
@@ -133,3 +141,49 @@ def input_device(model: nn.Module) -> torch.device:
     if isinstance(weight, Tensor):
         return weight.device
     return next(model.parameters()).device
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """``module`` itself, or the layer a peft wrapper (LoRA layer, trainable-tokens wrapper) wraps.
+
+    Args:
+        module: An embedding or linear layer, possibly wrapped by peft.
+    """
+    while True:
+        if callable(getattr(type(module), "get_base_layer", None)):
+            inner = module.get_base_layer()  # type: ignore[operator]
+        else:
+            inner = getattr(module, "original_module", None)  # peft's AuxiliaryTrainingWrapper
+        if not isinstance(inner, nn.Module) or inner is module:
+            return module
+        module = inner
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """The base-layer weight of ``module`` (not peft's merged view of trainable rows).
+
+    Args:
+        module: An embedding or linear layer, possibly wrapped by peft.
+
+    Raises:
+        TypeError: If the base layer has no weight tensor.
+    """
+    weight = base_layer(module).weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    """Whether the model's output projection shares its weight with the input embedding.
+
+    Reads the actual parameters (``get_output_embeddings().weight is get_input_embeddings().weight``), not
+    only ``config.tie_word_embeddings``; a model without output embeddings counts as tied (nothing to update).
+
+    Args:
+        model: A Hugging Face causal LM (not a peft wrapper).
+    """
+    output = model.get_output_embeddings()  # type: ignore[operator]
+    if output is None:
+        return True
+    return base_weight(output) is base_weight(model.get_input_embeddings())  # type: ignore[operator]

@@ -11,10 +11,11 @@ Sources, decided from :attr:`LLMConfig.name_or_path`:
 
 :func:`model_fingerprint` identifies the weights for activation-cache manifests without loading them: a
 hub revision (commit hash where the local cache knows it) or the sha256 of every local weight file, read
-whole once per process and memoised by (resolved path, size, mtime, inode).
+whole once per process and memoised by (resolved path, size, mtime, inode) (:func:`file_sha256`).
 
-:attr:`LLMConfig.adapter_path` names a refusal-token artifact (:mod:`sae_refusal.finetune.artifact`: added
-tokens, their embedding rows, a LoRA adapter) applied on top of the loaded base model and tokenizer.
+:attr:`LLMConfig.adapter_path` names a refusal-token artifact (added tokens, their embedding rows, a LoRA
+adapter) that :mod:`sae_refusal.llm.artifact` reads and applies on top of the loaded base model and tokenizer;
+the finetune recipe only writes it.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
-import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+
+from sae_refusal.llm.artifact import add_artifact_tokens, apply_refusal_artifact, artifact_hash
+from sae_refusal.llm.hashing import file_sha256
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -62,9 +64,6 @@ _DTYPES: dict[str, torch.dtype | None] = {
 _QUANTIZATIONS = (None, "4bit", "8bit")
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-#: A file modified less than this long before it is hashed is not memoised: a rewrite within the same
-#: mtime tick (coarse on some filesystems) with the same size would otherwise reuse a stale digest.
-_RACY_WINDOW_NS = 2_000_000_000
 
 
 @dataclass
@@ -86,10 +85,10 @@ class LLMConfig:
         trust_remote_code: Allow model code from the hub repo to run.
         attn_implementation: e.g. ``eager``, ``sdpa``, ``flash_attention_2``; ``None`` lets transformers
             choose.
-        adapter_path: Folder of a refusal-token artifact (written by the finetune recipe,
-            :func:`sae_refusal.finetune.artifact.save_refusal_artifact`) trained on this base model. After
-            loading, its tokens are added to the tokenizer (same ids as in training), the embeddings resized
-            and its rows and LoRA adapter applied (merged). It is part of :func:`model_fingerprint`.
+        adapter_path: Folder of a refusal-token artifact (:mod:`sae_refusal.llm.artifact`; written by the
+            finetune recipe) trained on this base model. After loading, its tokens are added to the tokenizer
+            (same ids as in training), the embeddings resized and its rows and LoRA adapter applied
+            (merged). It is part of :func:`model_fingerprint`.
     """
 
     name_or_path: str = SMOLLM2_ALIAS
@@ -222,9 +221,6 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
             )
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.adapter_path is not None:
-        # finetune sits above llm: import lazily
-        from sae_refusal.finetune.artifact import add_artifact_tokens
-
         add_artifact_tokens(tokenizer, cfg.adapter_path)
     return tokenizer
 
@@ -334,8 +330,6 @@ def _apply_adapter(
     cfg: LLMConfig, adapter_path: str, model: PreTrainedModel, tokenizer: Any
 ) -> PreTrainedModel:
     """Apply the refusal-token artifact at ``adapter_path`` to the freshly loaded base ``model``."""
-    from sae_refusal.finetune.artifact import apply_refusal_artifact  # finetune sits above llm
-
     base = model_fingerprint(dataclasses.replace(cfg, adapter_path=None))
     model, _ = apply_refusal_artifact(model, tokenizer, adapter_path, merge=True, base=base)
     model.eval()
@@ -410,39 +404,6 @@ def load_model_and_tokenizer(cfg: LLMConfig) -> tuple[PreTrainedModel, Any]:
             f"embedding has {n_rows} rows; were tokens added without resizing the embeddings?"
         )
     return model, tokenizer
-
-
-_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
-
-
-def _read_sha256(path: Path) -> str:
-    """sha256 of the whole file (the only place weight files are read for fingerprints)."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a whole file, memoised per process by (resolved path, size, mtime_ns, inode).
-
-    A file modified within the last two seconds is hashed again on every call (its mtime may not yet tell
-    a same-size rewrite apart), so the memo never returns a stale digest for a file being written.
-
-    Args:
-        path: The file.
-
-    Raises:
-        FileNotFoundError: If it does not exist.
-    """
-    resolved = Path(path).resolve()
-    now_ns = time.time_ns()
-    stat = resolved.stat()
-    key = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    digest = _FILE_DIGESTS.get(key)
-    if digest is None:
-        digest = _read_sha256(resolved)
-        if now_ns - stat.st_mtime_ns > _RACY_WINDOW_NS:
-            _FILE_DIGESTS[key] = digest
-    return digest
 
 
 def _weights_hash(source: _Source, name: str) -> str:
@@ -524,7 +485,5 @@ def model_fingerprint(cfg: LLMConfig, model: nn.Module | None = None) -> dict[st
         "quantization": cfg.quantization or "none",
     }
     if cfg.adapter_path is not None:
-        from sae_refusal.finetune.artifact import artifact_hash  # finetune sits above llm: import lazily
-
         fingerprint["adapter"] = artifact_hash(cfg.adapter_path)
     return fingerprint

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tokenizers import AddedToken
 from torch import Tensor
 
 from sae_refusal.categories import (
@@ -33,6 +35,7 @@ __all__ = [
     "RefusalTokenError",
     "RefusalVocabulary",
     "ResolvedRefusalTokens",
+    "add_token_strings",
     "respond_bias_of",
     "set_respond_bias",
 ]
@@ -73,6 +76,36 @@ def _single_token_id(tokenizer: Any, token: str) -> int | None:
     if tokenizer.convert_ids_to_tokens(token_id) != token:
         return None
     return token_id
+
+
+def add_token_strings(tokenizer: Any, strings: Sequence[str]) -> list[str]:
+    """Add each string that is not yet a single token of ``tokenizer``, in the given order.
+
+    Each is added as ``AddedToken(s, normalized=False, special=True)``: it encodes to exactly one id (leading
+    space included), decodes back to itself, and ``skip_special_tokens=True`` removes it from decoded text.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (modified in place).
+        strings: Token strings, e.g. ``" [respond]"`` (leading space included).
+
+    Returns:
+        The strings added, in order (empty when all were present already).
+
+    Raises:
+        ValueError: If a string is empty or repeated, or still does not encode to one id after adding.
+    """
+    if len(set(strings)) != len(strings) or not all(strings):
+        raise ValueError(f"refusal_tokens: token strings must be non-empty and distinct, got {list(strings)}")
+    missing = [s for s in strings if _single_token_id(tokenizer, s) is None]
+    if missing:
+        tokenizer.add_tokens([AddedToken(s, normalized=False, special=True) for s in missing])
+    broken = [s for s in missing if _single_token_id(tokenizer, s) is None]
+    if broken:
+        raise ValueError(
+            f"refusal_tokens: {broken} still do not encode to a single id of {type(tokenizer).__name__} "
+            "after adding them; this tokenizer does not support literal added tokens"
+        )
+    return missing
 
 
 @dataclass
