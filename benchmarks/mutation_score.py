@@ -45,6 +45,7 @@ def source_root(copy: Path) -> str:
 def package_dir(copy: Path) -> Path:
     return copy / source_root(copy) / PACKAGE
 
+
 #: Module (relative to the package folder) or ``dir/*`` -> test-file globs (relative to the repository).
 TESTS_OF: dict[str, list[str]] = {
     "sae/*": ["tests/test_sae_*.py"],
@@ -108,6 +109,12 @@ def export_tree(rev: str | None, dest: Path) -> str:
         archive = subprocess.run(["git", "archive", sha], cwd=REPO, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         return sha
+    if not (REPO / ".git").exists():  # a copy without git (e.g. on a GPU machine): everything but caches
+        skip = shutil.ignore_patterns(
+            ".git", ".venv*", ".device", "runs", "__pycache__", "*.egg-info", "mutants"
+        )
+        shutil.copytree(REPO, dest, ignore=skip, dirs_exist_ok=True)
+        return "working-tree"
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,

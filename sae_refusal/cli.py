@@ -1,9 +1,9 @@
 """The ``sae-refusal`` command.
 
-Lightning subcommands (``fit``, ``validate``, ``test``, ``predict``) go to :class:`SAERefusalCLI`, a
-``LightningCLI`` over any ``LightningModule`` (``model.class_path``) and :class:`ActivationDataModule`,
-with ``data.d_model`` linked into ``model.init_args.d_model``. Project subcommands where Lightning has none
-are dispatched here first:
+Lightning subcommands (``fit``, ``validate``, ``test``, ``predict``) go to :class:`SAERefusalCLI`
+(:mod:`sae_refusal.cli_lightning`), a ``LightningCLI`` over any ``LightningModule`` (``model.class_path``)
+and :class:`ActivationDataModule`, with ``data.d_model`` linked into ``model.init_args.d_model``. Project
+subcommands where Lightning has none are dispatched here first:
 
 * ``cache``: write the split manifest and fill the activation cache described by the same config file
   that ``fit`` takes (only its ``data`` section matters), then print what was cached.
@@ -11,23 +11,36 @@ are dispatched here first:
   cache a fit config describes, with that config's ``FeatureAnalysisCallback`` settings.
 * ``finetune``: the refusal-token SFT recipe (``RefusalSFTModule`` + ``SFTDataModule``), ending with a
   held-out refusal-token report and the exported model (``RefusalReportCallback``).
+
+Design notes:
+
+* **Light until needed.** This module imports neither Lightning nor torch: each command imports what it
+  uses, so ``--help``, ``--version``, ``cache --help`` and ``features --help`` answer in well under a second
+  (``fit --help`` and ``finetune --help`` list options read from the classes' signatures, so they import
+  Lightning and the model classes).
+* **Logs.** :func:`main` shows the package's ``log.info`` lines (``sae_refusal.*`` loggers) on stderr while
+  a command runs (:func:`package_logging`); importing the package configures no logging. Commands that build
+  a ``Trainer`` only to read a config (``cache``, ``features``) hide Lightning's start-up chatter
+  (:func:`quiet_lightning_info`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import logging
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
-
-import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing import TYPE_CHECKING, Any
 
 from sae_refusal import __version__
-from sae_refusal.activations.datamodule import ActivationDataModule
-from sae_refusal.sae.module import SAEModule
+
+if TYPE_CHECKING:
+    from sae_refusal.activations.datamodule import ActivationDataModule
+    from sae_refusal.cli_lightning import SAERefusalCLI
 
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "Train a model (an SAE by default) on cached activations.",
@@ -149,102 +162,44 @@ def _eval_log_name(root: Path, subcommand: str, ckpt: Path) -> str:
     return name
 
 
-class SAERefusalCLI(LightningCLI):
-    """LightningCLI with the activation data module and the data -> model width link.
+#: Loggers of Lightning's start-up chatter (accelerator availability, "💡 Tip" adverts, "Seed set to").
+_LIGHTNING_INFO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+)
 
-    ``--ckpt_path`` is handled for reuse in eval jobs: ``last`` means the newest run's last checkpoint
-    under the configured logger folder (an error if there is none); the checkpoint's model settings rebuild
-    the model (architecture included), and a setting the config asks for that differs from the checkpoint's
-    is refused;
-    ``validate``, ``test`` and ``predict`` log into a folder of their own beside the run
-    (``{subcommand}-{run}-{checkpoint}``) unless ``trainer.logger.init_args.version`` is set.
+
+@contextlib.contextmanager
+def quiet_lightning_info() -> Iterator[None]:
+    """Hide Lightning's info-level start-up lines (warnings still show) while the block runs.
+
+    For project subcommands that build a ``Trainer`` only to read a config (``cache``, ``features``): its
+    "GPU available" lines and "💡 Tip" adverts say nothing about what those commands do.
     """
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.d_model", "model.init_args.d_model", apply_on="instantiate")
-
-    def _parse_ckpt_path(self) -> None:
-        import torch
-
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        section = self.config[subcommand]
-        ckpt_path = section.get("ckpt_path")
-        if ckpt_path is None:
-            return
-        if ckpt_path == "last":
-            ckpt_path = str(find_last_checkpoint(section.trainer))
-            section.ckpt_path = ckpt_path
-            print(f"--ckpt_path last: {ckpt_path}", file=sys.stderr)
-        elif ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
-            return
-        ckpt = Path(ckpt_path)
-        if not ckpt.is_file():
-            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-        hparams = dict(torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
-        hparams.pop("_instantiator", None)
-        if hparams:
-            class_path = hparams.pop("_class_path", section.model.get("class_path"))
-            if class_path != section.model.get("class_path"):
-                raise UserError(
-                    f"--ckpt_path {ckpt}: the checkpoint holds a {class_path}, the config asks for "
-                    f"model.class_path {section.model.get('class_path')}"
-                )
-            conflicts = checkpoint_conflicts(section.model, hparams, self._model_of(class_path))
-            if conflicts:
-                raise UserError(
-                    f"--ckpt_path {ckpt}: the checkpoint's model settings replace the config's, and these "
-                    f"differ: {'; '.join(conflicts)}. Use the run's saved config.yaml (beside the "
-                    "checkpoints folder) or drop those settings."
-                )
-            if "architecture" not in hparams and section.model.init_args.get("architecture") is not None:
-                # checkpoints written before the architecture was kept: the config's architecture
-                hparams["architecture"] = _plain(section.model.init_args.architecture)
-            self.config = self.parser.parse_object(
-                {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}, self.config
-            )
-        if subcommand in EVAL_COMMANDS:
-            self._own_eval_folder(self.config[subcommand].trainer, subcommand, ckpt)
-
-    @staticmethod
-    def _model_of(class_path: str) -> type:
-        import importlib
-
-        module, _, name = class_path.rpartition(".")
-        return cast(type, getattr(importlib.import_module(module), name))
-
-    @staticmethod
-    def _own_eval_folder(trainer: Any, subcommand: str, ckpt: Path) -> None:
-        """Point a TensorBoard/CSV logger with no explicit version at a new folder named after the job."""
-        logger = trainer.get("logger")
-        init_args = getattr(logger, "init_args", None)
-        if init_args is None or "version" not in init_args or init_args.get("version") is not None:
-            return
-        roots = _logger_roots(trainer)
-        init_args.version = _eval_log_name(roots[0], subcommand, ckpt)
-
-
-class _ConfigOnlyCLI(SAERefusalCLI):
-    """The fit CLI's classes without a subcommand (for project subcommands that read a fit config).
-
-    Accepts (and ignores) the options of ``Trainer.fit`` itself (``ckpt_path``, ``weights_only``), so the
-    ``config.yaml`` a fit run saves can be read back.
-    """
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        super().add_arguments_to_parser(parser)
-        skip = {"model", "train_dataloaders", "val_dataloaders", "datamodule"}
-        parser.add_method_arguments(L.Trainer, "fit", skip=skip)
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_INFO_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
-    with warnings.catch_warnings():
+    """``SAERefusalCLI`` over ``args``; ``run=False`` builds the classes of a fit config without running."""
+    from sae_refusal.activations.datamodule import ActivationDataModule
+    from sae_refusal.cli_lightning import ConfigOnlyCLI, SAERefusalCLI
+    from sae_refusal.sae.module import SAEModule
+
+    with warnings.catch_warnings(), contextlib.nullcontext() if run else quiet_lightning_info():
         # We pass the arguments explicitly on purpose (project subcommands strip their own name).
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         if args[:1] and args[0] in EVAL_COMMANDS:  # restores the training run's checkpoint callback
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
-        return (SAERefusalCLI if run else _ConfigOnlyCLI)(
+        return (SAERefusalCLI if run else ConfigOnlyCLI)(
             SAEModule,
             ActivationDataModule,
             subclass_mode_model=True,
@@ -261,6 +216,8 @@ def activation_datamodule(args: Sequence[str]) -> ActivationDataModule:
     Raises:
         TypeError: If the config's data is not an :class:`ActivationDataModule`.
     """
+    from sae_refusal.activations.datamodule import ActivationDataModule
+
     datamodule = _lightning_cli(args, run=False).datamodule
     if not isinstance(datamodule, ActivationDataModule):
         raise TypeError(f"data must be an ActivationDataModule, got {type(datamodule).__name__}")
@@ -353,23 +310,27 @@ def check_exports_match_data(folders: dict[str, Path], datamodule: ActivationDat
         )
 
 
-def features_command(args: Sequence[str]) -> None:
-    """``sae-refusal features --config fit.yaml --sae_dir DIR [--out DIR]``: the analysis, standalone."""
-    import argparse
-    import json
-
-    from sae_refusal.features.analysis import FeatureAnalysisConfig, analyze_features
-    from sae_refusal.features.callback import FeatureAnalysisCallback
-    from sae_refusal.sae.base import load_sae
-
+def _features_parser(with_config: bool = True) -> argparse.ArgumentParser:
+    """The ``features`` options; ``with_config=False`` leaves ``--config`` to the fit parser (in order)."""
     parser = argparse.ArgumentParser(
         prog="sae-refusal features",
+        allow_abbrev=False,  # an abbreviation must not swallow a fit option
         description="Steering vectors, heads, cluster metrics, plots and cross-seed consensus from saved SAE "
         "exports and the activation cache a fit config describes. The analysis settings are those of the "
         "config's FeatureAnalysisCallback (defaults if it has none), so the numbers equal the callback's; "
         "--analysis.KEY VALUE changes one (e.g. --analysis.tau 0.1 --analysis.projections '[pca]'). "
-        "Other options are those of `sae-refusal fit` (e.g. --config, --data.layer).",
+        "Other options are those of `sae-refusal fit` (e.g. --data.layer, --data.cache.root).",
     )
+    if with_config:
+        parser.add_argument(
+            "-c",
+            "--config",
+            required=True,
+            action="append",
+            metavar="CONFIG.yaml",
+            help="the fit config whose data section describes the activations (the run's saved config.yaml "
+            "works); repeat it to layer configs as `sae-refusal fit` does",
+        )
     parser.add_argument(
         "--sae_dir", required=True, help="an SAE export folder, or a folder of seed{n}/ exports"
     )
@@ -382,7 +343,22 @@ def features_command(args: Sequence[str]) -> None:
         help="analyse SAEs trained on another model or layer than the data's (transfer studies); by default "
         "the exports' model and layer must match data.llm and data.layer",
     )
-    known, rest = parser.parse_known_args(list(args))
+    return parser
+
+
+def features_command(args: Sequence[str]) -> None:
+    """``sae-refusal features --config fit.yaml --sae_dir DIR [--out DIR]``: the analysis, standalone."""
+    _features_parser().parse_known_args(list(args))  # --help, and a missing --config or --sae_dir, end here
+    # --config stays among the fit options, in its place: `--config a.yaml --data.layer 1` keeps its order
+    known, rest = _features_parser(with_config=False).parse_known_args(list(args))
+
+    import json
+
+    from sae_refusal.activations.datamodule import ActivationDataModule
+    from sae_refusal.features.analysis import FeatureAnalysisConfig, analyze_features
+    from sae_refusal.features.callback import FeatureAnalysisCallback
+    from sae_refusal.sae.base import load_sae
+
     rest, overrides = _analysis_overrides(rest)
     sae_dir = Path(known.sae_dir)
     if (sae_dir / "cfg.json").is_file():
@@ -436,16 +412,9 @@ def features_command(args: Sequence[str]) -> None:
             print(f"  {key}: {stats['mean']:.4f} +- {stats['std']:.4f} over {stats['n']} seed(s)")
 
 
-class FinetuneCLI(LightningCLI):
-    """LightningCLI of the refusal-token fine-tuning recipe: one model config shared by module and data."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.llm", "data.llm", apply_on="parse")
-        parser.link_arguments("model.refusal_tokens", "data.refusal_tokens", apply_on="parse")
-
-
 def finetune_command(args: Sequence[str]) -> None:
     """``sae-refusal finetune --config cfg.yaml``: refusal-token SFT, held-out report and export."""
+    from sae_refusal.cli_lightning import FinetuneCLI
     from sae_refusal.finetune.datamodule import SFTDataModule
     from sae_refusal.finetune.module import RefusalSFTModule
 
@@ -454,9 +423,15 @@ def finetune_command(args: Sequence[str]) -> None:
         FinetuneCLI(
             RefusalSFTModule,
             SFTDataModule,
-            args=["fit", *args],
+            args=["fit", *args],  # FinetuneCLI names the fit parser `sae-refusal finetune` in help and errors
             save_config_kwargs={"overwrite": False},
-            parser_kwargs={"prog": "sae-refusal finetune"},
+            parser_kwargs={
+                "prog": "sae-refusal finetune",
+                "fit": {
+                    "description": "Fine-tune a chat model to emit refusal tokens (LoRA SFT), then write the "
+                    "held-out refusal-token report and export the model."
+                },
+            },
         )
 
 
@@ -482,6 +457,34 @@ def _top_help() -> str:
         "`sae-refusal SUBCOMMAND --help` shows each one's options; configs live in lightning_configs/.",
     ]
     return "\n".join(lines)
+
+
+class _PlainFormatter(logging.Formatter):
+    """The message alone for info lines; ``warning: ...`` (the level in lower case) above that."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+@contextlib.contextmanager
+def package_logging(level: int = logging.INFO) -> Iterator[None]:
+    """Show the package's log lines (``sae_refusal.*`` loggers, ``level`` and up) on stderr in the block.
+
+    The CLI's own logging set-up, undone on exit; importing the package configures nothing.
+    """
+    logger = logging.getLogger("sae_refusal")
+    handler = logging.StreamHandler()  # the current sys.stderr
+    handler.setFormatter(_PlainFormatter("%(message)s"))
+    previous = logger.level
+    if previous == logging.NOTSET or previous > level:
+        logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def _dispatch(args: list[str]) -> None:
@@ -513,7 +516,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sae-refusal {__version__}")
         return
     try:
-        _dispatch(args)
+        with package_logging():
+            _dispatch(args)
     except USER_ERRORS as err:
         if debug:
             raise
@@ -521,6 +525,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sae-refusal: error: {message}", file=sys.stderr)
         print("  (run with --debug or SAE_REFUSAL_DEBUG=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:
+    """The Lightning CLI classes, imported on first use (``from sae_refusal.cli import SAERefusalCLI``)."""
+    if name in ("SAERefusalCLI", "FinetuneCLI", "ConfigOnlyCLI"):
+        from sae_refusal import cli_lightning
+
+        return getattr(cli_lightning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,30 @@ def prompt_file(tmp_path: Path) -> Path:
     benign = [{"instruction": f"Tell me a fact about the number {i} and the sea."} for i in range(12)]
     (tmp_path / "benign.json").write_text(json.dumps(benign))
     return tmp_path
+
+
+_REPO = Path(__file__).resolve().parents[1]
+#: Folders a test run may create or change in the checkout (tool caches, virtual environments, build data).
+_NOT_CHECKED = {".git", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__", ".device", "build"}
+
+
+def _checkout_paths() -> set[str]:
+    paths: set[str] = set()
+    for folder, dirs, files in os.walk(_REPO):
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in _NOT_CHECKED and not d.startswith(".venv") and not d.endswith(".egg-info")
+        ]
+        rel = Path(folder).relative_to(_REPO)
+        paths.update(str(rel / name) for name in [*dirs, *files])
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _writes_only_to_tmp(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test that creates anything in the checkout (tests write only under tmp_path)."""
+    before = _checkout_paths()
+    yield
+    new = sorted(_checkout_paths() - before)
+    assert not new, f"{request.node.nodeid} wrote into the checkout: {new[:5]}; write under tmp_path"

@@ -48,7 +48,10 @@ def make_dm(
 
 
 def test_init_loads_nothing(tmp_path: Path) -> None:
-    dm = ActivationDataModule(llm=LLMConfig(name_or_path=str(tmp_path / "no-such-model")))
+    dm = ActivationDataModule(
+        llm=LLMConfig(name_or_path=str(tmp_path / "no-such-model")),
+        cache=CacheConfig(root=str(tmp_path / "cache")),  # the split manifest is written before the model
+    )
     assert dm.splits == {}  # the missing model is only noticed when something needs it
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         dm.prepare_data()

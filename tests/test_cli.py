@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,47 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[st
     except SystemExit as exit_:
         assert exit_.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["cache", "--help"], ["features", "--help"]], ids=" ".join
+)
+def test_light_commands_import_neither_lightning_nor_torch(args: list[str]) -> None:
+    """`--help` of the project's own commands answers at once (Lightning alone took 11 s to import)."""
+    code = (
+        "import sys\n"
+        "from sae_refusal.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit as exit_:\n"
+        "    assert exit_.code in (0, None), exit_.code\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torch', 'transformers'})\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "sae-refusal" in done.stdout
+
+
+def test_features_help_shows_config_as_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["features", "--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "-c CONFIG.yaml --sae_dir SAE_DIR" in usage  # not in [brackets]: required
+    with pytest.raises(SystemExit) as exit_:
+        main(["features", "--sae_dir", "x"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: -c/--config" in capsys.readouterr().err
+
+
+def test_finetune_help_shows_no_internal_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sae-refusal finetune [-c CONFIG]")
+    assert " fit" not in out.split("\n\n")[0]
+    assert "Fine-tune a chat model to emit refusal tokens" in out
 
 
 def test_unknown_subcommand_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -155,6 +200,47 @@ def tiny_config(tmp_path: Path, model_dir: Path, prompt_root: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture()
+def lightning_records() -> Iterator[list[str]]:
+    """Messages Lightning logs (its loggers may not propagate to the root, so caplog can miss them)."""
+    handler = _Records()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler.messages
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def test_cache_shows_package_logs_and_no_lightning_chatter(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    prompt_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    lightning_records: list[str],
+) -> None:
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    main(["cache", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert "computing activation cache" in err and "24/24" in err
+    assert "cached 24 prompts at layers [1, 2] in " in err
+    main(["cache", "--config", str(config)])
+    assert "reusing activation cache" in capsys.readouterr().err
+    assert not [m for m in lightning_records if "Tip" in m or "GPU available" in m or "Seed set" in m]
+    assert logging.getLogger("sae_refusal").handlers == []  # the CLI's logging set-up is undone
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])  # a Lightning command keeps them
+    assert any("GPU available" in m for m in lightning_records)
 
 
 def test_cache_then_fit_then_test_from_checkpoint(

@@ -15,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from sae_refusal.activations.cache import (
     VERIFY_MODES,
@@ -30,6 +33,7 @@ from sae_refusal.activations.cache import (
     find_cache,
     first_non_finite,
 )
+from sae_refusal.atomic import remove_stale_temporaries
 from sae_refusal.data.chat import chat_template_hash, format_prompts
 from sae_refusal.data.prompt_set import PromptSet
 from sae_refusal.llm.extraction import iter_last_token_residuals
@@ -208,30 +212,39 @@ def compute_cache(
     model = load_model(llm)
     d_model = int(model.config.hidden_size)
     n_truncated = 0
+    start = time.perf_counter()
+    storage = getattr(torch, identity.dtype)
+    remove_stale_temporaries(folder.parent)  # what a killed run (any identity) left under the cache root
     with ActivationCacheWriter(folder, identity, d_model=d_model, shard_rows=cfg.shard_rows) as writer:
-        for batch in iter_last_token_residuals(
-            model,
-            tokenizer,
-            formatted,
-            list(identity.layers),
-            batch_size=cfg.batch_size,
-            max_length=identity.max_length,
-            overflow=identity.overflow,
-        ):
-            storage = getattr(torch, identity.dtype)
-            stored = {layer: acts_BD.float().to("cpu", storage) for layer, acts_BD in batch.acts.items()}
-            for layer, acts_BD in stored.items():
-                bad = first_non_finite(acts_BD)
-                if bad is not None:
-                    raise _non_finite_error(
-                        llm,
-                        identity,
-                        layer,
-                        prompt_set[batch.indices[bad]].id,
-                        in_model=first_non_finite(batch.acts[layer]) is not None,
-                    )
-            writer.add(stored)
-            n_truncated += batch.n_truncated
+        # stderr: prompts/s and ETA, fed after every forward pass; into a log file (not a terminal) a line
+        # every 30 s rather than ten a second. The summary line below is logged either way.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        with tqdm(
+            total=len(prompt_set), desc="caching activations", unit="prompt", mininterval=interval
+        ) as bar:
+            for batch in iter_last_token_residuals(
+                model,
+                tokenizer,
+                formatted,
+                list(identity.layers),
+                batch_size=cfg.batch_size,
+                max_length=identity.max_length,
+                overflow=identity.overflow,
+                progress=bar.update,
+            ):
+                stored = {layer: acts_BD.float().to("cpu", storage) for layer, acts_BD in batch.acts.items()}
+                for layer, acts_BD in stored.items():
+                    bad = first_non_finite(acts_BD)
+                    if bad is not None:
+                        raise _non_finite_error(
+                            llm,
+                            identity,
+                            layer,
+                            prompt_set[batch.indices[bad]].id,
+                            in_model=first_non_finite(batch.acts[layer]) is not None,
+                        )
+                writer.add(stored)
+                n_truncated += batch.n_truncated
         if n_truncated:
             log.warning(
                 "%d of %d prompts were longer than %d tokens and truncated from the left",
@@ -240,7 +253,17 @@ def compute_cache(
                 identity.max_length,
             )
         rows = [_prompt_row(prompt_set, i) for i in range(len(prompt_set))]
-        return writer.commit(rows, extra={"n_truncated": n_truncated, "n_prompts": len(prompt_set)})
+        cache = writer.commit(rows, extra={"n_truncated": n_truncated, "n_prompts": len(prompt_set)})
+    seconds = time.perf_counter() - start
+    log.info(
+        "cached %d prompts at layers %s in %.1f s (%.1f prompts/s) -> %s",
+        len(prompt_set),
+        list(identity.layers),
+        seconds,
+        len(prompt_set) / max(seconds, 1e-9),
+        cache.folder,
+    )
+    return cache
 
 
 def cached_activations(prompt_set: PromptSet, llm: LLMConfig, cfg: CacheConfig) -> ActivationCache:

@@ -18,7 +18,7 @@ Design notes:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,6 +227,7 @@ def iter_last_token_residuals(
     overflow: str = "truncate_left",
     sort_window: int = 16,
     out_device: str | torch.device = "cpu",
+    progress: Callable[[int], object] | None = None,
 ) -> Iterator[ResidualBatch]:
     """Yield last-token residuals for many chat-formatted prompts, in input order, ``batch_size`` at a time.
 
@@ -246,6 +247,8 @@ def iter_last_token_residuals(
         overflow: ``"truncate_left"`` or ``"error"`` (config key ``overflow``).
         sort_window: Batches per length-sorting window; 1 runs prompts in input order.
         out_device: Where yielded tensors go (they keep the model's dtype).
+        progress: Called with the number of prompts after each forward pass (e.g. a progress bar's
+            ``update``); batches are yielded a sorting window at a time, so this is the finer signal.
 
     Raises:
         ValueError: On a bad ``batch_size``/``sort_window``, layer, a ``max_length`` beyond the model's
@@ -261,8 +264,8 @@ def iter_last_token_residuals(
     else:
         check_max_length(max_length, context_length(model, tokenizer))
     encoded = encode_prompts(tokenizer, formatted_texts, max_length=max_length, overflow=overflow)
-    if encoded.n_truncated:
-        logger.info(
+    if encoded.n_truncated:  # debug: the caller decides how loudly to report it (the cache warns)
+        logger.debug(
             "%d of %d prompts were longer than max_length=%d and lost their first tokens",
             encoded.n_truncated,
             len(encoded.input_ids),
@@ -288,6 +291,8 @@ def iter_last_token_residuals(
             acts = last_token_residuals(model, input_ids_BT, attention_mask_BT, wanted)
             for layer, acts_BD in acts.items():
                 parts[layer].append(acts_BD.to(out_device))
+            if progress is not None:
+                progress(len(chunk))
         # Row r of the sorted window holds prompt order[r]; invert to input order.
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order) - start] = torch.arange(len(order))

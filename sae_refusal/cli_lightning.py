@@ -1,0 +1,128 @@
+"""The ``LightningCLI`` classes behind ``sae-refusal``: imported only when a command needs Lightning.
+
+:mod:`sae_refusal.cli` stays light (``--help``, ``cache --help`` and ``--version`` import neither Lightning
+nor torch); it imports this module inside the commands that build a Lightning parser.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sae_refusal.cli import (
+    EVAL_COMMANDS,
+    UserError,
+    _eval_log_name,
+    _logger_roots,
+    _plain,
+    checkpoint_conflicts,
+    find_last_checkpoint,
+)
+
+__all__ = ["ConfigOnlyCLI", "FinetuneCLI", "SAERefusalCLI"]
+
+
+class SAERefusalCLI(LightningCLI):
+    """LightningCLI with the activation data module and the data -> model width link.
+
+    ``--ckpt_path`` is handled for reuse in eval jobs: ``last`` means the newest run's last checkpoint
+    under the configured logger folder (an error if there is none); the checkpoint's model settings rebuild
+    the model (architecture included), and a setting the config asks for that differs from the checkpoint's
+    is refused;
+    ``validate``, ``test`` and ``predict`` log into a folder of their own beside the run
+    (``{subcommand}-{run}-{checkpoint}``) unless ``trainer.logger.init_args.version`` is set.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.d_model", "model.init_args.d_model", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        import torch
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        ckpt_path = section.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path == "last":
+            ckpt_path = str(find_last_checkpoint(section.trainer))
+            section.ckpt_path = ckpt_path
+            print(f"--ckpt_path last: {ckpt_path}", file=sys.stderr)
+        elif ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+            return
+        ckpt = Path(ckpt_path)
+        if not ckpt.is_file():
+            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        hparams = dict(torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if hparams:
+            class_path = hparams.pop("_class_path", section.model.get("class_path"))
+            if class_path != section.model.get("class_path"):
+                raise UserError(
+                    f"--ckpt_path {ckpt}: the checkpoint holds a {class_path}, the config asks for "
+                    f"model.class_path {section.model.get('class_path')}"
+                )
+            conflicts = checkpoint_conflicts(section.model, hparams, self._model_of(class_path))
+            if conflicts:
+                raise UserError(
+                    f"--ckpt_path {ckpt}: the checkpoint's model settings replace the config's, and these "
+                    f"differ: {'; '.join(conflicts)}. Use the run's saved config.yaml (beside the "
+                    "checkpoints folder) or drop those settings."
+                )
+            if "architecture" not in hparams and section.model.init_args.get("architecture") is not None:
+                # checkpoints written before the architecture was kept: the config's architecture
+                hparams["architecture"] = _plain(section.model.init_args.architecture)
+            self.config = self.parser.parse_object(
+                {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}, self.config
+            )
+        if subcommand in EVAL_COMMANDS:
+            self._own_eval_folder(self.config[subcommand].trainer, subcommand, ckpt)
+
+    @staticmethod
+    def _model_of(class_path: str) -> type:
+        import importlib
+
+        module, _, name = class_path.rpartition(".")
+        return cast(type, getattr(importlib.import_module(module), name))
+
+    @staticmethod
+    def _own_eval_folder(trainer: Any, subcommand: str, ckpt: Path) -> None:
+        """Point a TensorBoard/CSV logger with no explicit version at a new folder named after the job."""
+        logger = trainer.get("logger")
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or "version" not in init_args or init_args.get("version") is not None:
+            return
+        roots = _logger_roots(trainer)
+        init_args.version = _eval_log_name(roots[0], subcommand, ckpt)
+
+
+class ConfigOnlyCLI(SAERefusalCLI):
+    """The fit CLI's classes without a subcommand (for project subcommands that read a fit config).
+
+    Accepts (and ignores) the options of ``Trainer.fit`` itself (``ckpt_path``, ``weights_only``), so the
+    ``config.yaml`` a fit run saves can be read back.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        skip = {"model", "train_dataloaders", "val_dataloaders", "datamodule"}
+        parser.add_method_arguments(L.Trainer, "fit", skip=skip)
+
+
+class FinetuneCLI(LightningCLI):
+    """LightningCLI of the refusal-token fine-tuning recipe: one model config shared by module and data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.llm", "data.llm", apply_on="parse")
+        parser.link_arguments("model.refusal_tokens", "data.refusal_tokens", apply_on="parse")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Name the ``fit`` parser ``sae-refusal finetune``: users never type the ``fit`` passed for them."""
+        super()._add_subcommands(parser, **kwargs)
+        self._subcommand_parsers["fit"].prog = str(parser.prog)
