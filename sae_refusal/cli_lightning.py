@@ -40,6 +40,16 @@ class SAERefusalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.d_model", "model.init_args.d_model", apply_on="instantiate")
 
+    def after_instantiate_classes(self) -> None:
+        """``fit`` always ends by printing what it wrote and the headline numbers (FitSummaryCallback)."""
+        super().after_instantiate_classes()
+        from sae_refusal.sae.summary import FitSummaryCallback
+
+        trainer = getattr(self, "trainer", None)
+        callbacks = list(getattr(trainer, "callbacks", []))
+        if self.subcommand == "fit" and not any(isinstance(c, FitSummaryCallback) for c in callbacks):
+            trainer.callbacks.append(FitSummaryCallback())  # type: ignore[union-attr]
+
     def _parse_ckpt_path(self) -> None:
         import torch
 

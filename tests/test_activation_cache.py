@@ -260,3 +260,66 @@ def test_corrupt_manifest_and_wrong_format(tmp_path: Path) -> None:
     manifest.write_text("{not json")
     with pytest.raises(CacheCorruptError, match="unreadable manifest"):
         ActivationCache.open(tmp_path / "c")
+
+
+def test_key_is_a_short_stable_hash_of_the_whole_identity() -> None:
+    key = identity().key()
+    assert len(key) == 16 and int(key, 16) >= 0
+    assert identity().key() == key  # stable
+    assert len({identity(**{"layers": (1,)}).key(), identity(max_length=32).key(), key}) == 3
+
+
+def test_manifest_identity_missing_a_field_is_corrupt_and_extra_fields_are_ignored(tmp_path: Path) -> None:
+    write_cache(tmp_path / "c", identity())
+    manifest_path = tmp_path / "c" / "manifest.json"
+    payload = json.loads(manifest_path.read_text())
+    payload["identity"]["note"] = "written by a later version"
+    manifest_path.write_text(json.dumps(payload))
+    assert ActivationCache.open(tmp_path / "c", expect=identity()).identity == identity()
+    del payload["identity"]["tokenizer_hash"], payload["identity"]["overflow"]
+    manifest_path.write_text(json.dumps(payload))
+    with pytest.raises(CacheCorruptError, match=r"lacks fields \['overflow', 'tokenizer_hash'\]"):
+        ActivationCache.open(tmp_path / "c")
+
+
+def test_find_cache_skips_hidden_and_broken_folders(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write_cache(root / ".in-progress", identity())  # a temporary folder of a write: never served
+    assert find_cache(root, identity()) is None
+    (root / "a-bad-json").mkdir()
+    (root / "a-bad-json" / "manifest.json").write_text("{not json")
+    for name, manifest in {
+        "b-no-identity": {"format_version": 2},
+        "c-short-identity": {"identity": {"model": "tiny"}},
+        "d-identity-not-a-dict": {"identity": ["tiny"]},
+        "e-bad-layers": {"identity": {**identity().to_json(), "layers": ["x"]}},
+    }.items():
+        (root / name).mkdir()
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
+    write_cache(root / "z-good", identity())
+    assert find_cache(root, identity()) == root / "z-good"
+
+
+def test_non_finite_value_in_a_later_shard_names_its_row(tmp_path: Path) -> None:
+    write_cache(tmp_path / "c", identity(), n=10, shard_rows=4)
+    shard = tmp_path / "c" / "shard-00002.safetensors"  # rows 8 and 9
+    tensors = load_file(shard)
+    tensors["layer_1"][1, 3] = float("nan")
+    save_file(tensors, shard, metadata={"rows": "2"})
+    with pytest.raises(NonFiniteActivationsError, match=r"layer_1 row 9 \(prompt 'p9'\)"):
+        ActivationCache.open(tmp_path / "c", verify="none").load(1)
+
+
+def test_one_row_shards_and_extra_manifest_facts(tmp_path: Path) -> None:
+    ident = identity()
+    with pytest.raises(ValueError, match="shard_rows must be >= 1, got 0"):
+        ActivationCacheWriter(tmp_path / "bad", ident, d_model=D, shard_rows=0)
+    acts = torch.arange(3 * D, dtype=torch.float32).reshape(3, D)
+    with ActivationCacheWriter(tmp_path / "c", ident, d_model=D, shard_rows=1) as writer:
+        writer.add({1: acts, 3: -acts})
+        cache = writer.commit([{"id": f"p{i}"} for i in range(3)], extra={"n_truncated": 2, "note": "x"})
+    assert [s["rows"] for s in cache.manifest["shards"]] == [1, 1, 1]
+    assert cache.manifest["extra"] == {"n_truncated": 2, "note": "x"}
+    reopened = ActivationCache.open(tmp_path / "c", expect=ident)
+    assert reopened.manifest["extra"] == {"n_truncated": 2, "note": "x"}
+    assert torch.equal(reopened.load(1), acts) and torch.equal(reopened.load(3), -acts)

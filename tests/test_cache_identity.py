@@ -9,6 +9,7 @@ compute a new cache in a new folder, whose identity differs from the base in exa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -23,11 +24,20 @@ from safetensors.torch import load_file, save_file
 import sae_refusal.activations.build as build
 from sae_refusal.activations.build import CacheConfig, cached_activations, request_identity
 from sae_refusal.activations.cache import ActivationCache, CacheMismatchError
+from sae_refusal.data.chat import chat_template_hash, format_prompts
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
 from sae_refusal.finetune.artifact import save_refusal_artifact
 from sae_refusal.finetune.lora import LoraSettings, wrap_with_lora
 from sae_refusal.finetune.tokens import add_refusal_tokens, init_refusal_embeddings
-from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer, model_fingerprint
+from sae_refusal.llm import (
+    LLMConfig,
+    RefusalVocabulary,
+    iter_last_token_residuals,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from sae_refusal.testing import save_tiny_model
 
 PLAIN = (
@@ -208,3 +218,126 @@ def test_system_prompt_alone_changes_the_folder_and_the_numbers(tmp_path: Path, 
     assert [line.split(":")[0] for line in plain.identity.differences(briefed.identity)] == [
         "system_prompt_hash"
     ]
+
+
+def by_hand(llm: LLMConfig, cfg: CacheConfig, prompts: PromptSet) -> dict[str, Any]:
+    """A request's identity from what each field is documented to hold (see ``CacheIdentity``)."""
+    tokenizer = load_tokenizer(llm)
+    fingerprint = model_fingerprint(llm)
+    template = cfg.chat_template if cfg.chat_template is not None else tokenizer.chat_template
+    return {
+        "model": llm.name_or_path,  # a local folder, not a GGUF file
+        "revision": "local",
+        "weights_hash": fingerprint["weights_hash"],
+        "adapter_hash": fingerprint["adapter"] if llm.adapter_path else "",
+        "model_dtype": llm.dtype,
+        "quantization": llm.quantization or "none",
+        "attn_implementation": llm.attn_implementation or "",
+        "trust_remote_code": llm.trust_remote_code,
+        "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+        "chat_template_hash": chat_template_hash(tokenizer, template),
+        "system_prompt_hash": hashlib.sha256(json.dumps(cfg.system_prompt).encode()).hexdigest(),
+        "layers": sorted({layer % 3 for layer in cfg.layers}),  # the tiny model has 3 blocks
+        "prompt_set_hash": prompts.content_hash(),
+        "dtype": cfg.dtype,
+        "max_length": 256 if cfg.max_length is None else cfg.max_length,  # the tiny model's context
+        "overflow": cfg.overflow,
+    }
+
+
+def test_base_identity_holds_the_configured_values(world: World) -> None:
+    identity = world.base.identity
+    assert identity == request_identity(PROMPTS, world.llm, world.cfg)
+    assert identity.to_json() == by_hand(world.llm, world.cfg, PROMPTS)
+    assert (identity.model, identity.revision, identity.adapter_hash) == (world.llm.name_or_path, "local", "")
+    assert (identity.model_dtype, identity.quantization, identity.attn_implementation) == (
+        "float32",
+        "none",
+        "",
+    )
+    assert identity.trust_remote_code is False and identity.layers == (0, 1)
+    assert (identity.dtype, identity.max_length, identity.overflow) == ("float32", 64, "truncate_left")
+    for name in (
+        "weights_hash",
+        "tokenizer_hash",
+        "chat_template_hash",
+        "system_prompt_hash",
+        "prompt_set_hash",
+    ):
+        assert len(getattr(identity, name)) == 64, name  # sha256 hex digests
+
+
+EXTRA_REQUESTS: dict[str, Variant] = {
+    "negative_unsorted_layers": _cfg(layers=(-1, 0, 2)),
+    "model_context": _cfg(max_length=None),
+    "template_and_system_prompt": _cfg(chat_template=PLAIN, system_prompt="Be brief."),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS) + sorted(EXTRA_REQUESTS))
+def test_each_identity_field_holds_its_input(world: World, name: str) -> None:
+    """Not only that the folder changes: every field equals the value computed from the request itself."""
+    variant = VARIANTS[name][0] if name in VARIANTS else EXTRA_REQUESTS[name]
+    llm, cfg, prompts = variant(world)
+    assert request_identity(prompts, llm, cfg).to_json() == by_hand(llm, cfg, prompts)
+
+
+def test_a_found_cache_of_another_identity_is_refused_not_reused(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the lookup returns (e.g. a manifest rewritten after it was read), the cache opened is checked
+    against the request: the error names the field that differs, and nothing is served or recomputed."""
+    monkeypatch.setattr(build, "find_cache", lambda root, wanted: world.base.folder)
+    calls = count_computes(monkeypatch)
+    briefed = dataclasses.replace(world.cfg, system_prompt="Be brief.")
+    with pytest.raises(CacheMismatchError, match=r"system_prompt_hash: '[0-9a-f]{64}' != '[0-9a-f]{64}'"):
+        cached_activations(PROMPTS, world.llm, briefed)
+    with pytest.raises(CacheMismatchError, match=r"produced differently[^\n]*\n  layers: \[0, 1\] != \[2\]$"):
+        cached_activations(PROMPTS, world.llm, dataclasses.replace(world.cfg, layers=(2,)))
+    assert calls == []
+    assert cached_activations(PROMPTS, world.llm, world.cfg).folder == world.base.folder  # the real match
+
+
+def test_cached_rows_are_the_extraction_of_the_templated_prompts(world: World, tmp_path: Path) -> None:
+    """The cache holds the last-token residuals of each prompt rendered with the configured template and
+    system prompt, as a direct extraction of each prompt alone gives them."""
+    cfg = dataclasses.replace(
+        world.cfg, root=str(tmp_path), chat_template=PLAIN, system_prompt="Be brief.", batch_size=3
+    )
+    cache = cached_activations(PROMPTS, world.llm, cfg)
+    model, tokenizer = load_model_and_tokenizer(world.llm)
+    texts = [f"[system] Be brief.\n[user] {text}\n[assistant] " for text in PROMPTS.texts]
+    assert format_prompts(tokenizer, PROMPTS.texts, chat_template=PLAIN, system_prompt="Be brief.") == texts
+    with torch.inference_mode():
+        direct = {layer: [] for layer in (0, 1)}
+        for text in texts:
+            (batch,) = iter_last_token_residuals(
+                model, tokenizer, [text], [0, 1], batch_size=1, max_length=64
+            )
+            for layer in (0, 1):
+                direct[layer].append(batch.acts[layer].float())
+    for layer in (0, 1):
+        torch.testing.assert_close(cache.load(layer), torch.cat(direct[layer]), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(cache.load(layer), world.base.load(layer), atol=1e-3)  # not the plain rows
+
+
+def test_shard_size_and_manifest_facts(world: World, tmp_path: Path) -> None:
+    assert world.base.manifest["extra"] == {"n_truncated": 0, "n_prompts": 3}
+    assert [s["rows"] for s in world.base.manifest["shards"]] == [3]  # default 4096 rows per shard
+    small = cached_activations(
+        PROMPTS, world.llm, dataclasses.replace(world.cfg, root=str(tmp_path), shard_rows=2)
+    )
+    assert [s["rows"] for s in small.manifest["shards"]] == [2, 1]
+    assert sorted(p.name for p in small.folder.glob("shard-*")) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    assert small.identity == world.base.identity  # the shard size does not change the numbers
+    for layer in (0, 1):
+        assert torch.equal(small.load(layer), world.base.load(layer))
+    cut = cached_activations(
+        PROMPTS, world.llm, dataclasses.replace(world.cfg, root=str(tmp_path), max_length=8)
+    )
+    assert cut.manifest["extra"] == {"n_truncated": 3, "n_prompts": 3}
+    assert [p["id"] for p in cut.prompts] == ["p0", "p1", "p2"]
+    assert [p["label"] for p in cut.prompts] == ["benign", "benign", "harmful"]

@@ -19,6 +19,7 @@ from sae_refusal.features.plots import (
     PROJECTIONS,
     ProjectionPlot,
     project_2d,
+    project_2d_labelled,
     scatter_figure,
     write_projection_plots,
 )
@@ -135,6 +136,52 @@ def test_scatter_figure() -> None:
     assert sizes == [8, 8, 8]
 
 
+def test_pca_axis_labels_give_the_explained_variance() -> None:
+    # three orthogonal pairs of points: variances 2 * 3**2, 2 * 2**2, 2 * 1**2 along the axes, so PC1 and PC2
+    # explain 9 / 14 and 4 / 14 of the total
+    a, b, c = 3.0, 2.0, 1.0
+    X = np.array([[a, 0, 0], [-a, 0, 0], [0, b, 0], [0, -b, 0], [0, 0, c], [0, 0, -c]])
+    points, labels = project_2d_labelled(X, "pca")
+    assert labels == ("PC1 (64.3% var)", "PC2 (28.6% var)")
+    assert np.array_equal(points, project_2d(X, "pca"))
+    assert project_2d_labelled(blobs()[0], "tsne")[1] == ("t-SNE 1", "t-SNE 2")
+
+
+def test_scatter_figure_has_axis_labels_ticks_and_a_legend() -> None:
+    X, y = blobs(n_per_class=8)
+    fig = scatter_figure(X[:, :2], y, NAMES, "title", axis_labels=("PC1 (50.0% var)", "PC2 (20.0% var)"))
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("PC1 (50.0% var)", "PC2 (20.0% var)")
+    assert len(ax.get_xticks()) >= 2 and len(ax.get_yticks()) >= 2
+    assert any(t.get_text() for t in ax.get_xticklabels())
+    legend = ax.get_legend()
+    assert legend is not None and legend.get_title().get_text() == "class (rows)"
+    assert [t.get_text() for t in legend.get_texts()] == ["benign (8)", "safety (8)", "humanizing (8)"]
+
+
+def test_written_plots_are_titled_and_labelled_per_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures: list[Figure] = []
+    real = plots.scatter_figure
+
+    def keep(*args: object, **kwargs: object) -> Figure:
+        fig = real(*args, **kwargs)  # type: ignore[arg-type]
+        figures.append(fig)
+        return fig
+
+    monkeypatch.setattr(plots, "scatter_figure", keep)
+    X, y = blobs()
+    context = "smollm2 layer 15, test split, epoch 29\nresidual stream"
+    write_projection_plots(X, y, NAMES, tmp_path, prefix="r", methods=("pca", "tsne"), title=context)
+    write_projection_plots(X, y, NAMES, tmp_path, prefix="s", methods=("pca",), max_rows=20)
+    titles = [fig.axes[0].get_title() for fig in figures]
+    assert titles == [f"{context} - PCA", f"{context} - t-SNE", "s (20 of 45 rows) - PCA"]
+    xlabels = [fig.axes[0].get_xlabel() for fig in figures]
+    assert xlabels[0].startswith("PC1 (") and xlabels[0].endswith("% var)") and xlabels[1] == "t-SNE 1"
+
+
 def test_scatter_figure_classes_absent_and_bad_labels() -> None:
     points = np.random.default_rng(0).normal(size=(6, 2))
     # class 1 absent: still one colour per present class, consistent with the class index
@@ -211,13 +258,13 @@ def test_write_projection_plots_length_mismatch(tmp_path: Path) -> None:
 
 def test_max_rows_subsamples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[np.ndarray] = []
-    real = plots.project_2d
+    real = plots.project_2d_labelled
 
-    def spy(X_ND: np.ndarray, method: str, *, seed: int = 0) -> np.ndarray:
+    def spy(X_ND: np.ndarray, method: str, *, seed: int = 0) -> tuple[np.ndarray, tuple[str, str]]:
         seen.append(X_ND)
         return real(X_ND, method, seed=seed)
 
-    monkeypatch.setattr(plots, "project_2d", spy)
+    monkeypatch.setattr(plots, "project_2d_labelled", spy)
     X, y = blobs()
     first = write_projection_plots(X, y, NAMES, tmp_path, prefix="a", methods=("pca",), max_rows=20, seed=3)
     second = write_projection_plots(X, y, NAMES, tmp_path, prefix="b", methods=("pca",), max_rows=20, seed=3)

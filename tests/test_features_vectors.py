@@ -145,3 +145,107 @@ def test_artifact_round_trip_and_nothing_written_on_bad_metadata(tmp_path: Path)
     caa_only = SteeringVectors(class_names=["benign", "a", "b"], caa_CD=vec.caa_CD)
     with pytest.raises(ValueError, match="no 'sas'"):
         SteeringVectors.load(caa_only.save(tmp_path / "caa")).vector("a", "sas")
+
+
+def test_class_means_by_hand_one_row_classes_and_empty_ones() -> None:
+    # class 0: two rows, class 1: one row, class 2: none, class 3: one row; -1 rows are ignored
+    X = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, -1.0], [7.0, 8.0], [100.0, 100.0]])
+    y = torch.tensor([0, 0, 1, 3, -1])
+    means, counts = class_means(X, y, n_classes=4)
+    assert counts.tolist() == [2, 1, 0, 1]
+    assert means.dtype == torch.float32
+    assert means.tolist() == [[2.0, 4.0], [5.0, -1.0], [0.0, 0.0], [7.0, 8.0]]  # a one-row class: that row
+    vectors, _ = caa_vectors(X, y, n_classes=4)
+    assert vectors.tolist() == [[3.0, -5.0], [0.0, 0.0], [5.0, 4.0]]  # row c - 1 = category c
+
+
+def test_absent_category_gets_a_zero_vector_in_both_spaces() -> None:
+    # benign fires features 0 and 1, category 1 fires feature 2, category 2 has no rows, category 3 fires 1
+    Z = torch.tensor(
+        [
+            [1.0, 2.0, 0.0],
+            [1.0, 2.0, 0.0],
+            [0.0, 0.0, 4.0],
+            [0.0, 3.0, 0.0],
+        ]
+    )
+    y = torch.tensor([0, 0, 1, 3])
+    sas = sas_vectors(Z, y, n_classes=4, tau=0.5)
+    # without its count check, category 2 would get -benign = [-1, -2, 0]
+    assert sas.vectors_CF.tolist() == [[-1.0, -2.0, 4.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]
+    assert sas.features(1) == [0, 1, 2] and sas.features(2) == [] and sas.features(3) == [0]
+    caa, counts = caa_vectors(Z, y, n_classes=4)
+    assert counts.tolist() == [2, 1, 0, 1]
+    assert caa[1].tolist() == [0.0, 0.0, 0.0]
+    assert caa[0].tolist() == [-1.0, -2.0, 4.0] and caa[2].tolist() == [-1.0, 1.0, 0.0]
+
+
+def test_sas_result_holds_every_intermediate() -> None:
+    Z = torch.tensor(
+        [
+            [2.0, 1.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [0.0, 2.0, 3.0, 0.0],
+            [0.0, 0.0, 0.0, 0.25],
+        ]
+    )
+    y = torch.tensor([0, 0, 1, 2])
+    sas = sas_vectors(Z, y, n_classes=3, tau=0.5, top_k=2)
+    assert sas.means_KF.tolist() == [[1.0, 1.0, 0.0, 0.0], [0.0, 2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.25]]
+    assert sas.active_KF.tolist() == [
+        [True, True, False, False],
+        [False, True, True, False],
+        [False, False, False, False],  # 0.25 is below tau
+    ]
+    assert sas.shared_CF.tolist() == [[False, True, False, False], [False, False, False, False]]
+    assert sas.counts_K.tolist() == [2, 1, 1]
+    assert sas.tau == 0.5 and isinstance(sas.tau, float) and sas.top_k == 2
+    # category 1: benign-only feature 0 (-1), shared feature 1 removed, own feature 2 (+3)
+    # category 2: nothing active of its own; benign features 0 and 1 stay as -1 each (top 2 of 4)
+    assert sas.vectors_CF.tolist() == [[-1.0, 0.0, 3.0, 0.0], [-1.0, -1.0, 0.0, 0.0]]
+    assert sas.features(1) == [0, 2] and sas.features(2) == [0, 1]
+    assert sas_vectors(Z, y, n_classes=3).top_k is None
+    assert type(sas_vectors(Z, y, n_classes=3, tau=1).tau) is float  # as documented, whatever was passed
+
+
+def test_artifact_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    vec = SteeringVectors(
+        class_names=["benign", "a", "b", "c"],
+        caa_CD=torch.randn(3, 5, generator=gen),
+        sas_CF=torch.randn(3, 9, generator=gen),
+        sas_decoded_CD=torch.randn(3, 5, generator=gen),
+        metadata={"layer": 4, "model": "tiny", "top_k": None, "sizes": [3, 1, 2, 2]},
+    )
+    loaded = SteeringVectors.load(vec.save(tmp_path / "vec"))
+    assert loaded.class_names == ["benign", "a", "b", "c"] and loaded.metadata == vec.metadata
+    for name in ("caa_CD", "sas_CF", "sas_decoded_CD"):
+        original, back = getattr(vec, name), getattr(loaded, name)
+        assert back is not None and back.dtype == torch.float32, name
+        assert torch.equal(back, original), name
+    for code, name in enumerate(["a", "b", "c"], start=1):
+        for space, tensor in (("caa", vec.caa_CD), ("sas", vec.sas_CF), ("sas_decoded", vec.sas_decoded_CD)):
+            assert tensor is not None
+            assert torch.equal(loaded.vector(name, space), tensor[code - 1]), (name, space)
+            assert torch.equal(loaded.vector(code, space), tensor[code - 1]), (code, space)
+    with pytest.raises(ValueError, match="not one of"):
+        loaded.vector(4)
+    with pytest.raises(ValueError, match="not one of"):
+        loaded.vector(0)
+    with pytest.raises(ValueError, match="no 'residual'"):
+        loaded.vector("a", "residual")
+    caa_only = SteeringVectors.load(SteeringVectors(["benign", "a"], vec.caa_CD[:1]).save(tmp_path / "caa"))
+    assert caa_only.sas_CF is None and caa_only.sas_decoded_CD is None and caa_only.metadata == {}
+    assert torch.equal(caa_only.caa_CD, vec.caa_CD[:1])
+    with pytest.raises(ValueError, match="no 'sas_decoded'"):
+        caa_only.vector("a", "sas_decoded")
+
+
+def test_artifact_checks_every_tensor_has_one_row_per_category() -> None:
+    good = torch.zeros(2, 4)
+    for name in ("caa_CD", "sas_CF", "sas_decoded_CD"):
+        kwargs = {"caa_CD": good, name: torch.zeros(3, 4)}
+        with pytest.raises(ValueError, match=rf"{name} must have one row per category \(2\)"):
+            SteeringVectors(class_names=["benign", "a", "b"], **kwargs)
+        with pytest.raises(ValueError, match=name):
+            SteeringVectors(class_names=["benign", "a", "b"], **{"caa_CD": good, name: torch.zeros(2)})

@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sae_refusal.activations.datamodule import ActivationBatch, ActivationDataset
+from sae_refusal.activations.datamodule import CATEGORY_INDEX, LABEL_INDEX, ActivationBatch, ActivationDataset
+from sae_refusal.categories import CATEGORY_SHORT_NAMES, COCONOT_CATEGORIES
 from sae_refusal.sae import L1, Contrastive, SAEModule, TopK, TopKSAE, load_sae, mean_norm_scale
 from sae_refusal.sae.contrastive import batch_classes, mean_separation, supcon_loss
+from sae_refusal.sae.module import EVAL_CLASS_NAMES, class_names_of_batch
 
 
 def make_split(n: int, d: int, seed: int) -> ActivationBatch:
@@ -59,6 +61,49 @@ def fit(module: SAEModule, tmp_path: Path, epochs: int = 2, **trainer_kwargs: An
     return trainer
 
 
+def split_fvu(sae: Any, split: ActivationBatch, train_mean_D: torch.Tensor) -> dict[str, float]:
+    """By hand, in raw units (FVU is scale-free): the split's FVU about its own mean, and per class
+    (benign, ambiguous, each harmful category by name) the squared errors over the squared distances to the
+    training mean."""
+    with torch.no_grad():
+        x_ND = split.acts_ND.double()
+        err_N = (sae(split.acts_ND).recon_BD.double() - x_ND).pow(2).sum(1)
+    out = {"fvu": float(err_N.sum() / (x_ND - x_ND.mean(0)).pow(2).sum())}
+    dist_N = (x_ND - train_mean_D.double()).pow(2).sum(1)
+    harmful = [CATEGORY_SHORT_NAMES[c] for c in COCONOT_CATEGORIES]
+    for i in range(len(split.label_N)):
+        label, category = int(split.label_N[i]), int(split.category_N[i])
+        name = {0: "benign", 2: "ambiguous"}.get(label) or harmful[category - 1]
+        err, dist = out.get(f"{name}/err", 0.0), out.get(f"{name}/dist", 0.0)
+        out[f"{name}/err"], out[f"{name}/dist"] = err + float(err_N[i]), dist + float(dist_N[i])
+    for name in ["benign", "ambiguous", *harmful]:
+        if f"{name}/err" in out:
+            out[name] = out[f"{name}/err"] / out[f"{name}/dist"]
+    return out
+
+
+def test_class_index_of_every_kind_of_row_by_hand() -> None:
+    harmful, benign, ambiguous = LABEL_INDEX["harmful"], LABEL_INDEX["benign"], LABEL_INDEX["ambiguous"]
+    assert (benign, harmful, ambiguous) == (0, 1, 2)
+    label = torch.tensor([0, 2, 2, 1, 1, 1, 1, 1])
+    category = torch.tensor(
+        [0, 0, 3, 1, 2, 3, 4, 5]
+    )  # an ambiguous row may carry a category: still ambiguous
+    assert class_names_of_batch(label, category).tolist() == [0, 1, 1, 2, 3, 4, 5, 6]
+    assert EVAL_CLASS_NAMES == [
+        "benign",
+        "ambiguous",
+        "humanizing",
+        "incomplete",
+        "indeterminate",
+        "safety",
+        "unsupported",
+    ]
+    for canonical, short in CATEGORY_SHORT_NAMES.items():  # the data module's codes -> the metric's name
+        index = class_names_of_batch(torch.tensor([harmful]), torch.tensor([CATEGORY_INDEX[canonical]]))
+        assert EVAL_CLASS_NAMES[int(index)] == short
+
+
 def test_seeds_side_by_side_equal_seeds_alone(tmp_path: Path) -> None:
     arch = TopK(k=3, aux_k=4, dead_after_steps=2)
     together = SAEModule(d_model=8, architecture=arch, expansion_factor=4, seeds=[0, 1], lr=1e-2)
@@ -92,7 +137,14 @@ def test_fit_sets_scale_and_bias_exports_each_seed_and_logs_per_class(tmp_path: 
     for cls in ("benign", "ambiguous", "humanizing", "safety"):
         assert f"val/seed0/fvu_class/{cls}" in metrics
     scores = trainer.test(module, datamodule=InMemoryData(), verbose=False)[0]
-    assert 0.0 <= scores["test/seed0/fvu"] < 1.5 and scores["test/seed2/l0"] <= 3
+    assert scores["test/seed2/l0"] <= 3
+    for name in ("seed0", "seed2"):
+        expected = split_fvu(module.saes[name], InMemoryData().splits["test"], data.mean(0))
+        assert scores[f"test/{name}/fvu"] == pytest.approx(expected["fvu"], rel=1e-4)
+        for cls in EVAL_CLASS_NAMES:
+            assert scores[f"test/{name}/fvu_class/{cls}"] == pytest.approx(expected[cls], rel=1e-4), cls
+    # test metrics are logged under test/ only (the split FVU is not mistaken for validation)
+    assert all(key.startswith("test/") for key in scores) and "test/seed0/mse" in scores
 
 
 def test_non_finite_loss_names_step_and_seed_and_exports_nothing(tmp_path: Path) -> None:
@@ -209,3 +261,134 @@ def test_training_fvu_of_a_one_row_batch_is_relative_to_the_training_mean(tmp_pa
         var = (x_1D * sae.input_scale - module.data_mean_D).pow(2).sum()
     assert fvu == pytest.approx(float(err / var), rel=1e-4)
     assert 0.0 < fvu < 10.0
+
+
+class _Collectives:
+    """The all-reduce (sum) of a two-rank job, played out in one process: rank 1 runs first and records what
+    it contributes to each collective; rank 0 then gets its own value plus rank 1's, matched by call order
+    (as real collectives are)."""
+
+    def __init__(self, recorded: list[torch.Tensor] | None = None):
+        self.recording = recorded is None
+        self.recorded: list[torch.Tensor] = [] if recorded is None else recorded
+
+    def reduce(self, value: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+        assert reduce_op == "sum"
+        if self.recording:
+            self.recorded.append(value.clone())
+            return value
+        return value + self.recorded.pop(0)
+
+
+class _RankTrainer:
+    """What the evaluation hooks read of a trainer: world size, strategy (its collectives), step."""
+
+    global_step = 0
+
+    def __init__(self, strategy: _Collectives | None):
+        self.world_size = 1 if strategy is None else 2
+        self.strategy = strategy
+
+
+def _validate_as_rank(
+    module: SAEModule, split: ActivationBatch, rows: range, strategy: _Collectives | None = None
+) -> dict[str, float]:
+    """Validate ``rows`` of ``split`` on ``module`` (alone, or as one of two ranks); returns what it logs."""
+    logged: dict[str, float] = {}
+    module.trainer = _RankTrainer(strategy)  # type: ignore[assignment]
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    index = torch.tensor(list(rows))
+    for start in range(0, len(index), 5):
+        part = index[start : start + 5]
+        batch = {
+            "acts": split.acts_ND[part],
+            "label": split.label_N[part],
+            "category": split.category_N[part],
+        }
+        module.validation_step(batch, start // 5)
+    module.on_validation_epoch_end()
+    return logged
+
+
+def test_split_and_class_fvu_of_two_ranks_sum_both_halves(tmp_path: Path) -> None:
+    """Each rank validates half of the rows (as a DistributedSampler splits them: every other row); the FVUs
+    rank 0 logs must be those of the whole split, so both ranks' sums are added before dividing."""
+    trained = SAEModule(d_model=8, architecture=TopK(k=2), expansion_factor=2, seeds=[0, 1], lr=1e-2)
+    fit(trained, tmp_path, epochs=1)
+    data = InMemoryData()
+    split, train_mean_D = data.splits["val"], data.splits["train"].acts_ND.mean(0)
+    ranks = []
+    for _ in range(2):
+        rank = SAEModule(d_model=8, architecture=TopK(k=2), expansion_factor=2, seeds=[0, 1], lr=1e-2)
+        rank.load_state_dict(trained.state_dict())
+        ranks.append(rank)
+    rank_one = _Collectives()
+    _validate_as_rank(ranks[1], split, range(1, 24, 2), rank_one)
+    assert rank_one.recorded, "the per-rank sums never took part in a collective"
+    logged = _validate_as_rank(ranks[0], split, range(0, 24, 2), _Collectives(rank_one.recorded))
+    assert rank_one.recorded == []  # every collective of rank 0 was matched by one of rank 1
+    for name in ("seed0", "seed1"):
+        expected = split_fvu(trained.saes[name], split, train_mean_D)
+        assert logged[f"val/{name}/fvu"] == pytest.approx(expected["fvu"], rel=1e-4)
+        for cls in EVAL_CLASS_NAMES:
+            assert logged[f"val/{name}/fvu_class/{cls}"] == pytest.approx(expected[cls], rel=1e-4), cls
+
+
+def identical_rows(row_D: torch.Tensor, n: int = 4) -> ActivationBatch:
+    """``n`` benign copies of one row: a split without variance."""
+    zeros = torch.zeros(n, dtype=torch.long)
+    return ActivationBatch(row_D[None].repeat(n, 1), zeros, zeros.clone(), [f"p{i}" for i in range(n)])
+
+
+def test_a_split_without_variance_logs_no_split_fvu(tmp_path: Path) -> None:
+    """Identical rows have no variance about their mean: no split FVU (not inf, not a crash); the per-class
+    FVU, relative to the training mean, is still defined. Small integers, unscaled: the sums are exact."""
+    module = SAEModule(
+        d_model=8, architecture=TopK(k=2), expansion_factor=2, seeds=[0], lr=1e-2, normalize_inputs=False
+    )
+    fit(module, tmp_path, epochs=1)
+    data = InMemoryData()
+    data.splits["val"] = identical_rows(torch.tensor([1.0, -2.0, 3.0, 0.0, 1.0, 2.0, -1.0, 4.0]))
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (result,) = trainer.validate(module, datamodule=data, verbose=False)
+    assert "val/seed0/fvu" not in result
+    expected = split_fvu(module.saes["seed0"], data.splits["val"], data.splits["train"].acts_ND.mean(0))
+    assert result["val/seed0/fvu_class/benign"] == pytest.approx(expected["benign"], rel=1e-4)
+    assert not any("fvu_class/ambiguous" in key for key in result)  # no ambiguous rows: nothing to log
+
+
+def test_round_off_never_turns_a_split_without_variance_into_a_huge_fvu(tmp_path: Path) -> None:
+    module = SAEModule(d_model=8, architecture=TopK(k=2), expansion_factor=2, seeds=[0], lr=1e-2)
+    fit(module, tmp_path, epochs=1)
+    gen = torch.Generator().manual_seed(0)
+    logged = {}
+    for i in range(16):  # each split: a coin flip whether the round-off is positive
+        split = identical_rows(5.0 * torch.randn(8, generator=gen))
+        logged[i] = _validate_as_rank(module, split, range(len(split.ids))).get("val/seed0/fvu")
+    assert logged == dict.fromkeys(range(16))
+
+
+@pytest.mark.slow
+def test_split_and_class_fvu_under_ddp_sum_both_ranks(tmp_path: Path) -> None:
+    """Two ``ddp_spawn`` ranks each validate half of the rows (12 of 24, every class on both): the logged
+    FVUs must be those of the whole split, so every rank's sums are added before dividing."""
+    module = SAEModule(d_model=8, architecture=TopK(k=2), expansion_factor=2, seeds=[0], lr=1e-2)
+    fit(module, tmp_path / "fit", epochs=1)
+    data = InMemoryData()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        default_root_dir=tmp_path / "ddp",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    (result,) = trainer.validate(module, datamodule=data, verbose=False)
+    expected = split_fvu(module.saes["seed0"], data.splits["val"], data.splits["train"].acts_ND.mean(0))
+    assert result["val/seed0/fvu"] == pytest.approx(expected["fvu"], rel=1e-4)
+    for cls in EVAL_CLASS_NAMES:
+        assert result[f"val/seed0/fvu_class/{cls}"] == pytest.approx(expected[cls], rel=1e-4), cls

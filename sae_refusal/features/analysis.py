@@ -145,6 +145,19 @@ class FeatureAnalysisConfig:
             raise ValueError(f"{prefix}: head_c must be > 0 and head_l1 >= 0")
 
 
+def plot_title_context(metadata: Mapping[str, Any], eval_split: str) -> str:
+    """The first line of every plot title: model, layer, split and epoch where the metadata knows them
+    (e.g. ``smollm2 layer 15, test split, epoch 29``)."""
+    model, layer, epoch = metadata.get("model"), metadata.get("layer"), metadata.get("epoch")
+    model_name = Path(str(model)).name if model else ""  # a hub id or a folder: its last part
+    where = " ".join(part for part in (model_name, f"layer {layer}" if layer is not None else "") if part)
+    parts = [where] if where else []
+    parts.append(f"{eval_split} split")
+    if epoch is not None:
+        parts.append(f"epoch {epoch}")
+    return ", ".join(parts)
+
+
 def class_codes(batch: ActivationBatch) -> torch.Tensor:
     """Per row: 0 benign, ``c`` for a harmful prompt of category ``c``, -1 for ambiguous (left out)."""
     harmful = batch.label_N == LABEL_INDEX["harmful"]
@@ -273,13 +286,14 @@ def analyze_features(
     """
     config = config or FeatureAnalysisConfig()
     metadata = dict(metadata or {})
+    plot_context = plot_title_context(metadata, config.eval_split)
     X_fit, y_fit = _rows(splits, config.fit_split, "fit_split")
     X_eval, y_eval = _rows(splits, config.eval_split, "eval_split")
     n_classes = len(CLASS_NAMES)
     out = Path(out_dir) if out_dir is not None else None
     plots: dict[str, ProjectionPlot] = {}
 
-    def draw(X: torch.Tensor, prefix: str) -> None:
+    def draw(X: torch.Tensor, prefix: str, subject: str) -> None:
         if out is None or not config.projections:
             return
         for plot in write_projection_plots(
@@ -291,6 +305,7 @@ def analyze_features(
             methods=config.projections,
             seed=config.seed,
             max_rows=config.plot_max_rows,
+            title=f"{plot_context}\n{subject}",
         ):
             plots[f"{prefix}_{plot.method}"] = plot
 
@@ -330,7 +345,7 @@ def analyze_features(
             "clusters": clusters(X_eval),
         },
     }
-    draw(X_eval, "residual")
+    draw(X_eval, "residual", f"residual stream ({X_eval.shape[1]} dims)")
 
     vectors: dict[str, SteeringVectors] = {}
     seed_reports: dict[str, Any] = {}
@@ -372,9 +387,13 @@ def analyze_features(
         }
         if topk_skipped is not None:
             seed_reports[name]["clusters_topk_skipped"] = topk_skipped
-        draw(Z_eval, f"{name}_sparse_full")
+        draw(Z_eval, f"{name}_sparse_full", f"{name} SAE codes, all {Z_eval.shape[1]} latents")
         if len(topk_features) >= 2 and clusters_topk is not None:
-            draw(Z_eval_topk, f"{name}_sparse_topk")
+            draw(
+                Z_eval_topk,
+                f"{name}_sparse_topk",
+                f"{name} SAE codes, {len(topk_features)} selected latents ({config.consensus_source})",
+            )
         vectors[name] = SteeringVectors(
             class_names=CLASS_NAMES,
             caa_CD=caa_CD,

@@ -15,6 +15,8 @@ hold these weights only for the analysis of the last epoch.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ import lightning as L
 from sae_refusal.features.analysis import FeatureAnalysis, FeatureAnalysisConfig, analyze_features
 
 __all__ = ["FeatureAnalysisCallback", "confusion_markdown"]
+
+log = logging.getLogger(__name__)
 
 
 def confusion_markdown(confusion: list[list[int]], class_names: list[str]) -> str:
@@ -57,6 +61,8 @@ class FeatureAnalysisCallback(L.Callback):
         self.output_subdir = output_subdir
         self.last: FeatureAnalysis | None = None
         self.last_dir: Path | None = None
+        #: Seconds per analysis run (logging included), for reports.
+        self.seconds: list[float] = []
 
     def _due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -74,6 +80,7 @@ class FeatureAnalysisCallback(L.Callback):
         named_saes = getattr(pl_module, "named_saes", None)
         if not splits or named_saes is None:
             raise TypeError("FeatureAnalysisCallback needs an ActivationDataModule and an SAEModule")
+        start = time.perf_counter()
         root = Path(log_dir or trainer.default_root_dir)
         out_dir = root / self.output_subdir / f"epoch{trainer.current_epoch}"
         saes = dict(named_saes())
@@ -99,3 +106,10 @@ class FeatureAnalysisCallback(L.Callback):
             for name, seed_report in result.report.get("seeds", {}).items():
                 table = confusion_markdown(seed_report["head"]["confusion"], result.report["class_names"])
                 experiment.add_text(f"features/{name}/head_confusion", table, trainer.global_step)
+        self.seconds.append(time.perf_counter() - start)
+        log.info(
+            "feature analysis of epoch %d: %.1f s, written to %s",
+            trainer.current_epoch,
+            self.seconds[-1],
+            out_dir,
+        )

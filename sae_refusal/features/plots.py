@@ -3,7 +3,10 @@
 Figures are drawn with a plain :class:`matplotlib.figure.Figure` on an Agg canvas (no pyplot state, no
 backend switch), so this works headless and from worker threads. :func:`write_projection_plots` writes one
 PNG per projection (atomically: temporary sibling, then ``os.replace``) and returns the same figure as an
-``(H, W, 3)`` uint8 RGB array for ``SummaryWriter.add_image(..., dataformats="HWC")``.
+``(H, W, 3)`` uint8 RGB array for ``SummaryWriter.add_image(..., dataformats="HWC")``. Every plot has
+axis labels and ticks (PCA: ``PC1 (xx.x% var)``; t-SNE and UMAP: ``t-SNE 1`` / ``UMAP 1``, whose scales carry
+no meaning beyond neighbourhoods), a legend of class names with their counts, and a title naming what was
+projected (the caller's ``title``, e.g. layer, split and epoch) and the method.
 
 UMAP needs the optional ``umap-learn`` package, imported only when asked for.
 """
@@ -28,10 +31,20 @@ from sae_refusal.features.arrays import as_labels, as_matrix
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PROJECTIONS", "ProjectionPlot", "project_2d", "scatter_figure", "write_projection_plots"]
+__all__ = [
+    "PROJECTIONS",
+    "ProjectionPlot",
+    "project_2d",
+    "project_2d_labelled",
+    "scatter_figure",
+    "write_projection_plots",
+]
 
 #: Supported projection methods.
 PROJECTIONS: tuple[str, ...] = ("pca", "tsne", "umap")
+
+#: How each method is named in titles and axis labels.
+METHOD_NAMES: dict[str, str] = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 
 _UMAP_MISSING = (
     "UMAP needs the umap-learn package: pip install umap-learn, or leave 'umap' out of the projections"
@@ -87,15 +100,31 @@ def project_2d(X_ND: Any, method: str, *, seed: int = 0) -> npt.NDArray[np.float
         ValueError: Unknown method, ``X_ND`` not 2-D or non-finite, or too few rows / features.
         ImportError: ``"umap"`` without ``umap-learn`` installed.
     """
+    return project_2d_labelled(X_ND, method, seed=seed)[0]
+
+
+def project_2d_labelled(
+    X_ND: Any, method: str, *, seed: int = 0
+) -> tuple[npt.NDArray[np.float64], tuple[str, str]]:
+    """:func:`project_2d` and the two axis labels: ``PC1 (xx.x% var)`` / ``PC2 (..)`` for PCA (the share of
+    the total variance each component explains), ``t-SNE 1`` / ``t-SNE 2`` and ``UMAP 1`` / ``UMAP 2``.
+
+    Same arguments and errors as :func:`project_2d`.
+    """
     if method not in PROJECTIONS:
         raise ValueError(f"unknown projection method {method!r}; choose from {list(PROJECTIONS)}")
     X = as_matrix(X_ND)
     n, d = X.shape
     _check_size(method, n, d)
+    name = METHOD_NAMES[method]
+    labels = (f"{name} 1", f"{name} 2")
     if method == "pca":
         from sklearn.decomposition import PCA
 
-        out = PCA(n_components=2, random_state=seed).fit_transform(X)
+        pca = PCA(n_components=2, random_state=seed)
+        out = pca.fit_transform(X)
+        share = np.nan_to_num(np.asarray(pca.explained_variance_ratio_, dtype=np.float64))
+        labels = (f"PC1 ({100 * share[0]:.1f}% var)", f"PC2 ({100 * share[1]:.1f}% var)")
     elif method == "tsne":
         from sklearn.manifold import TSNE
         from threadpoolctl import threadpool_limits
@@ -122,7 +151,7 @@ def project_2d(X_ND: Any, method: str, *, seed: int = 0) -> npt.NDArray[np.float
                 init="random" if n < 10 else "spectral",
             )
             out = reducer.fit_transform(X)
-    return np.asarray(out, dtype=np.float64).reshape(n, 2)
+    return np.asarray(out, dtype=np.float64).reshape(n, 2), labels
 
 
 def _class_colours(n_classes: int) -> list[tuple[float, float, float, float]]:
@@ -138,16 +167,24 @@ def _class_colours(n_classes: int) -> list[tuple[float, float, float, float]]:
     return [cmap(i / (n_classes - 1)) for i in range(n_classes)]
 
 
-def scatter_figure(points_N2: Any, y_N: Any, class_names: Sequence[str], title: str) -> Figure:
-    """Scatter plot of 2-D points, one colour per class, with a legend of class names.
+def scatter_figure(
+    points_N2: Any,
+    y_N: Any,
+    class_names: Sequence[str],
+    title: str,
+    *,
+    axis_labels: tuple[str, str] = ("dimension 1", "dimension 2"),
+) -> Figure:
+    """Scatter plot of 2-D points, one colour per class, with axis labels, ticks and a legend of class names.
 
     The figure has an Agg canvas attached (``fig.canvas``), so it can be drawn or saved without pyplot.
 
     Args:
         points_N2: ``(N, 2)`` coordinates (numpy or torch).
         y_N: ``(N,)`` class indices in ``0..len(class_names) - 1`` (0 is benign by convention).
-        class_names: Name of each class index, shown in the legend.
+        class_names: Name of each class index, shown in the legend with its row count.
         title: Figure title.
+        axis_labels: Labels of the x and y axes.
 
     Returns:
         The figure.
@@ -185,12 +222,20 @@ def scatter_figure(points_N2: Any, y_N: Any, class_names: Sequence[str], title: 
             alpha=0.75,
             linewidths=0,
         )
-    ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set_title(title, fontsize="medium")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.tick_params(labelsize="small")
+    ax.grid(True, linewidth=0.4, alpha=0.4)
     if ax.collections:
         ax.legend(
-            loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", markerscale=2.0, frameon=False
+            title="class (rows)",
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            fontsize="small",
+            title_fontsize="small",
+            markerscale=2.0,
+            frameon=False,
         )
     return fig
 
@@ -203,9 +248,12 @@ def _render_rgb(fig: Figure) -> npt.NDArray[np.uint8]:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def _write_png_atomic(fig: Figure, path: Path) -> None:
+def _write_png_atomic(image_HWC: npt.NDArray[np.uint8], path: Path) -> None:
+    """Write an RGB image (the figure rendered once, by :func:`_render_rgb`) as a PNG, atomically."""
+    from matplotlib.image import imsave
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    imsave(buf, image_HWC, format="png")
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with tmp.open("xb") as fh:
@@ -227,6 +275,7 @@ def write_projection_plots(
     methods: Sequence[str] = PROJECTIONS,
     seed: int = 0,
     max_rows: int | None = 2000,
+    title: str | None = None,
 ) -> list[ProjectionPlot]:
     """Project labelled rows with each method and write one scatter plot PNG per method.
 
@@ -238,11 +287,13 @@ def write_projection_plots(
         y_N: ``(N,)`` class indices in ``0..len(class_names) - 1`` (0 is benign by convention).
         class_names: Name of each class index, shown in the legend.
         out_dir: Folder for the PNGs (created if missing).
-        prefix: File-name prefix and title prefix: writes ``<out_dir>/<prefix>_<method>.png`` titled
-            ``"<prefix> <method>"``.
+        prefix: File-name prefix: writes ``<out_dir>/<prefix>_<method>.png``.
         methods: Projection methods, a subset of :data:`PROJECTIONS` (duplicates are done once).
         seed: Seed of the subsample (``numpy.random.default_rng``) and of each projection.
         max_rows: When set and ``N > max_rows``, plot a random subset of ``max_rows`` rows.
+        title: What the rows are (e.g. ``"layer 15, test split, epoch 29: residual stream"``); each plot is
+            titled ``"<title> - <method>"`` (``prefix`` stands in when ``None``), with the subsample size when
+            rows were left out.
 
     Returns:
         One :class:`ProjectionPlot` per method, in the order given.
@@ -266,7 +317,9 @@ def write_projection_plots(
     if "umap" in todo and importlib.util.find_spec("umap") is None:
         raise ImportError(_UMAP_MISSING)
 
+    subject = title if title is not None else prefix
     if max_rows is not None and X.shape[0] > max_rows:
+        subject += f" ({max_rows} of {X.shape[0]} rows)"
         keep = np.sort(np.random.default_rng(seed).choice(X.shape[0], size=max_rows, replace=False))
         X, y = X[keep], y[keep]
     for method in todo:
@@ -276,9 +329,12 @@ def write_projection_plots(
     out.mkdir(parents=True, exist_ok=True)
     plots: list[ProjectionPlot] = []
     for method in todo:
-        points = project_2d(X, method, seed=seed)
-        fig = scatter_figure(points, y, class_names, f"{prefix} {method}")
+        points, axis_labels = project_2d_labelled(X, method, seed=seed)
+        fig = scatter_figure(
+            points, y, class_names, f"{subject} - {METHOD_NAMES[method]}", axis_labels=axis_labels
+        )
         path = out / f"{prefix}_{method}.png"
-        _write_png_atomic(fig, path)
-        plots.append(ProjectionPlot(method=method, path=path, image_HWC=_render_rgb(fig)))
+        image_HWC = _render_rgb(fig)  # drawn once: the same pixels go to the PNG and to TensorBoard
+        _write_png_atomic(image_HWC, path)
+        plots.append(ProjectionPlot(method=method, path=path, image_HWC=image_HWC))
     return plots

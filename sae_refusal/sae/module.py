@@ -105,6 +105,11 @@ class SAEModule(L.LightningModule):
         self._fired: dict[str, torch.Tensor] = {}
         self._class_sums: dict[str, dict[str, torch.Tensor]] = {}
 
+    @property
+    def _bar_seed(self) -> str:
+        """The seed whose training loss and val FVU the progress bar shows (the first one)."""
+        return f"seed{self.seeds[0]}"
+
     def named_saes(self) -> list[tuple[str, SparseAutoencoder]]:
         """``(seed{n}, SAE)`` pairs in seed order."""
         return [(name, cast(SparseAutoencoder, sae)) for name, sae in self.saes.items()]
@@ -153,12 +158,16 @@ class SAEModule(L.LightningModule):
             x_BD = batch["acts"].float() * sae.input_scale
             var = (x_BD - self.data_mean_D).pow(2).sum().clamp_min(1e-12)
             metrics["fvu"] = out.mse.detach() * n / var
+        # the progress bar shows the first seed's training loss (and its val FVU, logged at epoch end)
+        on_bar = {"loss"} if stage == "train" and name == self._bar_seed else set()
         self.log_dict(
-            {f"{stage}/{name}/{k}": v.detach() for k, v in metrics.items()},
+            {f"{stage}/{name}/{k}": v.detach() for k, v in metrics.items() if k not in on_bar},
             batch_size=n,
             sync_dist=stage != "train",
             prog_bar=False,
         )
+        for k in on_bar:
+            self.log(f"{stage}/{name}/{k}", metrics[k].detach(), batch_size=n, prog_bar=True)
         return loss, out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -213,17 +222,18 @@ class SAEModule(L.LightningModule):
                 self._class_sums[name] = {
                     "err": zeros,
                     "var": zeros.clone(),
-                    "x_sum": torch.zeros_like(self.data_mean_D),
+                    "x_sum": torch.zeros_like(self.data_mean_D, dtype=torch.float64),
                     # rows, sum of squared errors, sum of squared norms (float64: a split's sums)
                     "totals": torch.zeros(3, dtype=torch.float64, device=self.device),
                 }
             sums = self._class_sums[name]
             sums["err"].index_add_(0, classes_B, err_B)
             sums["var"].index_add_(0, classes_B, var_B)
-            sums["x_sum"] += x_BD.sum(0)
+            x64_BD = x_BD.double()  # the split's variance is a difference of sums: float64
+            sums["x_sum"] += x64_BD.sum(0)
             sums["totals"] += torch.stack(
-                [err_B.new_tensor(len(err_B)), err_B.sum(), x_BD.pow(2).sum()]
-            ).double()
+                [x64_BD.new_tensor(len(err_B)), err_B.double().sum(), x64_BD.pow(2).sum()]
+            )
 
     def _reduced(self, value: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size == 1:
@@ -238,8 +248,13 @@ class SAEModule(L.LightningModule):
             x_sum_D = self._reduced(sums["x_sum"]).double()
             n, err_total, x_sq = self._reduced(sums["totals"]).tolist()
             total_var = x_sq - float(x_sum_D.pow(2).sum()) / max(n, 1.0)
-            if n > 1 and total_var > 0:
-                self.log(f"{stage}/{name}/fvu", err_total / total_var, sync_dist=False)
+            if n > 1 and total_var > 1e-9 * x_sq:  # no variance, up to float64 round-off
+                self.log(
+                    f"{stage}/{name}/fvu",
+                    err_total / total_var,
+                    sync_dist=False,
+                    prog_bar=name == self._bar_seed,
+                )
             for i, cls in enumerate(EVAL_CLASS_NAMES):
                 if float(var[i]) > 0:
                     self.log(f"{stage}/{name}/fvu_class/{cls}", err[i] / var[i])
