@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 T = TypeVar("T")
 
-__all__ = ["EpochSampler", "map_style_loader"]
+__all__ = ["EpochSampler", "empty_validation_error", "map_style_loader"]
 
 
 class EpochSampler(DistributedSampler[Any]):
@@ -98,4 +98,20 @@ def map_style_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
+    )
+
+
+def empty_validation_error(val_fraction: float, job: str = "fit") -> ValueError:
+    """The error of a data module asked for validation batches when its manifest has no ``val`` split.
+
+    Both data modules raise it: the test split never stands in for validation.
+
+    Args:
+        val_fraction: The configured ``data.split.val_fraction``.
+        job: What runs without validation when ``trainer.limit_val_batches=0`` (e.g. ``fit``, ``fine-tune``).
+    """
+    return ValueError(
+        f"the validation split is empty (data.split.val_fraction={val_fraction}); set "
+        f"data.split.val_fraction > 0, or {job} without validation with trainer.limit_val_batches=0 "
+        "(the test split is never used for validation)"
     )

@@ -31,7 +31,7 @@ from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_
 from sae_refusal.data.splits import SplitConfig, split_prompt_set
 from sae_refusal.llm.layers import validate_layers
 from sae_refusal.llm.loading import LLMConfig, load_model_config
-from sae_refusal.loaders import map_style_loader
+from sae_refusal.loaders import empty_validation_error, map_style_loader
 
 #: Integer codes of :class:`Label` in batches.
 LABEL_INDEX: dict[str, int] = {str(Label.BENIGN): 0, str(Label.HARMFUL): 1, str(Label.AMBIGUOUS): 2}
@@ -230,11 +230,7 @@ class ActivationDataModule(L.LightningDataModule):
             ValueError: If the validation split is empty (``data.split.val_fraction`` is 0).
         """
         if self.splits and len(self.splits["val"].ids) == 0:
-            raise ValueError(
-                f"the validation split is empty (data.split.val_fraction={self.split.val_fraction}); set "
-                "data.split.val_fraction > 0, or fit without validation with trainer.limit_val_batches=0 "
-                "(the test split is never used for validation)"
-            )
+            raise empty_validation_error(self.split.val_fraction, "fit")
         return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:

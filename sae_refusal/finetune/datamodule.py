@@ -45,7 +45,7 @@ from sae_refusal.finetune.examples import (
 )
 from sae_refusal.llm.loading import LLMConfig, load_tokenizer
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
-from sae_refusal.loaders import map_style_loader
+from sae_refusal.loaders import empty_validation_error, map_style_loader
 
 log = logging.getLogger(__name__)
 
@@ -349,9 +349,5 @@ class SFTDataModule(L.LightningDataModule):
             ValueError: If there is no validation split (``data.split.val_fraction`` is 0).
         """
         if "val" not in self.splits and self.splits:
-            raise ValueError(
-                f"the validation split is empty (data.split.val_fraction={self.split.val_fraction}); set "
-                "data.split.val_fraction > 0, or fine-tune without validation with "
-                "trainer.limit_val_batches=0 (the test split is never used for validation)"
-            )
+            raise empty_validation_error(self.split.val_fraction, "fine-tune")
         return self._loader("val", train=False)
