@@ -267,25 +267,26 @@ def _analysis_overrides(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]
     return rest, overrides
 
 
-def check_exports_match_data(folders: dict[str, Path], datamodule: ActivationDataModule) -> None:
+def check_exports_match_data(metadata: dict[str, dict[str, Any]], datamodule: ActivationDataModule) -> None:
     """Refuse SAE exports trained at another layer or on another model than the data module serves.
 
     The model is compared by weights fingerprint (source, revision, weights hash, quantization, adapter) when
     the export records one, else by ``name_or_path``; an export without a recorded layer is refused too.
 
+    Args:
+        metadata: Each export's ``cfg.json`` ``metadata``, by export name.
+        datamodule: The data module the exports are analysed with.
+
     Raises:
         UserError: Naming each export, what it records and what the data section (``data.layer``,
             ``data.llm``) gives.
     """
-    import json
-
     from sae_refusal.llm.loading import model_fingerprint
 
     layer = datamodule.served_layer
     fingerprint = {k: v for k, v in model_fingerprint(datamodule.llm).items() if k != "model"}
     problems = []
-    for name, folder in folders.items():
-        meta = json.loads((folder / "cfg.json").read_text()).get("metadata", {})
+    for name, meta in metadata.items():
         if meta.get("layer") != layer:
             problems.append(f"{name} was trained at layer {meta.get('layer')}, data.layer serves {layer}")
         recorded = meta.get("model_fingerprint")
@@ -389,17 +390,19 @@ def features_command(args: Sequence[str]) -> None:
         raise SystemExit(
             f"--sae_dir: SAE width {widths} differs from the data's d_model {datamodule.d_model}"
         )
+    export_meta = {
+        name: json.loads((f / "cfg.json").read_text()).get("metadata", {}) for name, f in folders.items()
+    }
     if not known.allow_other_model:
-        check_exports_match_data(folders, datamodule)
+        check_exports_match_data(export_meta, datamodule)
     out = Path(known.out) if known.out else sae_dir.parent / "features" / "standalone"
-    export_meta = [json.loads((f / "cfg.json").read_text()).get("metadata", {}) for f in folders.values()]
     metadata = {
         "model": datamodule.llm.name_or_path,
         "layer": datamodule.served_layer,
         "sae_paths": {name: str(folder) for name, folder in folders.items()},
         # the training position of the exported weights (the same for seeds trained side by side)
         **{
-            key: values.pop() if len(values := {m.get(key) for m in export_meta}) == 1 else None
+            key: values.pop() if len(values := {m.get(key) for m in export_meta.values()}) == 1 else None
             for key in ("epoch", "global_step")
         },
     }
