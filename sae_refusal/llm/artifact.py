@@ -143,7 +143,10 @@ def read_refusal_artifact(folder: str | Path) -> RefusalArtifact:
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"adapter_path: refusal-token artifact folder {str(folder)!r} does not exist")
+        where = "" if folder.is_absolute() else f" (relative to the working directory {str(Path.cwd())!r})"
+        raise FileNotFoundError(
+            f"adapter_path: refusal-token artifact folder {str(folder)!r} does not exist{where}"
+        )
     path = folder / ARTIFACT_FILE
     if not path.is_file():
         raise FileNotFoundError(
