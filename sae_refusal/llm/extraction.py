@@ -4,9 +4,10 @@ Design notes:
 
 * **One forward, stopped early.** Forward hooks sit on the requested decoder blocks. Each hook slices the
   last *real* token's row out of the block output ``(B, T, D)`` at once and keeps only that ``(B, D)``
-  copy, so no full hidden-state tensor outlives its block. The hook on the deepest requested block raises a
-  private exception that is caught around the forward: later blocks, the final norm and the LM head (a
-  ``(B, T, vocab)`` matmul) never run. Hooks are removed in ``finally``, whatever happens.
+  copy, so no full hidden-state tensor outlives its block. The hook on the deepest requested block raises
+  :class:`~sae_refusal.llm.hooks.StopForward`: later blocks, the final norm and the LM head (a
+  ``(B, T, vocab)`` matmul) never run. The hooks are the project's one mechanism
+  (:func:`~sae_refusal.llm.hooks.residual_hooks`), removed whatever happens.
 * **Padding either side.** The last real token is the last position whose attention mask is 1, so left
   and right padding both work. ``position_ids`` are computed from the mask (``cumsum - 1``, clamped at 0),
   so a left-padded prompt sees the same positions as when it runs alone (see DESIGN.md, "Left padding").
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_refusal.llm.hooks import ResidualFn, StepContext, StopForward, residual_hooks
 from sae_refusal.llm.layers import decoder_layers, input_device, validate_layers
 from sae_refusal.llm.tokenize import (
     check_max_length,
@@ -44,10 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by the deepest hook to end the forward pass early; never escapes this module."""
 
 
 def _check_batch(input_ids_BT: Tensor, attention_mask_BT: Tensor) -> None:
@@ -75,18 +73,6 @@ def last_token_indices(attention_mask_BT: Tensor) -> Tensor:
 def position_ids_from_mask(attention_mask_BT: Tensor) -> Tensor:
     """Positions counted over real tokens only (``cumsum - 1``, clamped at 0 on padding)."""
     return (attention_mask_BT.to(torch.long).cumsum(dim=1) - 1).clamp(min=0)
-
-
-def _block_output(output: Any) -> Tensor:
-    """The hidden states from a decoder block's output (a tensor, or a tuple/ModelOutput led by it)."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
-    hidden = getattr(output, "hidden_states", None)
-    if isinstance(hidden, Tensor):
-        return hidden
-    raise TypeError(f"unexpected decoder block output type {type(output).__name__}")
 
 
 def last_token_residuals(
@@ -121,30 +107,22 @@ def last_token_residuals(
     rows_B = torch.arange(input_ids_BT.shape[0], device=device)
     captured: dict[int, Tensor] = {}
 
-    def make_hook(layer: int) -> Any:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            hidden_BTD = _block_output(output)
+    def make_hook(layer: int) -> ResidualFn:
+        def read(hidden_BTD: Tensor, _ctx: StepContext) -> None:
             # Advanced indexing copies: only the (B, D) rows survive the block.
             captured[layer] = hidden_BTD[rows_B.to(hidden_BTD.device), last_B.to(hidden_BTD.device)]
             if layer == deepest:
-                raise _StopForward
+                raise StopForward
 
-        return hook
+        return read
 
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in wanted]
-    try:
-        with torch.inference_mode():
-            model(
-                input_ids=input_ids_BT,
-                attention_mask=attention_mask_BT,
-                position_ids=position_ids_from_mask(attention_mask_BT),
-                use_cache=False,
-            )
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with residual_hooks(model, {layer: make_hook(layer) for layer in wanted}), torch.inference_mode():
+        model(
+            input_ids=input_ids_BT,
+            attention_mask=attention_mask_BT,
+            position_ids=position_ids_from_mask(attention_mask_BT),
+            use_cache=False,
+        )
     missing = [layer for layer in wanted if layer not in captured]
     if missing:
         raise RuntimeError(f"decoder layers {missing} never ran; the model skipped them")
@@ -174,22 +152,17 @@ def full_forward_last_token(
     final_output: list[Tensor] = []
     final = len(blocks) - 1
 
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        final_output.append(_block_output(output))
+    def read_final(hidden_BTD: Tensor, _ctx: StepContext) -> None:
+        final_output.append(hidden_BTD)
 
-    handle = blocks[final].register_forward_hook(hook) if final in wanted else None
-    try:
-        with torch.inference_mode():
-            outputs = model(
-                input_ids=input_ids_BT,
-                attention_mask=attention_mask_BT,
-                position_ids=position_ids_from_mask(attention_mask_BT),
-                use_cache=False,
-                output_hidden_states=True,
-            )
-    finally:
-        if handle is not None:
-            handle.remove()
+    with residual_hooks(model, {final: read_final} if final in wanted else {}), torch.inference_mode():
+        outputs = model(
+            input_ids=input_ids_BT,
+            attention_mask=attention_mask_BT,
+            position_ids=position_ids_from_mask(attention_mask_BT),
+            use_cache=False,
+            output_hidden_states=True,
+        )
     result: dict[int, Tensor] = {}
     for layer in wanted:
         hidden_BTD = final_output[0] if layer == final else outputs.hidden_states[layer + 1]

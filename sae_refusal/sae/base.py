@@ -100,6 +100,10 @@ class SparseAutoencoder(nn.Module):
         """Dense sparse codes ``(B, F)`` of raw-space inputs (each architecture defines it)."""
         raise NotImplementedError
 
+    def decode(self, latents_BF: torch.Tensor) -> torch.Tensor:
+        """Raw-space reconstruction ``(B, D)`` of dense codes (each architecture defines it)."""
+        raise NotImplementedError
+
     def decode_direction(self, v_KF: torch.Tensor) -> torch.Tensor:
         """Latent-space directions ``(..., F)`` mapped to raw residual space: ``v @ W_dec / input_scale``.
 

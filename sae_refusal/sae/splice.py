@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.llm.batched import iter_padded_batches, resolve_pad_id
 from sae_refusal.llm.extraction import position_ids_from_mask
+from sae_refusal.llm.hooks import residual_hooks
 from sae_refusal.llm.layers import decoder_layers, input_device, validate_layers
 from sae_refusal.llm.tokenize import encode_prompts
 from sae_refusal.sae.base import SparseAutoencoder
@@ -97,20 +98,12 @@ class SpliceMetrics:
 
 @contextmanager
 def replace_block_output(model: nn.Module, layer: int, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Within the block, decoder block ``layer``'s hidden-state output is ``replace(hidden_BTD)``."""
+    """Within the block, decoder block ``layer``'s hidden-state output is ``replace(hidden_BTD)``.
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        if isinstance(output, Tensor):
-            return replace(output)
-        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            return (replace(output[0]), *output[1:])
-        raise TypeError(f"unexpected decoder block output type {type(output).__name__}")
-
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
+    A thin use of the project's one hook mechanism (:func:`sae_refusal.llm.hooks.residual_hooks`).
+    """
+    with residual_hooks(model, {layer: lambda hidden_BTD, _ctx: replace(hidden_BTD)}):
         yield
-    finally:
-        handle.remove()
 
 
 def _forward_parameters(model: nn.Module) -> set[str]:
