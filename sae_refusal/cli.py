@@ -9,6 +9,8 @@ subcommands where Lightning has none are dispatched here first:
   that ``fit`` takes (only its ``data`` section matters), then print what was cached.
 * ``features``: the feature analysis (:mod:`sae_refusal.features`) of saved SAE exports on the activation
   cache a fit config describes, with that config's ``FeatureAnalysisCallback`` settings.
+* ``generate``: greedy answers to prompts without and with a steering vector of a ``features`` artifact
+  (:mod:`sae_refusal.steer.generate`), the model read from the config's ``data.llm``.
 * ``finetune``: the refusal-token SFT recipe (``RefusalSFTModule`` + ``SFTDataModule``), ending with a
   held-out refusal-token report and the exported model (``RefusalReportCallback``).
 
@@ -438,10 +440,21 @@ def finetune_command(args: Sequence[str]) -> None:
         )
 
 
+def generate_command(args: Sequence[str]) -> None:
+    """``sae-refusal generate --config cfg.yaml --vectors DIR --category C --alpha A --prompt P``."""
+    from sae_refusal.steer.generate import parse_request, run_generate
+
+    request = parse_request(args)  # --help and a missing option end here, before any heavy import
+    datamodule = activation_datamodule(request.fit_args)
+    template, system = datamodule.cache.chat_template, datamodule.cache.system_prompt
+    run_generate(request, datamodule.llm, chat_template=template, system_prompt=system)
+
+
 PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "cache": (cache_command, "Write the split manifest and cache last-token activations (no training)."),
     "finetune": (finetune_command, "Fine-tune a chat model to emit refusal tokens; report and export it."),
     "features": (features_command, "Steering vectors, heads, cluster metrics, plots from saved SAEs."),
+    "generate": (generate_command, "Answers to prompts without and with a steering vector, side by side."),
 }
 
 

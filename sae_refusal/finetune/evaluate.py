@@ -43,6 +43,7 @@ from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
 from sae_refusal.llm.batched import (
+    BatchContext,
     check_positive,
     generate,
     iter_next_token_logits,
@@ -111,6 +112,7 @@ def iter_first_token_logits(
     max_length: int = 1024,
     chat_template: str | None = None,
     system_prompt: str | None = None,
+    around: BatchContext | None = None,
 ) -> Iterator[FirstTokenBatch]:
     """Yield the first-response-token logits of user messages, one batch at a time.
 
@@ -128,6 +130,8 @@ def iter_first_token_logits(
         max_length: Most tokens a formatted prompt keeps (longer ones lose their beginning).
         chat_template: Template overriding the tokenizer's (config key ``chat_template``).
         system_prompt: Optional system message before each user message.
+        around: ``around(indices)`` -> a context manager around each batch's forward (e.g. a per-row
+            intervention; see :data:`sae_refusal.llm.batched.BatchContext`).
 
     Raises:
         ValueError: On a non-positive ``batch_size`` / ``max_length`` or an empty ``texts``.
@@ -150,7 +154,12 @@ def iter_first_token_logits(
         )
     truncated = set(encoded.truncated_indices)
     for batch in iter_next_token_logits(
-        model, encoded.input_ids, batch_size=batch_size, pad_id=resolve_pad_id(tokenizer), sort_by_length=True
+        model,
+        encoded.input_ids,
+        batch_size=batch_size,
+        pad_id=resolve_pad_id(tokenizer),
+        sort_by_length=True,
+        around=around,
     ):
         flags = [i in truncated for i in batch.indices]
         yield FirstTokenBatch(indices=batch.indices, logits_BV=batch.logits_BV, truncated=flags)

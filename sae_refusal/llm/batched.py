@@ -20,8 +20,8 @@ encode the prompts.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
@@ -34,7 +34,12 @@ from sae_refusal.llm.tokenize import default_max_length, encode_prompts, pad_lef
 if TYPE_CHECKING:
     from transformers import LogitsProcessor
 
+#: ``around(indices)`` -> a context manager entered around one batch's forward or ``generate`` call, given the
+#: batch's prompt indices (per-row interventions use it: rows come length-sorted, not in input order).
+BatchContext = Callable[[list[int]], AbstractContextManager[Any]]
+
 __all__ = [
+    "BatchContext",
     "Generation",
     "LogitsBatch",
     "PaddedBatch",
@@ -224,6 +229,7 @@ def iter_next_token_logits(
     batch_size: int,
     pad_id: int,
     sort_by_length: bool = False,
+    around: BatchContext | None = None,
 ) -> Iterator[LogitsBatch]:
     """Yield the logits of the token that follows each prompt, one left-padded batch at a time.
 
@@ -238,6 +244,8 @@ def iter_next_token_logits(
         batch_size: Prompts per forward pass.
         pad_id: Id written into the padding positions (see :func:`resolve_pad_id`).
         sort_by_length: Run the prompts longest first (less padding); batches then come in that order.
+        around: ``around(indices)`` -> a context manager entered around each batch's forward, given the
+            batch's prompt indices (e.g. a per-row :class:`~sae_refusal.steer.interventions.Intervention`).
 
     Raises:
         ValueError: On a non-positive ``batch_size`` (at once).
@@ -245,22 +253,25 @@ def iter_next_token_logits(
     batches = iter_padded_batches(
         input_ids, batch_size=batch_size, pad_id=pad_id, sort_by_length=sort_by_length
     )
-    return _next_token_logits(model, batches)
+    return _next_token_logits(model, batches, around)
 
 
-def _next_token_logits(model: nn.Module, batches: Iterator[PaddedBatch]) -> Iterator[LogitsBatch]:
+def _next_token_logits(
+    model: nn.Module, batches: Iterator[PaddedBatch], around: BatchContext | None = None
+) -> Iterator[LogitsBatch]:
     device = input_device(model)
     extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     with _eval_mode(model), torch.inference_mode():
         for batch in batches:
             attention_mask_BT = batch.attention_mask_BT.to(device)
-            out = model(
-                input_ids=batch.input_ids_BT.to(device),
-                attention_mask=attention_mask_BT,
-                position_ids=position_ids_from_mask(attention_mask_BT),
-                use_cache=False,
-                **extra,
-            )
+            with around(batch.indices) if around is not None else nullcontext():
+                out = model(
+                    input_ids=batch.input_ids_BT.to(device),
+                    attention_mask=attention_mask_BT,
+                    position_ids=position_ids_from_mask(attention_mask_BT),
+                    use_cache=False,
+                    **extra,
+                )
             # Left padding: the last position is the last real token of every row.
             yield LogitsBatch(batch.indices, out.logits[:, -1, :].float().cpu())
 
@@ -326,6 +337,7 @@ def generate(
     batch_size: int,
     temperature: float = 0.0,
     logits_processors: Sequence[LogitsProcessor] | None = None,
+    around: BatchContext | None = None,
 ) -> list[Generation]:
     """Generate a continuation of each prompt with ``model.generate``, left-padded batches in input order.
 
@@ -341,6 +353,8 @@ def generate(
             the global RNG).
         logits_processors: Extra logits processors for ``generate`` (e.g. a seeded sampler over greedy
             decoding).
+        around: ``around(indices)`` -> a context manager entered around each batch's ``generate`` call (an
+            intervention acts on the prefill and every decode step).
 
     Returns:
         One :class:`Generation` per prompt, in input order.
@@ -364,14 +378,15 @@ def generate(
     generations: list[Generation] = []
     with _eval_mode(model), torch.inference_mode():
         for batch in batches:
-            out_BT = cast(Any, model).generate(
-                input_ids=batch.input_ids_BT.to(device),
-                attention_mask=batch.attention_mask_BT.to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=list(stop_ids) or None,
-                **options,
-            )
+            with around(batch.indices) if around is not None else nullcontext():
+                out_BT = cast(Any, model).generate(
+                    input_ids=batch.input_ids_BT.to(device),
+                    attention_mask=batch.attention_mask_BT.to(device),
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                    eos_token_id=list(stop_ids) or None,
+                    **options,
+                )
             new_BT = out_BT[:, batch.input_ids_BT.shape[1] :]
             generations.extend(_cut_at_stop(row, stops) for row in new_BT.tolist())
     return generations
@@ -389,6 +404,7 @@ def generate_texts(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     max_length: int | None = None,
     skip_special_tokens: bool = True,
+    around: BatchContext | None = None,
 ) -> list[str]:
     """Encode chat-formatted prompts, :func:`generate` from them and decode each answer up to its stop token.
 
@@ -404,6 +420,7 @@ def generate_texts(
         max_length: Most prompt tokens kept (longer prompts lose their beginning); ``None`` leaves room for
             the answer within the model's limit: ``default_max_length - max_new_tokens`` (at least 1).
         skip_special_tokens: Passed to ``tokenizer.decode``.
+        around: See :func:`generate`.
 
     Returns:
         One decoded answer per prompt, in input order, not stripped.
@@ -424,5 +441,6 @@ def generate_texts(
         batch_size=batch_size,
         temperature=temperature,
         logits_processors=logits_processors,
+        around=around,
     )
     return [tokenizer.decode(g.token_ids, skip_special_tokens=skip_special_tokens) for g in generations]

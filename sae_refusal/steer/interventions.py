@@ -37,6 +37,7 @@ __all__ = [
     "LatentSteering",
     "Positions",
     "ResidualSteering",
+    "check_positions",
     "position_mask",
 ]
 
@@ -44,7 +45,8 @@ __all__ = [
 Positions = Literal["all", "prompt", "generated"] | int
 
 
-def _check_positions(positions: Positions) -> None:
+def check_positions(positions: Positions) -> None:
+    """Raise ``ValueError`` (naming ``positions``) unless it is a valid :data:`Positions` value."""
     if isinstance(positions, bool) or not (
         positions in ("all", "prompt", "generated") or (isinstance(positions, int) and positions >= 0)
     ):
@@ -81,7 +83,7 @@ class _RowEdit:
     """Shared per-row bookkeeping: which rows and positions an edit touches."""
 
     def __init__(self, alpha: float | Sequence[float] | Tensor, positions: Positions) -> None:
-        _check_positions(positions)
+        check_positions(positions)
         self.alpha = torch.as_tensor(alpha, dtype=torch.float32)
         if self.alpha.ndim > 1:
             raise ValueError(

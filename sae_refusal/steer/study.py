@@ -1,0 +1,123 @@
+"""Building blocks of a steering study on a refusal-token model: vectors, specificity, sweeps.
+
+Every function here takes prompts and a loaded model and returns plain tensors / dicts; the job
+(:mod:`sae_refusal.steer.job`) chains them and writes the artifacts. Alphas are in units of the vector they
+scale: ``alpha = 1`` adds one CAA vector, i.e. moves a benign prompt's mean activation onto the harmful mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_refusal.data.chat import format_prompts
+from sae_refusal.llm.extraction import iter_last_token_residuals
+from sae_refusal.llm.layers import num_layers, validate_layers
+from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens
+from sae_refusal.steer.scoring import first_token_decisions, residual_rows
+
+__all__ = ["caa_by_category", "last_token_acts", "specificity_table"]
+
+log = logging.getLogger(__name__)
+
+#: Called with (done, total) after each unit of work, for progress display.
+Progress = Callable[[int, int], object]
+
+
+def last_token_acts(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+) -> dict[int, Tensor]:
+    """Last-token residuals ``{layer: acts_ND}`` (float32, CPU) of user messages, in input order.
+
+    The messages are chat-formatted as everywhere (generation prompt included: the position whose next
+    token is the refusal decision) and run through one early-exit pass per batch; negative layers count from
+    the end and are keyed by their non-negative index.
+
+    Raises:
+        TypeError: If ``texts`` is a single string.
+        ValueError: If ``texts`` is empty or a layer is invalid.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts: expected a sequence of strings, got a single string")
+    if len(texts) == 0:
+        raise ValueError("texts: no prompts")
+    formatted = format_prompts(tokenizer, texts, chat_template=chat_template, system_prompt=system_prompt)
+    keys = validate_layers(list(layers), num_layers(model))
+    chunks: dict[int, list[Tensor]] = {layer: [] for layer in keys}
+    for batch in iter_last_token_residuals(
+        model, tokenizer, formatted, keys, batch_size=batch_size, max_length=max_length
+    ):
+        for layer, acts_BD in batch.acts.items():
+            chunks[layer].append(acts_BD.float().cpu())
+    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+
+
+def caa_by_category(
+    harmful_acts_ND: Tensor,
+    harmful_categories: Sequence[str],
+    benign_acts_ND: Tensor,
+    categories: Sequence[str],
+) -> tuple[Tensor, Tensor]:
+    """CAA vectors per category ``(C, D)`` (``mean(H_c) - mean(B)``) and the pooled one ``(D,)``.
+
+    Raises:
+        ValueError: If a category has no harmful prompt or the row counts disagree.
+    """
+    if harmful_acts_ND.shape[0] != len(harmful_categories):
+        raise ValueError(
+            f"harmful_categories: {len(harmful_categories)} labels for {harmful_acts_ND.shape[0]} rows"
+        )
+    benign_mean_D = benign_acts_ND.mean(0)
+    rows = []
+    for category in categories:
+        mask = torch.tensor([c == category for c in harmful_categories])
+        if not bool(mask.any()):
+            raise ValueError(f"categories: no harmful prompt of category {category!r}")
+        rows.append(harmful_acts_ND[mask].mean(0) - benign_mean_D)
+    return torch.stack(rows), harmful_acts_ND.mean(0) - benign_mean_D
+
+
+def specificity_table(
+    model: nn.Module,
+    tokenizer: Any,
+    resolved: ResolvedRefusalTokens,
+    texts: Sequence[str],
+    vectors_CD: Tensor,
+    layer: int,
+    alpha: float,
+    *,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Confusion counts ``(C, C + 1)``: row ``c`` = decisions of ``texts`` steered with ``+alpha v_c``.
+
+    Columns follow ``resolved.class_names`` (``respond`` first), so the specificity of category ``c`` is
+    ``table[c, c + 1] / len(texts)``.
+    """
+    n_categories = vectors_CD.shape[0]
+    table = torch.zeros(n_categories, len(resolved.token_ids), dtype=torch.long)
+    for c in range(n_categories):
+        decisions = first_token_decisions(
+            model,
+            tokenizer,
+            texts,
+            resolved,
+            edits=residual_rows(layer, vectors_CD[c], alpha),
+            batch_size=batch_size,
+        )
+        table[c] = torch.bincount(decisions.pred_class_N, minlength=table.shape[1])
+        if progress is not None:
+            progress(c + 1, n_categories)
+    return table
