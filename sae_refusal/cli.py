@@ -450,11 +450,47 @@ def generate_command(args: Sequence[str]) -> None:
     run_generate(request, datamodule.llm, chat_template=template, system_prompt=system)
 
 
+def steer_parser() -> Any:
+    """The ``sae-refusal steer`` parser (a ``SteerJobConfig`` from YAML + flags)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from sae_refusal.steer.job import SteerJobConfig
+
+    parser = ArgumentParser(
+        prog="sae-refusal steer",
+        description="The steering study on a refusal-token model: CAA vectors, layer choice, specificity, "
+        "unconditional vs conditional steering (gates tuned on validation splits), report on test splits.",
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="A steering study YAML (lightning_configs/steer/)."
+    )
+    parser.add_class_arguments(SteerJobConfig, as_group=False)
+    return parser
+
+
+def steer_command(args: Sequence[str]) -> None:
+    """``sae-refusal steer --config lightning_configs/steer/refuse_smollm2.yaml``."""
+    from sae_refusal.steer.job import run_steer_job
+
+    parser = steer_parser()
+    namespace = parser.parse_args(list(args))
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse >= 4.49
+    run_steer_job(_steer_config(instantiate(namespace)))
+
+
+def _steer_config(namespace: Any) -> Any:
+    from sae_refusal.steer.job import SteerJobConfig
+
+    values = {k: v for k, v in vars(namespace).items() if k != "config" and not k.startswith("__")}
+    return SteerJobConfig(**values)
+
+
 PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "cache": (cache_command, "Write the split manifest and cache last-token activations (no training)."),
     "finetune": (finetune_command, "Fine-tune a chat model to emit refusal tokens; report and export it."),
     "features": (features_command, "Steering vectors, heads, cluster metrics, plots from saved SAEs."),
     "generate": (generate_command, "Answers to prompts without and with a steering vector, side by side."),
+    "steer": (steer_command, "Steering study: vectors, specificity, conditional vs unconditional steering."),
 }
 
 

@@ -102,6 +102,9 @@ def test_caps_are_seeded_draws_and_recorded(tmp_path: Path) -> None:
     assert capped.manifest() == again.manifest()
     assert capped.manifest() != other_seed.manifest()
     assert capped.manifest()["test"]["or_bench_hard"]["n"] == 5
+    assert len(capped.get("train", "coconot")) == len(
+        build_steer_sets(config(tmp_path)).get("train", "coconot")
+    )
 
 
 def test_bad_settings_name_the_key(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@
 * **External sets** the model never saw (CoCoNot contrast, OR-Bench hard / toxic, WildGuardTest) get a
   stratified split of their own (``external_split``): ``train`` may fit gates (e.g. a probe on OR-Bench
   lookalikes vs toxic prompts), ``val`` tunes thresholds and alphas, ``test`` is reported.
-* ``max_per_set`` caps each (set, split) for quick runs by a seeded draw, recorded in the manifest.
+* ``max_per_set`` caps each set's ``val`` / ``test`` prompts for quick runs by a seeded draw, recorded in the
+  manifest; train splits stay whole.
 
 The study's roles: ``harmful`` sets measure refusal (higher is better under steering), ``over_refusal`` sets
 measure over-refusal (benign or lookalike prompts that should be answered), ``benign`` sets are the
@@ -51,7 +52,8 @@ class SetsConfig:
         external: External preset names (see :data:`EXTERNAL_SETS`), read from ``data_root``.
         data_root: Folder of the local datasets (``../shared/data``).
         external_split: Split of the external sets (train / val / test shares: ``1 - val - test``, ...).
-        max_per_set: Most prompts kept per (set, split), drawn with ``seed``; ``None`` keeps all.
+        max_per_set: Most prompts kept per set in ``val`` and ``test``, drawn with ``seed``; ``None`` keeps
+            all. Train splits are never capped here.
         seed: Seed of the draws.
         manifest_root: Folder of the split manifests.
     """
@@ -156,7 +158,8 @@ def build_steer_sets(cfg: SetsConfig) -> SteerSets:
         roles[name] = EXTERNAL_SETS[name]
         for split, prompts in _by_split(external).items():
             splits[split][name] = prompts
-    for split, by_name in splits.items():
+    for split in ("val", "test"):  # train splits stay whole: vectors and gates are fitted on them
+        by_name = splits[split]
         for name in list(by_name):
             by_name[name] = _cap(by_name[name], cfg.max_per_set, cfg.seed, f"{split}/{name}")
     return SteerSets(splits=splits, roles=roles)

@@ -8,7 +8,7 @@ scale: ``alpha = 1`` adds one CAA vector, i.e. moves a benign prompt's mean acti
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.llm.extraction import iter_last_token_residuals
+from sae_refusal.llm.hooks import ResidualFn
 from sae_refusal.llm.layers import num_layers, validate_layers
 from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens
-from sae_refusal.steer.scoring import first_token_decisions, residual_rows
+from sae_refusal.steer.interventions import DirectionAblation
+from sae_refusal.steer.scoring import RowEdits, first_token_decisions, residual_rows
 
-__all__ = ["caa_by_category", "last_token_acts", "specificity_table"]
+__all__ = ["caa_by_category", "direction_ablation_rates", "last_token_acts", "specificity_table"]
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +123,52 @@ def specificity_table(
         if progress is not None:
             progress(c + 1, n_categories)
     return table
+
+
+def _same_edits(edits: Mapping[int, ResidualFn]) -> RowEdits:
+    return lambda _rows: edits
+
+
+def direction_ablation_rates(
+    model: nn.Module,
+    tokenizer: Any,
+    resolved: ResolvedRefusalTokens,
+    texts_by_category: Mapping[str, Sequence[str]],
+    vectors_CD: Tensor,
+    categories: Sequence[str],
+    layer: int,
+    *,
+    batch_size: int = 32,
+) -> dict[str, dict[str, float | int]]:
+    """Each category's refusal before / after projecting its CAA direction out of every layer from ``layer``.
+
+    Args:
+        texts_by_category: Held-out harmful prompts per category (canonical names).
+        vectors_CD: CAA vectors, row ``i`` for ``categories[i]``.
+        categories: Category names in the order of ``vectors_CD`` and of the refusal tokens.
+
+    Returns:
+        Per category: ``n``, and before / after shares refused (any refusal token) and refused with the
+        category's own token.
+    """
+    n_layers = num_layers(model)
+    out: dict[str, dict[str, float | int]] = {}
+    for index, category in enumerate(categories):
+        texts = list(texts_by_category.get(category, []))
+        if not texts:
+            continue
+        ablate = DirectionAblation(vectors_CD[index])
+        edits = {lay: ablate for lay in range(layer, n_layers)}
+        before = first_token_decisions(model, tokenizer, texts, resolved, batch_size=batch_size)
+        after = first_token_decisions(
+            model, tokenizer, texts, resolved, batch_size=batch_size, edits=_same_edits(edits)
+        )
+        own = index + 1  # refusal-token classes follow the categories, respond first
+        out[category] = {
+            "n": len(texts),
+            "refused_before": before.rate(),
+            "refused_after": after.rate(),
+            "own_token_before": float((before.pred_class_N == own).float().mean()),
+            "own_token_after": float((after.pred_class_N == own).float().mean()),
+        }
+    return out
