@@ -241,3 +241,20 @@ def test_bad_inputs_name_the_setting(model: Any) -> None:
     narrow = {LAYER: ResidualSteering(torch.ones(5))}
     with pytest.raises(ValueError, match="width"), Intervention(model, narrow):
         logits(model, batch())
+
+
+def test_bfloat16_models_alpha_zero_identity_and_steering() -> None:
+    model = build_tiny_model("llama", vocab_size=200, num_layers=4, hidden_size=D, seed=3).to(torch.bfloat16)
+    inputs = batch(left_pad=2)
+    plain = logits(model, inputs)
+    with Intervention(model, {LAYER: ResidualSteering(vector(), alpha=0.0)}):
+        assert torch.equal(logits(model, inputs), plain)
+    seen: dict[str, torch.dtype] = {}
+
+    def dtype_after(hidden: Tensor, ctx: StepContext) -> None:
+        seen["dtype"] = hidden.dtype
+
+    with Intervention(model, {LAYER: [ResidualSteering(vector(scale=4.0), alpha=1.0), dtype_after]}):
+        steered = logits(model, inputs)
+    assert seen["dtype"] == torch.bfloat16  # the edit keeps the model's dtype
+    assert not torch.equal(steered, plain)

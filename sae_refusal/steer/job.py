@@ -262,8 +262,8 @@ def _table(
         batch_size=cfg.study.batch_size,
         chat_template=cfg.chat_template,
         system_prompt=cfg.system_prompt,
+        progress=rate,
     )
-    rate(len(alphas), len(alphas))
     log.debug("table %s: %.1f s", split, time.perf_counter() - start)
     return table
 

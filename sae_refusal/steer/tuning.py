@@ -28,7 +28,7 @@ Design notes:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,6 +155,7 @@ def build_outcome_table(
     chat_template: str | None = None,
     system_prompt: str | None = None,
     respond_bias: float | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> OutcomeTable:
     """Measure ``refused[i, a]`` on VALIDATION prompts: one first-token pass per alpha of the grid.
 
@@ -175,6 +176,7 @@ def build_outcome_table(
         chat_template: Template overriding the tokenizer's.
         system_prompt: Optional system message.
         respond_bias: Respond-logit bias; ``None`` takes the model's calibrated one.
+        progress: Called with ``(alphas done, alphas)`` after each pass.
     """
     grid = sorted({float(a) for a in alphas} | {0.0})
     if not all(math.isfinite(a) for a in grid):
@@ -194,6 +196,8 @@ def build_outcome_table(
             respond_bias=respond_bias,
         )
         refused[:, column] = decisions.refused_N
+        if progress is not None:
+            progress(column + 1, len(grid))
     return OutcomeTable(
         alphas_A=torch.tensor(grid, dtype=torch.float64),
         refused_NA=refused,

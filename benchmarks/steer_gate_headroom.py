@@ -1,0 +1,109 @@
+"""How far conditional steering is from its bound: an oracle gate and each gate's AUC on a study's test split.
+
+Reads a finished ``sae-refusal steer`` run (``metrics.json``, ``tables.safetensors``, ``gates/``), rebuilds
+its prompt sets from the recorded config, and reports:
+
+* the **oracle gate** (score = the prompt's true harmful label), tuned on the validation table with the run's
+  floor and scored on the test table: what a perfect harmful / benign call reaches with the same vector, layer
+  and alpha grid, i.e. the headroom left to the gates;
+* each residual gate's **ROC AUC** of the harmful call on the test prompts (its scores recomputed from the
+  saved gate on the test prompts' residuals), and the refusal-token gate's from the table's alpha-0 column.
+
+No steering pass runs: outcomes come from the saved tables. Prints one JSON line at the end.
+
+    python benchmarks/steer_gate_headroom.py --run runs/steer/refuse_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from sae_refusal.cli import _steer_config, steer_parser
+from sae_refusal.data.prompt_set import Label
+from sae_refusal.llm.loading import load_model_and_tokenizer
+from sae_refusal.steer.gates import load_gate
+from sae_refusal.steer.sets import build_steer_sets
+from sae_refusal.steer.study import last_token_acts
+from sae_refusal.steer.tuning import OutcomeTable, evaluate_policy, tune_policy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a `sae-refusal steer` output folder")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    tensors = load_file(str(run / "tables.safetensors"))
+    recorded = metrics["config"]
+    config_parser = steer_parser()
+    namespace = config_parser.parse_object(recorded)
+    instantiate = getattr(config_parser, "instantiate", None) or config_parser.instantiate_classes
+    cfg = _steer_config(instantiate(namespace))
+    sets = build_steer_sets(cfg.sets)
+    start = time.perf_counter()
+    tables: dict[str, OutcomeTable] = {}
+    prompts: dict[str, list] = {}
+    for split in ("val", "test"):
+        rows = [p for name in sets.splits[split] for p in sets.splits[split][name]]
+        groups = [name for name in sets.splits[split] for _ in sets.splits[split][name]]
+        harmful = torch.tensor([p.label == Label.HARMFUL for p in rows])
+        refused = tensors[f"{split}_refused_NA"].bool()
+        if refused.shape[0] != len(rows):
+            raise SystemExit(f"--run: the table has {refused.shape[0]} {split} rows, the sets {len(rows)}")
+        tables[split] = OutcomeTable(tensors[f"{split}_alphas_A"], refused, harmful, tuple(groups))
+        prompts[split] = rows
+    floor = float(metrics["floor"])
+    oracle = {split: tables[split].harmful_N.float() for split in tables}
+    tuned = tune_policy(tables["val"], oracle["val"], floor=floor, vector="global")
+    oracle_test = evaluate_policy(tables["test"], oracle["test"], tuned.policy)
+    print(f"oracle gate on test: {oracle_test.rates} (policy {tuned.policy})", flush=True)
+
+    harmful_test = tables["test"].harmful_N.numpy()
+    aucs: dict[str, float] = {}
+    zero = tables["test"].alpha_index(0.0)
+    aucs["refusal_token"] = float(
+        roc_auc_score(harmful_test, tables["test"].refused_NA[:, zero].float().numpy())
+    )
+    residual_gates = [k for k in ("probe", "distance") if (run / "gates" / k).is_dir()]
+    if residual_gates:
+        model, tokenizer = load_model_and_tokenizer(cfg.llm)
+        model.eval()
+        layer = int(metrics["layer"])
+        texts = [p.text for p in prompts["test"]]
+        acts = last_token_acts(model, tokenizer, texts, [layer], chat_template=cfg.chat_template)[layer]
+        for kind in residual_gates:
+            steering = load_gate(run / "gates" / kind)
+            scores = steering.gate.score(acts).score_N  # type: ignore[attr-defined]
+            aucs[kind] = float(roc_auc_score(harmful_test, scores.numpy()))
+            print(f"{kind}: test AUC {aucs[kind]:.3f}", flush=True)
+    record = {
+        "run": str(run),
+        "layer": metrics["layer"],
+        "floor": floor,
+        "oracle_policy": tuned.policy.to_dict(),
+        "oracle_test": {
+            "over_refusal": oracle_test.rates.over_refusal,
+            "harmful_refusal": oracle_test.rates.harmful_refusal,
+        },
+        "gates_test": {
+            k: {x: g["test"][x] for x in ("over_refusal", "harmful_refusal")}
+            for k, g in metrics["gates"].items()
+            if "test" in g
+        },
+        "auc_test": aucs,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
