@@ -56,13 +56,42 @@ def test_per_row_steering_moves_only_the_steered_rows(refusal_model: Any) -> Non
 
 def test_the_respond_bias_decides_and_rates_count_refusals(refusal_model: Any) -> None:
     model, tokenizer, resolved = refusal_model
-    everyone_responds = first_token_decisions(model, tokenizer, TEXTS, resolved, respond_bias=1e4)
+    kw: dict[str, Any] = {"judge": "restricted"}
+    everyone_responds = first_token_decisions(model, tokenizer, TEXTS, resolved, respond_bias=1e4, **kw)
     assert everyone_responds.rate() == 0.0 and not everyone_responds.refused_N.any()
-    nobody_responds = first_token_decisions(model, tokenizer, TEXTS, resolved, respond_bias=-1e4)
+    nobody_responds = first_token_decisions(model, tokenizer, TEXTS, resolved, respond_bias=-1e4, **kw)
     assert nobody_responds.rate() == 1.0
     assert nobody_responds.rate(torch.tensor([True] + [False] * 7)) == 1.0
     set_respond_bias(model, resolved.respond_id, -1e4)  # the calibrated bias, read from the model
     try:
-        assert first_token_decisions(model, tokenizer, TEXTS, resolved).rate() == 1.0
+        assert first_token_decisions(model, tokenizer, TEXTS, resolved, **kw).rate() == 1.0
     finally:
         set_respond_bias(model, resolved.respond_id, 0.0)
+    # the emitted reading: [respond] emitted everywhere under a huge bias
+    emitted = first_token_decisions(model, tokenizer, TEXTS, resolved, respond_bias=1e4)
+    assert emitted.top_class_N.tolist() == [0] * len(TEXTS) and emitted.rate() == 0.0
+
+
+def test_the_emitted_reading_differs_from_the_restricted_one(refusal_model: Any) -> None:
+    # with a refusal token far below the vocabulary's best token, the restricted argmax still names a class
+    # but greedy generation would emit another token: "other" (-1), not refused
+    model, tokenizer, resolved = refusal_model
+    head = model.get_output_embeddings().weight
+    saved = head[list(resolved.token_ids)].clone()
+    try:
+        with torch.no_grad():
+            head[list(resolved.token_ids)] = 0.0  # refusal logits 0: below the vocabulary's best token
+            head[resolved.token_ids[4]] = saved[4]  # one refusal row as before
+        restricted = first_token_decisions(
+            model, tokenizer, TEXTS, resolved, judge="restricted", respond_bias=-1e4
+        )
+        emitted = first_token_decisions(model, tokenizer, TEXTS, resolved, respond_bias=-1e4)
+        assert restricted.refused_N.all()  # every row's best refusal token is a category
+        assert torch.equal(emitted.pred_class_N, restricted.pred_class_N)
+        assert (emitted.top_class_N == -1).any() and not emitted.refused_N.all()
+        assert emitted.rate() < restricted.rate()
+        with pytest.raises(ValueError, match="judge"):
+            first_token_decisions(model, tokenizer, TEXTS, resolved, judge="vibes")
+    finally:
+        with torch.no_grad():
+            head[list(resolved.token_ids)] = saved

@@ -54,6 +54,7 @@ from sae_refusal.steer.gates import (
     gate_metrics,
     global_vector,
 )
+from sae_refusal.steer.scoring import JUDGES
 from sae_refusal.steer.sets import SetsConfig, SteerSets, build_steer_sets
 from sae_refusal.steer.study import (
     caa_by_category,
@@ -92,6 +93,9 @@ class StudySettings:
         floor_gain: The harmful-refusal floor is the unsteered validation rate plus this.
         max_benign_train: Most benign TRAIN prompts used for vectors and gates (a seeded draw); ``None``: all.
         batch_size: Prompts per forward.
+        judge: First-token reading: ``emitted`` (the whole-vocabulary argmax, what ``generate`` emits; a
+            token that is no refusal token counts as "other", not refused) or ``restricted`` (argmax over
+            the refusal tokens only, the fine-tuning report's reading).
     """
 
     layers: list[int] = field(default_factory=lambda: [9, 12, 15, 18, 21])
@@ -104,8 +108,11 @@ class StudySettings:
     floor_gain: float = 0.10
     max_benign_train: int | None = 600
     batch_size: int = 32
+    judge: str = "emitted"
 
     def __post_init__(self) -> None:
+        if self.judge not in JUDGES:
+            raise ValueError(f"study.judge: expected one of {list(JUDGES)}, got {self.judge!r}")
         if not self.layers:
             raise ValueError("study.layers: give at least one candidate layer")
         unknown = [g for g in self.gates if g not in GATE_KINDS]
@@ -199,6 +206,11 @@ def _class_codes(prompts: Sequence[Prompt], class_names: Sequence[str], short: d
     return torch.tensor(codes)
 
 
+def _judged(tables: tuple[Tensor, Tensor], judge: str) -> Tensor:
+    """The restricted or the emitted confusion table of :func:`specificity_table`."""
+    return tables[0] if judge == "restricted" else tables[1]
+
+
 def _choose_layer(tables: dict[int, dict[float, Tensor]], n: int, goal: float) -> tuple[int, float, float]:
     """(layer, alpha, min specificity) by the rule in the module notes."""
     best: tuple[float, int, float] | None = None
@@ -263,6 +275,7 @@ def _table(
         chat_template=cfg.chat_template,
         system_prompt=cfg.system_prompt,
         progress=rate,
+        judge=cfg.study.judge,
     )
     log.debug("table %s: %.1f s", split, time.perf_counter() - start)
     return table
@@ -316,15 +329,18 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             for layer in vectors:
                 selection[layer] = {}
                 for alpha in study.specificity_alphas:
-                    selection[layer][alpha] = specificity_table(
-                        model,
-                        tokenizer,
-                        resolved,
-                        select_texts,
-                        vectors[layer][0],
-                        layer,
-                        alpha,
-                        batch_size=study.batch_size,
+                    selection[layer][alpha] = _judged(
+                        specificity_table(
+                            model,
+                            tokenizer,
+                            resolved,
+                            select_texts,
+                            vectors[layer][0],
+                            layer,
+                            alpha,
+                            batch_size=study.batch_size,
+                        ),
+                        study.judge,
                     )
                 spec = {
                     a: [round(float(t[c, c + 1]) / len(select_texts), 3) for c in range(len(categories))]
@@ -343,7 +359,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
 
     test_benign = _texts(sets.get("test", cfg.sets.benign_source))
     with _Stage(f"specificity on {len(test_benign)} test benign prompts"):
-        confusion = specificity_table(
+        both = specificity_table(
             model,
             tokenizer,
             resolved,
@@ -354,6 +370,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             batch_size=study.batch_size,
             progress=_Rate("specificity", len(test_benign)),
         )
+    confusion = _judged(both, study.judge)
     specificity = {
         class_names[c + 1]: float(confusion[c, c + 1]) / len(test_benign) for c in range(len(categories))
     }
@@ -370,6 +387,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             categories,
             layer,
             batch_size=study.batch_size,
+            judge=study.judge,
         )
 
     val_prompts, val_groups = _labelled(sets, "val")
@@ -457,11 +475,19 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
         "specificity_alpha": alpha,
         "specificity_val_min": val_spec,
         "specificity_test": specificity,
+        "judge": study.judge,
         "confusion_test": {
             "rows": class_names[1:],
-            "columns": list(resolved.class_names),
+            "columns": list(resolved.class_names) + (["other"] if study.judge == "emitted" else []),
             "counts": confusion.tolist(),
             "n": len(test_benign),
+        },
+        "specificity_test_by_judge": {
+            judge: {
+                class_names[c + 1]: float(_judged(both, judge)[c, c + 1]) / len(test_benign)
+                for c in range(len(categories))
+            }
+            for judge in JUDGES
         },
         "ablation_test": {short[c]: r for c, r in ablation.items()},
         "layer_selection": {
@@ -531,7 +557,7 @@ def render_report(metrics: dict[str, Any]) -> str:
         "# Steering study",
         "",
         f"Model: `{metrics['model'].get('model')}` (adapter {metrics['model'].get('adapter', '-')}), "
-        f"layer {metrics['layer']}, wall time {metrics['wall_s']} s.",
+        f"layer {metrics['layer']}, wall time {metrics['wall_s']} s; first-token judge: {metrics['judge']}.",
         "",
         f"## Specificity (test benign, n = {confusion['n']}, alpha {metrics['specificity_alpha']})",
         "",

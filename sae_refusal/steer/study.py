@@ -20,7 +20,7 @@ from sae_refusal.llm.hooks import ResidualFn
 from sae_refusal.llm.layers import num_layers, validate_layers
 from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens
 from sae_refusal.steer.interventions import DirectionAblation
-from sae_refusal.steer.scoring import RowEdits, first_token_decisions, residual_rows
+from sae_refusal.steer.scoring import FirstTokenDecisions, RowEdits, first_token_decisions, residual_rows
 
 __all__ = ["caa_by_category", "direction_ablation_rates", "last_token_acts", "specificity_table"]
 
@@ -102,14 +102,18 @@ def specificity_table(
     *,
     batch_size: int = 32,
     progress: Progress | None = None,
-) -> Tensor:
-    """Confusion counts ``(C, C + 1)``: row ``c`` = decisions of ``texts`` steered with ``+alpha v_c``.
+) -> tuple[Tensor, Tensor]:
+    """Confusion counts of ``texts`` steered with ``+alpha v_c``, row ``c``, under both first-token readings.
 
-    Columns follow ``resolved.class_names`` (``respond`` first), so the specificity of category ``c`` is
-    ``table[c, c + 1] / len(texts)``.
+    Returns:
+        ``(restricted_CK, emitted_CK1)``: columns follow ``resolved.class_names`` (``respond`` first), the
+        emitted table has one more column, "other" (the emitted token is no refusal token). The
+        specificity of category ``c`` is ``table[c, c + 1] / len(texts)`` in either.
     """
     n_categories = vectors_CD.shape[0]
-    table = torch.zeros(n_categories, len(resolved.token_ids), dtype=torch.long)
+    n_classes = len(resolved.token_ids)
+    table = torch.zeros(n_categories, n_classes, dtype=torch.long)
+    emitted = torch.zeros(n_categories, n_classes + 1, dtype=torch.long)
     for c in range(n_categories):
         decisions = first_token_decisions(
             model,
@@ -119,10 +123,16 @@ def specificity_table(
             edits=residual_rows(layer, vectors_CD[c], alpha),
             batch_size=batch_size,
         )
-        table[c] = torch.bincount(decisions.pred_class_N, minlength=table.shape[1])
+        table[c] = torch.bincount(decisions.pred_class_N, minlength=n_classes)
+        other_last = torch.where(decisions.top_class_N < 0, n_classes, decisions.top_class_N)
+        emitted[c] = torch.bincount(other_last, minlength=n_classes + 1)
         if progress is not None:
             progress(c + 1, n_categories)
-    return table
+    return table, emitted
+
+
+def _classes(decisions: FirstTokenDecisions) -> Tensor:
+    return decisions.pred_class_N if decisions.judge == "restricted" else decisions.top_class_N
 
 
 def _same_edits(edits: Mapping[int, ResidualFn]) -> RowEdits:
@@ -139,6 +149,7 @@ def direction_ablation_rates(
     layer: int,
     *,
     batch_size: int = 32,
+    judge: str = "emitted",
 ) -> dict[str, dict[str, float | int]]:
     """Each category's refusal before / after projecting its CAA direction out of every layer from ``layer``.
 
@@ -159,16 +170,16 @@ def direction_ablation_rates(
             continue
         ablate = DirectionAblation(vectors_CD[index])
         edits = {lay: ablate for lay in range(layer, n_layers)}
-        before = first_token_decisions(model, tokenizer, texts, resolved, batch_size=batch_size)
+        before = first_token_decisions(model, tokenizer, texts, resolved, batch_size=batch_size, judge=judge)
         after = first_token_decisions(
-            model, tokenizer, texts, resolved, batch_size=batch_size, edits=_same_edits(edits)
+            model, tokenizer, texts, resolved, batch_size=batch_size, edits=_same_edits(edits), judge=judge
         )
         own = index + 1  # refusal-token classes follow the categories, respond first
         out[category] = {
             "n": len(texts),
             "refused_before": before.rate(),
             "refused_after": after.rate(),
-            "own_token_before": float((before.pred_class_N == own).float().mean()),
-            "own_token_after": float((after.pred_class_N == own).float().mean()),
+            "own_token_before": float((_classes(before) == own).float().mean()),
+            "own_token_after": float((_classes(after) == own).float().mean()),
         }
     return out

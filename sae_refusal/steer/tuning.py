@@ -156,6 +156,7 @@ def build_outcome_table(
     system_prompt: str | None = None,
     respond_bias: float | None = None,
     progress: Callable[[int, int], object] | None = None,
+    judge: str = "emitted",
 ) -> OutcomeTable:
     """Measure ``refused[i, a]`` on VALIDATION prompts: one first-token pass per alpha of the grid.
 
@@ -177,6 +178,8 @@ def build_outcome_table(
         system_prompt: Optional system message.
         respond_bias: Respond-logit bias; ``None`` takes the model's calibrated one.
         progress: Called with ``(alphas done, alphas)`` after each pass.
+        judge: First-token reading (:class:`~sae_refusal.steer.scoring.FirstTokenDecisions`): ``emitted``
+            (what ``generate`` emits) or ``restricted`` (argmax over the refusal tokens).
     """
     grid = sorted({float(a) for a in alphas} | {0.0})
     if not all(math.isfinite(a) for a in grid):
@@ -194,6 +197,7 @@ def build_outcome_table(
             chat_template=chat_template,
             system_prompt=system_prompt,
             respond_bias=respond_bias,
+            judge=judge,
         )
         refused[:, column] = decisions.refused_N
         if progress is not None:
@@ -208,6 +212,7 @@ def build_outcome_table(
             "positions": positions,
             "max_length": max_length,
             "system_prompt": system_prompt,
+            "judge": judge,
         },
     )
 
