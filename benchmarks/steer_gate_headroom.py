@@ -26,10 +26,9 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 from sae_refusal.cli import _steer_config, steer_parser
-from sae_refusal.data.prompt_set import Label
 from sae_refusal.llm.loading import load_model_and_tokenizer
 from sae_refusal.steer.gates import load_gate
-from sae_refusal.steer.sets import build_steer_sets
+from sae_refusal.steer.sets import build_steer_sets, is_harmful
 from sae_refusal.steer.study import last_token_acts
 from sae_refusal.steer.tuning import OutcomeTable, evaluate_policy, tune_policy
 
@@ -53,9 +52,8 @@ def main() -> None:
     tables: dict[str, OutcomeTable] = {}
     prompts: dict[str, list] = {}
     for split in ("val", "test"):
-        rows = [p for name in sets.splits[split] for p in sets.splits[split][name]]
-        groups = [name for name in sets.splits[split] for _ in sets.splits[split][name]]
-        harmful = torch.tensor([p.label == Label.HARMFUL for p in rows])
+        rows, groups = sets.with_set_names(split)
+        harmful = torch.tensor([is_harmful(p) for p in rows])
         refused = tensors[f"{split}_refused_NA"].bool()
         if refused.shape[0] != len(rows):
             raise SystemExit(f"--run: the table has {refused.shape[0]} {split} rows, the sets {len(rows)}")

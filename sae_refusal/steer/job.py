@@ -41,21 +41,20 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sae_refusal.atomic import AtomicFolder
-from sae_refusal.data.prompt_set import Label, Prompt
+from sae_refusal.data.prompt_set import Prompt
 from sae_refusal.features.vectors import SteeringVectors
 from sae_refusal.llm.loading import LLMConfig, load_model_and_tokenizer, model_fingerprint
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
 from sae_refusal.steer.gates import (
     DistanceGate,
     GatedSteering,
-    GatePolicy,
     ProbeGate,
     RefusalTokenGate,
     gate_metrics,
     global_vector,
 )
 from sae_refusal.steer.scoring import JUDGES
-from sae_refusal.steer.sets import SetsConfig, SteerSets, build_steer_sets
+from sae_refusal.steer.sets import SetsConfig, build_steer_sets, is_harmful
 from sae_refusal.steer.study import (
     caa_by_category,
     direction_ablation_rates,
@@ -67,6 +66,7 @@ from sae_refusal.steer.tuning import (
     PolicyPoint,
     build_outcome_table,
     evaluate_policy,
+    policy_columns,
     tune_policy,
     unconditional_curve,
 )
@@ -181,25 +181,11 @@ def _texts(prompts: Sequence[Prompt]) -> list[str]:
     return [p.text for p in prompts]
 
 
-def _labelled(sets: SteerSets, split: str) -> tuple[list[Prompt], list[str]]:
-    """Every prompt of a split with its set name (benign reference set included)."""
-    prompts: list[Prompt] = []
-    groups: list[str] = []
-    for name, rows in sets.splits[split].items():
-        prompts += rows
-        groups += [name] * len(rows)
-    return prompts, groups
-
-
-def _is_harmful(prompt: Prompt) -> bool:
-    return prompt.label == Label.HARMFUL
-
-
 def _class_codes(prompts: Sequence[Prompt], class_names: Sequence[str], short: dict[str, str]) -> Tensor:
     """0 for benign / ambiguous prompts, the category's class code for harmful ones."""
     codes = []
     for prompt in prompts:
-        if not _is_harmful(prompt):
+        if not is_harmful(prompt):
             codes.append(0)
         else:
             codes.append(class_names.index(short[str(prompt.category)]))
@@ -211,24 +197,24 @@ def _judged(tables: tuple[Tensor, Tensor], judge: str) -> Tensor:
     return tables[0] if judge == "restricted" else tables[1]
 
 
+def _specificities(table: Tensor, n: int) -> list[float]:
+    """Per category: the share of ``n`` steered prompts whose token is the category's (confusion table)."""
+    return [float(table[c, c + 1]) / n for c in range(table.shape[0])]
+
+
 def _choose_layer(tables: dict[int, dict[float, Tensor]], n: int, goal: float) -> tuple[int, float, float]:
     """(layer, alpha, min specificity) by the rule in the module notes."""
     best: tuple[float, int, float] | None = None
     for layer, by_alpha in tables.items():
         for alpha, table in sorted(by_alpha.items()):
-            spec = min(float(table[c, c + 1]) / n for c in range(table.shape[0]))
+            spec = min(_specificities(table, n))
             if best is None or spec > best[0] + 1e-12:
                 best = (spec, layer, alpha)
     assert best is not None  # layers and alphas are non-empty (checked in StudySettings)
     layer = best[1]
-    reaching = [
-        a
-        for a, t in sorted(tables[layer].items())
-        if min(float(t[c, c + 1]) / n for c in range(t.shape[0])) >= goal
-    ]
+    reaching = [a for a, t in sorted(tables[layer].items()) if min(_specificities(t, n)) >= goal]
     alpha = reaching[0] if reaching else best[2]
-    spec = min(float(tables[layer][alpha][c, c + 1]) / n for c in range(tables[layer][alpha].shape[0]))
-    return layer, alpha, spec
+    return layer, alpha, min(_specificities(tables[layer][alpha], n))
 
 
 def _per_set_rates(table: OutcomeTable, column_N: Tensor) -> dict[str, dict[str, float]]:
@@ -238,13 +224,6 @@ def _per_set_rates(table: OutcomeTable, column_N: Tensor) -> dict[str, dict[str,
         mask = torch.tensor([g == name for g in table.groups])
         out[name] = {"refused": float(refused[mask].float().mean()), "n": int(mask.sum())}
     return out
-
-
-def _policy_columns(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) -> Tensor:
-    columns = torch.full(score_N.shape, table.alpha_index(policy.alpha_mid), dtype=torch.long)
-    columns[score_N >= policy.t_high] = table.alpha_index(policy.alpha_pos)
-    columns[score_N < policy.t_low] = table.alpha_index(-policy.alpha_neg)
-    return columns
 
 
 def _table(
@@ -269,7 +248,7 @@ def _table(
         layer=layer,
         vectors_ND=vector_D,
         alphas=alphas,
-        harmful_N=torch.tensor([_is_harmful(p) for p in prompts]),
+        harmful_N=torch.tensor([is_harmful(p) for p in prompts]),
         groups=groups,
         batch_size=cfg.study.batch_size,
         chat_template=cfg.chat_template,
@@ -343,7 +322,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
                         study.judge,
                     )
                 spec = {
-                    a: [round(float(t[c, c + 1]) / len(select_texts), 3) for c in range(len(categories))]
+                    a: [round(x, 3) for x in _specificities(t, len(select_texts))]
                     for a, t in selection[layer].items()
                 }
                 print(f"  layer {layer}: specificity per alpha {spec}", flush=True)
@@ -371,9 +350,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             progress=_Rate("specificity", len(test_benign)),
         )
     confusion = _judged(both, study.judge)
-    specificity = {
-        class_names[c + 1]: float(confusion[c, c + 1]) / len(test_benign) for c in range(len(categories))
-    }
+    specificity = dict(zip(class_names[1:], _specificities(confusion, len(test_benign)), strict=True))
 
     held_out = sets.get("test", cfg.sets.harmful_source)
     by_category = {c: [p.text for p in held_out if p.category == c] for c in categories}
@@ -390,8 +367,8 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             judge=study.judge,
         )
 
-    val_prompts, val_groups = _labelled(sets, "val")
-    test_prompts, test_groups = _labelled(sets, "test")
+    val_prompts, val_groups = sets.with_set_names("val")
+    test_prompts, test_groups = sets.with_set_names("test")
     with _Stage("outcome tables (validation and test)"):
         tables = {
             "val": _table(model, tokenizer, resolved, val_prompts, val_groups, cfg, layer, global_D, "val"),
@@ -445,7 +422,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
                 "val": _flat(result.chosen),
                 "test": _flat(test_point),
                 "test_per_set": _per_set_rates(
-                    tables["test"], _policy_columns(tables["test"], scores["test"], result.policy)
+                    tables["test"], policy_columns(tables["test"], scores["test"], result.policy)
                 ),
                 "front_test": [_flat(p) for p in test_front],
                 "harmful_call_test": asdict(gate_metrics(scores["test"], harmful_test)),
@@ -483,10 +460,9 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             "n": len(test_benign),
         },
         "specificity_test_by_judge": {
-            judge: {
-                class_names[c + 1]: float(_judged(both, judge)[c, c + 1]) / len(test_benign)
-                for c in range(len(categories))
-            }
+            judge: dict(
+                zip(class_names[1:], _specificities(_judged(both, judge), len(test_benign)), strict=True)
+            )
             for judge in JUDGES
         },
         "ablation_test": {short[c]: r for c, r in ablation.items()},

@@ -17,9 +17,8 @@ reference (Alpaca) for vectors and specificity.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +88,15 @@ class SteerSets:
         if name not in by_name:
             raise KeyError(f"no set {name!r} in split {split!r}; known: {sorted(by_name)}")
         return by_name[name]
+
+    def with_set_names(self, split: str) -> tuple[list[Prompt], list[str]]:
+        """Every prompt of a split, set after set, and each prompt's set name."""
+        prompts: list[Prompt] = []
+        names: list[str] = []
+        for name, rows in self.splits[split].items():
+            prompts += rows
+            names += [name] * len(rows)
+        return prompts, names
 
     def names(self, role: str) -> list[str]:
         """Set names with a role (``harmful``, ``over_refusal``, ``benign``)."""
@@ -163,11 +171,6 @@ def build_steer_sets(cfg: SetsConfig) -> SteerSets:
         for name in list(by_name):
             by_name[name] = _cap(by_name[name], cfg.max_per_set, cfg.seed, f"{split}/{name}")
     return SteerSets(splits=splits, roles=roles)
-
-
-def sets_config_record(cfg: SetsConfig) -> str:
-    """The config as JSON (recorded beside every artifact the study writes)."""
-    return json.dumps(asdict(cfg), sort_keys=True, default=str)
 
 
 def is_harmful(prompt: Prompt) -> bool:

@@ -284,8 +284,8 @@ def _check_scores(table: OutcomeTable, score_N: Tensor) -> Tensor:
     return score
 
 
-def evaluate_policy(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) -> PolicyPoint:
-    """Rates of ``policy`` on the table rows scored ``score_N`` (its alphas must be grid values).
+def policy_columns(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) -> Tensor:
+    """The table column (alpha) ``policy`` gives each row scored ``score_N``.
 
     Raises:
         ValueError: Naming ``alpha_pos`` / ``alpha_neg`` / ``alpha_mid`` if one is not in the grid.
@@ -296,11 +296,21 @@ def evaluate_policy(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) ->
         "neg": table.alpha_index(-policy.alpha_neg, "alpha_neg"),
         "mid": table.alpha_index(policy.alpha_mid, "alpha_mid"),
     }
-    alpha_N = policy.alphas(score)
     column_N = torch.full(score.shape, columns["mid"], dtype=torch.long)
     column_N[score >= policy.t_high] = columns["pos"]
     column_N[score < policy.t_low] = columns["neg"]
-    refused_N = table.refused_NA[torch.arange(score.shape[0]), column_N]
+    return column_N
+
+
+def evaluate_policy(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) -> PolicyPoint:
+    """Rates of ``policy`` on the table rows scored ``score_N`` (its alphas must be grid values).
+
+    Raises:
+        ValueError: Naming ``alpha_pos`` / ``alpha_neg`` / ``alpha_mid`` if one is not in the grid.
+    """
+    column_N = policy_columns(table, score_N, policy)
+    alpha_N = policy.alphas(_check_scores(table, score_N))
+    refused_N = table.refused_NA[torch.arange(column_N.shape[0]), column_N]
     harmful = table.harmful_N
     rates = Rates.of(
         int(refused_N[~harmful].sum()), int(refused_N[harmful].sum()), table.n_benign, table.n_harmful
