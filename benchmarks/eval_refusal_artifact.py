@@ -35,16 +35,17 @@ import yaml
 
 from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data import PromptSet
-from sae_refusal.finetune.artifact import write_respond_bias
-from sae_refusal.finetune.calibration import (
+from sae_refusal.eval.calibration import (
     biased_report,
     choose_respond_bias,
     refusal_logits,
     split_for_calibration,
 )
+from sae_refusal.eval.refusal_tokens import RefusalReport, sample_answers
+from sae_refusal.finetune.artifact import write_respond_bias
 from sae_refusal.finetune.config_prompts import finetune_prompts
-from sae_refusal.finetune.evaluate import RefusalReport, first_token_logits, sample_answers
 from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer
+from sae_refusal.llm.first_token import first_token_logits
 
 
 def main() -> None:

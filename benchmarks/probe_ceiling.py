@@ -4,7 +4,7 @@ Reads the prompt sources and the split of a fine-tuning config (``lightning_conf
 the base model's last-token residual at several layers for every prompt (early-exit extraction), fits an
 L2 multinomial logistic regression on the train (+val) split and scores it on the held-out test split and on
 the callback's extra prompts (the CoCoNot contrast set) with exactly the metrics of the fine-tuning report
-(:func:`sae_refusal.finetune.evaluate.report_from_records`): macro-F1 over the six classes on the bar subset
+(:func:`sae_refusal.eval.refusal_tokens.report_from_records`): macro-F1 over the six classes on the bar subset
 (held-out CoCoNot + Alpaca), Alpaca false-refusal and contrast over-refusal.
 
 It answers "is the task learnable from what the model already represents?": a fine-tune that stays far
@@ -33,8 +33,8 @@ from sae_refusal.atomic import atomic_write_text
 from sae_refusal.categories import CATEGORY_SHORT_NAMES, COCONOT_CATEGORIES
 from sae_refusal.data import Label, PromptSet
 from sae_refusal.data.chat import format_prompts
+from sae_refusal.eval.refusal_tokens import report_from_records
 from sae_refusal.finetune.config_prompts import finetune_prompts
-from sae_refusal.finetune.evaluate import report_from_records
 from sae_refusal.llm import LLMConfig, load_model_and_tokenizer
 from sae_refusal.llm.extraction import iter_last_token_residuals
 

@@ -12,7 +12,11 @@ subcommands where Lightning has none are dispatched here first:
 * ``generate``: greedy answers to prompts without and with a steering vector of a ``features`` artifact
   (:mod:`sae_refusal.steer.generate`), the model read from the config's ``data.llm``.
 * ``finetune``: the refusal-token SFT recipe (``RefusalSFTModule`` + ``SFTDataModule``), ending with a
-  held-out refusal-token report and the exported model (``RefusalReportCallback``).
+  held-out refusal-token report and the exported model
+  (:class:`~sae_refusal.eval.callbacks.RefusalReportCallback`).
+* ``steer``: the steering study (:mod:`sae_refusal.steer.job`): vectors, layer, specificity, gates.
+* ``eval``: one eval job (:mod:`sae_refusal.eval.job`): refusal, over-refusal and capability of a model under
+  one saved intervention, with per-item records; ``eval-table`` tabulates several jobs (one column each).
 
 Design notes:
 
@@ -485,12 +489,55 @@ def _steer_config(namespace: Any) -> Any:
     return SteerJobConfig(**values)
 
 
+def eval_parser() -> Any:
+    """The ``sae-refusal eval`` parser (an ``EvalJobConfig`` from YAML files + flags)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from sae_refusal.eval.job import EvalJobConfig
+
+    parser = ArgumentParser(
+        prog="sae-refusal eval",
+        description="Refusal, over-refusal and capability of a model under one intervention (unsteered, "
+        "residual / SAS steering, ablation, a saved gate), from saved artifacts; one column of the results "
+        "table per run.",
+    )
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="An eval YAML (lightning_configs/eval/); give several: later files override earlier ones.",
+    )
+    parser.add_class_arguments(EvalJobConfig, as_group=False)
+    return parser
+
+
+def eval_command(args: Sequence[str]) -> None:
+    """``sae-refusal eval --config lightning_configs/eval/refuse_smollm2.yaml --config columns/caa.yaml``."""
+    from sae_refusal.eval.job import EvalJobConfig, run_eval_job
+
+    parser = eval_parser()
+    namespace = parser.parse_args(list(args))
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse >= 4.49
+    values = {
+        k: v for k, v in vars(instantiate(namespace)).items() if k != "config" and not k.startswith("__")
+    }
+    run_eval_job(EvalJobConfig(**values))
+
+
+def eval_table_command(args: Sequence[str]) -> None:
+    """``sae-refusal eval-table DIR [DIR ...] [--out table.md]``."""
+    from sae_refusal.eval.table import table_command
+
+    table_command(args)
+
+
 PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "cache": (cache_command, "Write the split manifest and cache last-token activations (no training)."),
     "finetune": (finetune_command, "Fine-tune a chat model to emit refusal tokens; report and export it."),
     "features": (features_command, "Steering vectors, heads, cluster metrics, plots from saved SAEs."),
     "generate": (generate_command, "Answers to prompts without and with a steering vector, side by side."),
     "steer": (steer_command, "Steering study: vectors, specificity, conditional vs unconditional steering."),
+    "eval": (eval_command, "Refusal, over-refusal and capability under one intervention (a table column)."),
+    "eval-table": (eval_table_command, "The results table across eval job folders."),
 }
 
 

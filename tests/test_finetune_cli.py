@@ -89,7 +89,7 @@ def test_finetune_trains_reports_and_exports(tmp_path: Path, tiny_model_dir: Pat
             },
             "callbacks": [
                 {
-                    "class_path": "sae_refusal.finetune.callbacks.RefusalReportCallback",
+                    "class_path": "sae_refusal.eval.callbacks.RefusalReportCallback",
                     "init_args": {"batch_size": 8, "n_samples": 2, "subsets": {"bar": ["h"]}},
                 },
             ],
@@ -242,7 +242,7 @@ def test_report_subsets_are_checked_before_training() -> None:
     import pytest
 
     from sae_refusal.data.sources import PromptSetConfig, PromptSourceConfig
-    from sae_refusal.finetune.callbacks import RefusalReportCallback
+    from sae_refusal.eval.callbacks import RefusalReportCallback
 
     prompts = PromptSetConfig(sources=[PromptSourceConfig(name="h", label="harmful", path="h.jsonl")])
     extra = PromptSetConfig(sources=[PromptSourceConfig(name="c", label="ambiguous", path="c.jsonl")])

@@ -42,7 +42,7 @@ def test_split_and_extra_prompts(tmp_path: Path) -> None:
         "trainer": {
             "callbacks": [
                 {
-                    "class_path": "sae_refusal.finetune.callbacks.RefusalReportCallback",
+                    "class_path": "sae_refusal.eval.callbacks.RefusalReportCallback",
                     "init_args": {
                         "extra_prompts": {
                             "sources": [

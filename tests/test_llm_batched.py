@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
 
@@ -126,6 +127,17 @@ def test_greedy_generation_same_batched_and_one_by_one(
     alone = [generate(model, [ids], batch_size=1, **kw)[0] for ids in input_ids]
     assert batched == alone and len(batched) == len(TEXTS)
     assert all(len(g.token_ids) <= 5 and g.stopped == (len(g.token_ids) < 5) for g in batched)
+    # longest-first batches come back in input order, each prompt with its own answer
+    seen: list[list[int]] = []
+    sorted_ = generate(
+        model,
+        input_ids,
+        batch_size=3,
+        sort_by_length=True,
+        around=lambda idx: seen.append(idx) or nullcontext(),
+        **kw,
+    )
+    assert sorted_ == alone and seen[0] != [0, 1, 2]
 
     text_kw: dict[str, Any] = {"max_new_tokens": 5, "stop_ids": [tokenizer.eos_token_id]}
     texts = generate_texts(model, tokenizer, formatted, batch_size=4, **text_kw)

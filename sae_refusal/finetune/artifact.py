@@ -18,9 +18,9 @@ reproduces a model in which only the new rows were trained. An adapter that trai
 (``modules_to_save``) is refused: it would store the full ``vocab x d_model`` matrices.
 
 A calibrated artifact also records a ``respond_bias`` (:func:`write_respond_bias`, chosen on a calibration
-split by :func:`~sae_refusal.finetune.calibration.choose_respond_bias`) and how it was chosen. Applying it
+split by :func:`~sae_refusal.eval.calibration.choose_respond_bias`) and how it was chosen. Applying it
 puts the bias in the model's ``generation_config.sequence_bias``, so ``generate`` and the refusal report
-(:func:`~sae_refusal.finetune.evaluate.evaluate_refusal_tokens`) both use it.
+(:func:`~sae_refusal.eval.refusal_tokens.evaluate_refusal_tokens`) both use it.
 """
 
 from __future__ import annotations

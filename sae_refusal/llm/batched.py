@@ -338,6 +338,7 @@ def generate(
     temperature: float = 0.0,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     around: BatchContext | None = None,
+    sort_by_length: bool = False,
 ) -> list[Generation]:
     """Generate a continuation of each prompt with ``model.generate``, left-padded batches in input order.
 
@@ -355,6 +356,8 @@ def generate(
             decoding).
         around: ``around(indices)`` -> a context manager entered around each batch's ``generate`` call (an
             intervention acts on the prefill and every decode step).
+        sort_by_length: Batch the prompts longest first (far less padding when lengths vary; each prompt's
+            answer is the same up to floating-point rounding); results still come back in input order.
 
     Returns:
         One :class:`Generation` per prompt, in input order.
@@ -365,7 +368,9 @@ def generate(
     check_positive("max_new_tokens", max_new_tokens)
     if temperature < 0:
         raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
-    batches = iter_padded_batches(input_ids, batch_size=batch_size, pad_id=pad_id)
+    batches = iter_padded_batches(
+        input_ids, batch_size=batch_size, pad_id=pad_id, sort_by_length=sort_by_length
+    )
     options: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         options = {"do_sample": True, "temperature": temperature}
@@ -375,7 +380,7 @@ def generate(
         options["logits_processor"] = LogitsProcessorList(logits_processors)
     stops = set(stop_ids)
     device = input_device(model)
-    generations: list[Generation] = []
+    generations: list[Generation | None] = [None] * len(input_ids)
     with _eval_mode(model), torch.inference_mode():
         for batch in batches:
             with around(batch.indices) if around is not None else nullcontext():
@@ -388,8 +393,9 @@ def generate(
                     **options,
                 )
             new_BT = out_BT[:, batch.input_ids_BT.shape[1] :]
-            generations.extend(_cut_at_stop(row, stops) for row in new_BT.tolist())
-    return generations
+            for index, row in zip(batch.indices, new_BT.tolist(), strict=True):
+                generations[index] = _cut_at_stop(row, stops)
+    return [g for g in generations if g is not None]
 
 
 def generate_texts(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae_refusal.finetune.evaluate import iter_first_token_logits
+from sae_refusal.llm.first_token import iter_first_token_logits
 from sae_refusal.llm.hooks import ResidualFn
 from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens, respond_bias_of
 from sae_refusal.steer.interventions import Intervention, Positions, ResidualSteering

@@ -91,7 +91,7 @@ class RefusalReportCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        from sae_refusal.finetune.evaluate import evaluate_refusal_tokens, sample_answers
+        from sae_refusal.eval.refusal_tokens import evaluate_refusal_tokens, sample_answers
         from sae_refusal.finetune.module import RefusalSFTModule
 
         if not isinstance(pl_module, RefusalSFTModule):

@@ -1,9 +1,12 @@
-"""Held-out evaluation of a refusal-token model: is the first generated token the right one?
+"""Refusal-token report of a refusal-token model: is the first generated token the right one?
+
+Used by the fine-tuning job's held-out report (:class:`~sae_refusal.eval.callbacks.RefusalReportCallback`),
+respond-bias calibration (:mod:`sae_refusal.eval.calibration`) and the eval jobs.
 
 A refusal-token model answers a harmful prompt of CoCoNot category ``c`` with that category's token first
 (``" [Requests with safety concerns]"``, ...) and every other prompt with ``" [respond]"``. One forward pass
 per prompt is enough to read that choice: the logits at the last prompt position are the first response
-token's distribution (:func:`first_token_logits`).
+token's distribution (:func:`~sae_refusal.llm.first_token.first_token_logits`).
 
 Two readings (``mode``):
 
@@ -20,22 +23,22 @@ and ``report.md``. :func:`sample_answers` generates a few full answers, to check
 ``" [respond]"`` is still a sensible answer.
 
 Design notes: logits are computed in batches of prompts sorted by length (less padding), left-padded, with
-``position_ids`` from the attention mask, so a prompt's logits are the same alone and in a batch.
-:func:`evaluate_refusal_tokens` streams the batches through
-:meth:`~sae_refusal.llm.refusal_tokens.ResolvedRefusalTokens.classify` and keeps only the readings, never an
-``(N, vocab)`` tensor; the metrics are a pure function of those readings (:func:`refusal_report`).
+``position_ids`` from the attention mask, so a prompt's logits are the same alone and in a batch
+(:func:`~sae_refusal.llm.first_token.iter_first_token_logits`). :func:`evaluate_refusal_tokens` streams the
+batches through :meth:`~sae_refusal.llm.refusal_tokens.ResolvedRefusalTokens.classify` and keeps only the
+readings, never an ``(N, vocab)`` tensor; the metrics are a pure function of those readings
+(:func:`refusal_report`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -43,14 +46,13 @@ from sae_refusal.atomic import atomic_write_text
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
 from sae_refusal.llm.batched import (
-    BatchContext,
     check_positive,
     generate,
-    iter_next_token_logits,
     resolve_pad_id,
     rows_in_input_order,
     stop_token_ids,
 )
+from sae_refusal.llm.first_token import iter_first_token_logits
 from sae_refusal.llm.refusal_tokens import (
     RefusalPrediction,
     RefusalVocabulary,
@@ -62,17 +64,14 @@ from sae_refusal.llm.tokenize import encode_prompts
 __all__ = [
     "EVAL_MODES",
     "OTHER_CLASS_NAME",
-    "FirstTokenBatch",
     "RefusalReport",
     "evaluate_refusal_tokens",
     "expected_class",
-    "first_token_logits",
-    "iter_first_token_logits",
+    "prediction_record",
     "refusal_report",
+    "report_from_records",
     "sample_answers",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Accepted values of ``mode``.
 EVAL_MODES: tuple[str, ...] = ("greedy", "restricted")
@@ -84,121 +83,6 @@ OTHER_CLASS_NAME = "other"
 OTHER_CLASS = -1
 
 _MD_MAX_ERRORS = 20
-
-
-# --------------------------------------------------------------------------------------------- forward
-
-
-class FirstTokenBatch(NamedTuple):
-    """First-response-token logits of one batch of prompts.
-
-    Args:
-        indices: Position of each row's prompt in the input list.
-        logits_BV: Logits at the last prompt position, float32 on CPU.
-        truncated: Whether each prompt lost its first tokens to ``max_length``.
-    """
-
-    indices: list[int]
-    logits_BV: Tensor
-    truncated: list[bool]
-
-
-def iter_first_token_logits(
-    model: nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 16,
-    max_length: int = 1024,
-    chat_template: str | None = None,
-    system_prompt: str | None = None,
-    around: BatchContext | None = None,
-) -> Iterator[FirstTokenBatch]:
-    """Yield the first-response-token logits of user messages, one batch at a time.
-
-    Prompts are chat-formatted (:func:`~sae_refusal.data.chat.format_prompts`, generation prompt included),
-    encoded with ``overflow="truncate_left"``, sorted by length (longest first) and left-padded; each
-    forward gets ``position_ids`` from the attention mask. Batches therefore come in length order, not
-    input order: use each batch's ``indices``. The model runs in eval mode under ``torch.inference_mode``
-    (its previous train/eval mode is restored afterwards); inputs go to the device of its input embeddings.
-
-    Args:
-        model: A Hugging Face causal LM (or a PEFT wrapper of one), on any device.
-        tokenizer: Its tokenizer.
-        texts: User messages (no chat template applied).
-        batch_size: Prompts per forward pass.
-        max_length: Most tokens a formatted prompt keeps (longer ones lose their beginning).
-        chat_template: Template overriding the tokenizer's (config key ``chat_template``).
-        system_prompt: Optional system message before each user message.
-        around: ``around(indices)`` -> a context manager around each batch's forward (e.g. a per-row
-            intervention; see :data:`sae_refusal.llm.batched.BatchContext`).
-
-    Raises:
-        ValueError: On a non-positive ``batch_size`` / ``max_length`` or an empty ``texts``.
-        ChatTemplateError: If the tokenizer has no chat template and none is given.
-    """
-    check_positive("batch_size", batch_size)
-    check_positive("max_length", max_length)
-    if isinstance(texts, str):
-        raise TypeError("texts: expected a sequence of strings, got a single string")
-    if len(texts) == 0:
-        raise ValueError("texts: no prompts to evaluate")
-    formatted = format_prompts(tokenizer, texts, chat_template=chat_template, system_prompt=system_prompt)
-    encoded = encode_prompts(tokenizer, formatted, max_length=max_length, overflow="truncate_left")
-    if encoded.n_truncated:
-        log.info(
-            "%d of %d prompts were longer than max_length=%d and lost their first tokens",
-            encoded.n_truncated,
-            len(texts),
-            max_length,
-        )
-    truncated = set(encoded.truncated_indices)
-    for batch in iter_next_token_logits(
-        model,
-        encoded.input_ids,
-        batch_size=batch_size,
-        pad_id=resolve_pad_id(tokenizer),
-        sort_by_length=True,
-        around=around,
-    ):
-        flags = [i in truncated for i in batch.indices]
-        yield FirstTokenBatch(indices=batch.indices, logits_BV=batch.logits_BV, truncated=flags)
-
-
-def first_token_logits(
-    model: nn.Module,
-    tokenizer: Any,
-    texts: list[str],
-    *,
-    batch_size: int = 16,
-    max_length: int = 1024,
-    chat_template: str | None = None,
-    system_prompt: str | None = None,
-) -> Tensor:
-    """Logits of the first response token for each user message, in input order.
-
-    Same arguments as :func:`iter_first_token_logits` (formatting, truncation, padding and device handling
-    are described there), whose batches are put back in input order. The result is ``(N, vocab)`` float32
-    on CPU; for large sets and vocabularies prefer the streaming :func:`iter_first_token_logits` (or
-    :func:`evaluate_refusal_tokens`, which never holds all of it).
-
-    Returns:
-        ``logits_NV``, row ``i`` for ``texts[i]``.
-
-    Raises:
-        ValueError: On a non-positive ``batch_size`` / ``max_length`` or an empty ``texts``.
-        ChatTemplateError: If the tokenizer has no chat template and none is given.
-    """
-    batches = iter_first_token_logits(
-        model,
-        tokenizer,
-        texts,
-        batch_size=batch_size,
-        max_length=max_length,
-        chat_template=chat_template,
-        system_prompt=system_prompt,
-    )
-    return rows_in_input_order(((batch.indices, batch.logits_BV) for batch in batches), len(texts))
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -277,7 +161,7 @@ class RefusalReport:
         per_source: ``Prompt.source`` -> ``n``, ``accuracy``, ``refusal_rate``.
         n_truncated: Prompts that lost their first tokens to ``max_length``.
         respond_bias: Constant added to the ``[respond]`` logit before reading the predictions (a calibrated
-            decision threshold, see :mod:`sae_refusal.finetune.calibration`); 0 for the model's own argmax.
+            decision threshold, see :mod:`sae_refusal.eval.calibration`); 0 for the model's own argmax.
         predictions: One record per prompt: ``id``, ``source``, ``label``, ``category``, ``expected`` and
             ``predicted`` (class names), ``correct``, ``top_is_refusal_token``, ``top_token`` (the
             unrestricted argmax token when known), ``p_expected`` (probability of the expected token under

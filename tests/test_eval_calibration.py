@@ -10,8 +10,8 @@ from tokenizers import AddedToken
 
 from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS, INCOMPLETE, SAFETY
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
-from sae_refusal.finetune.calibration import biased_report, choose_respond_bias, refusal_logits
-from sae_refusal.finetune.evaluate import refusal_report
+from sae_refusal.eval.calibration import biased_report, choose_respond_bias, refusal_logits
+from sae_refusal.eval.refusal_tokens import refusal_report
 from sae_refusal.llm import RefusalVocabulary
 from sae_refusal.testing import build_tiny_tokenizer
 
@@ -112,7 +112,7 @@ def test_biased_report_records_its_bias(resolved: Any) -> None:
 
 
 def test_split_for_calibration_is_disjoint_stratified_and_stable() -> None:
-    from sae_refusal.finetune.calibration import split_for_calibration
+    from sae_refusal.eval.calibration import split_for_calibration
 
     rows = [
         Prompt(id=f"x{i}", text=f"x{i}", label=Label.AMBIGUOUS, category=cat, source="contrast")

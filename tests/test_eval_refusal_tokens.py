@@ -15,17 +15,16 @@ from transformers import PreTrainedModel
 
 from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS, HUMANIZING, INCOMPLETE, SAFETY, UNSUPPORTED
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
-from sae_refusal.finetune import evaluate as ev
-from sae_refusal.finetune.evaluate import (
-    FirstTokenBatch,
+from sae_refusal.eval import refusal_tokens as ev
+from sae_refusal.eval.refusal_tokens import (
     RefusalReport,
     evaluate_refusal_tokens,
     expected_class,
-    first_token_logits,
     refusal_report,
     sample_answers,
 )
 from sae_refusal.llm import RefusalTokenError, RefusalVocabulary
+from sae_refusal.llm.first_token import FirstTokenBatch, first_token_logits
 from sae_refusal.testing import build_tiny_model, build_tiny_tokenizer
 
 TOKENS = list(DEFAULT_REFUSAL_TOKENS)

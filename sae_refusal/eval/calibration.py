@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sae_refusal.data.prompt_set import PromptSet
 from sae_refusal.data.splits import SplitConfig, make_split_manifest
-from sae_refusal.finetune.evaluate import (
+from sae_refusal.eval.refusal_tokens import (
     OTHER_CLASS_NAME,
     RefusalReport,
     expected_class,
@@ -63,7 +63,7 @@ def biased_report(
 ) -> RefusalReport:
     """The greedy refusal report with ``respond_bias`` added to the respond logit.
 
-    With ``respond_bias = 0`` it equals :func:`~sae_refusal.finetune.evaluate.evaluate_refusal_tokens` in
+    With ``respond_bias = 0`` it equals :func:`~sae_refusal.eval.refusal_tokens.evaluate_refusal_tokens` in
     greedy mode (a first token that is no refusal token is ``"other"``). Probabilities in the records are the
     unbiased model's.
 

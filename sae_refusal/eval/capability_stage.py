@@ -1,0 +1,277 @@
+"""The eval job's capability stage and alpha sweep: items -> intervention plan -> scores -> rows with CIs.
+
+Each capability item's user-facing text (the MMLU / GSM8K / TruthfulQA question, the benign or reference
+prompt) is what a conditional gate reads, so a gate steers capability items the way it would steer a user's
+message; unconditional interventions give every item the same edit. The plan's per-batch context reaches
+every forward and decode step of :mod:`sae_refusal.eval.capability`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sae_refusal.eval.stats import bootstrap_mean
+
+if TYPE_CHECKING:
+    from sae_refusal.data.prompt_set import Prompt
+    from sae_refusal.eval.interventions import ItemPlan, LoadedIntervention
+    from sae_refusal.eval.job import _Context
+    from sae_refusal.steer.sets import SteerSets
+
+__all__ = ["reference_prompts", "run_capability", "run_sweep"]
+
+
+@dataclass
+class _Task:
+    name: str
+    texts: list[str]
+
+
+def _cap(items: list[Any], limit: int | None, seed: int) -> list[Any]:
+    if limit is None or len(items) <= limit:
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+    return [items[int(i)] for i in keep]
+
+
+def reference_prompts(ctx: _Context, limit: int | None) -> list[Prompt]:
+    """Held-out (``test``) prompts of the model's own prompt set that carry a reference answer."""
+    from pathlib import Path
+
+    from sae_refusal.data.sources import load_prompt_set
+    from sae_refusal.data.splits import split_prompt_set
+
+    sets_cfg = ctx.cfg.sets
+    model_set = split_prompt_set(
+        load_prompt_set(sets_cfg.model_prompts), sets_cfg.model_split, None, Path(sets_cfg.manifest_root)
+    )
+    rows = [p for p in model_set if p.split == "test" and p.response]
+    return _cap(rows, limit, ctx.cfg.capability.seed)
+
+
+def _row(values: list[float] | np.ndarray, ctx: _Context, salt: int, **extra: Any) -> dict[str, Any]:
+    est = bootstrap_mean(
+        np.asarray(values, dtype=np.float64), n_boot=ctx.cfg.n_boot, seed=ctx.cfg.seed + salt
+    )
+    return {**est.to_json(), **extra}
+
+
+def _plan(ctx: _Context, loaded: LoadedIntervention, texts: list[str]) -> ItemPlan:
+    cap = ctx.cfg.capability
+    return loaded.plan(ctx.tokenizer, texts, batch_size=cap.batch_size, max_length=cap.max_length, **ctx.chat)
+
+
+def _records(task: str, scores: list[Any], plan: ItemPlan, intervention: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "task": task,
+            "id": s.id,
+            "intervention": intervention,
+            "value": s.value,
+            **s.extra,
+            **plan.item_record(i),
+        }
+        for i, s in enumerate(scores)
+    ]
+
+
+def _kl_and_reference(
+    ctx: _Context,
+    loaded: LoadedIntervention,
+    sets: SteerSets,
+    out: dict[str, Any],
+    records: list[dict[str, Any]],
+) -> None:
+    from sae_refusal.eval import capability as cap_fns
+
+    cfg = ctx.cfg.capability
+    model, tok, name = ctx.model, ctx.tokenizer, loaded.name
+    if "next_token_kl" in cfg.tasks:
+        benign = _cap(sets.get("test", ctx.cfg.sets.benign_source), cfg.kl_n, cfg.seed)
+        texts = [p.text for p in benign]
+        plan = _plan(ctx, loaded, texts)
+        scores = cap_fns.next_token_kl(
+            model,
+            tok,
+            texts,
+            ids=[p.id for p in benign],
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            around=plan.around,
+            progress=True,
+            **ctx.chat,
+        )
+        out["next-token KL (benign)"] = _row([s.value for s in scores], ctx, 11)
+        records += _records("next_token_kl", scores, plan, name)
+    if "reference" in cfg.tasks:
+        refs = reference_prompts(ctx, cfg.reference_n)
+        texts = [p.text for p in refs]
+        plan = _plan(ctx, loaded, texts)
+        scores = cap_fns.reference_answers(
+            model,
+            tok,
+            texts,
+            [str(p.response) for p in refs],
+            ids=[p.id for p in refs],
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            around=plan.around,
+            progress=True,
+            **ctx.chat,
+        )
+        nll = np.array([s.value for s in scores])
+        tokens = np.array([s.extra["n_tokens"] for s in scores], dtype=np.float64)
+        est = bootstrap_mean(nll, n_boot=ctx.cfg.n_boot, seed=ctx.cfg.seed + 12)
+        token_weighted = float((nll * tokens).sum() / tokens.sum()) if tokens.sum() else float("nan")
+        out["reference perplexity"] = {
+            "value": float(np.exp(token_weighted)),
+            "low": float(np.exp(est.low)),
+            "high": float(np.exp(est.high)),
+            "n": est.n,
+            "note": "exp of the token-weighted mean NLL; CI: exp of the item-mean NLL's CI",
+        }
+        out["reference KL per token"] = _row([s.extra["kl"] for s in scores], ctx, 13)
+        records += _records("reference", scores, plan, name)
+
+
+def run_capability(
+    ctx: _Context, loaded: LoadedIntervention, sets: SteerSets
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every configured capability measure under the intervention: ``(rows, per-item records)``."""
+    from sae_refusal.data import capability as data
+    from sae_refusal.eval import capability as cap_fns
+
+    cfg = ctx.cfg.capability
+    model, tok, name = ctx.model, ctx.tokenizer, loaded.name
+    out: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    if "mmlu" in cfg.tasks:
+        items = data.load_mmlu(cfg.data_root, split="test", limit=cfg.mmlu_n, seed=cfg.seed)
+        dev = data.load_mmlu(cfg.data_root, split="dev")
+        plan = _plan(ctx, loaded, [i.question for i in items])
+        scores = cap_fns.mmlu(
+            model,
+            tok,
+            items,
+            dev,
+            k_shot=cfg.mmlu_k_shot,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            around=plan.around,
+            progress=True,
+        )
+        out["MMLU accuracy"] = _row([s.value for s in scores], ctx, 1, k_shot=cfg.mmlu_k_shot)
+        records += _records("mmlu", scores, plan, name)
+        print(f"  MMLU: {out['MMLU accuracy']['value']:.3f} (n={len(scores)})", flush=True)
+    if "gsm8k" in cfg.tasks:
+        gsm_items = data.load_gsm8k(cfg.data_root, split="test", limit=cfg.gsm8k_n, seed=cfg.seed)
+        shots = data.load_gsm8k(cfg.data_root, split="train", limit=max(cfg.gsm8k_k_shot, 1), seed=cfg.seed)
+        plan = _plan(ctx, loaded, [i.question for i in gsm_items])
+        scores = cap_fns.gsm8k(
+            model,
+            tok,
+            gsm_items,
+            shots,
+            k_shot=cfg.gsm8k_k_shot,
+            max_new_tokens=cfg.gsm8k_max_new_tokens,
+            batch_size=cfg.batch_size,
+            around=plan.around,
+            progress=True,
+        )
+        out["GSM8K exact match"] = _row([s.value for s in scores], ctx, 2, k_shot=cfg.gsm8k_k_shot)
+        records += _records("gsm8k", scores, plan, name)
+        print(f"  GSM8K: {out['GSM8K exact match']['value']:.3f} (n={len(scores)})", flush=True)
+    if "truthfulqa" in cfg.tasks:
+        tqa_items = data.load_truthfulqa(cfg.data_root, limit=cfg.truthfulqa_n, seed=cfg.seed)
+        plan = _plan(ctx, loaded, [i.question for i in tqa_items])
+        scores = cap_fns.truthfulqa_mc(
+            model,
+            tok,
+            tqa_items,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            around=plan.around,
+            progress=True,
+        )
+        out["TruthfulQA MC1"] = _row([s.value for s in scores], ctx, 3)
+        out["TruthfulQA MC2"] = _row([s.extra["mc2"] for s in scores], ctx, 4)
+        records += _records("truthfulqa", scores, plan, name)
+        print(
+            f"  TruthfulQA MC1/MC2: {out['TruthfulQA MC1']['value']:.3f} / "
+            f"{out['TruthfulQA MC2']['value']:.3f} (n={len(scores)})",
+            flush=True,
+        )
+    _kl_and_reference(ctx, loaded, sets, out, records)
+    return out, records
+
+
+def run_sweep(
+    ctx: _Context, loaded: LoadedIntervention, sets: SteerSets, prompts: list[Prompt], names: list[str]
+) -> list[dict[str, Any]]:
+    """Refusal / over-refusal (and KL / reference perplexity) at each (category, alpha) of ``sweep``.
+
+    Raises:
+        ValueError: Naming ``sweep.intervention`` when the swept intervention is not residual or latent.
+    """
+    from dataclasses import replace
+
+    from sae_refusal.eval.interventions import load_intervention
+    from sae_refusal.eval.job import _refusal_stage
+    from sae_refusal.eval.refusal_sets import summarise
+
+    sweep = ctx.cfg.sweep
+    base = sweep.intervention or loaded.config
+    if base.kind not in ("residual", "latent"):
+        raise ValueError(
+            f"sweep.intervention: the swept intervention must be residual or latent, got kind {base.kind!r} "
+            "(set sweep.intervention)"
+        )
+    judge = [j for j in ctx.judges if j.name == ctx.primary]
+    cap_settings = replace(
+        ctx.cfg.capability, tasks=[t for t in ("next_token_kl", "reference") if t in ctx.cfg.capability.tasks]
+    )
+    sweep_ctx = replace(ctx, cfg=replace(ctx.cfg, capability=cap_settings))
+    points: list[dict[str, Any]] = []
+    cache: dict[float, dict[str, Any]] = {}
+    for category in sweep.categories:
+        for alpha in sorted({0.0, *sweep.alphas}):
+            if alpha == 0.0 and 0.0 in cache:
+                points.append({**cache[0.0], "category": category})
+                continue
+            cfg_i = base.with_alpha(alpha, category)
+            loaded_i = load_intervention(cfg_i, ctx.model, fingerprint=ctx.fingerprint)
+            records = _refusal_stage(
+                ctx,
+                loaded_i,
+                prompts,
+                names,
+                sets.roles,
+                max_new_tokens=sweep.max_new_tokens,
+                judges=judge,
+                label=f"sweep {category} {alpha:+g}",
+            )
+            summary = summarise(records, ctx.primary, n_boot=ctx.cfg.n_boot, seed=ctx.cfg.seed)
+            point: dict[str, Any] = {
+                "category": category,
+                "alpha": alpha,
+                "harmful": summary["blocks"].get("harmful"),
+                "over_refusal": summary["blocks"].get("over_refusal"),
+                "sets": {k: v["value"] for k, v in summary["sets"].items()},
+            }
+            if sweep.capability and cap_settings.tasks:
+                rows: dict[str, Any] = {}
+                _kl_and_reference(sweep_ctx, loaded_i, sets, rows, [])
+                point["next_token_kl"] = rows.get("next-token KL (benign)")
+                point["reference_ppl"] = rows.get("reference perplexity")
+            if alpha == 0.0:
+                cache[0.0] = point
+            points.append(point)
+            print(
+                f"  sweep {category} {alpha:+g}: harmful {point['harmful']['value']:.3f}, "
+                f"over-refusal {point['over_refusal']['value']:.3f}",
+                flush=True,
+            )
+    return points

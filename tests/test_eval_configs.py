@@ -1,0 +1,70 @@
+"""Every eval YAML parses into an EvalJobConfig; the SAS-SAE fit fragment parses on top of default.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sae_refusal.eval.interventions import INTERVENTION_KINDS
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = REPO / "lightning_configs" / "eval"
+BASE = EVAL / "refuse_smollm2.yaml"
+COLUMNS = sorted((EVAL / "columns").glob("*.yaml"))
+
+
+def parse(*configs: Path) -> Any:
+    from sae_refusal.cli import eval_parser
+    from sae_refusal.eval.job import EvalJobConfig
+
+    parser = eval_parser()
+    args: list[str] = []
+    for config in configs:
+        args += ["--config", str(config)]
+    namespace = parser.parse_args(args)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    values = {
+        k: v for k, v in vars(instantiate(namespace)).items() if k != "config" and not k.startswith("__")
+    }
+    return EvalJobConfig(**values)
+
+
+@pytest.mark.parametrize("column", COLUMNS, ids=lambda p: p.stem)
+def test_every_column_parses_on_the_quickstart_config(column: Path) -> None:
+    cfg = parse(BASE, column)
+    assert cfg.intervention.kind in INTERVENTION_KINDS
+    assert cfg.out_dir.startswith("runs/eval/refuse_smollm2/")
+    assert cfg.sets.max_per_set == 40  # the quickstart caps each test set
+    full = parse(BASE, column, EVAL / "full_sets.yaml")
+    assert full.sets.max_per_set is None and full.intervention == cfg.intervention
+
+
+def test_columns_write_to_distinct_folders() -> None:
+    folders = [parse(BASE, c).out_dir for c in COLUMNS]
+    assert len(set(folders)) == len(folders)
+
+
+def test_the_sas_sae_fragment_parses_on_top_of_default() -> None:
+    from tests.test_cli import parse as fit_parse
+
+    cfg = fit_parse(
+        [
+            "--config",
+            str(REPO / "lightning_configs" / "default.yaml"),
+            "--config",
+            str(EVAL / "sae_layer21.yaml"),
+        ]
+    )
+    assert cfg.data.layer == 21 and cfg.data.cache.layers == [21]
+    # the fine-tuning run's split, so SAS vectors come from its train split only
+    assert (cfg.data.split.test_fraction, cfg.data.split.val_fraction, cfg.data.split.seed) == (0.2, 0.05, 0)
+
+
+def test_every_yaml_under_lightning_configs_is_parsed_by_a_test() -> None:
+    """A new YAML folder needs a parse test (add it here once it has one)."""
+    covered = {"", "data", "sae", "trainer", "sweeps", "steer", "finetune", "eval", "eval/columns"}
+    root = REPO / "lightning_configs"
+    folders = {p.parent.relative_to(root).as_posix().replace(".", "") for p in root.rglob("*.yaml")}
+    assert folders <= covered, f"YAML folders without a parse test: {sorted(folders - covered)}"
