@@ -36,7 +36,7 @@ def test_every_column_parses_on_the_quickstart_config(column: Path) -> None:
     cfg = parse(BASE, column)
     assert cfg.intervention.kind in INTERVENTION_KINDS
     assert cfg.out_dir.startswith("runs/eval/refuse_smollm2/")
-    assert cfg.sets.max_per_set == 40  # the quickstart caps each test set
+    assert cfg.sets.max_per_set == 16  # the quickstart caps each test set
     full = parse(BASE, column, EVAL / "full_sets.yaml")
     assert full.sets.max_per_set is None and full.intervention == cfg.intervention
 

@@ -176,5 +176,13 @@ def test_width_and_model_mismatches_are_refused(tiny: tuple[Any, Any], tmp_path:
     assert load_intervention(
         InterventionConfig(kind="residual", vectors=str(same)), model, fingerprint=FINGERPRINT
     )
+    # the same weights loaded by another name (a staged copy of the file) are the same model
+    moved = {**FINGERPRINT, "model": "/tmp/m/copy.gguf"}
+    assert load_intervention(InterventionConfig(kind="residual", vectors=str(same)), model, fingerprint=moved)
+    with pytest.raises(ValueError, match="adapter"):
+        other_adapter = {**FINGERPRINT, "adapter": "another"}
+        load_intervention(
+            InterventionConfig(kind="residual", vectors=str(same)), model, fingerprint=other_adapter
+        )
     with pytest.raises(FileNotFoundError, match=r"intervention\.vectors"):
         load_intervention(InterventionConfig(kind="residual", vectors=str(tmp_path)), model)

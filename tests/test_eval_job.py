@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,11 @@ def test_unsteered_job_writes_every_output_and_numbers_follow_the_items(unsteere
     assert metrics["capability"]["MMLU accuracy"]["n"] == len(mmlu) == 4
     # unsteered: KL to itself is zero
     assert metrics["capability"]["next-token KL (benign)"]["value"] == 0.0
-    assert metrics["capability"]["reference perplexity"]["value"] > 1.0
+    ppl = metrics["capability"]["reference perplexity"]
+    assert ppl["value"] > 1.0 and ppl["low"] <= ppl["value"] <= ppl["high"]
+    refs = [c for c in caps if c["task"] == "reference"]
+    nll = sum(c["nll_sum"] for c in refs) / sum(c["n_tokens"] for c in refs)
+    assert ppl["value"] == pytest.approx(math.exp(nll))
     report = (out / "report.md").read_text()
     assert "Harmful refusal" in report and "Over-refusal" in report and "MMLU accuracy" in report
     assert "Judge agreement" in report and metrics["refusal"]["agreement"][0]["judges"] == [

@@ -153,3 +153,22 @@ def test_cohen_kappa_degenerate_cases() -> None:
     assert cohen_kappa([True, True], [False, False]) == 0.0  # chance agreement 0, observed 0
     with pytest.raises(ValueError, match=r"length"):
         cohen_kappa([True], [True, False])
+
+
+def test_bootstrap_ratio_is_the_token_weighted_mean_and_brackets_it() -> None:
+    from sae_refusal.eval.stats import bootstrap_ratio
+
+    nll_sum = np.array([10.0, 2.0, 30.0, 4.0])
+    tokens = np.array([5.0, 1.0, 10.0, 4.0])
+    est = bootstrap_ratio(nll_sum, tokens, n_boot=500, seed=1)
+    assert est.value == pytest.approx(46.0 / 20.0) and est.n == 4
+    assert est.low <= est.value <= est.high
+    # not the unweighted mean of per-item ratios (2, 2, 3, 1 -> 2.0)
+    assert est.value != pytest.approx(2.0)
+    # one item resampled n times: the interval collapses to its ratio
+    same = bootstrap_ratio([6.0, 6.0], [3.0, 3.0], n_boot=50)
+    assert (same.low, same.high) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="shapes"):
+        bootstrap_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="denominator_N"):
+        bootstrap_ratio([1.0], [0.0])

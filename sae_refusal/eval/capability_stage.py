@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sae_refusal.eval.stats import bootstrap_mean
+from sae_refusal.eval.stats import bootstrap_mean, bootstrap_ratio
 
 if TYPE_CHECKING:
     from sae_refusal.data.prompt_set import Prompt
@@ -122,16 +122,16 @@ def _kl_and_reference(
             progress=True,
             **ctx.chat,
         )
-        nll = np.array([s.value for s in scores])
+        nll_sum = np.array([s.extra["nll_sum"] for s in scores], dtype=np.float64)
         tokens = np.array([s.extra["n_tokens"] for s in scores], dtype=np.float64)
-        est = bootstrap_mean(nll, n_boot=ctx.cfg.n_boot, seed=ctx.cfg.seed + 12)
-        token_weighted = float((nll * tokens).sum() / tokens.sum()) if tokens.sum() else float("nan")
+        est = bootstrap_ratio(nll_sum, tokens, n_boot=ctx.cfg.n_boot, seed=ctx.cfg.seed + 12)
         out["reference perplexity"] = {
-            "value": float(np.exp(token_weighted)),
+            "value": float(np.exp(est.value)),
             "low": float(np.exp(est.low)),
             "high": float(np.exp(est.high)),
             "n": est.n,
-            "note": "exp of the token-weighted mean NLL; CI: exp of the item-mean NLL's CI",
+            "n_tokens": int(tokens.sum()),
+            "note": "exp of the token-weighted mean NLL of the reference answers; CI by resampling items",
         }
         out["reference KL per token"] = _row([s.extra["kl"] for s in scores], ctx, 13)
         records += _records("reference", scores, plan, name)

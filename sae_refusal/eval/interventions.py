@@ -234,17 +234,33 @@ def _read_vectors(folder: Path) -> _Vectors:
     )
 
 
+def _identity(fingerprint: dict[str, Any]) -> dict[str, str]:
+    """What identifies weights: their content hash (else hub id and revision), the adapter, the quantization.
+
+    The name a model was loaded by (a path, ``smollm2``, a hub id) is not part of it when a content hash
+    exists: the same GGUF file staged at another path is the same model.
+    """
+    weights = str(fingerprint.get("weights_hash") or "")
+    if not weights:
+        weights = f"{fingerprint.get('model', '')}@{fingerprint.get('revision', '')}"
+    return {
+        "weights": weights,
+        "adapter": str(fingerprint.get("adapter") or ""),
+        "quantization": str(fingerprint.get("quantization") or ""),
+    }
+
+
 def _check_fingerprint(
     recorded: dict[str, Any] | None, actual: dict[str, Any] | None, key: str, ok: bool
 ) -> None:
     if recorded is None or actual is None or ok:
         return
-    fields_ = ("weights_hash", "adapter", "model")
-    diff = [f for f in fields_ if str(recorded.get(f, "")) != str(actual.get(f, ""))]
+    a, b = _identity(recorded), _identity(actual)
+    diff = [f for f in a if a[f] != b[f]]
     if diff:
         raise ValueError(
             f"{key}: the artifact was made on another model ({', '.join(diff)} differ: recorded "
-            f"{ {f: recorded.get(f) for f in diff} }, evaluated { {f: actual.get(f) for f in diff} }); "
+            f"{ {f: a[f] for f in diff} }, evaluated { {f: b[f] for f in diff} }); "
             "set intervention.allow_other_model: true for a transfer experiment"
         )
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Estimate", "bootstrap_group_mean", "bootstrap_mean", "cohen_kappa"]
+__all__ = ["Estimate", "bootstrap_group_mean", "bootstrap_mean", "bootstrap_ratio", "cohen_kappa"]
 
 #: Most resampled indices held at once (a chunk of resamples is ``(chunk, n)``).
 _MAX_DRAWS = 1 << 22
@@ -120,6 +120,41 @@ def bootstrap_mean(
     rng = np.random.default_rng(seed)
     parts = [values[rng.integers(0, n, size=(chunk, n))].mean(axis=1) for chunk in _chunks(n_boot, n)]
     return _interval(float(values.mean()), np.concatenate(parts), n, level)
+
+
+def bootstrap_ratio(
+    numerator_N: np.ndarray | Sequence[float],
+    denominator_N: np.ndarray | Sequence[float],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Estimate:
+    """``sum(numerator) / sum(denominator)`` with a percentile-bootstrap interval over items.
+
+    The token-weighted mean of per-item values (e.g. NLL summed over an answer's tokens over the token
+    counts): items are resampled whole, so the interval brackets the same weighted estimate it reports.
+
+    Raises:
+        ValueError: On arrays of different shapes, non-finite values, a non-positive denominator sum, or bad
+            ``n_boot`` / ``level``.
+    """
+    _check_options(n_boot, level)
+    num = _as_values(numerator_N, "numerator_N")
+    den = _as_values(denominator_N, "denominator_N")
+    if num.shape != den.shape:
+        raise ValueError(f"numerator_N and denominator_N: shapes {num.shape} and {den.shape} differ")
+    n = int(num.size)
+    if n == 0:
+        return _nan()
+    if float(den.sum()) <= 0:
+        raise ValueError("denominator_N: must sum to a positive number")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for chunk in _chunks(n_boot, n):
+        index = rng.integers(0, n, size=(chunk, n))
+        parts.append(num[index].sum(axis=1) / np.maximum(den[index].sum(axis=1), 1e-300))
+    return _interval(float(num.sum() / den.sum()), np.concatenate(parts), n, level)
 
 
 def bootstrap_group_mean(
