@@ -35,13 +35,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sae_refusal.eval.interventions import InterventionConfig, LoadedIntervention
 from sae_refusal.llm.loading import LLMConfig
+from sae_refusal.progress import RatePrinter, Stage
 from sae_refusal.steer.sets import SetsConfig
 
 __all__ = [
@@ -223,33 +223,6 @@ class EvalJobConfig:
             raise ValueError(f"n_boot: must be >= 1, got {self.n_boot}")
 
 
-class _Stage:
-    def __init__(self, name: str, timings: dict[str, float]) -> None:
-        self.name, self.timings = name, timings
-
-    def __enter__(self) -> _Stage:
-        self.start = time.perf_counter()
-        print(f"[eval] {self.name} ...", flush=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        seconds = time.perf_counter() - self.start
-        self.timings[self.name] = round(seconds, 2)
-        print(f"[eval] {self.name}: {seconds:.1f} s", flush=True)
-
-
-def _rate_printer(what: str) -> Callable[[int, int], None]:
-    start = time.perf_counter()
-
-    def show(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - start
-        rate = done / max(elapsed, 1e-9)
-        eta = (total - done) / max(rate, 1e-9)
-        print(f"  {what}: {done}/{total}  {rate:.1f} prompts/s  ETA {eta:.0f} s", flush=True)
-
-    return show
-
-
 def _primary_judge(settings: JudgeSettings, has_tokens: bool) -> str:
     if settings.primary is not None:
         return settings.primary
@@ -281,7 +254,7 @@ def _load(cfg: EvalJobConfig, timings: dict[str, float]) -> _Context:
     from sae_refusal.llm.loading import load_model_and_tokenizer, model_fingerprint
     from sae_refusal.llm.refusal_tokens import RefusalVocabulary
 
-    with _Stage("load model", timings):
+    with Stage("eval", "load model", timings):
         model, tokenizer = load_model_and_tokenizer(cfg.llm)
         model.eval()
         fingerprint = model_fingerprint(cfg.llm, model)
@@ -337,7 +310,7 @@ def _refusal_stage(
         max_new_tokens=max_new_tokens,
         batch_size=cfg.generation.batch_size,
         max_length=cfg.generation.max_length,
-        progress=_rate_printer(f"generate ({label or loaded.name})"),
+        progress=RatePrinter(f"generate ({label or loaded.name})"),
         **ctx.chat,
     )
 
@@ -359,7 +332,7 @@ def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
         raise FileExistsError(f"out_dir: {str(out_dir)!r} exists; choose another folder or remove it")
     job_start = time.perf_counter()
     timings: dict[str, float] = {}
-    with _Stage("prompt sets", timings):
+    with Stage("eval", "prompt sets", timings):
         sets = build_steer_sets(cfg.sets)
         prompts, names = sets.with_set_names("test")
     ctx = _load(cfg, timings)
@@ -367,7 +340,7 @@ def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
     print(
         f"[eval] intervention: {loaded.name}; judges: {[j.name for j in ctx.judges]} (table: {ctx.primary})"
     )
-    with _Stage(f"refusal sets ({len(prompts)} test prompts)", timings):
+    with Stage("eval", f"refusal sets ({len(prompts)} test prompts)", timings):
         records = _refusal_stage(
             ctx, loaded, prompts, names, sets.roles, max_new_tokens=cfg.generation.max_new_tokens
         )
@@ -375,11 +348,11 @@ def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
     capability: dict[str, Any] = {}
     capability_records: list[dict[str, Any]] = []
     if cfg.capability.tasks:
-        with _Stage("capability", timings):
+        with Stage("eval", "capability", timings):
             capability, capability_records = capability_stage.run_capability(ctx, loaded, sets)
     sweep: list[dict[str, Any]] = []
     if cfg.sweep.alphas:
-        with _Stage("sweep", timings):
+        with Stage("eval", "sweep", timings):
             sweep = capability_stage.run_sweep(ctx, loaded, sets, prompts, names)
     metrics: dict[str, Any] = {
         "intervention": loaded.record,
@@ -391,7 +364,7 @@ def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
         "sweep": sweep,
         "config": _jsonable(asdict(cfg)),
     }
-    with _Stage("report", timings), AtomicFolder(out_dir) as out:
+    with Stage("eval", "report", timings), AtomicFolder(out_dir) as out:
         report.write_outputs(out.tmp, metrics, records, capability_records)
         metrics["timings"] = {**timings, "total": round(time.perf_counter() - job_start, 2)}
         (out.tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -402,10 +375,3 @@ def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def format_prompts_for(ctx: _Context, texts: Sequence[str]) -> list[str]:
-    """Chat-format user messages the way the job does."""
-    from sae_refusal.data.chat import format_prompts
-
-    return format_prompts(ctx.tokenizer, list(texts), **ctx.chat)

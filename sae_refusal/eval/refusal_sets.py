@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,16 +73,6 @@ class ItemRecord:
         return Verdict(self.judges[judge]["verdict"])
 
 
-def _stop_ids(model: Any, tokenizer: Any, chat_template: str | None) -> list[int]:
-    from sae_refusal.finetune.examples import end_of_turn_token
-    from sae_refusal.llm.batched import stop_token_ids
-
-    end_of_turn: list[int] = []
-    with suppress(ValueError):
-        end_of_turn.append(end_of_turn_token(tokenizer, chat_template)[1])
-    return stop_token_ids(model, tokenizer, end_of_turn)
-
-
 def generate_items(
     model: Any,
     tokenizer: Any,
@@ -122,6 +112,7 @@ def generate_items(
         ValueError: When the lengths of ``prompts``, ``set_names`` and the plan differ.
     """
     from sae_refusal.data.chat import format_prompts
+    from sae_refusal.eval.refusal_tokens import chat_stop_ids
     from sae_refusal.llm.batched import generate, resolve_pad_id
     from sae_refusal.llm.tokenize import encode_prompts
 
@@ -151,7 +142,7 @@ def generate_items(
         input_ids,
         max_new_tokens=max_new_tokens,
         pad_id=resolve_pad_id(tokenizer),
-        stop_ids=_stop_ids(model, tokenizer, chat_template),
+        stop_ids=chat_stop_ids(model, tokenizer, chat_template),
         batch_size=batch_size,
         around=counted,
         sort_by_length=True,

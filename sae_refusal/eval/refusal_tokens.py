@@ -65,6 +65,7 @@ __all__ = [
     "EVAL_MODES",
     "OTHER_CLASS_NAME",
     "RefusalReport",
+    "chat_stop_ids",
     "evaluate_refusal_tokens",
     "expected_class",
     "prediction_record",
@@ -643,7 +644,7 @@ def evaluate_refusal_tokens(
 # --------------------------------------------------------------------------------------------- samples
 
 
-def _stop_ids(model: nn.Module, tokenizer: Any, chat_template: str | None) -> list[int]:
+def chat_stop_ids(model: nn.Module, tokenizer: Any, chat_template: str | None) -> list[int]:
     """End-of-turn id from the chat template (if it has one), the tokenizer's and generation config's EOS."""
     from sae_refusal.finetune.examples import end_of_turn_token
 
@@ -713,7 +714,7 @@ def sample_answers(
         encoded.input_ids,
         max_new_tokens=max_new_tokens,
         pad_id=resolve_pad_id(tokenizer),
-        stop_ids=_stop_ids(model, tokenizer, chat_template),
+        stop_ids=chat_stop_ids(model, tokenizer, chat_template),
         batch_size=batch_size,
     )
     records: list[dict[str, Any]] = []

@@ -40,7 +40,10 @@ def _set_rows(refusal: dict[str, Any], role: str) -> list[tuple[str, dict[str, A
         if row["role"] not in roles:
             continue
         rows.append((name, row))
-        for category, c_row in refusal["categories"].get(name, {}).items():
+        categories = refusal["categories"].get(name, {})
+        if len([c for c in categories if c != "macro average"]) < 2:
+            continue  # one category (e.g. an external harmful set): its row would repeat the set's
+        for category, c_row in categories.items():
             rows.append((f"{name} / {category}", c_row))
     return rows
 
@@ -248,4 +251,6 @@ def headline(metrics: dict[str, Any], out_dir: Path) -> str:
             lines.append(f"  {title:16s} {cell(blocks[role])}")
     for name, row in metrics.get("capability", {}).items():
         lines.append(f"  {name:16s} {cell(row, 4)}")
+    failed = metrics["refusal"].get("n_failed", {})
+    lines.append(f"  failed judgements (left out of the rates): {failed}")
     return "\n".join(lines)

@@ -77,6 +77,8 @@ def results_table(
         for set_name in set_names:
             add(set_name, [r["refusal"]["sets"].get(set_name) for r in runs])
             cats = list(dict.fromkeys(c for r in runs for c in r["refusal"]["categories"].get(set_name, {})))
+            if len([c for c in cats if c != "macro average"]) < 2:
+                cats = []  # one category (e.g. an external harmful set): its row would repeat the set's
             for category in cats:
                 add(
                     f"&nbsp;&nbsp;{set_name} / {category}",

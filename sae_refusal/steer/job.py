@@ -45,6 +45,7 @@ from sae_refusal.data.prompt_set import Prompt
 from sae_refusal.features.vectors import SteeringVectors
 from sae_refusal.llm.loading import LLMConfig, load_model_and_tokenizer, model_fingerprint
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
+from sae_refusal.progress import RatePrinter, Stage
 from sae_refusal.steer.gates import (
     DistanceGate,
     GatedSteering,
@@ -149,34 +150,6 @@ class SteerJobConfig:
     system_prompt: str | None = None
 
 
-class _Stage:
-    """Prints a stage's start and time."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> _Stage:
-        self.start = time.perf_counter()
-        print(f"[steer] {self.name} ...", flush=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        print(f"[steer] {self.name}: {time.perf_counter() - self.start:.1f} s", flush=True)
-
-
-class _Rate:
-    """``progress(done, total)`` printer with prompts/s and an ETA."""
-
-    def __init__(self, what: str, prompts_per_unit: int) -> None:
-        self.what, self.per_unit, self.start = what, prompts_per_unit, time.perf_counter()
-
-    def __call__(self, done: int, total: int) -> None:
-        elapsed = time.perf_counter() - self.start
-        rate = done * self.per_unit / max(elapsed, 1e-9)
-        eta = (total - done) * self.per_unit / max(rate, 1e-9)
-        print(f"  {self.what}: {done}/{total}  {rate:.1f} prompts/s  ETA {eta:.0f} s", flush=True)
-
-
 def _texts(prompts: Sequence[Prompt]) -> list[str]:
     return [p.text for p in prompts]
 
@@ -238,7 +211,7 @@ def _table(
     split: str,
 ) -> OutcomeTable:
     alphas = sorted({0.0, *cfg.study.sweep_alphas})
-    rate = _Rate(f"{split} outcome table ({len(prompts)} prompts)", len(prompts))
+    rate = RatePrinter(f"{split} outcome table ({len(prompts)} prompts)", len(prompts))
     start = time.perf_counter()
     table = build_outcome_table(
         model,
@@ -271,7 +244,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
         raise FileExistsError(f"out_dir: {str(out_dir)!r} exists; choose another folder or remove it")
     job_start = time.perf_counter()
     study = cfg.study
-    with _Stage("load model and prompt sets"):
+    with Stage("steer", "load model and prompt sets"):
         model, tokenizer = load_model_and_tokenizer(cfg.llm)
         model.eval()
         resolved = RefusalVocabulary().resolve(tokenizer)
@@ -288,8 +261,9 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(cfg.sets.seed)
         keep = torch.randperm(len(benign_train), generator=generator)[: study.max_benign_train]
         benign_train = [benign_train[i] for i in sorted(keep.tolist())]
-    with _Stage(
-        f"train residuals at layers {study.layers} ({len(harmful_train) + len(benign_train)} prompts)"
+    with Stage(
+        "steer",
+        f"train residuals at layers {study.layers} ({len(harmful_train) + len(benign_train)} prompts)",
     ):
         acts_h = last_token_acts(model, tokenizer, _texts(harmful_train), study.layers, **kw)
         acts_b = last_token_acts(model, tokenizer, _texts(benign_train), study.layers, **kw)
@@ -304,7 +278,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
     select_texts = _texts(sets.get("val", cfg.sets.benign_source)[: study.select_n])
     selection: dict[int, dict[float, Tensor]] = {}
     if study.layer is None:
-        with _Stage(f"choose the layer ({len(select_texts)} validation benign prompts)"):
+        with Stage("steer", f"choose the layer ({len(select_texts)} validation benign prompts)"):
             for layer in vectors:
                 selection[layer] = {}
                 for alpha in study.specificity_alphas:
@@ -337,7 +311,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
     print(f"[steer] layer {layer}, specificity alpha {alpha} (validation min specificity {val_spec:.3f})")
 
     test_benign = _texts(sets.get("test", cfg.sets.benign_source))
-    with _Stage(f"specificity on {len(test_benign)} test benign prompts"):
+    with Stage("steer", f"specificity on {len(test_benign)} test benign prompts"):
         both = specificity_table(
             model,
             tokenizer,
@@ -347,14 +321,14 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             layer,
             alpha,
             batch_size=study.batch_size,
-            progress=_Rate("specificity", len(test_benign)),
+            progress=RatePrinter("specificity", len(test_benign)),
         )
     confusion = _judged(both, study.judge)
     specificity = dict(zip(class_names[1:], _specificities(confusion, len(test_benign)), strict=True))
 
     held_out = sets.get("test", cfg.sets.harmful_source)
     by_category = {c: [p.text for p in held_out if p.category == c] for c in categories}
-    with _Stage(f"direction ablation on {len(held_out)} test harmful prompts"):
+    with Stage("steer", f"direction ablation on {len(held_out)} test harmful prompts"):
         ablation = direction_ablation_rates(
             model,
             tokenizer,
@@ -369,7 +343,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
 
     val_prompts, val_groups = sets.with_set_names("val")
     test_prompts, test_groups = sets.with_set_names("test")
-    with _Stage("outcome tables (validation and test)"):
+    with Stage("steer", "outcome tables (validation and test)"):
         tables = {
             "val": _table(model, tokenizer, resolved, val_prompts, val_groups, cfg, layer, global_D, "val"),
             "test": _table(
@@ -386,7 +360,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
         for name in sets.splits["train"]:
             if name not in (cfg.sets.harmful_source, cfg.sets.benign_source):
                 train_prompts = train_prompts + sets.get("train", name)
-        with _Stage(f"gate residuals at layer {layer}"):
+        with Stage("steer", f"gate residuals at layer {layer}"):
             residuals["train"] = last_token_acts(model, tokenizer, _texts(train_prompts), [layer], **kw)[
                 layer
             ]
@@ -396,7 +370,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
     val_unsteered = tables["val"].refused_NA[:, tables["val"].alpha_index(0.0)]
     floor = min(1.0, float(val_unsteered[tables["val"].harmful_N].float().mean()) + study.floor_gain)
     for kind in study.gates:
-        with _Stage(f"gate {kind}"):
+        with Stage("steer", f"gate {kind}"):
             scores: dict[str, Tensor] = {}
             gate: Any
             if kind == "refusal_token":
