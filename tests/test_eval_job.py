@@ -140,6 +140,11 @@ def test_unsteered_job_writes_every_output_and_numbers_follow_the_items(unsteere
     assert ppl["value"] == pytest.approx(math.exp(nll))
     report = (out / "report.md").read_text()
     assert "Harmful refusal" in report and "Over-refusal" in report and "MMLU accuracy" in report
+    # the fine-tuning job's refusal-token report, over the same items and first tokens
+    tokens = json.loads((out / "refusal_token_report" / "report.json").read_text())
+    assert tokens["n"] == len(records) == metrics["refusal_token_report"]["n"]
+    refused = sum(p["predicted"] not in ("respond", "other") for p in tokens["predictions"])
+    assert refused == sum(r["judges"]["first_token"]["verdict"] == "refused" for r in records)
     assert "Judge agreement" in report and metrics["refusal"]["agreement"][0]["judges"] == [
         "first_token",
         "phrase",

@@ -364,8 +364,21 @@ def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
         "sweep": sweep,
         "config": _jsonable(asdict(cfg)),
     }
+    token_report = None
+    if ctx.resolved is not None and any(j.name == "first_token" for j in ctx.judges):
+        from sae_refusal.eval.refusal_sets import token_report as make_token_report
+
+        token_report = make_token_report(records, prompts, ctx.resolved)
+        metrics["refusal_token_report"] = {
+            "accuracy": token_report.accuracy,
+            "macro_f1": token_report.macro_f1,
+            "n": token_report.n,
+            "not_a_refusal_token_rate": token_report.not_a_refusal_token_rate,
+        }
     with Stage("eval", "report", timings), AtomicFolder(out_dir) as out:
         report.write_outputs(out.tmp, metrics, records, capability_records)
+        if token_report is not None:
+            token_report.save(out.tmp / "refusal_token_report")
         metrics["timings"] = {**timings, "total": round(time.perf_counter() - job_start, 2)}
         (out.tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         out.commit()

@@ -26,7 +26,7 @@ from sae_refusal.eval.interventions import ItemPlan
 from sae_refusal.eval.judges import Judge, JudgeInput, Judgement, Verdict, agreement
 from sae_refusal.eval.stats import Estimate, bootstrap_group_mean, bootstrap_mean
 
-__all__ = ["BLOCKS", "ItemRecord", "generate_items", "summarise"]
+__all__ = ["BLOCKS", "ItemRecord", "generate_items", "summarise", "token_report"]
 
 #: Report blocks: set role -> block title.
 BLOCKS: dict[str, str] = {
@@ -265,3 +265,43 @@ def summarise(
             )
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def token_report(records: Sequence[ItemRecord], prompts: Sequence[Prompt], resolved: Any) -> Any:
+    """The refusal-token report (:class:`~sae_refusal.eval.refusal_tokens.RefusalReport`: accuracy, macro-F1,
+    confusion over the six tokens) of the generated first tokens, from the ``first_token`` judge's labels.
+
+    The same report the fine-tuning job writes, here under the job's intervention: the expected token is the
+    prompt's category token (harmful) or ``[respond]``; a first token that is no refusal token, or a failed
+    judgement, is ``"other"``.
+
+    Raises:
+        ValueError: If the records carry no ``first_token`` judgement, or a harmful prompt has no category.
+    """
+    from sae_refusal.eval.refusal_tokens import OTHER_CLASS_NAME, expected_class, report_from_records
+
+    names = list(resolved.class_names)
+    rows = []
+    for record, prompt in zip(records, prompts, strict=True):
+        if "first_token" not in record.judges:
+            raise ValueError("judges.names: the refusal-token report needs the first_token judge")
+        detail = record.judges["first_token"].get("detail")
+        predicted = detail if detail in names else OTHER_CLASS_NAME
+        expected = names[expected_class(prompt, resolved)]
+        rows.append(
+            {
+                "id": prompt.id,
+                "source": record.set,
+                "label": str(prompt.label),
+                "category": prompt.category,
+                "expected": expected,
+                "predicted": predicted,
+                "correct": expected == predicted,
+                "top_is_refusal_token": predicted != OTHER_CLASS_NAME,
+                "top_token": record.first_token,
+                "p_expected": None,  # generation keeps the token, not its probability
+                "truncated": False,
+            }
+        )
+    respond = names[resolved.class_index(None)]
+    return report_from_records(rows, names, list(resolved.tokens), respond, mode="greedy")

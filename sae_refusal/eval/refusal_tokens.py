@@ -298,7 +298,9 @@ class RefusalReport:
             for p in errors[:_MD_MAX_ERRORS]:
                 top = "" if p.get("top_token") is None else f"`{p['top_token']!r}`"
                 cells = [p["id"], p["source"], p["label"], p["expected"], p["predicted"], top]
-                lines.append("| " + " | ".join(_md_cell(c) for c in cells) + f" | {p['p_expected']:.3f} |")
+                lines.append(
+                    "| " + " | ".join(_md_cell(c) for c in cells) + f" | {_md_prob(p.get('p_expected'))} |"
+                )
         return "\n".join(lines) + "\n"
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -326,6 +328,10 @@ class RefusalReport:
         if not path.is_file():
             raise FileNotFoundError(f"no refusal report at {path}")
         return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _md_prob(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _md_cell(value: Any) -> str:
