@@ -25,9 +25,10 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
-from sae_refusal.cli import _steer_config, steer_parser
+from sae_refusal.cli import config_from_namespace, steer_parser
 from sae_refusal.llm.loading import load_model_and_tokenizer
 from sae_refusal.steer.gates import load_gate
+from sae_refusal.steer.job import SteerJobConfig
 from sae_refusal.steer.sets import build_steer_sets, is_harmful
 from sae_refusal.steer.study import last_token_acts
 from sae_refusal.steer.tuning import OutcomeTable, evaluate_policy, tune_policy
@@ -44,9 +45,7 @@ def main() -> None:
     tensors = load_file(str(run / "tables.safetensors"))
     recorded = metrics["config"]
     config_parser = steer_parser()
-    namespace = config_parser.parse_object(recorded)
-    instantiate = getattr(config_parser, "instantiate", None) or config_parser.instantiate_classes
-    cfg = _steer_config(instantiate(namespace))
+    cfg = config_from_namespace(config_parser, config_parser.parse_object(recorded), SteerJobConfig)
     sets = build_steer_sets(cfg.sets)
     start = time.perf_counter()
     tables: dict[str, OutcomeTable] = {}

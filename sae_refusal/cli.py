@@ -472,21 +472,25 @@ def steer_parser() -> Any:
     return parser
 
 
+def job_config(parser: Any, args: Sequence[str], cls: type[Any]) -> Any:
+    """Parse ``args`` (``--config`` YAML files + flags) with a job's parser and build its config dataclass."""
+    return config_from_namespace(parser, parser.parse_args(list(args)), cls)
+
+
+def config_from_namespace(parser: Any, namespace: Any, cls: type[Any]) -> Any:
+    """A job's config dataclass from a namespace of its parser (``parse_args`` or ``parse_object``)."""
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse >= 4.49
+    values = {
+        k: v for k, v in vars(instantiate(namespace)).items() if k != "config" and not k.startswith("__")
+    }
+    return cls(**values)
+
+
 def steer_command(args: Sequence[str]) -> None:
     """``sae-refusal steer --config lightning_configs/steer/refuse_smollm2.yaml``."""
-    from sae_refusal.steer.job import run_steer_job
+    from sae_refusal.steer.job import SteerJobConfig, run_steer_job
 
-    parser = steer_parser()
-    namespace = parser.parse_args(list(args))
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse >= 4.49
-    run_steer_job(_steer_config(instantiate(namespace)))
-
-
-def _steer_config(namespace: Any) -> Any:
-    from sae_refusal.steer.job import SteerJobConfig
-
-    values = {k: v for k, v in vars(namespace).items() if k != "config" and not k.startswith("__")}
-    return SteerJobConfig(**values)
+    run_steer_job(job_config(steer_parser(), args, SteerJobConfig))
 
 
 def eval_parser() -> Any:
@@ -514,13 +518,7 @@ def eval_command(args: Sequence[str]) -> None:
     """``sae-refusal eval --config lightning_configs/eval/refuse_smollm2.yaml --config columns/caa.yaml``."""
     from sae_refusal.eval.job import EvalJobConfig, run_eval_job
 
-    parser = eval_parser()
-    namespace = parser.parse_args(list(args))
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # jsonargparse >= 4.49
-    values = {
-        k: v for k, v in vars(instantiate(namespace)).items() if k != "config" and not k.startswith("__")
-    }
-    run_eval_job(EvalJobConfig(**values))
+    run_eval_job(job_config(eval_parser(), args, EvalJobConfig))
 
 
 def eval_table_command(args: Sequence[str]) -> None:

@@ -16,19 +16,11 @@ COLUMNS = sorted((EVAL / "columns").glob("*.yaml"))
 
 
 def parse(*configs: Path) -> Any:
-    from sae_refusal.cli import eval_parser
+    from sae_refusal.cli import eval_parser, job_config
     from sae_refusal.eval.job import EvalJobConfig
 
-    parser = eval_parser()
-    args: list[str] = []
-    for config in configs:
-        args += ["--config", str(config)]
-    namespace = parser.parse_args(args)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    values = {
-        k: v for k, v in vars(instantiate(namespace)).items() if k != "config" and not k.startswith("__")
-    }
-    return EvalJobConfig(**values)
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    return job_config(eval_parser(), args, EvalJobConfig)
 
 
 @pytest.mark.parametrize("column", COLUMNS, ids=lambda p: p.stem)

@@ -148,13 +148,10 @@ STEER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "lightning_configs
 
 @pytest.mark.parametrize("path", STEER_CONFIGS, ids=lambda p: p.name)
 def test_every_steer_config_parses_into_a_job_config(path: Path) -> None:
-    from sae_refusal.cli import _steer_config, steer_parser
+    from sae_refusal.cli import job_config, steer_parser
     from sae_refusal.steer.job import SteerJobConfig
 
-    parser = steer_parser()
-    namespace = parser.parse_args(["--config", str(path), "--study.layer", "18"])
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    cfg = _steer_config(instantiate(namespace))
+    cfg = job_config(steer_parser(), ["--config", str(path), "--study.layer", "18"], SteerJobConfig)
     assert isinstance(cfg, SteerJobConfig)
     assert cfg.study.layer == 18 and cfg.llm.adapter_path == "checkpoints/refuse-smollm2"
     assert cfg.sets.model_prompts.sources and cfg.sets.max_per_set

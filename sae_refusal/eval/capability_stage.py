@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sae_refusal.data.capability import subsample
 from sae_refusal.eval.stats import bootstrap_mean, bootstrap_ratio
 
 if TYPE_CHECKING:
@@ -21,20 +22,28 @@ if TYPE_CHECKING:
     from sae_refusal.eval.job import _Context
     from sae_refusal.steer.sets import SteerSets
 
-__all__ = ["reference_prompts", "run_capability", "run_sweep"]
+__all__ = ["HeldOutPrompts", "held_out_prompts", "reference_prompts", "run_capability", "run_sweep"]
 
 
 @dataclass
-class _Task:
-    name: str
-    texts: list[str]
+class HeldOutPrompts:
+    """The held-out prompts of the KL and reference-perplexity measures, drawn once per job.
+
+    Attributes:
+        benign: Benign test prompts (next-token KL), capped at ``capability.kl_n``.
+        references: Test prompts with a reference answer, capped at ``capability.reference_n``.
+    """
+
+    benign: list[Prompt]
+    references: list[Prompt]
 
 
-def _cap(items: list[Any], limit: int | None, seed: int) -> list[Any]:
-    if limit is None or len(items) <= limit:
-        return items
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
-    return [items[int(i)] for i in keep]
+def held_out_prompts(ctx: _Context, sets: SteerSets) -> HeldOutPrompts:
+    """Draw both lists (the model's prompt set is loaded and split once, not per measure or sweep point)."""
+    cfg = ctx.cfg.capability
+    benign = subsample(sets.get("test", ctx.cfg.sets.benign_source), cfg.kl_n, cfg.seed)
+    references = reference_prompts(ctx, cfg.reference_n) if "reference" in cfg.tasks else []
+    return HeldOutPrompts(benign=benign, references=references)
 
 
 def reference_prompts(ctx: _Context, limit: int | None) -> list[Prompt]:
@@ -49,7 +58,7 @@ def reference_prompts(ctx: _Context, limit: int | None) -> list[Prompt]:
         load_prompt_set(sets_cfg.model_prompts), sets_cfg.model_split, None, Path(sets_cfg.manifest_root)
     )
     rows = [p for p in model_set if p.split == "test" and p.response]
-    return _cap(rows, limit, ctx.cfg.capability.seed)
+    return subsample(rows, limit, ctx.cfg.capability.seed)
 
 
 def _row(values: list[float] | np.ndarray, ctx: _Context, salt: int, **extra: Any) -> dict[str, Any]:
@@ -81,7 +90,7 @@ def _records(task: str, scores: list[Any], plan: ItemPlan, intervention: str) ->
 def _kl_and_reference(
     ctx: _Context,
     loaded: LoadedIntervention,
-    sets: SteerSets,
+    held_out: HeldOutPrompts,
     out: dict[str, Any],
     records: list[dict[str, Any]],
 ) -> None:
@@ -90,7 +99,7 @@ def _kl_and_reference(
     cfg = ctx.cfg.capability
     model, tok, name = ctx.model, ctx.tokenizer, loaded.name
     if "next_token_kl" in cfg.tasks:
-        benign = _cap(sets.get("test", ctx.cfg.sets.benign_source), cfg.kl_n, cfg.seed)
+        benign = held_out.benign
         texts = [p.text for p in benign]
         plan = _plan(ctx, loaded, texts)
         scores = cap_fns.next_token_kl(
@@ -107,7 +116,7 @@ def _kl_and_reference(
         out["next-token KL (benign)"] = _row([s.value for s in scores], ctx, 11)
         records += _records("next_token_kl", scores, plan, name)
     if "reference" in cfg.tasks:
-        refs = reference_prompts(ctx, cfg.reference_n)
+        refs = held_out.references
         texts = [p.text for p in refs]
         plan = _plan(ctx, loaded, texts)
         scores = cap_fns.reference_answers(
@@ -204,7 +213,7 @@ def run_capability(
             f"{out['TruthfulQA MC2']['value']:.3f} (n={len(scores)})",
             flush=True,
         )
-    _kl_and_reference(ctx, loaded, sets, out, records)
+    _kl_and_reference(ctx, loaded, held_out_prompts(ctx, sets), out, records)
     return out, records
 
 
@@ -234,6 +243,7 @@ def run_sweep(
         ctx.cfg.capability, tasks=[t for t in ("next_token_kl", "reference") if t in ctx.cfg.capability.tasks]
     )
     sweep_ctx = replace(ctx, cfg=replace(ctx.cfg, capability=cap_settings))
+    held_out = held_out_prompts(sweep_ctx, sets) if sweep.capability and cap_settings.tasks else None
     points: list[dict[str, Any]] = []
     cache: dict[float, dict[str, Any]] = {}
     for category in sweep.categories:
@@ -261,9 +271,9 @@ def run_sweep(
                 "over_refusal": summary["blocks"].get("over_refusal"),
                 "sets": {k: v["value"] for k, v in summary["sets"].items()},
             }
-            if sweep.capability and cap_settings.tasks:
+            if held_out is not None:
                 rows: dict[str, Any] = {}
-                _kl_and_reference(sweep_ctx, loaded_i, sets, rows, [])
+                _kl_and_reference(sweep_ctx, loaded_i, held_out, rows, [])
                 point["next_token_kl"] = rows.get("next-token KL (benign)")
                 point["reference_ppl"] = rows.get("reference perplexity")
             if alpha == 0.0:
