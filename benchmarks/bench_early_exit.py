@@ -1,13 +1,34 @@
-"""Benchmark: early-exit last-token extraction vs the naive ``output_hidden_states=True`` full forward.
+"""Benchmark: last-token extraction, the naive ``output_hidden_states=True`` full forward vs early exit vs
+early exit with length-aware batching (sorted token-budget passes: `iter_last_token_residuals`).
 
-Both methods run on the same prompts and batches in one process; the script prints prompts/s for each,
-peak CUDA memory on GPU, and checks that both give the same activations.
+Every method runs on the same prompts in one process; the script prints prompts/s, real (non-pad) and padded
+tokens/s, the share of the GPU's bf16 matmul rate (measured in the same run) the real tokens amount to
+(``2 x parameters of the blocks that run x real tokens / time``), peak CUDA memory, and checks that all
+methods give the same activations.
+
+Methods:
+
+* ``full_forward``: batches of ``--batch-size`` prompts in input order, the whole model with
+  ``output_hidden_states=True`` (the baseline);
+* ``early_exit``: the same batches, stopped after the deepest requested block;
+* ``early_exit_sorted``: ``iter_last_token_residuals`` with ``--batch-size`` prompts per pass, sorted by
+  length over the whole set, no token budget;
+* ``early_exit_budget``: ``iter_last_token_residuals`` end to end (tokenisation included) with
+  ``--token-budget`` padded tokens per pass, prompts sorted by length over the whole set;
+* ``early_exit_budget_compiled`` (``--compile``): the same with each block's norms and MLP compiled
+  (``torch.compile(dynamic=True)``), a variant to measure; a failure is recorded, not fatal.
+
+Prompts: ``--prompts synthetic`` (the old mix: 3 to ~120 words) or ``--prompts real`` (CoCoNot + contrast,
+Alpaca, OR-Bench hard + toxic from ``--data-root``, through the chat template of ``--tokenizer``).
 
 Examples::
 
     python benchmarks/bench_early_exit.py --model tiny-llama --n-prompts 64
     python benchmarks/bench_early_exit.py --model smollm2 --layers 6,12 --n-prompts 64 --batch-size 8
-    python benchmarks/bench_early_exit.py --model llama3-8b-shape --device cuda --dtype bfloat16 --layers 8,16
+    python benchmarks/bench_early_exit.py --model llama3-8b-shape --layers 8 --n-prompts 512 \\
+        --batch-size 64 --token-budget 16384 --compile --json-out $OUT/extract_synthetic.json
+    python benchmarks/bench_early_exit.py --model llama3-8b-shape --layers 8 --prompts real \\
+        --data-root .device/data --tokenizer .device/tok --n-prompts 2048 --batch-size 64 --token-budget 16384
 """
 
 from __future__ import annotations
@@ -31,6 +52,8 @@ from sae_refusal.llm import (
     num_layers,
     pad_left,
 )
+from sae_refusal.llm.extraction import iter_last_token_residuals, plan_batches
+from sae_refusal.llm.layers import decoder_layers
 from sae_refusal.testing import build_tiny_model, build_tiny_tokenizer
 
 _VOCABULARY = (
@@ -77,58 +100,173 @@ def synthetic_prompts(tokenizer: Any, n: int, seed: int = 0) -> list[str]:
     for _ in range(n):
         n_words = int(rng.choice([3, 8, 15, 30, 60, 120]) * rng.uniform(0.6, 1.0))
         content = " ".join(rng.choice(words) for _ in range(max(n_words, 1))).capitalize() + "?"
-        messages = [{"role": "user", "content": content}]
-        if getattr(tokenizer, "chat_template", None):
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        else:
-            texts.append(content)
+        texts.append(_chat(tokenizer, content))
     return texts
 
 
-def run(
+def _chat(tokenizer: Any, content: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": content}]
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return content
+
+
+_REAL_SOURCES = ("coconot", "coconot_contrast", "alpaca_train", "or_bench_hard", "or_bench_toxic")
+
+
+def real_prompts(tokenizer: Any, data_root: str, n: int, seed: int = 0) -> tuple[list[str], dict[str, int]]:
+    """``n`` prompts drawn (seeded) from CoCoNot, its contrast set, Alpaca and OR-Bench, chat-formatted."""
+    from sae_refusal.data.sources import load_source, preset
+
+    pool: list[str] = []
+    counts: dict[str, int] = {}
+    for name in _REAL_SOURCES:
+        texts = load_source(preset(name, local=True), data_root=data_root).texts
+        counts[name] = len(texts)
+        pool.extend(texts)
+    rng = random.Random(seed)
+    chosen = rng.sample(pool, n) if n < len(pool) else pool
+    return [_chat(tokenizer, text) for text in chosen], counts
+
+
+def block_parameters(model: nn.Module, n_blocks: int) -> int:
+    """Parameters of the first ``n_blocks`` decoder blocks (what an early exit after them multiplies)."""
+    blocks = decoder_layers(model)
+    return sum(p.numel() for block in list(blocks)[:n_blocks] for p in block.parameters())
+
+
+def matmul_tflops(
+    device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 20
+) -> float | None:
+    """The device's dense matmul rate in this dtype (TFLOP/s, best of ``repeats``); ``None`` on CPU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+Method = Callable[[], dict[int, Tensor]]
+
+
+def fixed_batches(
     fn: Callable[..., dict[int, Tensor]],
     model: nn.Module,
     batches: Sequence[tuple[Tensor, Tensor]],
     layers: list[int],
-    device: torch.device,
-) -> tuple[float, int | None, dict[int, Tensor]]:
-    """Time one pass of ``fn`` over all batches; returns (seconds, peak CUDA bytes or None, outputs)."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    outputs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    start = time.perf_counter()
-    for input_ids, mask in batches:
-        result = fn(model, input_ids, mask, layers)
-        for layer in layers:
-            outputs[layer].append(result[layer].float().cpu())
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    return seconds, peak, {layer: torch.cat(chunks) for layer, chunks in outputs.items()}
+) -> Method:
+    """``fn`` over pre-padded input-order batches; outputs on the CPU in input order."""
+
+    def run() -> dict[int, Tensor]:
+        outputs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        for input_ids, mask in batches:
+            result = fn(model, input_ids, mask, layers)
+            for layer in layers:
+                outputs[layer].append(result[layer].cpu())
+        return {layer: torch.cat(chunks) for layer, chunks in outputs.items()}
+
+    return run
 
 
-def compare(
+def budget_method(
     model: nn.Module,
-    batches: Sequence[tuple[Tensor, Tensor]],
+    tokenizer: Any,
+    texts: list[str],
     layers: list[int],
-    device: torch.device,
-    repeats: int,
-) -> dict[str, tuple[float, int | None, dict[int, Tensor]]]:
-    """One untimed pass of each method over every batch (allocator, kernels and clocks warm up on all
-    shapes), then ``repeats`` timed passes of each, interleaved; keeps the fastest pass of each."""
-    methods = {"early_exit": last_token_residuals, "full_forward": full_forward_last_token}
-    for fn in methods.values():
-        run(fn, model, batches, layers, device)
-    best: dict[str, tuple[float, int | None, dict[int, Tensor]]] = {}
+    args: argparse.Namespace,
+    rows: int,
+    token_budget: int | None,
+) -> Method:
+    """The library's path: ``iter_last_token_residuals`` over all prompts sorted by length (one window),
+    passes of at most ``rows`` prompts and ``token_budget`` padded tokens."""
+
+    def run() -> dict[int, Tensor]:
+        outputs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        for batch in iter_last_token_residuals(
+            model,
+            tokenizer,
+            texts,
+            layers,
+            batch_size=rows,
+            max_length=args.max_length,
+            sort_window=max(2, -(-len(texts) // rows)),  # 1 would keep input order
+            token_budget=token_budget,
+        ):
+            for layer in layers:
+                outputs[layer].append(batch.acts[layer])
+        return {layer: torch.cat(chunks) for layer, chunks in outputs.items()}
+
+    return run
+
+
+def compile_blocks(model: nn.Module, n_blocks: int) -> None:
+    """Compile the norms and MLP of the first ``n_blocks`` blocks (dynamic shapes: one graph per module)."""
+    for block in list(decoder_layers(model))[:n_blocks]:
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            module = getattr(block, name, None)
+            if isinstance(module, nn.Module):
+                module.compile(dynamic=True)
+
+
+def time_methods(methods: dict[str, Method], device: torch.device, repeats: int) -> dict[str, dict[str, Any]]:
+    """One untimed pass of each (allocator, kernels, compilation), then ``repeats`` timed passes of each,
+    interleaved; the fastest pass of each is kept. A method that fails is recorded with its error."""
+    cuda = device.type == "cuda"
+    results: dict[str, dict[str, Any]] = {}
+    for name, fn in methods.items():
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as err:  # a variant may fail (e.g. compile)
+            results[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            print(f"  {name}: FAILED {results[name]['error']}", flush=True)
+            continue
+        results[name] = {"warmup_s": time.perf_counter() - start, "seconds": float("inf")}
+        print(f"  {name}: warm-up {results[name]['warmup_s']:.1f} s", flush=True)
     for _ in range(repeats):
         for name, fn in methods.items():
-            timed = run(fn, model, batches, layers, device)
-            if name not in best or timed[0] < best[name][0]:
-                best[name] = timed
-    return best
+            if "error" in results[name]:
+                continue
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            outputs = fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            if seconds < results[name]["seconds"]:
+                results[name].update(
+                    seconds=seconds,
+                    peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+                    outputs=outputs,
+                )
+    return results
+
+
+def profile_pass(method: Method, device: torch.device, path: str, rows: int = 30) -> None:
+    """One pass of ``method`` under torch.profiler; the kernels with the most device time go to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        method()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(table)
+    print(f"wrote the profile of one budgeted pass to {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -137,26 +275,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--model", default="smollm2", help="smollm2 | tiny-llama | llama3-8b-shape | path | hub id"
     )
     parser.add_argument("--layers", default=None, help="comma-separated layer indices")
+    parser.add_argument("--prompts", default="synthetic", choices=("synthetic", "real"))
+    parser.add_argument("--data-root", default="../shared/data", help="datasets root for --prompts real")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's own)")
     parser.add_argument("--n-prompts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per pass of the fixed-batch methods")
+    parser.add_argument("--token-budget", type=int, default=None, help="padded tokens per budgeted pass")
+    parser.add_argument("--budget-rows", type=int, default=512, help="most rows per budgeted pass")
+    parser.add_argument("--compile", action="store_true", help="also time the budgeted path compiled")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per method (fastest kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json-out", default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", default=None, help="write a kernel table of one budgeted pass here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     layers_text = args.layers or _DEFAULT_LAYERS.get(args.model, "0")
     requested = [int(x) for x in layers_text.split(",") if x.strip()]
+    if args.token_budget is None:
+        args.token_budget = 16384 if args.device.startswith("cuda") else 2048
 
     t0 = time.perf_counter()
     model, tokenizer = build(args.model, args.device, dtype)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     load_s = time.perf_counter() - t0
     n_layers = num_layers(model)
     layers = sorted({layer % n_layers for layer in requested})
+    n_blocks = layers[-1] + 1
     device = next(model.parameters()).device
 
-    texts = synthetic_prompts(tokenizer, args.n_prompts)
+    sources: dict[str, int] = {}
+    if args.prompts == "real":
+        texts, sources = real_prompts(tokenizer, args.data_root, args.n_prompts)
+    else:
+        texts = synthetic_prompts(tokenizer, args.n_prompts)
+    from sae_refusal.llm.tokenize import default_max_length
+
+    args.max_length = min(args.max_length, default_max_length(model, tokenizer, cap=args.max_length))
     encoded = encode_prompts(tokenizer, texts, max_length=args.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [
@@ -164,53 +326,132 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for i in range(0, len(encoded.input_ids), args.batch_size)
     ]
     n_tokens = [len(ids) for ids in encoded.input_ids]
+    real_tokens = sum(n_tokens)
+    fixed_padded = sum(int(ids.numel()) for ids, _ in batches)
+    budget_passes = plan_batches(n_tokens, batch_size=args.budget_rows, token_budget=args.token_budget)
+    budget_padded = sum(len(p) * max(n_tokens[i] for i in p) for p in budget_passes)
+    sorted_passes = plan_batches(n_tokens, batch_size=args.batch_size)
+    sorted_padded = sum(len(p) * max(n_tokens[i] for i in p) for p in sorted_passes)
 
-    timings = compare(model, batches, layers, device, args.repeats)
-    early_s, early_peak, early = timings["early_exit"]
-    full_s, full_peak, full = timings["full_forward"]
+    methods: dict[str, Method] = {
+        "full_forward": fixed_batches(full_forward_last_token, model, batches, layers),
+        "early_exit": fixed_batches(last_token_residuals, model, batches, layers),
+        "early_exit_sorted": budget_method(model, tokenizer, texts, layers, args, args.batch_size, None),
+        "early_exit_budget": budget_method(
+            model, tokenizer, texts, layers, args, args.budget_rows, args.token_budget
+        ),
+    }
+    print(
+        f"{args.model} on {device} ({dtype}), {n_layers} layers, reading {layers} ({n_blocks} blocks run); "
+        f"{len(texts)} {args.prompts} prompts, {real_tokens / len(texts):.0f} tokens mean / "
+        f"{max(n_tokens)} max; "
+        f"padded tokens: fixed batches of {args.batch_size} {fixed_padded:,}, budget {args.token_budget} "
+        f"({len(budget_passes)} passes) {budget_padded:,}, real {real_tokens:,}",
+        flush=True,
+    )
+    timings = time_methods(methods, device, args.repeats)
+    if args.compile:
+        try:
+            compile_blocks(model, n_blocks)
+            compiled = time_methods(
+                {"early_exit_budget_compiled": methods["early_exit_budget"]}, device, args.repeats
+            )
+        except Exception as err:
+            compiled = {"early_exit_budget_compiled": {"error": f"{type(err).__name__}: {err}"[:500]}}
+        timings.update(compiled)
 
-    atol = 1e-4 if dtype == "float32" else 5e-2
-    diffs = {layer: float((early[layer] - full[layer]).abs().max()) for layer in layers}
-    scales = {layer: float(full[layer].abs().max()) for layer in layers}
-    agree = all(torch.allclose(early[layer], full[layer], atol=atol, rtol=1e-2) for layer in layers)
+    if args.profile:
+        profile_pass(methods["early_exit_budget"], device, args.profile)
+    peak = matmul_tflops(device, getattr(torch, dtype))
+    params = block_parameters(model, n_blocks)
+    if "error" in timings["full_forward"]:
+        raise SystemExit(f"the baseline failed: {timings['full_forward']['error']}")
+    reference = timings["full_forward"]["outputs"]
+    rel_tol = 1e-5 if dtype == "float32" else 2e-2
+    methods_out: dict[str, Any] = {}
+    all_agree = True
+    for name, timing in timings.items():
+        if "error" in timing:
+            methods_out[name] = {"error": timing["error"]}
+            continue
+        seconds = timing["seconds"]
+        padded = {
+            "full_forward": fixed_padded,
+            "early_exit": fixed_padded,
+            "early_exit_sorted": sorted_padded,
+        }.get(name, budget_padded)
+        tflops = 2 * params * real_tokens / seconds / 1e12
+        out = timing["outputs"]
+        diff = max(float((out[layer].float() - reference[layer].float()).abs().max()) for layer in layers)
+        scale = max(float(reference[layer].float().abs().max()) for layer in layers)
+        # another batch composition changes the rounding: compared relative to the activations' size
+        agree = diff <= rel_tol * scale
+        all_agree = all_agree and agree
+        methods_out[name] = {
+            "seconds": seconds,
+            "warmup_s": timing["warmup_s"],
+            "prompts_per_s": len(texts) / seconds,
+            "real_tokens_per_s": real_tokens / seconds,
+            "padded_tokens_per_s": padded / seconds,
+            "padding_share": 1 - real_tokens / padded,
+            "real_token_tflops": tflops,
+            "share_of_matmul_peak": None if peak is None else tflops / peak,
+            "peak_mib": timing["peak_mib"],
+            "max_abs_diff_vs_full_forward": diff,
+            "max_abs_value": scale,
+            "agree": agree,
+        }
+    base = methods_out["full_forward"]["seconds"]
+    for row in methods_out.values():
+        if "seconds" in row:
+            row["speedup_vs_full_forward"] = base / row["seconds"]
 
     result: dict[str, Any] = {
         "model": args.model,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
         "dtype": dtype,
         "n_layers": n_layers,
         "layers": layers,
+        "blocks_run": n_blocks,
+        "block_parameters": params,
+        "prompts": args.prompts,
+        "sources": sources,
         "n_prompts": len(texts),
         "batch_size": args.batch_size,
+        "token_budget": args.token_budget,
+        "budget_rows": args.budget_rows,
         "repeats": args.repeats,
-        "tokens_mean": sum(n_tokens) / len(n_tokens),
+        "tokens_mean": real_tokens / len(texts),
         "tokens_max": max(n_tokens),
         "load_s": round(load_s, 2),
-        "early_exit_prompts_per_s": len(texts) / early_s,
-        "full_forward_prompts_per_s": len(texts) / full_s,
-        "speedup": full_s / early_s,
-        "early_exit_peak_mib": None if early_peak is None else early_peak / 2**20,
-        "full_forward_peak_mib": None if full_peak is None else full_peak / 2**20,
-        "max_abs_diff": diffs,
-        "max_abs_value": scales,
-        "agree": agree,
+        "matmul_peak_tflops": peak,
+        "methods": methods_out,
+        "agree": all_agree,
     }
-    print(
-        f"{args.model} on {result['device_name']} ({dtype}), {n_layers} layers, reading {layers}; "
-        f"{len(texts)} prompts, batch {args.batch_size}, {result['tokens_mean']:.0f} tokens mean / "
-        f"{result['tokens_max']} max"
-    )
-    for name, key in (("early exit", "early_exit"), ("full forward", "full_forward")):
-        peak = result[f"{key}_peak_mib"]
-        peak_text = f", peak {peak:,.0f} MiB" if peak is not None else ""
-        print(f"  {name:12s}: {result[f'{key}_prompts_per_s']:8.1f} prompts/s{peak_text}")
-    print(f"  speedup {result['speedup']:.2f}x; max |diff| {diffs}; agree={agree}")
+    for name, row in methods_out.items():
+        if "error" in row:
+            print(f"  {name:28s}: FAILED {row['error']}")
+            continue
+        share = row["share_of_matmul_peak"]
+        share_text = (
+            f", {100 * share:4.1f}% of the {peak:.0f} TFLOP/s matmul peak" if share is not None else ""
+        )
+        mem = row["peak_mib"]
+        mem_text = f", peak {mem:,.0f} MiB" if mem is not None else ""
+        print(
+            f"  {name:28s}: {row['prompts_per_s']:8.1f} prompts/s ({row['speedup_vs_full_forward']:.2f}x), "
+            f"{row['real_tokens_per_s']:9.0f} real tokens/s, padding {100 * row['padding_share']:4.1f}%"
+            f"{share_text}{mem_text}, max |diff| {row['max_abs_diff_vs_full_forward']:.2g} of "
+            f"{row['max_abs_value']:.3g}"
+        )
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
-    if not agree:
-        raise SystemExit("early-exit and full-forward activations disagree")
+        print(f"wrote {args.json_out}")
+    if not all_agree:
+        raise SystemExit("the methods' activations disagree")
     return result
 
 

@@ -1,6 +1,7 @@
 """Where the time of one TopK SAE training step goes (torch.profiler, CUDA kernels), for tuning.
 
-    python benchmarks/profile_topk_step.py --device cuda [--tf32] [--dead-fraction 0.5]
+    python benchmarks/profile_topk_step.py --device cuda [--tf32] [--dead-fraction 0.5] \
+        [--encoder-dtype bfloat16] [--expansion 32] [--json $OUT/profile.json]
 
 Prints the kernels that took the most device time over a few profiled steps of
 :class:`~sae_refusal.sae.TopKSAE` (forward, backward, fused Adam, decoder-norm duties).
@@ -9,6 +10,8 @@ Prints the kernels that took the most device time over a few profiled steps of
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,11 +33,19 @@ def main() -> None:
     parser.add_argument("--dead-fraction", type=float, default=0.0)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shapes", action="store_true", help="group the table by input shapes too")
+    parser.add_argument(
+        "--encoder-dtype", default="float32", help="TopKSAE encoder_dtype (float32 | bfloat16)"
+    )
+    parser.add_argument(
+        "--json", default=None, help="also write the top kernels (--rows of them) here as JSON"
+    )
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
-    sae = TopKSAE(args.d_model, args.expansion * args.d_model, args.k).to(device)
+    sae = TopKSAE(args.d_model, args.expansion * args.d_model, args.k, encoder_dtype=args.encoder_dtype)
+    sae = sae.to(device)
     params = list(sae.parameters())
     opt = torch.optim.Adam(params, lr=1e-3, fused=device.type == "cuda")
     x = torch.randn(args.batch, args.d_model, device=device, generator=gen)
@@ -64,6 +75,30 @@ def main() -> None:
     print(
         averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=60, max_shapes_column_width=70)
     )
+    if args.json:
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        rows = sorted(averages, key=lambda e: float(getattr(e, attr, 0.0) or 0.0), reverse=True)[: args.rows]
+        record = {
+            "config": {**vars(args), "n_latents": sae.n_latents, "device_name": str(device)},
+            "per_step_total_ms": sum(float(getattr(e, attr, 0.0) or 0.0) for e in averages)
+            / 1e3
+            / args.steps,
+            "kernels": [
+                {
+                    "name": e.key,
+                    "ms_per_step": float(getattr(e, attr, 0.0) or 0.0) / 1e3 / args.steps,
+                    "calls_per_step": e.count / args.steps,
+                    **({"shapes": str(e.input_shapes)} if args.shapes else {}),
+                }
+                for e in rows
+            ],
+        }
+        if device.type == "cuda":
+            record["config"]["device_name"] = torch.cuda.get_device_name(device)
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,22 @@ implementation" check. Both contenders get the same initial weights, input scale
 ``sqrt(D)``), decoder bias (the training mean), learning rate and batches; ``ours`` uses AuxK, ``plain``
 does not.
 
+Scale mode (one GPU command, about 3-4 minutes on an H200; prints progress): ``--n-latents 65536,131072``
+runs each size, ``--dead-fraction 0,0.5`` each dead fraction, ``--bf16`` adds ``ours-bf16`` (TopKSAE
+``encoder_dtype="bfloat16"``), ``--sparsify`` adds EleutherAI sparsify's ``SparseCoder`` stepped like its own
+trainer (wheels: ``benchmarks/sparsify_wheels.sh``), ``--seeds 3`` adds three seeds side by side (one
+optimiser; ``-streams``: one CUDA stream per seed). The JSON has one entry per (F, dead fraction) in ``runs``
+with samples/s per contender and ``ratios`` (``ours/sparsify``, ``ours-bf16/plain``, per-seed cost ...), and
+``auxk_step_time_overhead``. Every contender's failure is recorded in the JSON and the run goes on::
+
+    # carry [".device/whl_sparsify"]; on the GPU machine:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/sp .device/whl_sparsify/*.whl
+    PYTHONPATH=/tmp/sp:$PWD python3 benchmarks/sae_throughput.py --device cuda --tf32 --no-saelens \
+        --n-latents 65536,131072 --dead-fraction 0,0.5 --bf16 --sparsify --seeds 3 --steps 10 --warmup 3 \
+        --out $OUT/sae_scale.json
+    PYTHONPATH=/tmp/sp:$PWD python3 benchmarks/sae_throughput.py --device cuda --tf32 --no-saelens --quality \
+        --quality-steps 300 --bf16 --sparsify --out $OUT/sae_quality.json
+
 Examples::
 
     # the issue's GPU setting: d_model 4096, F = 16 * 4096 = 65536, k 64, batch 4096, fp32
@@ -168,6 +184,65 @@ class OursContender:
         return self._aux_steps
 
 
+class OursSeedsContender:
+    """``n`` :class:`TopKSAE` seeds stepped side by side on the same batch, one fused Adam over all of them,
+    as :class:`sae_refusal.sae.module.SAEModule` trains its ``ModuleDict`` of seeds.
+
+    With ``streams`` (CUDA only) each seed's forward, backward and gradient duties run on its own CUDA stream
+    (the small top-k / sort / index kernels of one seed can overlap another's GEMMs), joined before the
+    optimiser step. The step returns the mean MSE over the seeds.
+    """
+
+    def __init__(self, saes: list[TopKSAE], lr: float, forced_dead_F: Tensor | None, streams: bool) -> None:
+        self.saes = [sae.train() for sae in saes]
+        params = [p for sae in saes for p in sae.parameters()]
+        self.opt = torch.optim.Adam(params, lr=lr, fused=all(p.is_cuda for p in params))
+        self.forced_dead_F = forced_dead_F
+        self.streams = [torch.cuda.Stream() for _ in saes] if streams and params[0].is_cuda else None
+        self._aux_steps = 0
+
+    def _one(self, sae: TopKSAE, x_BD: Tensor) -> tuple[Tensor, bool]:
+        if self.forced_dead_F is not None:
+            sae.steps_since_fired_F.masked_fill_(self.forced_dead_F, sae.dead_after_steps)
+        out = sae(x_BD)
+        out.loss.backward()
+        sae.update_firing(out.fired_F)
+        sae.remove_parallel_grads()
+        return out.mse.detach(), "aux" in out.parts
+
+    def step(self, x_BD: Tensor) -> Tensor:
+        results: list[tuple[Tensor, bool]] = []
+        if self.streams is None:
+            results = [self._one(sae, x_BD) for sae in self.saes]
+        else:
+            main = torch.cuda.current_stream()
+            for sae, stream in zip(self.saes, self.streams, strict=True):
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    results.append(self._one(sae, x_BD))
+            for stream in self.streams:
+                main.wait_stream(stream)
+        self.opt.step()
+        for sae in self.saes:
+            sae.normalize_decoder()
+        self.opt.zero_grad(set_to_none=True)
+        if all(aux for _, aux in results):
+            self._aux_steps += 1
+        return torch.stack([mse for mse, _ in results]).mean()
+
+    @torch.no_grad()
+    def evaluate(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return OursContender.evaluate(self, x_BD)  # type: ignore[arg-type]
+
+    @property
+    def sae(self) -> TopKSAE:
+        """The first seed (what :meth:`evaluate` scores)."""
+        return self.saes[0]
+
+    def aux_steps(self) -> int:
+        return self._aux_steps
+
+
 class PlainContender:
     """:class:`PlainTopKSAE` with Adam and a decoder renormalisation after each step."""
 
@@ -277,6 +352,138 @@ class SAELensContender:
         return int(self._aux_count)
 
 
+class SparsifyContender:
+    """EleutherAI sparsify's ``SparseCoder`` stepped like ``sparsify.trainer.Trainer`` does (sparsify 1.3).
+
+    Per step, as its trainer: decoder rows renormalised before the forward, ``fvu`` normalised by the batch's
+    total variance, ``loss = fvu + auxk_alpha * auxk_loss``, parallel gradient removed, optimiser step,
+    dead-latent counters in tokens. Its defaults are kept: the ``signum`` optimiser (``ScheduleFreeWrapper``
+    around ``SignSGD``, momentum 0.95, lr ``5e-3 / sqrt(F / 2**14)``), bf16 autocast of its forward on CUDA,
+    its Triton decoder when Triton imports, its AuxK heuristic ``k_aux = D / 2``. AuxK is off by default in
+    sparsify (``auxk_alpha = 0``); it is switched on (``auxk_alpha = 1/32``, as ours) only when latents are
+    forced dead or in the quality mode's dead window. Inputs arrive already scaled (the normalised space).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        k: int,
+        seed: int,
+        device: torch.device,
+        mean_D: Tensor,
+        dead_after: int,
+        forced_dead_F: Tensor | None,
+        input_scale: float,
+        auxk_alpha: float,
+    ) -> None:
+        from schedulefree import ScheduleFreeWrapper
+
+        SparseCoder, SparseCoderConfig, SignSGD, self.version = import_sparsify()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # as the trainer seeds each SAE (the global RNG is restored here)
+            self.sae = SparseCoder(
+                d_model, SparseCoderConfig(num_latents=n_latents, k=k), device, torch.float32
+            )
+        with torch.no_grad():
+            self.sae.b_dec.copy_(mean_D)
+        lr = 5e-3 / (n_latents / 2**14) ** 0.5
+        self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": lr}]), momentum=0.95)
+        self.opt.train()
+        self.input_scale, self.forced_dead_F = input_scale, forced_dead_F
+        self.auxk_alpha = auxk_alpha
+        self.threshold = dead_after  # in tokens: dead_after steps of one row each would be dead_after*batch
+        self.since_fired_F = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.did_fire_F = torch.zeros(n_latents, dtype=torch.bool, device=device)
+        self._aux_count = torch.zeros((), dtype=torch.long, device=device)
+
+    def step(self, x_BD: Tensor) -> Tensor:
+        sae = self.sae
+        x_BD = x_BD.float() * self.input_scale
+        sae.set_decoder_norm_to_unit_norm()
+        dead_mask = None
+        if self.auxk_alpha > 0:
+            dead_mask = self.since_fired_F > self.threshold * x_BD.shape[0]
+            if self.forced_dead_F is not None:
+                dead_mask |= self.forced_dead_F
+        total_variance = (x_BD - x_BD.mean(0)).pow(2).sum()
+        out = sae(x=x_BD, y=x_BD, dead_mask=dead_mask, total_variance=total_variance)
+        self.did_fire_F[out.latent_indices.flatten()] = True
+        loss = out.fvu + self.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        with torch.no_grad():
+            self.since_fired_F += x_BD.shape[0]
+            self.since_fired_F[self.did_fire_F] = 0
+            self.did_fire_F.zero_()
+            self._aux_count += (out.auxk_loss.detach() != 0).long()
+        return (out.fvu.detach() * total_variance / x_BD.shape[0]).float()
+
+    @torch.no_grad()
+    def evaluate(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.opt.eval()  # schedule-free: evaluate the averaged weights, as its trainer saves them
+        try:
+            out = self.sae(x=x_BD.float() * self.input_scale)
+            fired_F = torch.zeros_like(self.did_fire_F)
+            fired_F[out.latent_indices[out.latent_acts > 0]] = True
+            return out.sae_out.float() / self.input_scale, (out.latent_acts > 0).sum(-1), fired_F
+        finally:
+            self.opt.train()
+
+    def aux_steps(self) -> int:
+        return int(self._aux_count)
+
+
+def import_sparsify() -> tuple[Any, Any, Any, str]:
+    """``(SparseCoder, SparseCoderConfig, SignSGD, version)`` from EleutherAI sparsify.
+
+    ``import sparsify`` also imports its trainer and data modules (``datasets``, hence pandas / pyarrow);
+    when that fails, the package's modules are loaded without its ``__init__`` (only ``sparse_coder``,
+    ``config``, ``utils``, ``fused_encoder`` and ``sign_sgd``, which need einops, natsort, simple-parsing,
+    transformers and accelerate).
+    """
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    try:
+        import sparsify
+    except ImportError:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        for name in [m for m in sys.modules if m == "sparsify" or m.startswith("sparsify.")]:
+            del sys.modules[name]  # a half-imported package from the failed attempt
+        sparsify = importlib.util.module_from_spec(
+            importlib.machinery.ModuleSpec("sparsify", None, is_package=True)
+        )
+        sparsify.__path__ = list(spec.submodule_search_locations)
+        sys.modules["sparsify"] = sparsify
+        init = Path(sparsify.__path__[0]) / "__init__.py"
+        for line in init.read_text().splitlines():  # its __version__ line only
+            if line.startswith("__version__"):
+                sparsify.__version__ = line.split("=", 1)[1].strip().strip("\"'")
+    coder = importlib.import_module("sparsify.sparse_coder")
+    config = importlib.import_module("sparsify.config")
+    sign_sgd = importlib.import_module("sparsify.sign_sgd")
+    version = str(getattr(sparsify, "__version__", "?"))
+    return coder.SparseCoder, config.SparseCoderConfig, sign_sgd.SignSGD, version
+
+
+def sparsify_status() -> tuple[bool, str]:
+    """Whether sparsify's ``SparseCoder`` (and ``schedulefree``, its default optimiser) import, and a line."""
+    try:
+        import schedulefree  # noqa: F401
+
+        *_, version = import_sparsify()
+    except Exception as err:  # ImportError, or a missing dependency of its package import
+        return False, f"sparsify is not importable ({type(err).__name__}: {err}); skipped"
+    return True, f"eai-sparsify {version}"
+
+
 def saelens_status() -> tuple[bool, str]:
     """Whether ``import sae_lens`` works, and a line saying so."""
     try:
@@ -350,15 +557,58 @@ def build_contender(
     mean_D: Tensor,
     dead_after: int,
     forced_dead_F: Tensor | None,
+    aux_alpha: float = 0.0,
+    aux_k: int = 256,
 ) -> Contender:
-    """Build one contender with its initial weights drawn from ``seed`` (the same for ours and plain)."""
-    generator = torch.Generator().manual_seed(seed)
-    if name == "ours":
-        ours = TopKSAE(d_model, n_latents, k, dead_after_steps=dead_after, generator=generator)
-        ours.set_input_scale(input_scale)
+    """Build one contender with its initial weights drawn from ``seed`` (the same for ours and plain).
+
+    Names: ``ours``, ``ours-bf16`` (bfloat16 encoder product), ``ours-x<N>`` / ``ours-x<N>-streams`` /
+    ``ours-bf16-x<N>...`` (``N`` seeds side by side, one optimiser), ``plain``, ``sparsify``, ``saelens``.
+    ``aux_alpha`` switches sparsify's AuxK on (ours always has it).
+    """
+
+    def ours_sae(sae_seed: int, encoder_dtype: str) -> TopKSAE:
+        gen = torch.Generator().manual_seed(sae_seed)
+        sae = TopKSAE(
+            d_model,
+            n_latents,
+            k,
+            aux_k=aux_k,
+            dead_after_steps=dead_after,
+            generator=gen,
+            encoder_dtype=encoder_dtype,
+        )
+        sae.set_input_scale(input_scale)
         with torch.no_grad():
-            ours.b_dec_D.copy_(mean_D.cpu())
-        return OursContender(ours.to(device), lr, forced_dead_F)
+            sae.b_dec_D.copy_(mean_D.cpu())
+        return sae.to(device)
+
+    generator = torch.Generator().manual_seed(seed)
+    if name.startswith("ours"):
+        base, _, rest = name.partition("-x")
+        if base not in ("ours", "ours-bf16"):
+            raise ValueError(f"unknown contender {name!r}")
+        encoder_dtype = "bfloat16" if base == "ours-bf16" else "float32"
+        if not rest:
+            return OursContender(ours_sae(seed, encoder_dtype), lr, forced_dead_F)
+        count, _, streams = rest.partition("-")
+        if not count.isdigit() or streams not in ("", "streams"):
+            raise ValueError(f"unknown contender {name!r}")
+        saes = [ours_sae(seed + i, encoder_dtype) for i in range(int(count))]
+        return OursSeedsContender(saes, lr, forced_dead_F, streams == "streams")
+    if name == "sparsify":
+        return SparsifyContender(
+            d_model,
+            n_latents,
+            k,
+            seed,
+            device,
+            mean_D.to(device),
+            dead_after,
+            forced_dead_F,
+            input_scale,
+            aux_alpha if forced_dead_F is None else 1.0 / 32.0,
+        )
     if name == "plain":
         plain = PlainTopKSAE(d_model, n_latents, k, generator=generator)
         plain.input_scale = input_scale
@@ -406,22 +656,31 @@ def time_contender(contender: Contender, x_BD: Tensor, steps: int, warmup: int) 
     }
 
 
-def run_throughput(args: argparse.Namespace, device: torch.device, names: Sequence[str]) -> dict[str, Any]:
-    """Time every contender on one shared random batch."""
-    n_latents = args.d_model * args.expansion
+def run_throughput(
+    args: argparse.Namespace,
+    device: torch.device,
+    names: Sequence[str],
+    n_latents: int | None = None,
+    dead_fraction: float | None = None,
+) -> dict[str, Any]:
+    """Time every contender on one shared random batch; a failing contender is recorded, not raised."""
+    n_latents = n_latents or args.d_model * args.expansion
+    dead_fraction = args.dead_fraction if dead_fraction is None else dead_fraction
     dead_after = args.dead_after or DEFAULT_DEAD_AFTER
     data_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     x_BD = torch.randn(args.batch, args.d_model, generator=data_gen, device=device)
     input_scale = mean_norm_scale(x_BD)
     mean_D = torch.zeros(args.d_model)
-    forced_dead_F = forced_dead_mask(n_latents, args.dead_fraction, args.seed, device)
+    forced_dead_F = forced_dead_mask(n_latents, dead_fraction, args.seed, device)
     results: dict[str, Any] = {}
     for name in names:
         free_memory(device)
         contender: Contender | None = None
+        started = time.perf_counter()
         try:
             contender = build_contender(
                 name,
+                aux_k=args.aux_k,
                 d_model=args.d_model,
                 n_latents=n_latents,
                 k=args.k,
@@ -434,17 +693,68 @@ def run_throughput(args: argparse.Namespace, device: torch.device, names: Sequen
                 forced_dead_F=forced_dead_F,
             )
             result = time_contender(contender, x_BD, args.steps, args.warmup)
-        except Exception as err:
-            if not is_oom(err) and name != "saelens":
-                raise
+            n_seeds = len(getattr(contender, "saes", [None]))
+            if n_seeds > 1:
+                result["seeds"] = n_seeds
+                result["step_ms_median_per_seed"] = result["step_ms_median"] / n_seeds
+                result["samples_per_s_per_seed_equivalent"] = result["samples_per_s"] * n_seeds
+        except Exception as err:  # one failing contender must not end the run: record it and go on
             result = {"status": "oom" if is_oom(err) else "failed", "error": f"{type(err).__name__}: {err}"}
         result["peak_mem_gib"] = peak_memory_gib(device)
-        if isinstance(contender, SAELensContender):
+        if isinstance(contender, SAELensContender | SparsifyContender):
             result["version"] = contender.version
         results[name] = result
+        ok = result["status"] == "ok"
+        print(
+            f"  F={n_latents} dead={dead_fraction:g} {name}: "
+            + (
+                f"{result['samples_per_s']:.0f} samples/s"
+                if ok
+                else f"{result['status']} ({result['error']})"
+            )
+            + f" [{time.perf_counter() - started:.1f} s]",
+            flush=True,
+        )
         del contender
     free_memory(device)
     return results
+
+
+def _rate(results: dict[str, Any], name: str) -> float | None:
+    r = results.get(name, {})
+    return r["samples_per_s"] if r.get("status") == "ok" else None
+
+
+def ratios_of(results: dict[str, Any]) -> dict[str, float]:
+    """``<ours variant>/<other>`` samples/s ratios for every pair that ran (``ours``, ``ours-bf16`` against
+    ``plain``, ``sparsify``, ``saelens``), and each multi-seed contender's per-seed cost against ``ours``."""
+    ratios: dict[str, float] = {}
+    for mine in ("ours", "ours-bf16"):
+        for other in ("plain", "sparsify", "saelens"):
+            a, b = _rate(results, mine), _rate(results, other)
+            if a is not None and b is not None:
+                ratios[f"{mine}/{other}"] = a / b
+    for name, r in results.items():
+        alone = results.get(name.split("-x")[0], {})
+        if r.get("seeds") and r.get("status") == "ok" and alone.get("status") == "ok":
+            # < 1: a seed costs less side by side than alone
+            ratios[f"{name} per-seed step / alone"] = r["step_ms_median_per_seed"] / alone["step_ms_median"]
+    return ratios
+
+
+def auxk_overheads(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Per ``F`` and ours variant: step time with latents forced dead over step time without, minus one."""
+    overheads: dict[str, float] = {}
+    clean = {run["n_latents"]: run for run in runs if run["dead_fraction"] == 0.0}
+    for run in runs:
+        base = clean.get(run["n_latents"])
+        if run["dead_fraction"] == 0.0 or base is None:
+            continue
+        for name in ("ours", "ours-bf16", "sparsify"):
+            a, b = _rate(base["contenders"], name), _rate(run["contenders"], name)
+            if a is not None and b is not None:
+                overheads[f"{name} F={run['n_latents']} dead={run['dead_fraction']:g}"] = a / b - 1.0
+    return overheads
 
 
 # ---------------------------------------------------------------------------------------------- quality
@@ -585,7 +895,7 @@ def held_out_metrics(contender: Contender, eval_ND: Tensor, batch: int) -> dict[
 
 def run_quality(args: argparse.Namespace, device: torch.device, names: Sequence[str]) -> dict[str, Any]:
     """Train every contender on the same batches and score it on held-out rows."""
-    n_latents = args.d_model * args.expansion
+    n_latents = args.n_latents_list[0]
     stream, calib_ND, eval_ND, description = make_data(args, device, n_latents)
     input_scale = mean_norm_scale(calib_ND)
     mean_D = (calib_ND.mean(0) * input_scale).cpu()
@@ -596,6 +906,7 @@ def run_quality(args: argparse.Namespace, device: torch.device, names: Sequence[
         try:
             contender = build_contender(
                 name,
+                aux_k=args.aux_k,
                 d_model=args.d_model,
                 n_latents=n_latents,
                 k=args.k,
@@ -606,6 +917,7 @@ def run_quality(args: argparse.Namespace, device: torch.device, names: Sequence[
                 mean_D=mean_D,
                 dead_after=dead_after,
                 forced_dead_F=None,
+                aux_alpha=1.0 / 32.0,
             )
             batches = stream()
             synchronize(device)
@@ -622,15 +934,14 @@ def run_quality(args: argparse.Namespace, device: torch.device, names: Sequence[
                 "train_seconds": seconds,
                 "aux_steps": contender.aux_steps(),
             }
-            if isinstance(contender, SAELensContender):
+            if isinstance(contender, SAELensContender | SparsifyContender):
                 result["version"] = contender.version
             del contender
-        except Exception as err:
-            if not is_oom(err) and name != "saelens":
-                raise
+        except Exception as err:  # recorded: one failing contender must not end the run
             result = {"status": "oom" if is_oom(err) else "failed", "error": f"{type(err).__name__}: {err}"}
         result["peak_mem_gib"] = peak_memory_gib(device)
         results[name] = result
+        print(f"  {name}: {result.get('fvu', result.get('error'))}", flush=True)
     free_memory(device)
     return {
         "data": description,
@@ -683,6 +994,7 @@ def quality_table(results: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--aux-k", type=int, default=256, help="ours: dead latents in the AuxK loss")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--d-model", type=int, default=4096)
     parser.add_argument("--expansion", type=int, default=16, help="n_latents = expansion * d_model")
@@ -705,10 +1017,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dead-fraction",
-        type=float,
-        default=0.0,
-        help="throughput only: keep this fraction of latents marked dead so the AuxK path runs every step "
-        "(default 0: no latent is dead within a short benchmark, so AuxK costs only its dead-latent check)",
+        default="0",
+        help="throughput only: keep this fraction of latents marked dead so the AuxK path runs every step; "
+        "a comma list (e.g. 0,0.5) runs each (default 0: no latent is dead within a short benchmark, so AuxK "
+        "costs only its dead-latent check)",
+    )
+    parser.add_argument(
+        "--n-latents",
+        default=None,
+        help="comma list of dictionary sizes, e.g. 65536,131072 (default: expansion * d_model); each is run",
+    )
+    parser.add_argument("--bf16", action="store_true", help="add ours-bf16 (TopKSAE encoder_dtype=bfloat16)")
+    parser.add_argument(
+        "--sparsify",
+        action="store_true",
+        help="add EleutherAI sparsify's SparseCoder (skipped if not importable)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="throughput: also step this many TopKSAE seeds side by side (one optimiser; and on CUDA one "
+        "stream per seed), at the first --dead-fraction only, and report the per-seed cost against one alone",
     )
     parser.add_argument("--no-saelens", action="store_true", help="skip SAELens even if it is installed")
     parser.add_argument("--quality", action="store_true", help="train and compare held-out FVU / L0 instead")
@@ -726,8 +1056,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.quality_steps < 1:
         raise SystemExit("--warmup, --steps and --quality-steps must be >= 1")
-    if not 0.0 <= args.dead_fraction < 1.0:
+    try:
+        args.dead_fractions = [float(v) for v in str(args.dead_fraction).split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"--dead-fraction: expected numbers separated by commas, got {args.dead_fraction!r}"
+        ) from None
+    if not all(0.0 <= f < 1.0 for f in args.dead_fractions):
         raise SystemExit("--dead-fraction must be in [0, 1)")
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -738,14 +1076,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.quality:
             raise SystemExit("--acts is only used with --quality")
         args.d_model = int(load_acts(Path(args.acts), args.acts_key).shape[1])
-    n_latents = args.d_model * args.expansion
+    if args.n_latents:
+        try:
+            args.n_latents_list = [int(v) for v in str(args.n_latents).split(",")]
+        except ValueError:
+            raise SystemExit(
+                f"--n-latents: expected integers separated by commas, got {args.n_latents!r}"
+            ) from None
+        if min(args.n_latents_list) < args.k:
+            raise SystemExit("--n-latents must all be >= --k")
+    else:
+        args.n_latents_list = [args.d_model * args.expansion]
+    n_latents = args.n_latents_list[0]
 
     have_saelens, saelens_line = saelens_status()
-    names = ["ours", "plain"]
+    names = ["ours"] + (["ours-bf16"] if args.bf16 else []) + ["plain"]
     if have_saelens and not args.no_saelens:
         names.append("saelens")
     notes = [PLAIN_NOTE, "ours = sae_refusal TopKSAE with AuxK (aux_k 256) and its decoder-norm duties"]
+    if args.bf16:
+        notes.append("ours-bf16 = ours with encoder_dtype='bfloat16' (fp32 master weights and gradients)")
     notes.append(saelens_line if not args.no_saelens else "SAELens skipped (--no-saelens)")
+    sparsify_skipped: str | None = None
+    if args.sparsify:
+        have_sparsify, sparsify_line = sparsify_status()
+        notes.append(sparsify_line)
+        if have_sparsify:
+            names.append("sparsify")
+            notes.append(
+                "sparsify = SparseCoder stepped like its Trainer (signum = ScheduleFree SignSGD, bf16 "
+                "autocast forward on CUDA, unit-norm decoder before each forward); AuxK (its k_aux = D/2, "
+                "alpha 1/32 as ours) only when latents are forced dead"
+            )
+        else:
+            sparsify_skipped = sparsify_line
 
     config: dict[str, Any] = {
         "device": str(device),
@@ -754,6 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "d_model": args.d_model,
         "n_latents": n_latents,
+        "n_latents_list": args.n_latents_list,
         "expansion": args.expansion,
         "k": args.k,
         "batch": args.batch,
@@ -765,7 +1130,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     print(
         f"# TopK SAE {'quality' if args.quality else 'training throughput'}: D={args.d_model}, "
-        f"F={n_latents}, k={args.k}, batch={args.batch}, {config['device']} ({config['device_name']}), "
+        f"F={','.join(map(str, args.n_latents_list))}, k={args.k}, batch={args.batch}, "
+        f"{config['device']} ({config['device_name']}), "
         f"fp32 params, TF32 {'on' if args.tf32 else 'off'} (matmul precision '{precision}'), torch "
         f"{torch.__version__}"
     )
@@ -783,24 +1149,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if results["ours"].get("status") == "ok" and results["plain"].get("status") == "ok":
             record["fvu_ours_minus_plain"] = results["ours"]["fvu"] - results["plain"]["fvu"]
             print(f"\nheld-out FVU ours - plain: {record['fvu_ours_minus_plain']:+.4f} (matched k={args.k})")
+        for other in ("ours-bf16", "sparsify"):
+            if results["ours"].get("status") == "ok" and results.get(other, {}).get("status") == "ok":
+                key = f"fvu_{other.replace('-', '_')}_minus_ours"
+                record[key] = results[other]["fvu"] - results["ours"]["fvu"]
+                print(f"held-out FVU {other} - ours: {record[key]:+.4f}")
     else:
-        config.update(steps=args.steps, warmup=args.warmup, dead_fraction=args.dead_fraction)
+        config.update(steps=args.steps, warmup=args.warmup, dead_fraction=args.dead_fractions[0])
+        config.update(dead_fractions=args.dead_fractions, seeds=args.seeds)
         config["dead_after_steps"] = args.dead_after or DEFAULT_DEAD_AFTER
-        results = run_throughput(args, device, names)
-        record.update(mode="throughput", contenders=results)
-        print(f"{args.warmup} warm-up + {args.steps} timed steps (forward + backward + Adam step)\n")
-        print(throughput_table(results))
+        print(f"{args.warmup} warm-up + {args.steps} timed steps (forward + backward + optimiser step)\n")
+        runs: list[dict[str, Any]] = []
+        for n_lat in args.n_latents_list:
+            for i, fraction in enumerate(args.dead_fractions):
+                run_names = list(names)
+                if args.seeds > 1 and i == 0:
+                    base = "ours-bf16" if args.bf16 else "ours"
+                    run_names.append(f"{base}-x{args.seeds}")
+                    if device.type == "cuda":
+                        run_names.append(f"{base}-x{args.seeds}-streams")
+                results = run_throughput(args, device, run_names, n_lat, fraction)
+                if sparsify_skipped is not None:
+                    results["sparsify"] = {"status": "skipped", "error": sparsify_skipped}
+                run = {"n_latents": n_lat, "dead_fraction": fraction, "contenders": results}
+                run["ratios"] = ratios_of(results)
+                runs.append(run)
+                print(f"\n## F={n_lat}, dead fraction {fraction:g}\n")
+                print(throughput_table(results))
+                for key, value in run["ratios"].items():
+                    print(f"- {key}: {value:.2f}x")
+                print(flush=True)
+        record.update(mode="throughput", runs=runs, contenders=runs[0]["contenders"])
+        record["auxk_step_time_overhead"] = auxk_overheads(runs)
+        for key, value in record["auxk_step_time_overhead"].items():
+            print(f"- AuxK step-time overhead {key}: {100 * value:+.1f}%")
+        results = runs[0]["contenders"]
         ours, plain = results["ours"], results["plain"]
         if ours.get("status") == "ok" and plain.get("status") == "ok":
             record["speedup_ours_over_plain"] = ours["samples_per_s"] / plain["samples_per_s"]
-            line = f"\nspeed ours/plain: {record['speedup_ours_over_plain']:.2f}x"
+            line = f"\nspeed ours/plain (first run): {record['speedup_ours_over_plain']:.2f}x"
             if ours["peak_mem_gib"] is not None and plain["peak_mem_gib"] is not None:
                 record["peak_mem_ratio_ours_over_plain"] = ours["peak_mem_gib"] / plain["peak_mem_gib"]
                 line += f"; peak memory ours/plain: {record['peak_mem_ratio_ours_over_plain']:.2f}x"
             print(line)
-        if not ours.get("aux_steps"):
+        if not any(run["contenders"]["ours"].get("aux_steps") for run in runs):
             notes.append(
-                "AuxK never ran in the timed steps (no latent was dead); --dead-fraction 0.5 times that path"
+                "AuxK never ran in the timed steps (no latent was dead); --dead-fraction 0,0.5 times it"
             )
     print()
     for note in notes:

@@ -115,3 +115,63 @@ def test_quality_mode_from_file(bench: ModuleType, tmp_path: Path, suffix: str) 
     _check_quality(record, k=8)
     assert record["config"]["d_model"] == 24 and record["config"]["n_latents"] == 96
     assert record["eval_rows"] == 120  # a fifth of the rows are held out
+
+
+def test_scale_mode_runs_every_size_fraction_and_contender(bench: ModuleType, tmp_path: Path) -> None:
+    """One command: two sizes x two dead fractions, ours-bf16, sparsify (or its recorded skip), seeds."""
+    args = [*TINY, "--steps", "2", "--warmup", "1", "--no-saelens", "--n-latents", "64,96"]
+    args += ["--dead-fraction", "0,0.5", "--bf16", "--sparsify", "--seeds", "3"]
+    record = _run(bench, args, tmp_path / "s.json")
+    runs = record["runs"]
+    assert [(r["n_latents"], r["dead_fraction"]) for r in runs] == [
+        (64, 0.0),
+        (64, 0.5),
+        (96, 0.0),
+        (96, 0.5),
+    ]
+    for run in runs:
+        results = run["contenders"]
+        for name in ("ours", "ours-bf16", "plain"):
+            assert results[name]["status"] == "ok", results[name]
+        assert results["sparsify"]["status"] in ("ok", "skipped")
+        if results["sparsify"]["status"] == "ok":
+            assert "ours/sparsify" in run["ratios"] and "ours-bf16/sparsify" in run["ratios"]
+        assert run["ratios"]["ours/plain"] > 0
+        if run["dead_fraction"] == 0.0:
+            seeds = results["ours-bf16-x3"]
+            assert seeds["status"] == "ok" and seeds["seeds"] == 3
+            assert seeds["step_ms_median_per_seed"] == pytest.approx(seeds["step_ms_median"] / 3)
+            assert "ours-bf16-x3 per-seed step / alone" in run["ratios"]
+        else:
+            assert results["ours"]["aux_steps"] == 3 and results["ours-bf16"]["aux_steps"] == 3
+            assert "ours-bf16-x3" not in results
+    assert set(record["auxk_step_time_overhead"]) >= {"ours F=64 dead=0.5", "ours-bf16 F=96 dead=0.5"}
+    assert record["contenders"] == runs[0]["contenders"]
+
+
+def test_a_failing_contender_is_recorded_and_the_run_goes_on(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Any, x_BD: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench.PlainContender, "step", broken)
+    record = _run(bench, [*TINY, "--steps", "2", "--warmup", "1", "--no-saelens"], tmp_path / "f.json")
+    assert record["contenders"]["plain"] == {
+        "status": "failed",
+        "error": "RuntimeError: kernel exploded",
+        "peak_mem_gib": None,
+    }
+    assert record["contenders"]["ours"]["status"] == "ok"
+
+
+def test_quality_mode_with_bf16_encoder(bench: ModuleType, tmp_path: Path) -> None:
+    args = [*TINY, "--quality", "--quality-steps", "5", "--eval-rows", "256", "--bf16", "--no-saelens"]
+    record = _run(bench, args, tmp_path / "q.json")
+    assert record["contenders"]["ours-bf16"]["status"] == "ok"
+    assert abs(record["fvu_ours_bf16_minus_ours"]) < 0.05
+
+
+def test_sparsify_status_line(bench: ModuleType) -> None:
+    ok, line = bench.sparsify_status()
+    assert line.startswith("eai-sparsify" if ok else "sparsify is not importable")

@@ -322,7 +322,11 @@ def test_cached_rows_are_the_extraction_of_the_templated_prompts(world: World, t
 
 
 def test_shard_size_and_manifest_facts(world: World, tmp_path: Path) -> None:
-    assert world.base.manifest["extra"] == {"n_truncated": 0, "n_prompts": 3}
+    assert world.base.manifest["extra"] == {
+        "n_truncated": 0,
+        "n_prompts": 3,
+        "batching": {"batch_size": world.cfg.batch_size, "token_budget": None, "sort_window": 16},
+    }
     assert [s["rows"] for s in world.base.manifest["shards"]] == [3]  # default 4096 rows per shard
     small = cached_activations(
         PROMPTS, world.llm, dataclasses.replace(world.cfg, root=str(tmp_path), shard_rows=2)
@@ -338,6 +342,6 @@ def test_shard_size_and_manifest_facts(world: World, tmp_path: Path) -> None:
     cut = cached_activations(
         PROMPTS, world.llm, dataclasses.replace(world.cfg, root=str(tmp_path), max_length=8)
     )
-    assert cut.manifest["extra"] == {"n_truncated": 3, "n_prompts": 3}
+    assert cut.manifest["extra"]["n_truncated"] == 3
     assert [p["id"] for p in cut.prompts] == ["p0", "p1", "p2"]
     assert [p["label"] for p in cut.prompts] == ["benign", "benign", "harmful"]

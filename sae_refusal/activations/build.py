@@ -69,7 +69,12 @@ class CacheConfig:
         layers: Layers to cache (residual stream after decoder block ``l``, 0-based; negative indices
             count from the end).
         dtype: Storage dtype of the activations (``float32``, ``bfloat16`` or ``float16``).
-        batch_size: Prompts per forward pass.
+        batch_size: Most prompts per forward pass.
+        token_budget: Most padded tokens (rows x longest prompt) per forward pass, so short prompts run many
+            to a pass and long ones few (e.g. 16384 on a GPU); ``null``: ``batch_size`` prompts per pass.
+        sort_window: Passes' worth of prompts (``sort_window x batch_size``) sorted by length together, to
+            pad little; 1 runs prompts in input order. Batching changes the activations only by float
+            round-off (the cache records it in ``extra``, not in its identity).
         max_length: Token budget per prompt; ``None`` uses the model's context (capped).
         overflow: ``truncate_left`` (keep the last ``max_length`` tokens and count them) or ``error``.
         shard_rows: Rows per safetensors shard.
@@ -84,6 +89,8 @@ class CacheConfig:
     layers: Sequence[int] = (10, 15)
     dtype: str = "float32"
     batch_size: int = 16
+    token_budget: int | None = None
+    sort_window: int = 16
     max_length: int | None = None
     overflow: str = "truncate_left"
     shard_rows: int = 4096
@@ -100,6 +107,10 @@ class CacheConfig:
             raise ValueError(f"{KEY}.verify must be one of {VERIFY_MODES}, got {self.verify!r}")
         if self.batch_size < 1:
             raise ValueError(f"{KEY}.batch_size must be >= 1, got {self.batch_size}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"{KEY}.token_budget must be >= 1 or null, got {self.token_budget}")
+        if self.sort_window < 1:
+            raise ValueError(f"{KEY}.sort_window must be >= 1, got {self.sort_window}")
         if not self.layers:
             raise ValueError(f"{KEY}.layers must name at least one layer")
         if self.max_length is not None:
@@ -228,6 +239,8 @@ def compute_cache(
                 formatted,
                 list(identity.layers),
                 batch_size=cfg.batch_size,
+                token_budget=cfg.token_budget,
+                sort_window=cfg.sort_window,
                 max_length=identity.max_length,
                 overflow=identity.overflow,
                 progress=bar.update,
@@ -253,7 +266,14 @@ def compute_cache(
                 identity.max_length,
             )
         rows = [_prompt_row(prompt_set, i) for i in range(len(prompt_set))]
-        cache = writer.commit(rows, extra={"n_truncated": n_truncated, "n_prompts": len(prompt_set)})
+        batching = {
+            "batch_size": cfg.batch_size,
+            "token_budget": cfg.token_budget,
+            "sort_window": cfg.sort_window,
+        }
+        cache = writer.commit(
+            rows, extra={"n_truncated": n_truncated, "n_prompts": len(prompt_set), "batching": batching}
+        )
     seconds = time.perf_counter() - start
     log.info(
         "cached %d prompts at layers %s in %.1f s (%.1f prompts/s) -> %s",

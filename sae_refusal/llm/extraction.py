@@ -42,6 +42,7 @@ __all__ = [
     "iter_last_token_residuals",
     "last_token_indices",
     "last_token_residuals",
+    "plan_batches",
     "position_ids_from_mask",
 ]
 
@@ -189,6 +190,48 @@ class ResidualBatch:
     n_truncated: int
 
 
+def _check_token_budget(token_budget: int | None, key: str = "token_budget") -> None:
+    if token_budget is None:
+        return
+    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+        raise ValueError(f"{key}: must be a positive integer or null, got {token_budget!r}")
+
+
+def plan_batches(
+    lengths: Sequence[int], *, batch_size: int, token_budget: int | None = None, sort: bool = True
+) -> list[list[int]]:
+    """Forward passes for prompts of these token counts: lists of their indices, every index once.
+
+    With ``sort``, prompts run longest first (ties in input order), so each pass pads little; without it,
+    in input order. A pass takes prompts until it holds ``batch_size`` of them or, with a
+    ``token_budget``, until one more would make ``rows x longest`` exceed the budget (the padded tokens
+    the pass computes); a prompt longer than the budget runs alone.
+
+    Raises:
+        ValueError: On a bad ``batch_size`` or ``token_budget`` (naming it).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    _check_token_budget(token_budget)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
+    passes: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        width = max(longest, lengths[i])
+        fits = len(current) < batch_size and (
+            token_budget is None or (len(current) + 1) * width <= token_budget
+        )
+        if current and not fits:
+            passes.append(current)
+            current, width = [], lengths[i]
+        current.append(i)
+        longest = width
+    if current:
+        passes.append(current)
+    return passes
+
+
 def iter_last_token_residuals(
     model: nn.Module,
     tokenizer: Any,
@@ -199,14 +242,16 @@ def iter_last_token_residuals(
     max_length: int | None = None,
     overflow: str = "truncate_left",
     sort_window: int = 16,
+    token_budget: int | None = None,
     out_device: str | torch.device = "cpu",
     progress: Callable[[int], object] | None = None,
 ) -> Iterator[ResidualBatch]:
     """Yield last-token residuals for many chat-formatted prompts, in input order, ``batch_size`` at a time.
 
     To reduce padding, each window of ``sort_window * batch_size`` prompts runs sorted by length (longest
-    first); its results are put back in input order before they are yielded, so the concatenation of all
-    batches lines up with ``formatted_texts``. Overflow is handled by
+    first), in forward passes planned by :func:`plan_batches` (at most ``batch_size`` rows, and with a
+    ``token_budget`` at most that many padded tokens); its results are put back in input order before they
+    are yielded, so the concatenation of all batches lines up with ``formatted_texts``. Overflow is handled by
     :func:`~sae_refusal.llm.tokenize.encode_prompts`.
 
     Args:
@@ -219,6 +264,9 @@ def iter_last_token_residuals(
             ``None`` uses :func:`~sae_refusal.llm.tokenize.default_max_length`.
         overflow: ``"truncate_left"`` or ``"error"`` (config key ``overflow``).
         sort_window: Batches per length-sorting window; 1 runs prompts in input order.
+        token_budget: Most padded tokens (rows x longest prompt of the pass) per forward pass (config key
+            ``token_budget``), so short prompts run many to a pass and long ones few; ``None``: ``batch_size``
+            rows per pass. A prompt longer than the budget runs alone.
         out_device: Where yielded tensors go (they keep the model's dtype).
         progress: Called with the number of prompts after each forward pass (e.g. a progress bar's
             ``update``); batches are yielded a sorting window at a time, so this is the finer signal.
@@ -231,6 +279,7 @@ def iter_last_token_residuals(
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
     if isinstance(sort_window, bool) or not isinstance(sort_window, int) or sort_window < 1:
         raise ValueError(f"sort_window: must be a positive integer, got {sort_window!r}")
+    _check_token_budget(token_budget)
     wanted = validate_layers(layers, len(decoder_layers(model)))
     if max_length is None:
         max_length = default_max_length(model, tokenizer)
@@ -252,14 +301,16 @@ def iter_last_token_residuals(
     window = batch_size * sort_window
     for start in range(0, len(ids), window):
         stop = min(start + window, len(ids))
-        order = (
-            sorted(range(start, stop), key=lambda i: -len(ids[i]))
-            if sort_window > 1
-            else list(range(start, stop))
+        passes = plan_batches(
+            [len(ids[i]) for i in range(start, stop)],
+            batch_size=batch_size,
+            token_budget=token_budget,
+            sort=sort_window > 1,
         )
+        order = [start + i for chunk in passes for i in chunk]
         parts: dict[int, list[Tensor]] = {layer: [] for layer in wanted}
-        for b in range(0, len(order), batch_size):
-            chunk = order[b : b + batch_size]
+        for local_chunk in passes:
+            chunk = [start + i for i in local_chunk]
             input_ids_BT, attention_mask_BT = pad_left([ids[i] for i in chunk], pad_id)
             acts = last_token_residuals(model, input_ids_BT, attention_mask_BT, wanted)
             for layer, acts_BD in acts.items():

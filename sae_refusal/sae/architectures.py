@@ -23,7 +23,7 @@ import torch
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder
 from sae_refusal.sae.contrastive import batch_classes, mean_separation, supcon_loss
 from sae_refusal.sae.relu import ReLUSAE
-from sae_refusal.sae.topk import TopKSAE
+from sae_refusal.sae.topk import ENCODER_DTYPES, TopKSAE
 
 __all__ = ["L1", "Contrastive", "SAEArchitecture", "TopK", "architecture_from_config"]
 
@@ -112,18 +112,39 @@ class TopK(SAEArchitecture):
         aux_k: Dead latents used by the AuxK loss (0 disables it).
         aux_coef: Weight of the AuxK loss.
         dead_after_steps: Training steps without firing after which a latent counts as dead.
+        encoder_dtype: ``float32`` (default) or ``bfloat16``: the dtype of the encoder's one dense product
+            and its top-k (weights, gradients and Adam stay float32). ``bfloat16`` trains 1.2x faster at
+            65,536 latents on an H200 with the held-out FVU unchanged to 0.001 (docs/RESULTS.md).
     """
 
     def __init__(
-        self, k: int = 32, aux_k: int = 256, aux_coef: float = 1.0 / 32.0, dead_after_steps: int = 1000
+        self,
+        k: int = 32,
+        aux_k: int = 256,
+        aux_coef: float = 1.0 / 32.0,
+        dead_after_steps: int = 1000,
+        encoder_dtype: str = "float32",
     ):
         self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
+        if encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(
+                f"model.architecture.encoder_dtype must be one of {sorted(ENCODER_DTYPES)}, "
+                f"got {encoder_dtype!r}"
+            )
+        self.encoder_dtype = encoder_dtype
 
     def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:
         if not 1 <= self.k <= n_latents:
             raise ValueError(f"model.architecture.k must be in [1, {n_latents}] (the latents), got {self.k}")
         return TopKSAE(
-            d_model, n_latents, self.k, self.aux_k, self.aux_coef, self.dead_after_steps, generator
+            d_model,
+            n_latents,
+            self.k,
+            self.aux_k,
+            self.aux_coef,
+            self.dead_after_steps,
+            generator,
+            encoder_dtype=self.encoder_dtype,
         )
 
 

@@ -22,13 +22,27 @@ AuxK (the paper's dead-latent loss): latents that have not fired for ``dead_afte
 ``aux_coef`` times that error, normalised by the residual's energy ``sum ||x - x_hat||^2`` (finite for any
 batch, one row included), is added to the loss, so dead latents get gradient again. The
 encoder starts as the decoder (rows unit norm, ``W_enc_FD = W_dec_FD``), and the decoder rows are kept at
-unit norm by the training loop (:meth:`~SparseAutoencoder.remove_parallel_grads` before each step,
-:meth:`~SparseAutoencoder.normalize_decoder` after). Parameters are float32 whatever dtype comes in.
+unit norm by the training loop (:meth:`~TopKSAE.remove_parallel_grads` before each step,
+:meth:`~TopKSAE.normalize_decoder` after; on CUDA each is one ``torch.compile``d kernel, falling back to the
+eager version where compilation is unavailable). Parameters are float32 whatever dtype comes in.
+
+Speed options, all with float32 master weights and float32 gradients:
+
+* ``encoder_dtype="bfloat16"`` casts ``W_enc`` and the input to bfloat16 for the encoder's one dense product
+  (and its bias add); top-k runs on the bfloat16 pre-activations (half the memory traffic), the selected
+  values come back as float32, and the sparse backward is unchanged (it uses the float32 input).
+* With dead latents, AuxK reuses the encoder's pre-activations: one ``(B, n_dead)`` column gather and a top-k
+  over the dead columns only (no second full-width top-k, no masked copy), and the two decodes (k and aux_k
+  rows per input) are one CSR product on CUDA, so ``W_dec``'s gradient is one SpMM with no second ``(F, D)``
+  gradient to add.
+* ``aux_energy_reducer`` (distributed training): maps the AuxK normaliser (this process's residual energy)
+  to its mean over the ranks, so that after DDP averages the gradients the AuxK loss is the global batch's.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +51,10 @@ from torch import nn
 
 from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, fvu_of
 
-__all__ = ["TopKSAE", "rows_grad", "sparse_decode"]
+__all__ = ["ENCODER_DTYPES", "TopKSAE", "rows_grad", "sparse_decode"]
+
+#: ``encoder_dtype`` name -> dtype of the encoder's dense product.
+ENCODER_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def rows_grad(
@@ -59,6 +76,16 @@ def rows_grad(
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     cols = torch.div(order, width, rounding_mode="floor")  # the batch row of each sorted entry
     return _csr(crow, cols, weights_BK.reshape(-1)[order], (n_rows, n)) @ dense_BD
+
+
+def _rows_grad_ragged(
+    flat_N: torch.Tensor, row_of_N: torch.Tensor, weights_N: torch.Tensor, dense_RD: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """:func:`rows_grad` for entries with any number per dense row (``row_of_N``: each entry's dense row)."""
+    order = torch.sort(flat_N, stable=True).indices
+    counts = torch.bincount(flat_N, minlength=n_rows)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return _csr(crow, row_of_N[order], weights_N[order], (n_rows, dense_RD.shape[0])) @ dense_RD
 
 
 def _csr(
@@ -126,6 +153,124 @@ def sparse_decode(values_BK: torch.Tensor, indices_BK: torch.Tensor, W_dec_FD: t
     return F.embedding_bag(indices_BK, W_dec_FD, per_sample_weights=values_BK, mode="sum")
 
 
+class _SparseDecodePair(torch.autograd.Function):
+    """Two sparse decodes with one weight (the k active rows and the AuxK rows) as one CSR product.
+
+    Rows ``[0, B)`` of the ``(2B, F)`` CSR matrix hold the ``k`` entries of each input, rows ``[B, 2B)`` its
+    ``a`` auxiliary entries. Backward: one per-sample-weight kernel for both sets of values, and ``W``'s
+    gradient as one SpMM (:func:`_rows_grad_ragged`) instead of two ``(F, D)`` products and their sum.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        values_BK: torch.Tensor,
+        indices_BK: torch.Tensor,
+        aux_values_BA: torch.Tensor,
+        aux_indices_BA: torch.Tensor,
+        W_FD: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = indices_BK.shape
+        a = aux_indices_BA.shape[1]
+        device = indices_BK.device
+        crow = torch.cat(
+            [torch.arange(0, n * k, k, device=device), torch.arange(n * k, n * (k + a) + 1, a, device=device)]
+        )
+        flat = torch.cat([indices_BK.reshape(-1), aux_indices_BA.reshape(-1)])
+        weights = torch.cat([values_BK.reshape(-1), aux_values_BA.reshape(-1)])
+        out_RD = _csr(crow, flat, weights, (2 * n, W_FD.shape[0])) @ W_FD
+        ctx.save_for_backward(weights, flat, crow, W_FD)
+        ctx.shape = (n, k, a)
+        return out_RD[:n], out_RD[n:]
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_BD: torch.Tensor | None, grad_aux_BD: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        weights, flat, crow, W_FD = ctx.saved_tensors
+        n, k, a = ctx.shape
+        zeros = W_FD.new_zeros(n, W_FD.shape[1])
+        grad_RD = torch.cat(
+            [zeros if grad_BD is None else grad_BD, zeros if grad_aux_BD is None else grad_aux_BD]
+        ).contiguous()
+        device = flat.device
+        row_of = torch.cat(
+            [
+                torch.arange(n, device=device).repeat_interleave(k),
+                torch.arange(n, 2 * n, device=device).repeat_interleave(a),
+            ]
+        )
+        grad_values = grad_aux = grad_W = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_RD, W_FD, flat, crow[:-1], row_of, 0, -1
+            )
+            grad_values = grad_w[: n * k].view(n, k)
+            grad_aux = grad_w[n * k :].view(n, a)
+        if ctx.needs_input_grad[4]:
+            grad_W = _rows_grad_ragged(flat, row_of, weights, grad_RD, W_FD.shape[0])
+        return grad_values, None, grad_aux, None, grad_W
+
+
+def sparse_decode_pair(
+    values_BK: torch.Tensor,
+    indices_BK: torch.Tensor,
+    aux_values_BA: torch.Tensor,
+    aux_indices_BA: torch.Tensor,
+    W_dec_FD: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sparse_decode(values, indices, W), sparse_decode(aux_values, aux_indices, W))`` in one product.
+
+    On CUDA one CSR product (:class:`_SparseDecodePair`); on the CPU two ``embedding_bag`` calls.
+    """
+    if W_dec_FD.is_cuda:
+        return _SparseDecodePair.apply(
+            values_BK.contiguous(),
+            indices_BK.contiguous(),
+            aux_values_BA.contiguous(),
+            aux_indices_BA.contiguous(),
+            W_dec_FD,
+        )
+    return sparse_decode(values_BK, indices_BK, W_dec_FD), sparse_decode(
+        aux_values_BA, aux_indices_BA, W_dec_FD
+    )
+
+
+def _remove_parallel_(W_FD: torch.Tensor, G_FD: torch.Tensor) -> None:
+    """``G -= <G_f, W_f> W_f`` for every row ``f`` (eager: a dot pass and an ``addcmul_`` pass)."""
+    parallel_F1 = (G_FD * W_FD).sum(-1, keepdim=True)
+    G_FD.addcmul_(parallel_F1, W_FD, value=-1.0)
+
+
+def _normalize_rows_(W_FD: torch.Tensor) -> None:
+    """Rescale every row of ``W_FD`` to unit norm, in place."""
+    W_FD.div_(W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+#: ``torch.compile``d versions of the decoder-norm duties (one kernel each on CUDA), built on first use;
+#: ``None`` once compilation failed (then the eager versions run).
+_COMPILED: dict[str, Callable[..., None] | None] = {}
+
+
+def _fused(name: str, eager: Callable[..., None], *tensors: torch.Tensor, force: bool = False) -> None:
+    """Run ``eager(*tensors)`` compiled into one kernel (CUDA, or anywhere with ``force``), else eagerly."""
+    if not (force or tensors[0].is_cuda) or not hasattr(torch, "compile"):
+        eager(*tensors)
+        return
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(eager, dynamic=False, fullgraph=True)
+    compiled = _COMPILED[name]
+    if compiled is None:
+        eager(*tensors)
+        return
+    try:
+        compiled(*tensors)
+    except Exception as err:  # no Triton / C compiler, or an unsupported backend: the eager version
+        warnings.warn(f"torch.compile of {name} failed ({type(err).__name__}: {err}); eager", stacklevel=3)
+        _COMPILED[name] = None
+        eager(*tensors)
+
+
 class _TopKEncode(torch.autograd.Function):
     """TopK encoder with a backward that only touches the selected latents.
 
@@ -143,16 +288,27 @@ class _TopKEncode(torch.autograd.Function):
         k: int,
         aux_k: int,
         dead_F: torch.Tensor | None,
+        encoder_dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x_BD = x_BD - b_dec_D  # the pre-encoder bias
-        pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
+        if encoder_dtype == torch.float32:
+            pre_BF = torch.addmm(b_enc_F, x_BD, W_enc_FD.T)
+        else:  # low-precision copies for the one dense product; masters and gradients stay float32
+            pre_BF = torch.addmm(
+                b_enc_F.to(encoder_dtype), x_BD.to(encoder_dtype), W_enc_FD.to(encoder_dtype).T
+            )
         values_BK, indices_BK = pre_BF.topk(k, dim=-1, sorted=False)
-        values_BK = values_BK.relu()
-        n_dead = 0 if dead_F is None else int(dead_F.sum())
-        if dead_F is not None and aux_k > 0 and n_dead > 0:
-            pre_BF.masked_fill_(~dead_F, float("-inf"))  # pre_BF is not needed any more
-            aux_values_BA, aux_indices_BA = pre_BF.topk(min(aux_k, n_dead), dim=-1, sorted=False)
-            aux_values_BA = aux_values_BA.relu()
+        values_BK = values_BK.float().relu()
+        dead_idx = None
+        if dead_F is not None and aux_k > 0:
+            dead_idx = dead_F.nonzero().squeeze(1)
+        if dead_idx is not None and dead_idx.numel() > 0:
+            # the dead columns of the same pre-activations: a (B, n_dead) gather, top-k over it only
+            aux_values_BA, aux_pos_BA = pre_BF.index_select(1, dead_idx).topk(
+                min(aux_k, dead_idx.numel()), dim=-1, sorted=False
+            )
+            aux_indices_BA = dead_idx[aux_pos_BA]
+            aux_values_BA = aux_values_BA.float().relu()
         else:
             aux_values_BA = x_BD.new_zeros(x_BD.shape[0], 0)
             aux_indices_BA = indices_BK.new_zeros(x_BD.shape[0], 0)
@@ -187,7 +343,7 @@ class _TopKEncode(torch.autograd.Function):
             grad_W = rows_grad(indices, grad_BK, x_BD, ctx.n_latents)
         if ctx.needs_input_grad[3]:
             grad_b = grad_F
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
 class TopKSAE(SparseAutoencoder):
@@ -201,6 +357,19 @@ class TopKSAE(SparseAutoencoder):
         aux_coef: Weight of the AuxK loss.
         dead_after_steps: Training steps without firing after which a latent counts as dead.
         generator: RNG of the initial weights (the global RNG is never touched).
+        encoder_dtype: Dtype of the encoder's dense product, ``"float32"`` (default; TF32 if the caller
+            allows it) or ``"bfloat16"`` (the weights stay float32; only that product and the top-k run in
+            bfloat16). Saved in :meth:`config`.
+
+    Attributes:
+        aux_energy_reducer: ``None`` (default), or a function mapping this process's AuxK normaliser (a
+            detached scalar, the local residual energy) to its mean over the data-parallel ranks; with it,
+            DDP's gradient average gives the AuxK loss of the global batch, ``sum(aux err) / sum(energy)``.
+            A plain attribute: neither a parameter nor a buffer, not in :meth:`config`.
+
+    Raises:
+        ValueError: On a ``k``, ``aux_k``, ``aux_coef``, ``dead_after_steps`` or ``encoder_dtype`` out of
+            range.
     """
 
     architecture = "topk"
@@ -216,6 +385,7 @@ class TopKSAE(SparseAutoencoder):
         aux_coef: float = 1.0 / 32.0,
         dead_after_steps: int = 1000,
         generator: torch.Generator | None = None,
+        encoder_dtype: str = "float32",
     ) -> None:
         super().__init__(d_model, n_latents)
         if not 1 <= k <= n_latents:
@@ -225,7 +395,11 @@ class TopKSAE(SparseAutoencoder):
                 f"aux_k and aux_coef must be >= 0 and dead_after_steps >= 1, got {aux_k}, {aux_coef}, "
                 f"{dead_after_steps}"
             )
+        if encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(f"encoder_dtype must be one of {sorted(ENCODER_DTYPES)}, got {encoder_dtype!r}")
         self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
+        self.encoder_dtype = encoder_dtype
+        self.aux_energy_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         W_dec_FD = torch.randn(n_latents, d_model, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec_FD = nn.Parameter(W_dec_FD)
@@ -242,7 +416,19 @@ class TopKSAE(SparseAutoencoder):
             "aux_k": self.aux_k,
             "aux_coef": self.aux_coef,
             "dead_after_steps": self.dead_after_steps,
+            "encoder_dtype": self.encoder_dtype,
         }
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm (one compiled kernel on CUDA: one read, one write)."""
+        _fused("normalize_rows", _normalize_rows_, self.W_dec_FD.detach())
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop each decoder row's gradient component along the row (one compiled kernel on CUDA)."""
+        if self.W_dec_FD.grad is not None:
+            _fused("remove_parallel", _remove_parallel_, self.W_dec_FD.detach(), self.W_dec_FD.grad)
 
     @property
     def dead_F(self) -> torch.Tensor:
@@ -259,7 +445,14 @@ class TopKSAE(SparseAutoencoder):
         """The ``(values_BK, indices_BK)`` of the active latents (normalised space)."""
         x_BD = x_BD.float() * self.input_scale
         values_BK, indices_BK, _, _ = _TopKEncode.apply(
-            x_BD, self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.k, 0, None
+            x_BD,
+            self.b_dec_D,
+            self.W_enc_FD,
+            self.b_enc_F,
+            self.k,
+            0,
+            None,
+            ENCODER_DTYPES[self.encoder_dtype],
         )
         return values_BK, indices_BK
 
@@ -279,21 +472,33 @@ class TopKSAE(SparseAutoencoder):
         x_BD = x_BD.float() * self.input_scale
         dead_F = self.dead_F if self.training and self.aux_k > 0 else None
         values_BK, indices_BK, aux_values_BA, aux_indices_BA = _TopKEncode.apply(
-            x_BD, self.b_dec_D, self.W_enc_FD, self.b_enc_F, self.k, self.aux_k, dead_F
+            x_BD,
+            self.b_dec_D,
+            self.W_enc_FD,
+            self.b_enc_F,
+            self.k,
+            self.aux_k,
+            dead_F,
+            ENCODER_DTYPES[self.encoder_dtype],
         )
-        recon_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
-        sq_err_B = (recon_BD - x_BD).pow(2).sum(-1)
-        mse = sq_err_B.mean()
-        loss = mse
         parts: dict[str, torch.Tensor] = {}
-        if aux_indices_BA.shape[1] > 0:
+        if aux_indices_BA.shape[1] == 0:
+            recon_BD = sparse_decode(values_BK, indices_BK, self.W_dec_FD) + self.b_dec_D
+            loss = mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
+        else:
+            decoded_BD, aux_recon_BD = sparse_decode_pair(
+                values_BK, indices_BK, aux_values_BA, aux_indices_BA, self.W_dec_FD
+            )
+            recon_BD = decoded_BD + self.b_dec_D
+            mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
             residual_BD = (x_BD - recon_BD).detach()
-            aux_recon_BD = sparse_decode(aux_values_BA, aux_indices_BA, self.W_dec_FD)
             # the share of the residual's energy left unexplained (OpenAI's normalised MSE): unlike a
             # variance about the batch mean it stays finite for a batch of one row
-            energy = residual_BD.pow(2).sum().clamp_min(1e-12)
-            parts["aux"] = (aux_recon_BD - residual_BD).pow(2).sum() / energy
-            loss = loss + self.aux_coef * parts["aux"]
+            energy = residual_BD.pow(2).sum()
+            if self.aux_energy_reducer is not None:  # the mean over ranks: DDP's average is then global
+                energy = self.aux_energy_reducer(energy)
+            parts["aux"] = (aux_recon_BD - residual_BD).pow(2).sum() / energy.clamp_min(1e-12)
+            loss = mse + self.aux_coef * parts["aux"]
         active_BK = values_BK > 0
         fired_F = torch.zeros(self.n_latents, dtype=torch.bool, device=x_BD.device)
         fired_F[indices_BK[active_BK]] = True
