@@ -20,7 +20,13 @@ MODULE = "sae_refusal.sae.architectures"
 def test_config_is_the_class_path_and_every_constructor_argument() -> None:
     assert TopK(k=4, aux_k=8, aux_coef=0.25, dead_after_steps=7).config() == {
         "class_path": f"{MODULE}.TopK",
-        "init_args": {"k": 4, "aux_k": 8, "aux_coef": 0.25, "dead_after_steps": 7},
+        "init_args": {
+            "k": 4,
+            "aux_k": 8,
+            "aux_coef": 0.25,
+            "dead_after_steps": 7,
+            "encoder_dtype": "float32",
+        },
     }
     assert L1(l1_coef=0.2, init_decoder_norm=0.3).config() == {
         "class_path": f"{MODULE}.L1",
@@ -81,12 +87,24 @@ def test_yaml_forms_short_class_path_and_missing_init_args_mean_defaults() -> No
         "l1_coef": 0.5,
         "init_decoder_norm": 0.1,
     }
-    assert _settings(TopK()) == {"k": 32, "aux_k": 256, "aux_coef": 1.0 / 32.0, "dead_after_steps": 1000}
+    assert _settings(TopK()) == {
+        "k": 32,
+        "aux_k": 256,
+        "aux_coef": 1.0 / 32.0,
+        "dead_after_steps": 1000,
+        "encoder_dtype": "float32",
+    }
     defaults = Contrastive(L1())
     assert (defaults.supcon_weight, defaults.separation_weight, defaults.temperature) == (0.1, 0.0, 0.1)
     assert defaults.ambiguous_as_benign is True
     partial = architecture_from_config({"class_path": "sae_refusal.sae.TopK", "init_args": {"k": 3}})
-    assert _settings(partial) == {"k": 3, "aux_k": 256, "aux_coef": 1.0 / 32.0, "dead_after_steps": 1000}
+    assert _settings(partial) == {
+        "k": 3,
+        "aux_k": 256,
+        "aux_coef": 1.0 / 32.0,
+        "dead_after_steps": 1000,
+        "encoder_dtype": "float32",
+    }
     nested = architecture_from_config(
         {"class_path": "Contrastive", "init_args": {"base": {"class_path": "TopK"}, "temperature": 0.2}}
     )
@@ -196,6 +214,7 @@ def test_describe_names_the_class_and_the_nested_base() -> None:
         "aux_k": 256,
         "aux_coef": 1.0 / 32.0,
         "dead_after_steps": 1000,
+        "encoder_dtype": "float32",
     }
     described = Contrastive(L1(l1_coef=0.3)).describe()
     assert described["class"] == "Contrastive"
