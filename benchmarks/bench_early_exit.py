@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "error" in timings["full_forward"]:
         raise SystemExit(f"the baseline failed: {timings['full_forward']['error']}")
     reference = timings["full_forward"]["outputs"]
-    rel_tol = 1e-5 if dtype == "float32" else 2e-2
+    rel_tol = 1e-5 if dtype == "float32" else 1e-2
     methods_out: dict[str, Any] = {}
     all_agree = True
     for name, timing in timings.items():
@@ -384,8 +384,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out = timing["outputs"]
         diff = max(float((out[layer].float() - reference[layer].float()).abs().max()) for layer in layers)
         scale = max(float(reference[layer].float().abs().max()) for layer in layers)
-        # another batch composition changes the rounding: compared relative to the activations' size
-        agree = diff <= rel_tol * scale
+        # another batch composition changes the rounding (bf16: a few units in the last place of the largest
+        # entries): compared as the relative Frobenius error of the whole (N, D) matrix
+        rel_error = max(
+            float((out[layer].float() - reference[layer].float()).norm() / reference[layer].float().norm())
+            for layer in layers
+        )
+        agree = rel_error <= rel_tol
         all_agree = all_agree and agree
         methods_out[name] = {
             "seconds": seconds,
@@ -399,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "peak_mib": timing["peak_mib"],
             "max_abs_diff_vs_full_forward": diff,
             "max_abs_value": scale,
+            "relative_error_vs_full_forward": rel_error,
             "agree": agree,
         }
     base = methods_out["full_forward"]["seconds"]
