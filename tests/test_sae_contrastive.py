@@ -41,7 +41,7 @@ def module_of(architecture: SAEArchitecture) -> SAEModule:
 
 def seed_loss(module: SAEModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, SparseAutoencoder]:
     (name, sae), *_ = module.named_saes()
-    loss, _ = module._seed_loss(name, sae, batch, "train")
+    loss, *_ = module._seed_loss(name, sae, batch, "train")
     return loss, sae
 
 

@@ -13,6 +13,11 @@ The training order depends only on ``(shuffle_seed, epoch)`` (:class:`~sae_refus
 under DDP each rank gets a disjoint slice of it with the same number of batches. Checkpoints keep how far
 into its epoch training got (:meth:`ActivationDataModule.state_dict`), so a fit resumed mid-epoch trains on
 exactly the batches an uninterrupted one would have.
+
+Validation and test under DDP serve :class:`PaddedEvalDataset`: the split repeated up to a multiple of the
+world size, so every rank runs the same number of batches (DDP syncs buffers in each forward), with a
+``valid`` flag, false on the repeats, which the SAE module leaves out: its metrics are those of the whole
+split, each row counted once.
 """
 
 from __future__ import annotations
@@ -73,6 +78,34 @@ class ActivationDataset(Dataset[dict[str, torch.Tensor]]):
             "category": self.batch.category_N[index],
             "index": torch.tensor(index),
         }
+
+
+class PaddedEvalDataset(ActivationDataset):
+    """An evaluation split padded to a multiple of ``multiple`` rows by repeating rows from its start.
+
+    Items carry ``valid``: true for the split's own rows, false for the repeats. Sharded without padding of
+    its own by a ``DistributedSampler`` (its length is a multiple of the world size), every rank gets the
+    same number of rows and the split's rows are served once in all.
+
+    Args:
+        batch: The split.
+        multiple: The world size.
+    """
+
+    def __init__(self, batch: ActivationBatch, multiple: int):
+        super().__init__(batch)
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
+        self.n_rows = int(batch.acts_ND.shape[0])
+        self.multiple = multiple
+
+    def __len__(self) -> int:
+        return -(-self.n_rows // self.multiple) * self.multiple
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(index % self.n_rows)
+        item["valid"] = torch.tensor(index < self.n_rows)
+        return item
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -191,6 +224,10 @@ class ActivationDataModule(L.LightningDataModule):
         dataset = ActivationDataset(self.splits[name])
         if len(dataset) == 0:
             raise ValueError(f"split {name!r} is empty; check split.test_fraction / split.val_fraction")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if not train and world > 1:
+            # equal shards without counting a row twice (a DistributedSampler pads by repeating rows)
+            dataset = PaddedEvalDataset(self.splits[name], world)
         resume, self._resume = (self._resume, None) if train else (None, self._resume)
         return map_style_loader(
             dataset,

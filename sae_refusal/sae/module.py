@@ -22,6 +22,16 @@ SAE.
 A non-finite loss raises :class:`FloatingPointError` naming the step and the seed before any optimiser step;
 the exports (``<log_dir>/sae/seed{n}/cfg.json`` + ``sae.safetensors``) are written only at the end of a
 successful fit, each atomically, on global rank zero.
+
+Under DDP a fit with per-rank batch ``B / world_size`` matches a one-process fit with batch ``B``: the losses
+are means over rows (DDP averages the gradients), dead latents are OR-ed over ranks, and during the fit each
+TopK SAE's AuxK normaliser (the batch's residual energy) is the mean over ranks (``aux_energy_reducer``,
+unset again at the end of the fit). Every epoch-level metric is reduced over ranks by this module (one
+all-reduce per seed) and is the whole split's value, the same on every rank: the evaluation loaders pad the
+split to equal shards (:class:`~sae_refusal.activations.datamodule.PaddedEvalDataset`) and the repeated rows
+(``valid`` false) are left out. Validation and test ``mse``, ``l0``, ``loss`` and the architecture's terms are
+means over the split's batches weighted by their rows (for per-row quantities such as ``mse`` and ``l0``, the
+split's mean).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
 
 from sae_refusal.activations.datamodule import LABEL_INDEX
 from sae_refusal.categories import CATEGORY_SHORT_NAMES
@@ -44,6 +55,29 @@ __all__ = ["EVAL_CLASS_NAMES", "SAEModule", "class_names_of_batch"]
 
 #: Classes of the per-class metrics: index of :func:`class_names_of_batch`.
 EVAL_CLASS_NAMES = ["benign", "ambiguous", *CATEGORY_SHORT_NAMES.values()]
+
+
+class _MeanOverRanks:
+    """``aux_energy_reducer`` of a TopK SAE under DDP: the mean of a scalar over the ranks (an all-reduce).
+
+    The input (the AuxK normaliser) is detached; the result carries no graph.
+
+    Args:
+        strategy: The running strategy (its ``reduce`` is the all-reduce).
+    """
+
+    def __init__(self, strategy: Strategy):
+        self.strategy = strategy
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        # `reduce` works in place: reduce a copy
+        return torch.as_tensor(self.strategy.reduce(value.detach().clone(), reduce_op="mean"))
+
+
+def _join_device_streams(device: torch.device) -> None:
+    """Wait for all work queued on ``device``, on every stream (CUDA only; elsewhere nothing to do)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def class_names_of_batch(label_B: torch.Tensor, category_B: torch.Tensor) -> torch.Tensor:
@@ -104,7 +138,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("stats_ready", torch.tensor(False))
         self.register_buffer("data_mean_D", torch.zeros(d_model))
         self._fired: dict[str, torch.Tensor] = {}
-        self._class_sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._class_sums: dict[str, dict[str, Any]] = {}
 
     @property
     def _bar_seed(self) -> str:
@@ -119,8 +153,27 @@ class SAEModule(L.LightningModule):
         # a gloo group left to interpreter finalisation can abort a finished DDP run (sae_refusal.distributed)
         destroy_process_group_at_exit()
 
+    def teardown(self, stage: str) -> None:
+        self._set_aux_energy_reducer(None)
+
+    def _set_aux_energy_reducer(self, reducer: _MeanOverRanks | None) -> None:
+        """Set (or unset) every seed's AuxK normaliser reduction (SAEs without AuxK lack the attribute)."""
+        for _, sae in self.named_saes():
+            if hasattr(sae, "aux_energy_reducer"):
+                cast(Any, sae).aux_energy_reducer = reducer  # a plain attribute (TopKSAE)
+
     # ------------------------------------------------------------------ data statistics
     def on_fit_start(self) -> None:
+        # Lightning builds the DDP wrapper on a side CUDA stream and does not join it: DDP's initial
+        # broadcast of the parameters and buffers copies them back (old values, rank 0's too) on that stream,
+        # asynchronously. Without this wait those copies can land after the writes below (on the default
+        # stream) and undo them on every rank: a DDP fit on GPUs then trained with input_scale 1 and a zero
+        # decoder bias (benchmarks/ddp_scaling.py found it). Once per fit; a no-op off CUDA.
+        _join_device_streams(self.device)
+        if self.trainer.world_size > 1:
+            # the AuxK loss is normalised by the mean residual energy over ranks, so DDP's mean of the
+            # per-rank gradients is the one-process gradient of the global batch
+            self._set_aux_energy_reducer(_MeanOverRanks(self.trainer.strategy))
         if bool(self.stats_ready):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -140,7 +193,12 @@ class SAEModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def _seed_loss(
         self, name: str, sae: SparseAutoencoder, batch: dict[str, torch.Tensor], stage: str
-    ) -> tuple[torch.Tensor, SAEOutput]:
+    ) -> tuple[torch.Tensor, SAEOutput, dict[str, torch.Tensor]]:
+        """Loss and output of one seed on a batch; logs the training metrics (per step, this rank's batch).
+
+        Returns:
+            The loss, the SAE output, and the batch's metrics (detached; evaluation accumulates them).
+        """
         out = sae(batch["acts"], return_latents=self.architecture.needs_latents)
         loss = out.loss
         terms = dict(out.parts)
@@ -163,22 +221,23 @@ class SAEModule(L.LightningModule):
             x_BD = batch["acts"].float() * sae.input_scale
             var = (x_BD - self.data_mean_D).pow(2).sum().clamp_min(1e-12)
             metrics["fvu"] = out.mse.detach() * n / var
-        # the progress bar shows the first seed's training loss (and its val FVU, logged at epoch end)
-        on_bar = {"loss"} if stage == "train" and name == self._bar_seed else set()
-        self.log_dict(
-            {f"{stage}/{name}/{k}": v.detach() for k, v in metrics.items() if k not in on_bar},
-            batch_size=n,
-            sync_dist=stage != "train",
-            prog_bar=False,
-        )
-        for k in on_bar:
-            self.log(f"{stage}/{name}/{k}", metrics[k].detach(), batch_size=n, prog_bar=True)
-        return loss, out
+        metrics = {k: v.detach() for k, v in metrics.items()}
+        if stage == "train":  # per step (this rank's batch); evaluation metrics are logged at epoch end
+            # the progress bar shows the first seed's training loss (and its val FVU, logged at epoch end)
+            on_bar = {"loss"} if name == self._bar_seed else set()
+            self.log_dict(
+                {f"{stage}/{name}/{k}": v for k, v in metrics.items() if k not in on_bar},
+                batch_size=n,
+                prog_bar=False,
+            )
+            for k in on_bar:
+                self.log(f"{stage}/{name}/{k}", metrics[k], batch_size=n, prog_bar=True)
+        return loss, out, metrics
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total = batch["acts"].new_zeros(())
         for name, sae in self.named_saes():
-            loss, out = self._seed_loss(name, sae, batch, "train")
+            loss, out, _ = self._seed_loss(name, sae, batch, "train")
             total = total + loss
             fired_F = self._any_rank(out.fired_F)
             sae.update_firing(fired_F)
@@ -192,9 +251,18 @@ class SAEModule(L.LightningModule):
         summed = self.trainer.strategy.reduce(flags.float(), reduce_op="sum")
         return torch.as_tensor(summed) > 0
 
+    def _log_global(self, name: str, value: float | torch.Tensor, prog_bar: bool = False) -> None:
+        """Log an epoch-level value that is already the same on every rank (reduced by this module).
+
+        ``sync_dist=True`` says it is synchronised (Lightning's warning about unsynchronised epoch metrics is
+        for per-rank values) and ``rank_zero_only=True`` turns Lightning's own all-reduce of it off (it would
+        average equal values); every rank logs it, so a callback on any rank can monitor it.
+        """
+        self.log(name, value, sync_dist=True, rank_zero_only=True, batch_size=1, prog_bar=prog_bar)
+
     def on_train_epoch_end(self) -> None:
-        for name, fired_F in self._fired.items():
-            self.log(f"train/{name}/dead_fraction", 1.0 - fired_F.float().mean())
+        for name, fired_F in self._fired.items():  # OR-ed over ranks at every step: the same on every rank
+            self._log_global(f"train/{name}/dead_fraction", 1.0 - fired_F.float().mean())
         self._fired = {}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -216,26 +284,46 @@ class SAEModule(L.LightningModule):
         return torch.optim.Adam(params, lr=self.lr, fused=fused)
 
     # ------------------------------------------------------------------ evaluation
+    def _new_sums(self) -> dict[str, Any]:
+        zeros = torch.zeros(len(EVAL_CLASS_NAMES), dtype=torch.float64, device=self.device)
+        return {
+            # per class: squared errors and squared distances to the training mean
+            "err": zeros,
+            "var": zeros.clone(),
+            "x_sum": torch.zeros_like(self.data_mean_D, dtype=torch.float64),
+            # rows, sum of squared errors, sum of squared norms (float64: a split's sums)
+            "totals": torch.zeros(3, dtype=torch.float64, device=self.device),
+            # the per-batch metrics times the batch's rows (in the order first seen)
+            "weighted": {},
+        }
+
     @torch.no_grad()
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        weight = 1.0
+        valid_B = batch.get("valid")
+        if valid_B is not None and not bool(valid_B.all()):  # rows repeated to pad a DDP shard
+            if bool(valid_B.any()):
+                batch = {k: v[valid_B] for k, v in batch.items()}
+            else:  # run it all the same (every rank logs the same metrics), counted with weight 0
+                weight = 0.0
         classes_B = class_names_of_batch(batch["label"], batch["category"])
         for name, sae in self.named_saes():
-            _, out = self._seed_loss(name, sae, batch, stage)
+            _, out, metrics = self._seed_loss(name, sae, batch, stage)
+            if name not in self._class_sums:
+                self._class_sums[name] = self._new_sums()
+            sums = self._class_sums[name]
+            rows = weight * len(classes_B)
+            for key, value in metrics.items():
+                sums["weighted"][key] = sums["weighted"].get(key, 0.0) + (
+                    rows * value.double() if rows else 0.0
+                )
+            if not weight:
+                continue
             x_BD = batch["acts"].float() * sae.input_scale
             err_B = (out.recon_BD.float() * sae.input_scale - x_BD).pow(2).sum(-1)
             var_B = (x_BD - self.data_mean_D).pow(2).sum(-1)
-            if name not in self._class_sums:
-                zeros = torch.zeros(len(EVAL_CLASS_NAMES), device=self.device)
-                self._class_sums[name] = {
-                    "err": zeros,
-                    "var": zeros.clone(),
-                    "x_sum": torch.zeros_like(self.data_mean_D, dtype=torch.float64),
-                    # rows, sum of squared errors, sum of squared norms (float64: a split's sums)
-                    "totals": torch.zeros(3, dtype=torch.float64, device=self.device),
-                }
-            sums = self._class_sums[name]
-            sums["err"].index_add_(0, classes_B, err_B)
-            sums["var"].index_add_(0, classes_B, var_B)
+            sums["err"].index_add_(0, classes_B, err_B.double())
+            sums["var"].index_add_(0, classes_B, var_B.double())
             x64_BD = x_BD.double()  # the split's variance is a difference of sums: float64
             sums["x_sum"] += x64_BD.sum(0)
             sums["totals"] += torch.stack(
@@ -243,28 +331,37 @@ class SAEModule(L.LightningModule):
             )
 
     def _reduced(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the DDP ranks (``value`` itself is overwritten)."""
         if self.trainer.world_size == 1:
             return value
         return torch.as_tensor(self.trainer.strategy.reduce(value, reduce_op="sum"))
 
     def _log_split_fvu(self, stage: str) -> None:
-        """FVU of the whole split (sum of squared errors / total variance about the split's mean), and per
-        class (squared errors / squared distance to the training mean, per class)."""
+        """FVU of the whole split (sum of squared errors / total variance about the split's mean), per class
+        (squared errors / squared distance to the training mean, per class), and the row-weighted means of
+        the per-batch metrics; sums over all ranks (one all-reduce per seed)."""
         for name, sums in self._class_sums.items():
-            err, var = self._reduced(sums["err"]), self._reduced(sums["var"])
-            x_sum_D = self._reduced(sums["x_sum"]).double()
-            n, err_total, x_sq = self._reduced(sums["totals"]).tolist()
+            keys = list(sums["weighted"])
+            weighted = [
+                torch.as_tensor(sums["weighted"][k], dtype=torch.float64, device=self.device) for k in keys
+            ]
+            packed = torch.cat(
+                [sums["err"], sums["var"], sums["x_sum"], sums["totals"], torch.stack(weighted)]
+            )
+            sizes = [len(sums["err"]), len(sums["var"]), len(sums["x_sum"]), 3, len(keys)]
+            err, var, x_sum_D, totals, weighted_totals = self._reduced(packed).cpu().split(sizes)
+            n, err_total, x_sq = totals.tolist()
+            for key, total in zip(keys, weighted_totals.tolist(), strict=True):
+                if n > 0:
+                    self._log_global(f"{stage}/{name}/{key}", total / n)
             total_var = x_sq - float(x_sum_D.pow(2).sum()) / max(n, 1.0)
             if n > 1 and total_var > 1e-9 * x_sq:  # no variance, up to float64 round-off
-                self.log(
-                    f"{stage}/{name}/fvu",
-                    err_total / total_var,
-                    sync_dist=False,
-                    prog_bar=name == self._bar_seed,
+                self._log_global(
+                    f"{stage}/{name}/fvu", err_total / total_var, prog_bar=name == self._bar_seed
                 )
             for i, cls in enumerate(EVAL_CLASS_NAMES):
                 if float(var[i]) > 0:
-                    self.log(f"{stage}/{name}/fvu_class/{cls}", err[i] / var[i])
+                    self._log_global(f"{stage}/{name}/fvu_class/{cls}", float(err[i] / var[i]))
         self._class_sums = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -313,6 +410,7 @@ class SAEModule(L.LightningModule):
         return written
 
     def on_fit_end(self) -> None:
+        self._set_aux_energy_reducer(None)  # no process-group reference outlives the fit
         log_dir = self.trainer.log_dir  # a collective under DDP: read it on every rank
         if self.trainer.is_global_zero and log_dir is not None:
             self.export(Path(log_dir) / "sae")
