@@ -367,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "error" in timings["full_forward"]:
         raise SystemExit(f"the baseline failed: {timings['full_forward']['error']}")
     reference = timings["full_forward"]["outputs"]
-    rel_tol = 1e-5 if dtype == "float32" else 1e-2
+    # a wrong row or position gives an O(1) error; re-batching alone changes the rounding: about 1e-6 in
+    # float32, 1-2% in bfloat16 (SmolLM2 on the CPU 1.0-1.2%, the 8B shape on an H200 1.9%: docs/RESULTS.md)
+    rel_tol = 1e-5 if dtype == "float32" else 5e-2
     methods_out: dict[str, Any] = {}
     all_agree = True
     for name, timing in timings.items():
