@@ -54,7 +54,7 @@ from sae_refusal.llm import (
 )
 from sae_refusal.llm.extraction import iter_last_token_residuals, plan_batches
 from sae_refusal.llm.layers import decoder_layers
-from sae_refusal.testing import build_tiny_model, build_tiny_tokenizer
+from sae_refusal.testing import build_llama3_8b_shape, build_tiny_model, build_tiny_tokenizer
 
 _VOCABULARY = (
     "how do i bake bread at home tell me a story about a dragon please explain photosynthesis the water "
@@ -73,21 +73,7 @@ def build(model_name: str, device: str, dtype: str) -> tuple[nn.Module, Any]:
         model = build_tiny_model("llama", vocab_size=len(tokenizer), num_layers=8, hidden_size=64)
         return nn.Module.to(model, device=device, dtype=torch_dtype), tokenizer
     if model_name == "llama3-8b-shape":
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        config = LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=8192,
-        )
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-        model.eval().requires_grad_(False)
+        model = build_llama3_8b_shape(device, torch_dtype)
         return model, build_tiny_tokenizer()  # its ids are all valid in a 128k vocabulary
     return load_model_and_tokenizer(LLMConfig(name_or_path=model_name, device=device, dtype=dtype))
 

@@ -102,7 +102,7 @@ from sae_refusal.llm.tokenize import pad_left
 from sae_refusal.sae.topk import TopKSAE
 from sae_refusal.steer.gates.probe import ProbeGate
 from sae_refusal.steer.interventions import Intervention, LatentSteering, ResidualSteering
-from sae_refusal.testing import build_tiny_model, build_tiny_tokenizer
+from sae_refusal.testing import build_llama3_8b_shape, build_tiny_model, build_tiny_tokenizer
 
 GPU_COMMAND = (
     "python benchmarks/steered_generation.py --model llama3-8b-shape --device cuda --batch-sizes 1,32 "
@@ -390,21 +390,7 @@ def run_classic(args: argparse.Namespace) -> dict[str, Any]:
 def build_variants_model(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     """The model of the variants suite (random weights for the tiny and the Llama-3-8B-shaped model)."""
     if args.model == "llama3-8b-shape":
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        config = LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            max_position_embeddings=8192,
-        )
-        torch.manual_seed(args.seed)
-        with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-        model.eval().requires_grad_(False)
+        model = build_llama3_8b_shape(args.device, torch.bfloat16, seed=args.seed)
         return model, build_tiny_tokenizer(), "llama3-8b-shape (random bf16 weights, sdpa)"
     if args.model == "smollm2":
         return build(args)

@@ -154,3 +154,12 @@ def test_a_real_tiny_model_agrees_to_float_round_off() -> None:
     budgeted = _stacked(model, tokenizer, texts, batch_size=32, sort_window=4, token_budget=256)
     for layer in (0, 2):
         torch.testing.assert_close(budgeted[layer], unsorted[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_the_benchmarks_8b_shape_is_llama_3_8b() -> None:
+    from sae_refusal.testing import build_llama3_8b_shape
+
+    model = build_llama3_8b_shape("meta")  # shapes only, no memory
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
+    assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
+    assert not any(p.requires_grad for p in model.parameters())

@@ -44,6 +44,7 @@ __all__ = [
     "LogitsBatch",
     "PaddedBatch",
     "check_positive",
+    "forward_parameters",
     "generate",
     "generate_texts",
     "iter_next_token_logits",
@@ -184,19 +185,24 @@ def rows_in_input_order(batches: Iterable[tuple[Sequence[int], Tensor]], n_rows:
     return out_N if out_N is not None else torch.empty(0, 0)
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model (or the base model under a PEFT wrapper) names ``logits_to_keep`` in ``forward``."""
+def forward_parameters(model: nn.Module) -> set[str]:
+    """Keyword names ``model.forward`` (and, under a PEFT wrapper, the base model's) takes explicitly."""
+    names: set[str] = set()
     candidates: list[Any] = [model]
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base):
         candidates.append(get_base())
     for candidate in candidates:
         try:
-            if "logits_to_keep" in inspect.signature(candidate.forward).parameters:
-                return True
+            names.update(inspect.signature(candidate.forward).parameters)
         except (TypeError, ValueError):
             continue
-    return False
+    return names
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model (or the base model under a PEFT wrapper) names ``logits_to_keep`` in ``forward``."""
+    return "logits_to_keep" in forward_parameters(model)
 
 
 @contextmanager

@@ -37,16 +37,23 @@ additive mask and a ``StaticCache`` (Llama-like Hugging Face decoders do).
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-from sae_refusal.llm.batched import BatchContext, Generation, check_positive, iter_padded_batches
+from sae_refusal.llm.batched import (
+    BatchContext,
+    Generation,
+    _cut_at_stop,
+    _eval_mode,
+    check_positive,
+    forward_parameters,
+    iter_padded_batches,
+)
 from sae_refusal.llm.extraction import position_ids_from_mask
 from sae_refusal.llm.hooks import block_hidden, with_block_hidden
 from sae_refusal.llm.layers import decoder_layers, input_device, validate_layers
@@ -116,20 +123,6 @@ class ResidualAdd:
         alpha_B = self.alpha.expand(hidden_BTD.shape[0]) if self.alpha.ndim == 0 else self.alpha
         delta_BD = alpha_B[:, None] * self.vector_D[None, :]
         return hidden_BTD + delta_BD[:, None, :].to(hidden_BTD.dtype)
-
-
-def _forward_parameters(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    candidates: list[Any] = [model]
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        candidates.append(get_base())
-    for candidate in candidates:
-        try:
-            names |= set(inspect.signature(candidate.forward).parameters)
-        except (TypeError, ValueError):
-            continue
-    return names
 
 
 def _static_cache(model: nn.Module, batch_size: int, max_cache_len: int) -> Any:
@@ -206,7 +199,7 @@ class StaticGenerator:
         self._blocks = blocks
         self._handles: list[Any] = []
         self._prefill = False
-        names = _forward_parameters(model)
+        names = forward_parameters(model)
         self._new_cache_api = "cache" in names and "past_key_values" not in names
         self._logits_to_keep = "logits_to_keep" in names
         self.dtype = next(iter(model.parameters())).dtype
@@ -436,21 +429,6 @@ class StaticGenerator:
         self.cache.reset()  # positions back to 0 in place; the real prefill follows
 
 
-def _cut(row: list[int], stops: set[int]) -> Generation:
-    cut = next((k for k, token in enumerate(row) if token in stops), None)
-    return Generation(row, None) if cut is None else Generation(row[:cut], row[cut])
-
-
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def generate_static(
     model: nn.Module,
     input_ids: Sequence[Sequence[int]],
@@ -500,7 +478,7 @@ def generate_static(
     stops = set(stop_ids)
     generations: list[Generation | None] = [None] * len(input_ids)
     with (
-        _eval(model),
+        _eval_mode(model),
         StaticGenerator(
             model,
             batch_size=rows,
@@ -519,5 +497,5 @@ def generate_static(
                 indices=batch.indices,
             )
             for index, row in zip(batch.indices, new_BN.tolist(), strict=True):
-                generations[index] = _cut(row, stops)
+                generations[index] = _cut_at_stop(row, stops)
     return [g for g in generations if g is not None]

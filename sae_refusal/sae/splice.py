@@ -29,7 +29,6 @@ so this equals the full forward; tested against a plain per-SAE computation).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +43,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from sae_refusal.data.chat import format_prompts
-from sae_refusal.llm.batched import iter_padded_batches, resolve_pad_id
+from sae_refusal.llm.batched import forward_parameters, iter_padded_batches, resolve_pad_id
 from sae_refusal.llm.extraction import position_ids_from_mask
 from sae_refusal.llm.hooks import residual_hooks
 from sae_refusal.llm.layers import decoder_layers, input_device, validate_layers
@@ -106,27 +105,12 @@ def replace_block_output(model: nn.Module, layer: int, replace: Callable[[Tensor
         yield
 
 
-def _forward_parameters(model: nn.Module) -> set[str]:
-    """Keyword names ``model.forward`` (or the base model's under a PEFT wrapper) takes explicitly."""
-    names: set[str] = set()
-    candidates: list[Any] = [model]
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        candidates.append(get_base())
-    for candidate in candidates:
-        try:
-            names.update(inspect.signature(candidate.forward).parameters)
-        except (TypeError, ValueError):
-            continue
-    return names
-
-
 def _new_cache(model: nn.Module) -> tuple[str, Any] | None:
     """``(keyword, empty DynamicCache)`` when the model's forward takes a KV cache, else ``None``.
 
     The keyword is ``cache`` (recent transformers releases) or ``past_key_values`` (older ones).
     """
-    parameters = _forward_parameters(model)
+    parameters = forward_parameters(model)
     keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
     if keyword is None:
         return None
@@ -151,7 +135,7 @@ class _LastPosition:
     def __init__(self, model: nn.Module, ids_BT: Tensor, mask_BT: Tensor) -> None:
         self.model, self.ids_BT, self.mask_BT = model, ids_BT, mask_BT
         self.pos_BT = position_ids_from_mask(mask_BT)
-        parameters = _forward_parameters(model)
+        parameters = forward_parameters(model)
         self.extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.cache: dict[str, Any] = {}
         self.prefix = ids_BT.shape[1] - 1

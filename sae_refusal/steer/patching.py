@@ -46,7 +46,6 @@ Design notes:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -57,6 +56,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
+from sae_refusal.llm.batched import forward_parameters
 from sae_refusal.llm.hooks import StepContext, StopForward, residual_hooks
 from sae_refusal.llm.layers import d_model as model_width
 from sae_refusal.llm.layers import input_device, num_layers, validate_layers
@@ -251,22 +251,9 @@ def _metric(metric_fn: MetricFn, logits_BV: Tensor, n_rows: int) -> Tensor:
 # ------------------------------------------------------------------------------------- model passes
 
 
-def _forward_parameters(model: nn.Module) -> set[str]:
-    """Keyword names ``model.forward`` (or, under a PEFT wrapper, the base model's) takes explicitly."""
-    names: set[str] = set()
-    get_base = getattr(model, "get_base_model", None)
-    candidates: list[Any] = [model, get_base()] if callable(get_base) else [model]
-    for candidate in candidates:
-        try:
-            names.update(inspect.signature(candidate.forward).parameters)
-        except (TypeError, ValueError):
-            continue
-    return names
-
-
 def _answer_kwargs(model: nn.Module) -> dict[str, Any]:
     """Keyword arguments that make a forward compute the last position's logits only (where supported)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
 
 
 def _answer_logits(model: nn.Module, ids_BT: Tensor, **kwargs: Any) -> Tensor:
@@ -382,7 +369,7 @@ class _SuffixRunner:
         self.ids_BT = ids_T[None].expand(n_rows, -1)
         self.cache: dict[str, Any] = {}
         self.n_prefix = n_prefix = ids_T.shape[0] - n_suffix
-        parameters = _forward_parameters(model)
+        parameters = forward_parameters(model)
         keyword = next((k for k in ("cache", "past_key_values") if k in parameters), None)
         if not reuse_prefix or n_prefix == 0 or keyword is None:
             return

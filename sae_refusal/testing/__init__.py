@@ -2,9 +2,16 @@
 
 from sae_refusal.testing.tiny import (
     TINY_ARCHITECTURES,
+    build_llama3_8b_shape,
     build_tiny_model,
     build_tiny_tokenizer,
     save_tiny_model,
 )
 
-__all__ = ["TINY_ARCHITECTURES", "build_tiny_model", "build_tiny_tokenizer", "save_tiny_model"]
+__all__ = [
+    "TINY_ARCHITECTURES",
+    "build_llama3_8b_shape",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "save_tiny_model",
+]

@@ -110,3 +110,27 @@ def save_tiny_model(folder: str | Path, arch: str = "llama", **kwargs: int) -> P
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_llama3_8b_shape(
+    device: str | torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> PreTrainedModel:
+    """A Llama-3-8B-shaped causal LM with random weights, built directly on ``device`` (eval mode, no
+    gradients), for throughput benchmarks: throughput does not depend on weight values.
+
+    The global RNG is seeded with ``seed`` (Hugging Face's initialisers draw from it).
+    """
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    return model
