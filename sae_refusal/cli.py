@@ -17,6 +17,8 @@ subcommands where Lightning has none are dispatched here first:
 * ``steer``: the steering study (:mod:`sae_refusal.steer.job`): vectors, layer, specificity, gates.
 * ``eval``: one eval job (:mod:`sae_refusal.eval.job`): refusal, over-refusal and capability of a model under
   one saved intervention, with per-item records; ``eval-table`` tabulates several jobs (one column each).
+* ``transfer``: model A's SAE, vectors and gates applied to model B, side by side with A
+  (:mod:`sae_refusal.transfer.job`).
 
 Design notes:
 
@@ -364,16 +366,14 @@ def features_command(args: Sequence[str]) -> None:
     from sae_refusal.activations.datamodule import ActivationDataModule
     from sae_refusal.features.analysis import FeatureAnalysisConfig, analyze_features
     from sae_refusal.features.callback import FeatureAnalysisCallback
-    from sae_refusal.sae.base import load_sae
+    from sae_refusal.sae.base import find_sae_exports, load_sae
 
     rest, overrides = _analysis_overrides(rest)
     sae_dir = Path(known.sae_dir)
-    if (sae_dir / "cfg.json").is_file():
-        folders = {sae_dir.name: sae_dir}
-    else:
-        folders = {p.name: p for p in sorted(sae_dir.glob("seed*")) if (p / "cfg.json").is_file()}
-    if not folders:
-        raise SystemExit(f"--sae_dir {sae_dir}: no cfg.json there nor in any seed*/ subfolder")
+    try:
+        folders = find_sae_exports(sae_dir)
+    except FileNotFoundError as err:
+        raise SystemExit(f"--sae_dir {err}") from err
     cli = _lightning_cli(rest, run=False)
     datamodule = cli.datamodule
     if not isinstance(datamodule, ActivationDataModule):
@@ -521,6 +521,35 @@ def eval_command(args: Sequence[str]) -> None:
     run_eval_job(job_config(eval_parser(), args, EvalJobConfig))
 
 
+def transfer_parser() -> Any:
+    """The ``sae-refusal transfer`` parser (a ``TransferJobConfig`` from YAML files + flags)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from sae_refusal.transfer.job import TransferJobConfig
+
+    parser = ArgumentParser(
+        prog="sae-refusal transfer",
+        description="Model A's SAE, steering vectors and gates applied to model B, side by side with A: SAE "
+        "quality, vector cosines, feature overlap, heads, cluster metrics, and eval jobs on B with A's vs "
+        "B's "
+        "own artifacts (refusal / over-refusal / capability deltas with CIs).",
+    )
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="A transfer YAML (lightning_configs/transfer/); later files override earlier ones.",
+    )
+    parser.add_class_arguments(TransferJobConfig, as_group=False)
+    return parser
+
+
+def transfer_command(args: Sequence[str]) -> None:
+    """``sae-refusal transfer --config lightning_configs/transfer/refuse_to_base.yaml``."""
+    from sae_refusal.transfer.job import TransferJobConfig, run_transfer_job
+
+    run_transfer_job(job_config(transfer_parser(), args, TransferJobConfig))
+
+
 def eval_table_command(args: Sequence[str]) -> None:
     """``sae-refusal eval-table DIR [DIR ...] [--out table.md]``."""
     from sae_refusal.eval.table import table_command
@@ -536,6 +565,7 @@ PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "steer": (steer_command, "Steering study: vectors, specificity, conditional vs unconditional steering."),
     "eval": (eval_command, "Refusal, over-refusal and capability under one intervention (a table column)."),
     "eval-table": (eval_table_command, "The results table across eval job folders."),
+    "transfer": (transfer_command, "A model's SAE, vectors and gates applied to another model, side by side"),
 }
 
 

@@ -249,13 +249,15 @@ class _Context:
         return {"chat_template": self.cfg.chat_template, "system_prompt": self.cfg.system_prompt}
 
 
-def _load(cfg: EvalJobConfig, timings: dict[str, float]) -> _Context:
+def _load(
+    cfg: EvalJobConfig, timings: dict[str, float], preloaded: tuple[Any, Any] | None = None
+) -> _Context:
     from sae_refusal.eval.judges import build_judges
     from sae_refusal.llm.loading import load_model_and_tokenizer, model_fingerprint
     from sae_refusal.llm.refusal_tokens import RefusalVocabulary
 
-    with Stage("eval", "load model", timings):
-        model, tokenizer = load_model_and_tokenizer(cfg.llm)
+    with Stage("eval", "load model" if preloaded is None else "model (already loaded)", timings):
+        model, tokenizer = load_model_and_tokenizer(cfg.llm) if preloaded is None else preloaded
         model.eval()
         fingerprint = model_fingerprint(cfg.llm, model)
     try:
@@ -315,8 +317,14 @@ def _refusal_stage(
     )
 
 
-def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
+def run_eval_job(cfg: EvalJobConfig, *, preloaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Run the job (see the module notes); returns its metrics (also in ``metrics.json``).
+
+    Args:
+        cfg: The job.
+        preloaded: ``(model, tokenizer)`` already loaded from ``cfg.llm`` (jobs that run several columns on
+            one model, e.g. ``sae-refusal transfer``); ``None`` loads them. The caller vouches that they are
+            ``cfg.llm``'s: the fingerprint recorded is computed from ``cfg.llm``.
 
     Raises:
         FileExistsError: If ``out_dir`` exists (naming it).
@@ -335,7 +343,7 @@ def run_eval_job(cfg: EvalJobConfig) -> dict[str, Any]:
     with Stage("eval", "prompt sets", timings):
         sets = build_steer_sets(cfg.sets)
         prompts, names = sets.with_set_names("test")
-    ctx = _load(cfg, timings)
+    ctx = _load(cfg, timings, preloaded)
     loaded = load_intervention(cfg.intervention, ctx.model, fingerprint=ctx.fingerprint)
     print(
         f"[eval] intervention: {loaded.name}; judges: {[j.name for j in ctx.judges]} (table: {ctx.primary})"

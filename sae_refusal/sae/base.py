@@ -28,7 +28,14 @@ from torch import nn
 
 from sae_refusal.atomic import AtomicFolder
 
-__all__ = ["SAE_REGISTRY", "SAEOutput", "SparseAutoencoder", "load_sae", "mean_norm_scale"]
+__all__ = [
+    "SAE_REGISTRY",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "find_sae_exports",
+    "load_sae",
+    "mean_norm_scale",
+]
 
 
 class SAEOutput(NamedTuple):
@@ -205,3 +212,18 @@ def load_sae(folder: str | os.PathLike[str], device: str | torch.device = "cpu")
         raise ValueError(f"{cfg_path}: config does not fit a {architecture} SAE: {err}") from err
     sae.load_state_dict(load_file(str(weights), device=str(device)))
     return sae.to(device)
+
+
+def find_sae_exports(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """The exports under ``folder``: itself when it holds ``cfg.json``, else its ``seed*/`` exports, by name.
+
+    Raises:
+        FileNotFoundError: If there is no ``cfg.json`` there nor in any ``seed*/`` subfolder.
+    """
+    folder = Path(folder)
+    if (folder / "cfg.json").is_file():
+        return {folder.name: folder}
+    found = {p.name: p for p in sorted(folder.glob("seed*")) if (p / "cfg.json").is_file()}
+    if not found:
+        raise FileNotFoundError(f"{folder}: no SAE export (no cfg.json there nor in any seed*/ subfolder)")
+    return found

@@ -170,6 +170,8 @@ class _LatentEdit(_RowEdit):
             return None
         rows_N, cols_N = where_BT.nonzero(as_tuple=True)
         x_ND = hidden_BTD[rows_N, cols_N].float()
+        if self.sae.W_dec_FD.device != device:  # an SAE loaded on the CPU, a model on a GPU: follow the layer
+            self.sae.to(device)
         z_NF = self.sae.encode(x_ND)
         recon_ND = self.sae.decode(z_NF)
         edited_ND = self.sae.decode(self._edit(z_NF, rows_N, alpha_B)) + (x_ND - recon_ND)

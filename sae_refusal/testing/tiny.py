@@ -2,10 +2,28 @@
 
 Everything is built locally from configs, so tests never touch the network. The tokenizer carries a
 ChatML-style chat template; pass ``chat_template=None`` to get one without (for error-path tests).
+
+:func:`widen_model` builds, from a tiny model of width ``D``, a wider model (``d_new``) whose residual
+stream is an exactly known linear image of the small one's, ``h_B = scale * h_A @ P_DE``, with the same
+logits: a ground truth for cross-model transfer (:mod:`sae_refusal.transfer`). Derivation, for a selection
+matrix ``P`` (``P @ P.T = I_D``) and ``x' = s * x @ P``:
+
+* ``mean(x'^2)`` over ``d_new`` coordinates is ``s^2 * D / d_new * mean(x^2)`` over ``D``; with
+  ``eps' = eps * s^2 * D / d_new`` the RMS normaliser of ``x'`` is ``s * sqrt(D / d_new)`` times that of
+  ``x``, so ``x' / rms'(x') = sqrt(d_new / D) * (x / rms(x)) @ P``, and norm weights
+  ``w' = sqrt(D / d_new) * w @ P`` give ``norm'(x') = norm(x) @ P`` exactly.
+* A matrix reading the residual (``q/k/v``, ``gate/up``, ``lm_head``; ``W`` is ``(out, D)``) becomes
+  ``W @ P``, so ``norm(x) @ P @ (W @ P).T = norm(x) @ W.T``: attention and MLP internals are unchanged (heads,
+  ``head_dim``, biases in head space, rotary embeddings).
+* A matrix writing the residual (``o_proj``, ``down_proj``; ``(D, in)``) becomes ``s * P.T @ W`` (a bias
+  ``s * b @ P``), so each block adds ``s * (its old update) @ P``; the embedding becomes ``s * E @ P``.
+  By induction every layer's residual is ``s * h_A @ P`` and the final norm feeds the head ``norm(h) @ P``.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +152,96 @@ def build_llama3_8b_shape(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval().requires_grad_(False)
     return model
+
+
+#: Parameter-name suffixes :func:`widen_model` knows, by how the parameter meets the residual stream.
+_READS_RESIDUAL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+_HEAD_SPACE = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
+_WRITES_RESIDUAL = ("o_proj.weight", "down_proj.weight")
+_WRITES_RESIDUAL_BIAS = ("o_proj.bias", "down_proj.bias")
+_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight")
+
+
+def widen_model(
+    model: PreTrainedModel, d_new: int, *, scale: float = 1.0, seed: int = 0
+) -> tuple[PreTrainedModel, torch.Tensor]:
+    """A wider copy of a tiny Llama/Qwen2/Mistral model whose residual is a known linear image of its own.
+
+    The new model has hidden size ``d_new`` (heads, key-value heads, ``head_dim`` and intermediate size kept)
+    and, at every layer, residual ``scale * h @ P_DE`` where ``h`` is the original's residual and ``P_DE`` a
+    seeded random selection matrix (old coordinate ``i`` goes to a distinct new coordinate, the others stay
+    0). Its logits equal the original's (up to float rounding). See the module notes for the derivation.
+
+    Args:
+        model: A model from :func:`build_tiny_model` (or any Llama/Qwen2/Mistral-shaped causal LM with untied
+            embeddings and RMS norms).
+        d_new: New hidden size, larger than the model's.
+        scale: Positive factor on the new residual stream (a negative one would flip the sign of every
+            RMS-normalised vector, which the norm weights would then have to undo).
+        seed: Seed of the ``torch.Generator`` that draws the coordinate placement.
+
+    Returns:
+        ``(wide_model, W_DE)``: the wide model (eval mode, same dtype and device, eager attention unless the
+        original used another) and the known map ``W_DE = scale * P_DE`` (float32, CPU).
+
+    Raises:
+        ValueError: If ``d_new`` is not larger than the model's width, ``scale`` is not positive and finite,
+            the embeddings are tied, or the model has a parameter this construction does not know.
+    """
+    config = model.config
+    d_old = int(config.hidden_size)
+    if isinstance(d_new, bool) or not isinstance(d_new, int) or d_new <= d_old:
+        raise ValueError(
+            f"d_new must be an integer larger than the model's hidden size {d_old}, got {d_new!r}"
+        )
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and positive, got {scale!r}")
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError("model has tied word embeddings; widen_model needs tie_word_embeddings=False")
+    n_heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or d_old // n_heads
+
+    generator = torch.Generator().manual_seed(seed)
+    cols_D = torch.randperm(d_new, generator=generator)[:d_old]  # new coordinate of each old one
+    P_DE = torch.zeros(d_old, d_new)
+    P_DE[torch.arange(d_old), cols_D] = 1.0
+    norm_factor = math.sqrt(d_old / d_new)
+
+    new_state: dict[str, torch.Tensor] = {}
+    for name, old in model.state_dict().items():
+        w = old.detach().to(device="cpu", dtype=torch.float32)
+        if name.endswith(_READS_RESIDUAL) or name == "lm_head.weight":
+            new = w.new_zeros(w.shape[0], d_new)
+            new[:, cols_D] = w
+        elif name == "model.embed_tokens.weight":
+            new = w.new_zeros(w.shape[0], d_new)
+            new[:, cols_D] = scale * w
+        elif name.endswith(_WRITES_RESIDUAL):
+            new = w.new_zeros(d_new, w.shape[1])
+            new[cols_D] = scale * w
+        elif name.endswith(_WRITES_RESIDUAL_BIAS):
+            new = w.new_zeros(d_new)
+            new[cols_D] = scale * w
+        elif name.endswith(_NORMS):
+            new = w.new_zeros(d_new)
+            new[cols_D] = norm_factor * w
+        elif name.endswith(_HEAD_SPACE):
+            new = w
+        else:
+            raise ValueError(f"widen_model does not know how to widen parameter {name!r} of model")
+        new_state[name] = new
+
+    wide_config = copy.deepcopy(config)
+    wide_config.hidden_size = d_new
+    wide_config.head_dim = head_dim
+    wide_config.rms_norm_eps = float(config.rms_norm_eps) * scale**2 * d_old / d_new
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    generator_state = torch.random.get_rng_state()
+    try:  # the initial weights are all overwritten; keep the global RNG as it was
+        wide = AutoModelForCausalLM.from_config(wide_config, attn_implementation=attn)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    wide.load_state_dict(new_state, strict=True)
+    reference = next(model.parameters())
+    wide = wide.to(device=reference.device, dtype=reference.dtype)
+    return wide.eval(), scale * P_DE

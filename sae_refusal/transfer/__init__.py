@@ -1,0 +1,1 @@
+"""Cross-model transfer of SAEs, steering vectors and gates (`sae-refusal transfer`)."""

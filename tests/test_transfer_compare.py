@@ -1,0 +1,109 @@
+"""Transfer comparisons (paired deltas, SAE quality, cosines, overlap) and the mapped SAE, on made-up data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sae_refusal.sae.topk import TopKSAE
+from sae_refusal.transfer.compare import (
+    capability_deltas,
+    jaccard,
+    refusal_deltas,
+    row_cosines,
+    sae_quality,
+)
+from sae_refusal.transfer.linear_map import LinearMap, fit_linear_map
+from sae_refusal.transfer.mapped_sae import MappedSAE
+
+
+def _record(set_name: str, i: int, verdict: str, role: str = "harmful") -> dict[str, object]:
+    return {"set": set_name, "id": f"{set_name}{i}", "role": role, "judges": {"phrase": {"verdict": verdict}}}
+
+
+def test_refusal_deltas_pair_items_and_leave_failed_ones_out() -> None:
+    base = [_record("h", i, v) for i, v in enumerate(["refused", "complied", "complied", "failed"])]
+    base += [_record("o", i, "complied", "over_refusal") for i in range(3)]
+    column = [_record("h", i, v) for i, v in enumerate(["refused", "refused", "complied", "refused"])]
+    column += [_record("o", i, v, "over_refusal") for i, v in enumerate(["refused", "complied", "complied"])]
+    column.reverse()  # pairing is by (set, id), not by position
+    out = refusal_deltas(column, base, "phrase", n_boot=200)
+    harmful = out["sets"]["h"]
+    assert harmful["value"] == pytest.approx(1 / 3) and harmful["n"] == 3 and harmful["n_failed"] == 1
+    assert out["sets"]["o"]["value"] == pytest.approx(1 / 3) and out["sets"]["o"]["role"] == "over_refusal"
+    assert set(out["blocks"]) == {"harmful", "over_refusal"}
+    assert out["blocks"]["harmful"]["low"] <= harmful["value"] <= out["blocks"]["harmful"]["high"]
+
+
+def test_an_identical_column_has_zero_deltas() -> None:
+    records = [_record("h", i, v) for i, v in enumerate(["refused", "complied"] * 5)]
+    out = refusal_deltas(records, records, "phrase", n_boot=100)
+    assert out["sets"]["h"]["value"] == 0.0 and out["sets"]["h"]["low"] == 0.0 == out["sets"]["h"]["high"]
+
+
+def test_capability_deltas_pair_by_task_and_id() -> None:
+    base = [{"task": "mmlu", "id": str(i), "value": float(i % 2)} for i in range(6)]
+    column = [{"task": "mmlu", "id": str(i), "value": 1.0} for i in range(6)]
+    column.append({"task": "mmlu", "id": "extra", "value": 1.0})  # unscored unsteered: left out
+    out = capability_deltas(column, base, n_boot=100)
+    assert (
+        out["mmlu"]["value"] == pytest.approx(0.5) and out["mmlu"]["n"] == 6 and out["mmlu"]["n_failed"] == 1
+    )
+
+
+def test_sae_quality_counts_l0_dead_latents_and_fvu() -> None:
+    sae = TopKSAE(8, 32, k=2, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    q = sae_quality(sae, x, batch_size=7)
+    with torch.no_grad():
+        z = sae.encode(x)
+        recon = sae.decode(z)
+    fvu = float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert q["fvu"] == pytest.approx(fvu, rel=1e-5) and q["l0"] == pytest.approx(2.0)
+    assert q["dead_fraction"] == pytest.approx(1.0 - float((z != 0).any(0).float().mean()))
+    with pytest.raises(ValueError, match="width 9"):
+        sae_quality(sae, torch.randn(3, 9))
+
+
+def test_row_cosines_and_jaccard() -> None:
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = torch.tensor([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+    cos = row_cosines(a, b)
+    assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(-1.0) and math.isnan(cos[2])
+    assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5 and math.isnan(jaccard([], []))
+
+
+def test_the_mapped_sae_is_the_inner_sae_under_identity_maps() -> None:
+    sae = TopKSAE(8, 32, k=3, generator=torch.Generator().manual_seed(0))
+    sae.set_input_scale(0.7)
+    identity = LinearMap(W_DE=torch.eye(8), b_E=torch.zeros(8))
+    mapped = MappedSAE(sae, identity, identity)
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(mapped.encode(x), sae.encode(x))
+    torch.testing.assert_close(mapped(x).recon_BD, sae(x).recon_BD)
+    v = torch.randn(2, 32)
+    torch.testing.assert_close(mapped.decode_direction(v), sae.decode_direction(v))
+
+
+def test_the_mapped_sae_reads_a_rotated_and_shifted_copy_exactly() -> None:
+    """B = A rotated into a wider space and shifted: A's SAE through the fitted maps reconstructs B as A."""
+    gen = torch.Generator().manual_seed(3)
+    sae = TopKSAE(6, 24, k=3, generator=gen)
+    x_a = torch.randn(200, 6, generator=gen)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen))
+    w_de, shift = q[:6], torch.randn(10, generator=gen)
+    x_b = x_a @ w_de + shift
+    a_to_b, b_to_a = fit_linear_map(x_a, x_b, ridge=0.0), fit_linear_map(x_b, x_a, ridge=1e-9)
+    mapped = MappedSAE(sae, b_to_a, a_to_b)
+    assert mapped.d_model == 10 and mapped.n_latents == 24
+    torch.testing.assert_close(mapped.encode(x_b), sae.encode(x_a), atol=1e-4, rtol=1e-4)
+    recon_b = mapped(x_b).recon_BD
+    torch.testing.assert_close(recon_b, sae(x_a).recon_BD @ w_de + shift, atol=1e-4, rtol=1e-4)
+    assert np.isclose(float(mapped(x_b).fvu.detach()), float(sae_quality(mapped, x_b)["fvu"]), rtol=1e-4)
+    with pytest.raises(ValueError, match="do not chain"):
+        MappedSAE(sae, a_to_b, a_to_b)
+    with pytest.raises(TypeError, match="not saved"):
+        mapped.save("anywhere")

@@ -1,0 +1,281 @@
+"""Linear maps between residual spaces (fit, score, save/load) and the exactly-widened tiny models that give
+them a ground truth: a wider model whose residual is a known linear image of a small model's."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from sae_refusal.llm.extraction import last_token_residuals, position_ids_from_mask
+from sae_refusal.llm.tokenize import pad_left
+from sae_refusal.testing.tiny import TINY_ARCHITECTURES, build_tiny_model, widen_model
+from sae_refusal.transfer.linear_map import (
+    MAP_FILE,
+    META_FILE,
+    LinearMap,
+    fit_linear_map,
+    map_fit_quality,
+)
+
+
+def _affine_data(
+    n: int = 200, d: int = 12, e: int = 20, noise: float = 1e-3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Off-centre rows ``X`` (a fit that skips centring is wrong), ``Y = X @ W + b + noise``, ``W``, ``b``."""
+    g = torch.Generator().manual_seed(seed)
+    X_ND = torch.randn(n, d, generator=g) * torch.linspace(0.5, 2.0, d) + 3.0
+    W_DE = torch.randn(d, e, generator=g)
+    b_E = torch.randn(e, generator=g)
+    Y_NE = X_ND @ W_DE + b_E + noise * torch.randn(n, e, generator=g)
+    return X_ND, Y_NE, W_DE, b_E
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+def test_fit_recovers_known_affine_map() -> None:
+    X_ND, Y_NE, W_DE, b_E = _affine_data()
+    fitted = fit_linear_map(X_ND, Y_NE, metadata={"layer": 3, "n_rows": -1})
+    assert (fitted.d_in, fitted.d_out) == (12, 20)
+    assert fitted.W_DE.dtype == fitted.b_E.dtype == torch.float32
+    torch.testing.assert_close(fitted.W_DE, W_DE, atol=2e-3, rtol=0)
+    torch.testing.assert_close(fitted.b_E, b_E, atol=2e-2, rtol=0)
+    quality = map_fit_quality(fitted, X_ND, Y_NE)
+    assert quality["r2"] > 0.999999 and quality["mean_cosine"] > 0.999999 and quality["n"] == 200
+    assert math.isclose(quality["r2"], 1 - quality["fvu"])
+    # the fit's own facts win over the caller's metadata, which is otherwise kept
+    assert fitted.metadata["layer"] == 3 and fitted.metadata["n_rows"] == 200
+    assert fitted.metadata["ridge"] == 1e-6 and fitted.metadata["center"] is True
+    assert math.isclose(fitted.metadata["train_fvu"], quality["fvu"], rel_tol=1e-9)
+
+
+def test_fit_without_centring_is_linear() -> None:
+    X_ND, _, W_DE, _ = _affine_data(noise=0.0)
+    fitted = fit_linear_map(X_ND, X_ND @ W_DE, center=False, ridge=0.0)
+    assert torch.equal(fitted.b_E, torch.zeros(20))
+    torch.testing.assert_close(fitted.W_DE, W_DE, atol=1e-4, rtol=0)
+
+
+def test_relative_ridge_is_scale_free() -> None:
+    X_ND, Y_NE, _, _ = _affine_data(noise=0.5)
+    ridge = 0.05
+    small = fit_linear_map(X_ND, Y_NE, ridge=ridge)
+    big = fit_linear_map(1000.0 * X_ND, Y_NE, ridge=ridge)
+    torch.testing.assert_close(big(1000.0 * X_ND), small(X_ND), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(1000.0 * big.W_DE, small.W_DE, atol=1e-4, rtol=1e-5)
+    plain = fit_linear_map(X_ND, Y_NE, ridge=0.0)  # the ridge does something: this is not a vacuous test
+    assert (plain(X_ND) - small(X_ND)).abs().max() > 1e-2
+
+
+def test_call_and_direction() -> None:
+    g = torch.Generator().manual_seed(1)
+    m = LinearMap(W_DE=torch.randn(6, 4, generator=g), b_E=torch.randn(4, generator=g))
+    x_BTD = torch.randn(2, 3, 6, generator=g)
+    torch.testing.assert_close(m(x_BTD), x_BTD @ m.W_DE + m.b_E)
+    assert m(x_BTD.bfloat16()).dtype == torch.bfloat16
+    v_D = torch.randn(6, generator=g)
+    torch.testing.assert_close(m.direction(v_D), v_D @ m.W_DE)  # no bias: a difference of two points
+    torch.testing.assert_close(m.direction(v_D), m(v_D) - m(torch.zeros(6)))
+    with pytest.raises(ValueError, match="x_ND"):
+        m(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="v_KD"):
+        m.direction(torch.zeros(5))
+    with pytest.raises(ValueError, match="b_E"):
+        LinearMap(W_DE=torch.zeros(6, 4), b_E=torch.zeros(5))
+
+
+def test_fit_quality_of_a_perfect_and_a_useless_map() -> None:
+    X_ND, Y_NE, W_DE, b_E = _affine_data(noise=0.0)
+    perfect = map_fit_quality(LinearMap(W_DE, b_E), X_ND, Y_NE)
+    assert perfect["fvu"] < 1e-10 and perfect["mean_cosine"] > 1 - 1e-10
+    mean_only = map_fit_quality(LinearMap(torch.zeros(12, 20), Y_NE.mean(0)), X_ND, Y_NE)
+    assert math.isclose(mean_only["fvu"], 1.0, rel_tol=1e-6) and abs(mean_only["r2"]) < 1e-6
+    with pytest.raises(ValueError, match="Y_NE"):
+        map_fit_quality(LinearMap(W_DE, b_E), X_ND, Y_NE[:, :5])
+
+
+def _bad(name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    X_ND, Y_NE = torch.randn(30, 4), torch.randn(30, 3)
+    if name == "rows":
+        return X_ND, Y_NE[:29], 1e-6
+    if name == "one_row":
+        return X_ND[:1], Y_NE[:1], 1e-6
+    if name == "x_1d":
+        return X_ND[:, 0], Y_NE, 1e-6
+    if name == "y_3d":
+        return X_ND, Y_NE[None], 1e-6
+    if name == "x_nan":
+        X_ND[3, 1] = math.nan
+        return X_ND, Y_NE, 1e-6
+    if name == "y_inf":
+        Y_NE[7, 2] = math.inf
+        return X_ND, Y_NE, 1e-6
+    if name == "ridge_negative":
+        return X_ND, Y_NE, -1e-3
+    if name == "ridge_nan":
+        return X_ND, Y_NE, math.nan
+    if name == "underdetermined":
+        return torch.randn(4, 4), torch.randn(4, 3), 0.0
+    if name == "rank_deficient":
+        X_ND[:, 2] = 5.0  # a constant column carries no information once centred
+        return X_ND, Y_NE, 0.0
+    if name == "constant":
+        return torch.ones(30, 4), Y_NE, 1e-6
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    ("case", "argument"),
+    [
+        ("rows", "Y_NE"),
+        ("one_row", "X_ND"),
+        ("x_1d", "X_ND"),
+        ("y_3d", "Y_NE"),
+        ("x_nan", "X_ND"),
+        ("y_inf", "Y_NE"),
+        ("ridge_negative", "ridge"),
+        ("ridge_nan", "ridge"),
+        ("underdetermined", "ridge"),
+        ("rank_deficient", "ridge"),
+        ("constant", "X_ND"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(case: str, argument: str) -> None:
+    X_ND, Y_NE, ridge = _bad(case)
+    with pytest.raises(ValueError, match=argument):
+        fit_linear_map(X_ND, Y_NE, ridge=ridge)
+
+
+def test_underdetermined_fit_works_with_a_ridge() -> None:
+    X_ND, Y_NE, _, _ = _affine_data(n=8)
+    with pytest.raises(ValueError, match="underdetermined"):
+        fit_linear_map(X_ND, Y_NE, ridge=0.0)
+    fitted = fit_linear_map(X_ND, Y_NE, ridge=1e-6)
+    assert torch.isfinite(fitted.W_DE).all() and map_fit_quality(fitted, X_ND, Y_NE)["r2"] > 0.999
+
+
+# ------------------------------------------------------------------------------------------------ artifact
+def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
+    X_ND, Y_NE, _, _ = _affine_data()
+    fitted = fit_linear_map(X_ND, Y_NE, metadata={"models": {"a": "tiny", "b": "wide"}, "layer": 2})
+    folder = fitted.save(tmp_path / "maps" / "a_to_b")
+    assert sorted(p.name for p in folder.iterdir()) == [META_FILE, MAP_FILE]
+    assert [p.name for p in folder.parent.iterdir()] == ["a_to_b"]  # no temporary left behind
+    loaded = LinearMap.load(folder)
+    assert torch.equal(loaded.W_DE, fitted.W_DE) and torch.equal(loaded.b_E, fitted.b_E)
+    assert loaded.metadata == fitted.metadata
+    record = json.loads((folder / META_FILE).read_text())
+    assert (record["d_in"], record["d_out"]) == (12, 20) and record["shapes"]["W_DE"] == [12, 20]
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=META_FILE):
+        LinearMap.load(tmp_path)
+    folder = LinearMap(torch.randn(3, 2), torch.randn(2)).save(tmp_path / "m")
+    record = json.loads((folder / META_FILE).read_text())
+    record["d_in"] = 4
+    (folder / META_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=META_FILE):
+        LinearMap.load(folder)
+    (folder / MAP_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=MAP_FILE):
+        LinearMap.load(folder)
+    with pytest.raises(ValueError, match="metadata"):
+        LinearMap(torch.randn(3, 2), torch.randn(2), metadata={"bad": object()}).save(tmp_path / "n")
+    assert not (tmp_path / "n").exists()
+
+
+# ------------------------------------------------------------------------------------------------ widen_model
+def _tiny(arch: str, num_layers: int = 2) -> PreTrainedModel:
+    """A tiny model whose norm weights and biases are random too (at init they are 1 and 0: too kind)."""
+    model = build_tiny_model(arch, num_layers=num_layers)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=g))
+    return model
+
+
+def _padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    return pad_left(rows, 0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_widened_model_has_same_logits_and_mapped_residuals(arch: str) -> None:
+    small = _tiny(arch)
+    d, scale = small.config.hidden_size, 2.5
+    wide, W_DE = widen_model(small, d + 16, scale=scale, seed=3)
+    assert wide.config.hidden_size == d + 16 and W_DE.shape == (d, d + 16)
+    assert torch.equal((W_DE != 0).sum(1), torch.ones(d, dtype=torch.long))  # one new coordinate each ...
+    assert torch.equal((W_DE != 0).sum(0).max(), torch.tensor(1))  # ... all distinct
+    assert torch.equal(W_DE[W_DE != 0], torch.full((d,), scale))
+    ids_BT, mask_BT = _padded_batch(small.config.vocab_size, [9, 5, 2, 7])
+    kwargs = dict(
+        attention_mask=mask_BT, position_ids=position_ids_from_mask(mask_BT), output_hidden_states=True
+    )
+    with torch.no_grad():
+        out_a, out_b = small(input_ids=ids_BT, **kwargs), wide(input_ids=ids_BT, **kwargs)
+    real = mask_BT.bool()
+    torch.testing.assert_close(out_b.logits[real], out_a.logits[real], atol=1e-5, rtol=1e-4)
+    *residuals, final = range(len(out_a.hidden_states))
+    for layer in residuals:  # embeddings and block outputs: scale * h_A @ P
+        torch.testing.assert_close(
+            out_b.hidden_states[layer][real], out_a.hidden_states[layer][real] @ W_DE, atol=1e-5, rtol=1e-4
+        )
+    # Hugging Face's last hidden state is after the final norm, which undoes the scale: h_A @ P
+    torch.testing.assert_close(
+        out_b.hidden_states[final][real],
+        out_a.hidden_states[final][real] @ (W_DE / scale),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+def test_widen_model_is_seeded_and_checks_its_arguments() -> None:
+    small = _tiny("llama", num_layers=1)
+    _, W1 = widen_model(small, 40, seed=5)
+    _, W2 = widen_model(small, 40, seed=5)
+    _, W3 = widen_model(small, 40, seed=6)
+    assert torch.equal(W1, W2) and not torch.equal(W1, W3)
+    with pytest.raises(ValueError, match="d_new"):
+        widen_model(small, 32)
+    with pytest.raises(ValueError, match="scale"):
+        widen_model(small, 40, scale=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_fitted_map_between_models_of_different_widths_recovers_the_known_map() -> None:
+    """A (width 32) and B = widen(A) (width 48): the map fitted on their activations is the known one."""
+    model_a = build_tiny_model("llama")
+    model_b, W_known_DE = widen_model(model_a, model_a.config.hidden_size + 16, scale=2.5)
+    layer, vocab = 2, model_a.config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.randint(2, 14, (300,), generator=g).tolist()
+    acts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    for start in range(0, len(lengths), 100):
+        ids_BT, mask_BT = _padded_batch(vocab, lengths[start : start + 100], seed=start)
+        for key, model in (("a", model_a), ("b", model_b)):
+            acts[key].append(last_token_residuals(model, ids_BT, mask_BT, [layer])[layer])
+    X_ND, Y_NE = torch.cat(acts["a"]), torch.cat(acts["b"])
+    assert X_ND.shape == (300, 32) and Y_NE.shape == (300, 48)
+
+    a_to_b = fit_linear_map(X_ND, Y_NE, metadata={"direction": "A -> B", "layer": layer})
+    torch.testing.assert_close(a_to_b.W_DE, W_known_DE, atol=1e-4, rtol=0)
+    assert a_to_b.b_E.abs().max() < 1e-5
+    assert map_fit_quality(a_to_b, X_ND, Y_NE)["r2"] > 0.999
+
+    # B -> A: B never uses 16 of its coordinates, so only a ridge makes the fit well-posed; it then finds
+    # the pseudo-inverse of the known map (zero weight on the unused coordinates).
+    with pytest.raises(ValueError, match="ridge"):
+        fit_linear_map(Y_NE, X_ND, ridge=0.0)
+    b_to_a = fit_linear_map(Y_NE, X_ND)
+    torch.testing.assert_close(b_to_a.W_DE, torch.linalg.pinv(W_known_DE), atol=1e-4, rtol=0)
+    quality = map_fit_quality(b_to_a, Y_NE, X_ND)
+    assert quality["r2"] > 0.999 and quality["mean_cosine"] > 0.999
+    torch.testing.assert_close(b_to_a(a_to_b(X_ND)), X_ND, atol=1e-5, rtol=0)
