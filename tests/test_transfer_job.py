@@ -232,7 +232,9 @@ def test_eval_columns_on_b_report_paired_deltas(pair: dict[str, Any]) -> None:
     assert "Interventions on B" in (out / "report.md").read_text()
 
 
-def test_a_gate_missing_from_its_owner_is_named(pair: dict[str, Any]) -> None:
+def test_a_gate_missing_from_its_owner_is_named(
+    pair: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sae_refusal.cli import job_config, transfer_parser
     from sae_refusal.transfer.job import TransferJobConfig, run_transfer_job
 
@@ -244,9 +246,15 @@ def test_a_gate_missing_from_its_owner_is_named(pair: dict[str, Any]) -> None:
         splice={"n_prompts": 0},
     )
     cfg = job_config(transfer_parser(), ["--config", str(config)], TransferJobConfig)
+    started = []
+    monkeypatch.setattr("sae_refusal.transfer.job._load_side", lambda *a, **k: started.append(a))
     with pytest.raises(ValueError, match=r"eval\.columns\[0\]: gate 'probe' is not among target\.gates"):
         run_transfer_job(cfg)
+    assert not started, "columns are checked before any model runs"
     assert not (pair["tmp"] / "runs" / "nogate").exists()
+    cfg.source.gates = [str(pair["tmp"] / "no_such_gate")]
+    with pytest.raises(FileNotFoundError, match=r"source\.gates\[0\]"):
+        run_transfer_job(cfg)
 
 
 def test_bad_settings_name_their_key() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sae_refusal.transfer.config import ColumnSpec, TransferJobConfig
 
-__all__ = ["evaluate_columns", "vectors_for_columns"]
+__all__ = ["check_columns", "evaluate_columns", "vectors_for_columns"]
 
 
 def _slug(text: str) -> str:
@@ -124,6 +124,28 @@ def _intervention(
         )
     except ValueError as err:
         raise ValueError(f"{key}: {err}") from err
+
+
+def check_columns(cfg: TransferJobConfig) -> None:
+    """Refuse a bad column or a missing artifact folder before any model runs (naming the config key).
+
+    Raises:
+        FileNotFoundError: If a ``gates`` or ``vectors`` folder of either side does not exist.
+        ValueError: If a column names an unknown gate or a bad space, or needs what a map cannot carry.
+    """
+    for key, side in (("source", cfg.source), ("target", cfg.target)):
+        for i, gate in enumerate(side.gates):
+            if not Path(gate).is_dir():
+                raise FileNotFoundError(
+                    f"{key}.gates[{i}]: {gate} is not a folder (a gate saved by sae-refusal steer)"
+                )
+        if side.vectors and not Path(side.vectors).is_dir():
+            raise FileNotFoundError(f"{key}.vectors: {side.vectors} is not a folder")
+    if cfg.eval is None:
+        return
+    placeholders = {"source": Path("source-vectors"), "target": Path("target-vectors")}
+    for i, column in enumerate(cfg.eval.columns):
+        _intervention(cfg, column, i, placeholders, Path("source-sae"), cfg.map.kind != "none")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

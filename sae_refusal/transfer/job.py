@@ -211,7 +211,8 @@ def run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
             (naming its config key).
     """
     from sae_refusal.atomic import AtomicFolder
-    from sae_refusal.transfer.columns import evaluate_columns, vectors_for_columns
+    from sae_refusal.llm.hashing import file_sha256
+    from sae_refusal.transfer.columns import check_columns, evaluate_columns, vectors_for_columns
     from sae_refusal.transfer.compare import sae_quality
     from sae_refusal.transfer.features import compare_features
     from sae_refusal.transfer.mapped_sae import MappedSAE
@@ -220,6 +221,7 @@ def run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     if out_dir.exists():
         raise FileExistsError(f"out_dir: {str(out_dir)!r} exists; choose another folder or remove it")
+    check_columns(cfg)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     a = _load_side(cfg.source, "source", cfg.data, timings)
@@ -297,7 +299,14 @@ def run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
                 "layer": b.layer,
                 "d_model": b.d_model,
             },
-            "sae": {"paths": {k: str(v) for k, v in folders.items()}, "eval_seed": seed_name},
+            "sae": {
+                "paths": {k: str(v) for k, v in folders.items()},
+                "sha256": {
+                    k: {f.name: file_sha256(f) for f in sorted(v.iterdir()) if f.is_file()}
+                    for k, v in folders.items()
+                },
+                "eval_seed": seed_name,
+            },
             "n_rows": {s: len(a.splits[s].ids) for s in ("train", "val", "test")},
             "map": map_record,
             "sae_quality": quality,
