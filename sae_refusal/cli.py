@@ -17,6 +17,7 @@ subcommands where Lightning has none are dispatched here first:
 * ``steer``: the steering study (:mod:`sae_refusal.steer.job`): vectors, layer, specificity, gates.
 * ``eval``: one eval job (:mod:`sae_refusal.eval.job`): refusal, over-refusal and capability of a model under
   one saved intervention, with per-item records; ``eval-table`` tabulates several jobs (one column each).
+* ``export``: the project's SAE exports in sparsify's or SAELens' own layout (:mod:`sae_refusal.sae.formats`).
 * ``transfer``: model A's SAE, vectors and gates applied to model B, side by side with A
   (:mod:`sae_refusal.transfer.job`).
 
@@ -279,10 +280,11 @@ def check_exports_match_data(metadata: dict[str, dict[str, Any]], datamodule: Ac
     """Refuse SAE exports trained at another layer or on another model than the data module serves.
 
     The model is compared by weights fingerprint (source, revision, weights hash, quantization, adapter) when
-    the export records one, else by ``name_or_path``; an export without a recorded layer is refused too.
+    the export records one, else by ``name_or_path``; a foreign SAE that names no model (sparsify) is checked
+    by layer only. An export without a recorded layer (nor a hookpoint that maps to one) is refused too.
 
     Args:
-        metadata: Each export's ``cfg.json`` ``metadata``, by export name.
+        metadata: Each export's metadata (:func:`sae_refusal.sae.formats.sae_metadata`), by export name.
         datamodule: The data module the exports are analysed with.
 
     Raises:
@@ -292,13 +294,15 @@ def check_exports_match_data(metadata: dict[str, dict[str, Any]], datamodule: Ac
     from sae_refusal.llm.loading import model_fingerprint
 
     layer = datamodule.served_layer
-    fingerprint = {k: v for k, v in model_fingerprint(datamodule.llm).items() if k != "model"}
+    fingerprint: dict[str, Any] | None = None  # computed only if an export records one (foreign ones do not)
     problems = []
     for name, meta in metadata.items():
         if meta.get("layer") != layer:
             problems.append(f"{name} was trained at layer {meta.get('layer')}, data.layer serves {layer}")
         recorded = meta.get("model_fingerprint")
         if recorded is not None:
+            if fingerprint is None:
+                fingerprint = {k: v for k, v in model_fingerprint(datamodule.llm).items() if k != "model"}
             recorded = {k: v for k, v in recorded.items() if k != "model"}
             if recorded != fingerprint:
                 diff = sorted(
@@ -308,7 +312,7 @@ def check_exports_match_data(metadata: dict[str, dict[str, Any]], datamodule: Ac
                     f"{name} was trained on model {meta.get('model')!r} whose weights differ from data.llm "
                     f"{datamodule.llm.name_or_path!r} (differing: {', '.join(diff)})"
                 )
-        elif meta.get("model") != datamodule.llm.name_or_path:
+        elif meta.get("model") is not None and meta.get("model") != datamodule.llm.name_or_path:
             problems.append(
                 f"{name} was trained on {meta.get('model')!r}, data.llm is {datamodule.llm.name_or_path!r}"
             )
@@ -361,12 +365,11 @@ def features_command(args: Sequence[str]) -> None:
     # --config stays among the fit options, in its place: `--config a.yaml --data.layer 1` keeps its order
     known, rest = _features_parser(with_config=False).parse_known_args(list(args))
 
-    import json
-
     from sae_refusal.activations.datamodule import ActivationDataModule
     from sae_refusal.features.analysis import FeatureAnalysisConfig, analyze_features
     from sae_refusal.features.callback import FeatureAnalysisCallback
     from sae_refusal.sae.base import find_sae_exports, load_sae
+    from sae_refusal.sae.formats import sae_metadata
 
     rest, overrides = _analysis_overrides(rest)
     sae_dir = Path(known.sae_dir)
@@ -396,9 +399,7 @@ def features_command(args: Sequence[str]) -> None:
         raise SystemExit(
             f"--sae_dir: SAE width {widths} differs from the data's d_model {datamodule.d_model}"
         )
-    export_meta = {
-        name: json.loads((f / "cfg.json").read_text()).get("metadata", {}) for name, f in folders.items()
-    }
+    export_meta = {name: sae_metadata(f) for name, f in folders.items()}  # any format (sparsify, SAELens)
     if not known.allow_other_model:
         check_exports_match_data(export_meta, datamodule)
     out = Path(known.out) if known.out else sae_dir.parent / "features" / "standalone"
@@ -419,6 +420,76 @@ def features_command(args: Sequence[str]) -> None:
         if key in summary:
             stats = summary[key]
             print(f"  {key}: {stats['mean']:.4f} +- {stats['std']:.4f} over {stats['n']} seed(s)")
+
+
+def export_command(args: Sequence[str]) -> None:
+    """``sae-refusal export --sae_dir <run>/sae --format sparsify|saelens --out DIR [--hookpoint NAME]``."""
+    parser = argparse.ArgumentParser(
+        prog="sae-refusal export",
+        description="Write the project's SAE exports in sparsify's or SAELens' own on-disk layout (one "
+        "folder per seed, then per hookpoint: OUT/seed0/layers.21/ or "
+        "OUT/seed0/blocks.21.hook_resid_post/), with the input scale folded into the weights so the exported "
+        "SAE computes the same codes and reconstruction on raw activations; provenance (model, layer, seed, "
+        "k) goes into the library's own fields.",
+    )
+    parser.add_argument(
+        "--sae_dir", required=True, help="an SAE export folder, or a folder of seed{n}/ exports"
+    )
+    parser.add_argument("--format", required=True, choices=["sparsify", "saelens"], help="the target library")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument(
+        "--hookpoint",
+        default=None,
+        help="the hookpoint name to write (default from the export's layer: layers.{l} for sparsify, "
+        "blocks.{l}.hook_resid_post for SAELens)",
+    )
+    known = parser.parse_args(list(args))
+
+    import torch
+
+    from sae_refusal.atomic import AtomicFolder
+    from sae_refusal.llm.hashing import file_sha256
+    from sae_refusal.sae.base import find_sae_exports, load_sae
+    from sae_refusal.sae.formats import export_sae, load_any_sae, sae_metadata
+    from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
+
+    out = Path(known.out)
+    if out.exists():
+        raise UserError(f"--out: {out} exists; choose another folder or remove it")
+    try:
+        folders = find_sae_exports(known.sae_dir)
+    except FileNotFoundError as err:
+        raise UserError(f"--sae_dir: {err}") from err
+    lines = []
+    with AtomicFolder(out) as atomic:
+        for name, folder in folders.items():
+            meta = sae_metadata(folder)
+            if known.hookpoint is None and meta.get("layer") is None:
+                raise UserError(f"--hookpoint: {folder} records no layer; give the hookpoint name to write")
+            hookpoint = known.hookpoint or hookpoint_for_layer(int(meta["layer"]), known.format)
+            sae = load_sae(folder)
+            provenance = {
+                **{k: v for k, v in meta.items() if k != "format"},
+                "hookpoint": hookpoint,
+                "hook_name": hookpoint,
+                "exported_from": str(folder),
+                "exported_from_sha256": {
+                    f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()
+                },
+            }
+            target = export_sae(sae, atomic.tmp / name / hookpoint, known.format, metadata=provenance)
+            # the export must compute what the project's SAE computes on raw activations
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(64, sae.d_model, generator=generator) / float(sae.input_scale)
+            with torch.no_grad():
+                diff = float((load_any_sae(target)(x).recon_BD - sae(x).recon_BD).abs().max())
+            lines.append(
+                f"  {name}: {out / name / hookpoint} ({sae.architecture}, {sae.n_latents} latents; "
+                f"reconstruction max |diff| {diff:.2e})"
+            )
+        atomic.commit()
+    print(f"[export] wrote {len(folders)} SAE(s) in {known.format} format to {out}")
+    print("\n".join(lines))
 
 
 def finetune_command(args: Sequence[str]) -> None:
@@ -565,6 +636,7 @@ PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "steer": (steer_command, "Steering study: vectors, specificity, conditional vs unconditional steering."),
     "eval": (eval_command, "Refusal, over-refusal and capability under one intervention (a table column)."),
     "eval-table": (eval_table_command, "The results table across eval job folders."),
+    "export": (export_command, "Write SAE exports in sparsify's or SAELens' own format (scale folded in)."),
     "transfer": (transfer_command, "A model's SAE, vectors and gates applied to another model, side by side"),
 }
 

@@ -55,12 +55,15 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[st
     except SystemExit as exit_:
         assert exit_.code == 0
     out = capsys.readouterr().out
-    # eval-table reads finished job folders, not a config
-    assert ("folders" if command == "eval-table" else "--config") in out
+    # eval-table reads finished job folders and export SAE folders, not a config
+    expected = {"eval-table": "folders", "export": "--sae_dir"}.get(command, "--config")
+    assert expected in out
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["--version"], ["cache", "--help"], ["features", "--help"]], ids=" ".join
+    "args",
+    [["--help"], ["--version"], ["cache", "--help"], ["features", "--help"], ["export", "--help"]],
+    ids=" ".join,
 )
 def test_light_commands_import_neither_lightning_nor_torch(args: list[str]) -> None:
     """`--help` of the project's own commands answers at once (Lightning alone took 11 s to import)."""

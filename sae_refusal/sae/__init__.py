@@ -2,6 +2,7 @@
 
 from sae_refusal.sae.architectures import L1, Contrastive, SAEArchitecture, TopK, architecture_from_config
 from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, load_sae, mean_norm_scale
+from sae_refusal.sae.jumprelu import JumpReLUSAE as JumpReLUSAE  # registers "jumprelu"
 from sae_refusal.sae.module import SAEModule
 from sae_refusal.sae.relu import ReLUSAE
 from sae_refusal.sae.topk import TopKSAE, sparse_decode

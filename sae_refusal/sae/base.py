@@ -185,15 +185,21 @@ SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
 
 def load_sae(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an SAE export (no Lightning needed); ``cfg.json`` says which architecture.
+    """Load an SAE (no Lightning needed): a project export (``cfg.json`` says which architecture), a sparsify
+    or SAELens folder (:mod:`sae_refusal.sae.formats`), or a hub id ``owner/repo[/hookpoint]`` of one.
 
     Raises:
         FileNotFoundError: If ``cfg.json`` or ``sae.safetensors`` is missing.
         ValueError: If the architecture is unknown or the config does not fit the class.
     """
     import sae_refusal.sae  # noqa: F401  (registers the architectures)
+    from sae_refusal.sae.formats import load_any_sae, resolve_sae_path
+    from sae_refusal.sae.formats.saelens import is_saelens_folder
+    from sae_refusal.sae.formats.sparsify import is_sparsify_folder
 
-    folder = Path(folder)
+    folder = resolve_sae_path(folder)
+    if is_sparsify_folder(folder) or is_saelens_folder(folder):
+        return load_any_sae(folder, device=device)
     cfg_path = folder / "cfg.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no SAE export at {folder} (missing cfg.json)")
@@ -217,10 +223,16 @@ def load_sae(folder: str | os.PathLike[str], device: str | torch.device = "cpu")
 def find_sae_exports(folder: str | os.PathLike[str]) -> dict[str, Path]:
     """The exports under ``folder``: itself when it holds ``cfg.json``, else its ``seed*/`` exports, by name.
 
+    ``folder`` may be a hub id (``owner/repo[/hookpoint]``, see
+    :func:`sae_refusal.sae.formats.resolve_sae_path`); any format :func:`load_sae` reads counts (each has a
+    ``cfg.json``).
+
     Raises:
         FileNotFoundError: If there is no ``cfg.json`` there nor in any ``seed*/`` subfolder.
     """
-    folder = Path(folder)
+    from sae_refusal.sae.formats import resolve_sae_path
+
+    folder = resolve_sae_path(folder)
     if (folder / "cfg.json").is_file():
         return {folder.name: folder}
     found = {p.name: p for p in sorted(folder.glob("seed*")) if (p / "cfg.json").is_file()}

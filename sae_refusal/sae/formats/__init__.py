@@ -1,0 +1,179 @@
+"""SAEs in and out of other libraries' on-disk formats: sparsify and SAELens, beside the project's own.
+
+* :func:`detect_format` tells the three apart from the files: the project's export (``cfg.json`` with an
+  ``architecture`` the registry knows + ``sae.safetensors``), sparsify's (``cfg.json`` with ``d_in`` +
+  ``sae.safetensors`` holding ``encoder.weight``), SAELens' (``cfg.json`` + ``sae_weights.safetensors``).
+* :func:`load_any_sae` loads any of them as a project module (:func:`sae_refusal.sae.base.load_sae` calls it
+  for foreign folders), so every command that takes an SAE (features, steer, eval, transfer) takes them.
+* :func:`resolve_sae_path` turns a hub id into a local folder: ``owner/repo`` or ``owner/repo/<hookpoint>``
+  (a path that exists locally always wins; ``hf://owner/repo/<hookpoint>`` forces the hub), downloading only
+  that hookpoint's files.
+* :func:`sae_metadata` gives the project's metadata (``layer``, ``model``, ``seed``...) of any folder: the
+  export's own, or mapped from the library's hookpoint name (:mod:`sae_refusal.sae.formats.hookpoints`).
+* :func:`export_sae` writes a project SAE in a library's layout with the input scale folded into the weights
+  (``W_enc' = s W_enc``, ``b_dec' = b_dec / s``, ``W_dec' = W_dec / s``): the same codes and reconstruction on
+  raw activations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_refusal.sae.base import SparseAutoencoder
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "FORMATS",
+    "detect_format",
+    "export_sae",
+    "load_any_sae",
+    "resolve_sae_path",
+    "sae_metadata",
+]
+
+#: Formats :func:`detect_format` recognises.
+FORMATS: tuple[str, ...] = ("sae_refusal", "sparsify", "saelens")
+#: Formats :func:`export_sae` writes.
+EXPORT_FORMATS: tuple[str, ...] = ("sparsify", "saelens")
+
+_HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+))?$")
+
+
+def detect_format(folder: str | os.PathLike[str]) -> str:
+    """``sae_refusal``, ``sparsify`` or ``saelens``, from the files in ``folder``.
+
+    Raises:
+        FileNotFoundError: If ``folder`` holds none of the three (naming what it lacks).
+    """
+    from sae_refusal.sae.formats.saelens import is_saelens_folder
+    from sae_refusal.sae.formats.sparsify import is_sparsify_folder
+
+    folder = Path(folder)
+    if is_saelens_folder(folder):
+        return "saelens"
+    if is_sparsify_folder(folder):
+        return "sparsify"
+    cfg = folder / "cfg.json"
+    if cfg.is_file() and (folder / "sae.safetensors").is_file():
+        return "sae_refusal"
+    raise FileNotFoundError(
+        f"{folder}: no SAE there (expected cfg.json + sae.safetensors for a project or sparsify export, or "
+        "cfg.json + sae_weights.safetensors for SAELens)"
+    )
+
+
+def load_any_sae(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Load an SAE folder of any :data:`FORMATS` as a project module (foreign ones with ``input_scale`` 1)."""
+    fmt = detect_format(folder)
+    if fmt == "sparsify":
+        from sae_refusal.sae.formats.sparsify import load_sparsify
+
+        return load_sparsify(folder, device=device)
+    if fmt == "saelens":
+        from sae_refusal.sae.formats.saelens import load_saelens
+
+        return load_saelens(folder, device=device)
+    from sae_refusal.sae.base import load_sae
+
+    return load_sae(folder, device=device)
+
+
+def sae_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The project's metadata of an SAE folder of any format (``layer``, ``model``, ``format``, ...).
+
+    A project export gives its ``cfg.json`` ``metadata``; a foreign one its library's fields, with ``layer``
+    from the hookpoint name (the library's field, else the folder's name) when that names a block output, and
+    the project's own provenance block where the export was written by :func:`export_sae`.
+    """
+    from sae_refusal.sae.formats.hookpoints import layer_of_hookpoint
+
+    folder = Path(folder)
+    fmt = detect_format(folder)
+    if fmt == "sae_refusal":
+        meta = dict(json.loads((folder / "cfg.json").read_text()).get("metadata", {}))
+        return {**meta, "format": fmt}
+    if fmt == "sparsify":
+        from sae_refusal.sae.formats.sparsify import read_sparsify_metadata
+
+        meta = dict(read_sparsify_metadata(folder))
+    else:
+        from sae_refusal.sae.formats.saelens import read_saelens_metadata
+
+        meta = dict(read_saelens_metadata(folder))
+    if meta.get("layer") is None:
+        for name in (meta.get("hookpoint"), meta.get("hook_name"), folder.name):
+            if not name:
+                continue
+            try:
+                meta["layer"] = layer_of_hookpoint(str(name))
+                break
+            except ValueError as err:
+                meta.setdefault("layer_error", str(err))
+    meta["format"] = fmt
+    return meta
+
+
+def resolve_sae_path(spec: str | os.PathLike[str], *, hookpoint: str | None = None) -> Path:
+    """A local folder for ``spec``: itself when it exists, else a hub download (see the module notes).
+
+    Args:
+        spec: A local folder, or ``owner/repo[/hookpoint]`` / ``hf://owner/repo[/hookpoint]``.
+        hookpoint: The hookpoint subfolder of a hub repo holding several (overrides one given in ``spec``).
+
+    Raises:
+        FileNotFoundError: If ``spec`` is neither a local folder nor a hub id, or the download fails (naming
+            the id; offline machines set ``HF_HUB_OFFLINE``).
+    """
+    text = str(spec)
+    path = Path(text)
+    if not text.startswith("hf://"):
+        if path.exists():
+            return path / hookpoint if hookpoint else path
+        if path.is_absolute() or text.startswith((".", "~")) or (path.parts and Path(path.parts[0]).exists()):
+            return path  # a local path that does not exist: the caller names what is missing
+    match = _HUB_ID.match(text)
+    if match is None:
+        raise FileNotFoundError(f"{text}: no such folder, and not a hub id (owner/repo[/hookpoint])")
+    repo, sub = match.group(1), hookpoint or match.group(2)
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = Path(snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None))
+    except Exception as err:  # network, auth, offline mode: one message naming the id
+        raise FileNotFoundError(
+            f"{text}: not a local folder, and the hub repo {repo!r} could not be downloaded "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    folder = root / sub if sub else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{text}: the hub repo {repo!r} has no folder {sub!r}")
+    return folder
+
+
+def export_sae(
+    sae: SparseAutoencoder,
+    folder: str | os.PathLike[str],
+    fmt: str,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``sae`` into ``folder`` in a library's layout (input scale folded in; see the module notes).
+
+    Raises:
+        ValueError: On an unknown format, or an architecture the format cannot hold (naming both).
+    """
+    if fmt == "sparsify":
+        from sae_refusal.sae.formats.sparsify import save_sparsify
+
+        return save_sparsify(sae, folder, metadata=metadata)
+    if fmt == "saelens":
+        from sae_refusal.sae.formats.saelens import save_saelens
+
+        return save_saelens(sae, folder, metadata=metadata)
+    raise ValueError(f"--format: expected one of {list(EXPORT_FORMATS)}, got {fmt!r}")

@@ -1,0 +1,487 @@
+"""SAELens' on-disk SAE format: export the project's SAEs to it, and read SAELens SAEs back.
+
+Layout written (SAELens 6, as its ``SAE.save_model`` writes it and ``SAE.load_from_disk`` reads it; checked
+against sae-lens 6.54.12, :data:`SAELENS_VERSION`)::
+
+    cfg.json                 {"architecture": "standard" | "topk" | "jumprelu", "d_in": D, "d_sae": F,
+                              "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": true,
+                              "normalize_activations": "none", "reshape_activations": "none",
+                              ["k": k, "rescale_acts_by_decoder_norm": false,]          (topk only)
+                              "metadata": {"sae_lens_version": "6.54.12", "sae_lens_training_version": null,
+                                           "model_name": ..., "hook_name": "blocks.{l}.hook_resid_post", ...,
+                                           "sae_refusal": {provenance}}}
+    sae_weights.safetensors  W_enc (D, F), b_enc (F,), W_dec (F, D), b_dec (D,)
+                             [+ threshold (F,) for jumprelu]
+
+SAELens computes (``apply_b_dec_to_input`` true, ``normalize_activations`` "none")::
+
+    pre = (x - b_dec) @ W_enc + b_enc
+    z   = ReLU(pre)                        standard  -> the project's ReLUSAE ("relu_l1")
+          ReLU(TopK_k(pre))                topk      -> TopKSAE
+          ReLU(pre) * (pre > threshold)    jumprelu  -> JumpReLUSAE
+    x_hat = z @ W_dec + b_dec
+
+Design notes:
+
+* **The input scale is folded into the weights on export.** With ``W_enc' = s W_enc``,
+  ``b_dec' = b_dec / s``, ``W_dec' = W_dec / s`` (``b_enc`` and ``threshold`` unchanged),
+  ``(x - b_dec') W_enc' + b_enc = (s x - b_dec) W_enc + b_enc``: the same pre-activations and codes on raw
+  activations, and ``z W_dec' + b_dec' = (z W_dec + b_dec) / s``: the same raw-space reconstruction.
+  ``normalize_activations`` is therefore ``"none"``. A TopK SAE trained with ``encoder_dtype="bfloat16"``
+  is exported in float32 (its top-k may then differ on near ties).
+* **Metadata** goes into SAELens' own fields (``model_name`` from ``model``, ``hook_name`` given or made from
+  ``layer`` as ``blocks.{layer}.hook_resid_post``, and any other SAELens metadata field the caller names:
+  ``context_size``, ``prepend_bos``, ``dataset_path``...), and the project's full provenance (the caller's
+  metadata, the architecture, its config, the folded scale) under ``metadata["sae_refusal"]``: SAELens keeps
+  unknown metadata keys as attributes of its ``SAEMetadata`` (and writes them back on ``save_model``), so its
+  loader tolerates it. ``metadata.sae_lens_version`` is written so that SAELens reads the file as a 6.x config
+  (without it, its pre-6.0 conversion keeps only a fixed list of metadata keys).
+* **Reading folds what the project's modules cannot express as such**, exactly, in float64:
+  ``apply_b_dec_to_input`` false (the project's encoders always subtract ``b_dec``) becomes ``b_enc' = b_enc +
+  b_dec @ W_enc``; ``rescale_acts_by_decoder_norm`` (topk) becomes SAELens' own ``fold_W_dec_norm`` (``W_enc``
+  and ``b_enc`` times the decoder row norms, ``W_dec`` rows divided by them); a SAELens 5 ``scaling_factor``
+  (fine-tuning scale of the codes before decoding) multiplies the ``W_dec`` rows. Codes and reconstructions
+  are those SAELens computes.
+* **Reading is otherwise strict**: an architecture without a project equivalent (``gated``, ``abstopk``,
+  transcoders...), ``normalize_activations`` other than ``"none"``, missing, unexpected or misshapen tensors
+  are refused with a ``ValueError`` naming the file and the field. ``reshape_activations: "hook_z"`` is
+  accepted (the SAE then takes the flattened ``n_heads * d_head`` input).
+* **SAELens 5 configs** (flat: ``activation_fn_str`` / ``activation_fn_kwargs {"k"}``, ``hook_name`` or
+  ``hook_point``, ``hook_layer``, ``model_name``, no ``sae_lens_version`` >= 6) are read like SAELens 6's own
+  ``handle_pre_6_0_config`` reads them; an activation other than ``relu`` / ``topk`` is refused.
+* Written atomically (:class:`~sae_refusal.atomic.AtomicFolder`), tensors float32 and contiguous. A loaded SAE
+  has ``input_scale`` 1, float32 weights and the class's default training settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_refusal.atomic import AtomicFolder
+from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
+from sae_refusal.sae.jumprelu import JumpReLUSAE
+from sae_refusal.sae.relu import ReLUSAE
+from sae_refusal.sae.topk import TopKSAE
+
+__all__ = [
+    "PROVENANCE_KEY",
+    "SAELENS_CONFIG",
+    "SAELENS_VERSION",
+    "SAELENS_WEIGHTS",
+    "is_saelens_folder",
+    "load_saelens",
+    "read_saelens_metadata",
+    "save_saelens",
+]
+
+#: Weights file of a SAELens SAE folder.
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+#: Config file of a SAELens SAE folder.
+SAELENS_CONFIG = "cfg.json"
+#: Key of the project's provenance block inside ``cfg.json``'s ``metadata``.
+PROVENANCE_KEY = "sae_refusal"
+#: The SAELens release whose layout :func:`save_saelens` writes (and was verified against).
+SAELENS_VERSION = "6.54.12"
+
+#: SAELens architecture -> the project's SAE class computing the same codes.
+_CLASS_OF: dict[str, type[SparseAutoencoder]] = {
+    "standard": ReLUSAE,
+    "topk": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+}
+#: SAELens' metadata fields (its ``LLM_METADATA_KEYS``) copied from the caller's metadata on export.
+_METADATA_FIELDS = (
+    "model_name",
+    "hook_name",
+    "model_class_name",
+    "hook_head_index",
+    "model_from_pretrained_kwargs",
+    "prepend_bos",
+    "exclude_special_tokens",
+    "neuronpedia_id",
+    "context_size",
+    "seqpos_slice",
+    "dataset_path",
+    "hook_name_out",
+    "hook_head_index_out",
+    "hf_hook_name",
+    "hf_hook_name_out",
+)
+#: Keys of a SAELens 5 flat config that become 6.x metadata (``hook_layer`` kept for the project).
+_V5_METADATA = (*_METADATA_FIELDS, "hook_layer", "sae_lens_training_version")
+_V5_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index"}
+
+
+def _saelens_architecture(sae: SparseAutoencoder) -> str:
+    for name, cls in _CLASS_OF.items():
+        if isinstance(sae, cls):
+            return name
+    raise ValueError(
+        f"SAELens has no equivalent of a {type(sae).__name__} (architecture {sae.architecture!r}); "
+        f"exportable: {', '.join(f'{cls.__name__} -> {name!r}' for name, cls in _CLASS_OF.items())}"
+    )
+
+
+def is_saelens_folder(folder: Path) -> bool:
+    """Whether ``folder`` looks like a SAELens SAE folder: a ``cfg.json`` object + the weights file.
+
+    Never raises: an unreadable or malformed ``cfg.json`` gives ``False``.
+    """
+    folder = Path(folder)
+    cfg_path = folder / SAELENS_CONFIG
+    if not cfg_path.is_file() or not (folder / SAELENS_WEIGHTS).is_file():
+        return False
+    try:
+        return isinstance(json.loads(cfg_path.read_text()), dict)
+    except Exception:  # unreadable file, bad JSON: not a SAELens folder
+        return False
+
+
+def _export_metadata(sae: SparseAutoencoder, metadata: dict[str, Any], s: float) -> dict[str, Any]:
+    """SAELens' ``metadata`` block: its own fields from ``metadata``, and the project's provenance."""
+    hook_name = metadata.get("hook_name")
+    layer = metadata.get("layer")
+    if hook_name is None and isinstance(layer, int) and not isinstance(layer, bool):
+        hook_name = hookpoint_for_layer(layer, "saelens")
+    block: dict[str, Any] = {
+        "sae_lens_version": SAELENS_VERSION,
+        "sae_lens_training_version": None,  # not trained with SAELens
+        "model_name": metadata.get("model_name", metadata.get("model")),
+        "hook_name": hook_name,
+    }
+    for key in _METADATA_FIELDS:
+        if key not in block and metadata.get(key) is not None:
+            block[key] = metadata[key]
+    block[PROVENANCE_KEY] = {
+        "architecture": sae.architecture,
+        **metadata,
+        "sae_config": sae.config(),
+        "input_scale_folded": s,
+    }
+    return block
+
+
+def save_saelens(
+    sae: SparseAutoencoder, folder: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Export an SAE as a SAELens 6 folder (``cfg.json`` + ``sae_weights.safetensors``), atomically.
+
+    The input scale is folded into the weights (module notes), so SAELens' ``SAE.load_from_disk`` of the
+    folder computes the same codes and reconstruction on raw activations as ``sae``.
+
+    Args:
+        sae: A :class:`TopKSAE` (-> ``"topk"``), :class:`ReLUSAE` (-> ``"standard"``) or :class:`JumpReLUSAE`
+            (-> ``"jumprelu"``).
+        folder: The folder to write (replaced if it exists).
+        metadata: JSON-serialisable provenance (``model``, ``layer``, ``hook_name``, ``seed``, ...). ``model``
+            (or ``model_name``) and ``hook_name`` (else ``blocks.{layer}.hook_resid_post``) fill SAELens'
+            ``model_name`` / ``hook_name``, other SAELens metadata fields given are copied, and all of it is
+            kept under ``metadata["sae_refusal"]``.
+
+    Returns:
+        The written folder.
+
+    Raises:
+        ValueError: If the SAE's class has no SAELens equivalent (naming it), its input scale is not finite
+            and positive, ``metadata['layer']`` is negative, or ``metadata`` is not JSON-serialisable.
+    """
+    architecture = _saelens_architecture(sae)
+    s = float(sae.input_scale)
+    if not math.isfinite(s) or s <= 0.0:
+        raise ValueError(f"input_scale: must be finite and > 0 to fold into the weights, got {s}")
+    cfg: dict[str, Any] = {
+        "d_in": sae.d_model,
+        "d_sae": sae.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": _export_metadata(sae, dict(metadata or {}), s),
+    }
+    if isinstance(sae, TopKSAE):
+        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    cfg["architecture"] = architecture
+    try:
+        text = json.dumps(cfg, indent=2)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"metadata: not JSON-serialisable ({err})") from err
+
+    with torch.no_grad():
+        if isinstance(sae, TopKSAE):
+            W_enc_DF, b_enc_F = sae.W_enc_FD.T, sae.b_enc_F
+        elif isinstance(sae, (ReLUSAE, JumpReLUSAE)):
+            W_enc_DF, b_enc_F = sae.W_enc_DF, sae.b_enc_F
+        tensors = {
+            "W_enc": W_enc_DF.detach().double() * s,
+            "b_enc": b_enc_F.detach().double(),
+            "W_dec": sae.W_dec_FD.detach().double() / s,
+            "b_dec": sae.b_dec_D.detach().double() / s,
+        }
+        if isinstance(sae, JumpReLUSAE):
+            tensors["threshold"] = sae.threshold_F.detach().double()
+        tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items()}
+    with AtomicFolder(folder) as out:
+        (out.tmp / SAELENS_CONFIG).write_text(text)
+        save_file(tensors, str(out.tmp / SAELENS_WEIGHTS))
+        return out.commit()
+
+
+def _major_version(version: Any) -> int | None:
+    match = re.match(r"\s*v?(\d+)", str(version)) if version else None
+    return int(match.group(1)) if match else None
+
+
+def _read_cfg(folder: Path) -> dict[str, Any]:
+    """``cfg.json`` as a SAELens 6 config dict (a SAELens 5 flat config converted), with ``"layout"`` added.
+
+    Nothing about the architecture is checked here (see :func:`load_saelens`).
+    """
+    cfg_path = folder / SAELENS_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no SAELens SAE at {folder} (missing {SAELENS_CONFIG})")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
+    meta = raw.get("metadata", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_path}: field 'metadata' must be an object, got {type(meta).__name__}")
+    major = _major_version(raw.get("sae_lens_version") or meta.get("sae_lens_version"))
+    if major is not None and major >= 6:
+        cfg = dict(raw)
+        cfg["metadata"] = dict(meta)
+        cfg.setdefault("architecture", "standard")
+        cfg["layout"] = "saelens6"
+        return cfg
+    # SAELens < 6: a flat config (what SAELens 6's handle_pre_6_0_config converts)
+    flat = {_V5_RENAMES.get(k, k): v for k, v in raw.items()}
+    activation = flat.get("activation_fn_str", flat.get("activation_fn", "relu"))
+    kwargs = flat.get("activation_fn_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{cfg_path}: field 'activation_fn_kwargs' must be an object, got {kwargs!r}")
+    cfg = {
+        k: flat[k]
+        for k in ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "normalize_activations", "k")
+        if k in flat
+    }
+    cfg["architecture"] = flat.get("architecture", "standard")
+    if activation == "topk" and kwargs.get("k") is not None:
+        cfg["architecture"] = "topk"
+        cfg["k"] = kwargs["k"]
+    cfg["activation_fn"] = activation
+    cfg["finetuning_scaling_factor"] = bool(flat.get("finetuning_scaling_factor", False))
+    cfg["reshape_activations"] = flat.get(
+        "reshape_activations", "hook_z" if "hook_z" in str(flat.get("hook_name", "")) else "none"
+    )
+    cfg["metadata"] = {k: flat[k] for k in _V5_METADATA if k in flat}
+    cfg["metadata"].update(meta)
+    cfg["metadata"].setdefault("sae_lens_version", raw.get("sae_lens_version"))
+    cfg["layout"] = "saelens5"
+    return cfg
+
+
+def _positive_int(cfg: dict[str, Any], field: str, cfg_path: Path) -> int:
+    if field not in cfg:
+        raise ValueError(f"{cfg_path}: field {field!r} is missing")
+    value = cfg[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{cfg_path}: field {field!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_cfg(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, int, int]:
+    """``(architecture, d_in, d_sae)`` of a config the project's SAEs compute exactly, else ValueError."""
+    architecture = cfg["architecture"]
+    if architecture not in _CLASS_OF:
+        raise ValueError(
+            f"{cfg_path}: field 'architecture' is {architecture!r}; only "
+            f"{', '.join(f'{name!r} ({cls.__name__})' for name, cls in _CLASS_OF.items())} map to the "
+            "project's SAEs"
+        )
+    if cfg["layout"] == "saelens5":
+        activation = cfg.get("activation_fn", "relu")
+        if activation == "topk" and architecture != "topk":
+            raise ValueError(f"{cfg_path}: field 'activation_fn_kwargs' lacks 'k' for activation 'topk'")
+        if activation not in ("relu", "topk"):
+            raise ValueError(
+                f"{cfg_path}: field 'activation_fn_str' is {activation!r}; only 'relu' and 'topk' map to the "
+                "project's SAEs"
+            )
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize is None or normalize is False:
+        normalize = "none"
+    if normalize != "none":
+        shown = "true (expected_average_only_in)" if normalize is True else repr(normalize)
+        raise ValueError(
+            f"{cfg_path}: field 'normalize_activations' is {shown}; only 'none' is supported (the project's "
+            "SAEs take raw activations: fold the normalisation into the weights first, e.g. with SAELens' "
+            "fold_activation_norm_scaling_factor, and save with normalize_activations 'none')"
+        )
+    reshape = cfg.get("reshape_activations", "none")
+    if reshape not in ("none", "hook_z"):
+        raise ValueError(
+            f"{cfg_path}: field 'reshape_activations' is {reshape!r}; expected 'none' or 'hook_z'"
+        )
+    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise ValueError(
+            f"{cfg_path}: field 'apply_b_dec_to_input' must be true or false, got {apply_b_dec!r}"
+        )
+    d_in, d_sae = _positive_int(cfg, "d_in", cfg_path), _positive_int(cfg, "d_sae", cfg_path)
+    if architecture == "topk":
+        k = _positive_int(cfg, "k", cfg_path)
+        if k > d_sae:
+            raise ValueError(f"{cfg_path}: field 'k' ({k}) exceeds d_sae ({d_sae})")
+    return architecture, d_in, d_sae
+
+
+def _read_tensors(
+    weights: Path, cfg: dict[str, Any], architecture: str, d_in: int, d_sae: int
+) -> dict[str, torch.Tensor]:
+    """The checked tensors of ``weights``, float64 (a SAELens 5 ``scaling_factor`` folded into W_dec)."""
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as err:  # safetensors raises its own error types on a corrupt header
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if architecture == "jumprelu":
+        expected["threshold"] = (d_sae,)
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        raise ValueError(
+            f"{weights}: missing tensor(s) {missing} (a SAELens {architecture!r} SAE stores {list(expected)})"
+        )
+    extra = sorted(set(tensors) - set(expected) - {"scaling_factor"})
+    if extra:
+        raise ValueError(
+            f"{weights}: unexpected tensor(s) {extra} (a SAELens {architecture!r} SAE stores "
+            f"{list(expected)})"
+        )
+    if "scaling_factor" in tensors:
+        expected["scaling_factor"] = (d_sae,)
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(
+                f"{weights}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape} "
+                f"(d_in {d_in}, d_sae {d_sae} from {SAELENS_CONFIG})"
+            )
+    out = {key: tensors[key].double() for key in expected}
+    scaling_F = out.pop("scaling_factor", None)
+    if scaling_F is not None and not torch.equal(scaling_F, torch.ones_like(scaling_F)):
+        if not cfg.get("finetuning_scaling_factor", False):
+            raise ValueError(
+                f"{weights}: tensor 'scaling_factor' is not all ones but {SAELENS_CONFIG} field "
+                "'finetuning_scaling_factor' is false"
+            )
+        out["W_dec"] = out["W_dec"] * scaling_F[:, None]  # decode((z * sf)) = z @ (sf * W_dec)
+    return out
+
+
+def load_saelens(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Read a SAELens SAE folder as the project's equivalent module (module notes: what is folded, refused).
+
+    Args:
+        folder: A SAELens SAE folder (``cfg.json`` + ``sae_weights.safetensors``), SAELens 6 or 5 layout.
+        device: Where the SAE goes.
+
+    Returns:
+        A :class:`TopKSAE` (``topk``), :class:`ReLUSAE` (``standard``) or :class:`JumpReLUSAE` (``jumprelu``)
+        with ``input_scale`` 1 and float32 weights, computing SAELens' codes and reconstruction.
+
+    Raises:
+        FileNotFoundError: If ``cfg.json`` or ``sae_weights.safetensors`` is missing.
+        ValueError: Naming the file and field, for an architecture without a project equivalent, a
+            normalisation other than ``"none"``, a bad ``d_in`` / ``d_sae`` / ``k``, or tensors that are
+            missing, unexpected or misshapen.
+    """
+    folder = Path(folder)
+    cfg_path, weights = folder / SAELENS_CONFIG, folder / SAELENS_WEIGHTS
+    cfg = _read_cfg(folder)
+    if not weights.is_file():
+        raise FileNotFoundError(f"SAELens SAE {folder} lacks {SAELENS_WEIGHTS}")
+    architecture, d_in, d_sae = _check_cfg(cfg, cfg_path)
+    t = _read_tensors(weights, cfg, architecture, d_in, d_sae)
+    if not cfg.get("apply_b_dec_to_input", True):  # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + b_enc'
+        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        # SAELens: TopK(pre * |W_dec_f|), decoded as (z / |W_dec_f|) @ W_dec: its fold_W_dec_norm, exactly
+        norm_F = t["W_dec"].norm(dim=1).clamp_min(1e-12)
+        t["W_enc"] = t["W_enc"] * norm_F
+        t["b_enc"] = t["b_enc"] * norm_F
+        t["W_dec"] = t["W_dec"] / norm_F[:, None]
+    t = {key: value.float() for key, value in t.items()}
+
+    sae: SparseAutoencoder
+    with torch.no_grad():
+        if architecture == "topk":
+            topk = TopKSAE(d_in, d_sae, _positive_int(cfg, "k", cfg_path))
+            topk.W_enc_FD.copy_(t["W_enc"].T)
+            topk.b_enc_F.copy_(t["b_enc"])
+            sae = topk
+        elif architecture == "standard":
+            relu = ReLUSAE(d_in, d_sae)
+            relu.W_enc_DF.copy_(t["W_enc"])
+            relu.b_enc_F.copy_(t["b_enc"])
+            sae = relu
+        else:
+            jump = JumpReLUSAE(d_in, d_sae)
+            jump.W_enc_DF.copy_(t["W_enc"])
+            jump.b_enc_F.copy_(t["b_enc"])
+            jump.threshold_F.copy_(t["threshold"])
+            sae = jump
+        sae.W_dec_FD.copy_(t["W_dec"])
+        sae.b_dec_D.copy_(t["b_dec"])
+        sae.input_scale.fill_(1.0)
+    return sae.to(device)
+
+
+def read_saelens_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The format facts and provenance of a SAELens folder (its architecture need not map to the project's).
+
+    Returns:
+        ``"format": "saelens"``, ``"saelens_architecture"``, ``"saelens_layout"`` (``"saelens6"`` or
+        ``"saelens5"``), ``"model"`` (SAELens' ``model_name``), ``"hook_name"``, ``"k"`` (topk, else
+        ``None``), ``"d_in"``, ``"d_sae"``, ``"sae_lens_version"``, the other SAELens metadata fields that
+        are set (``context_size``, ``hook_layer``...), and, for a folder the project wrote, its provenance
+        block (``layer``, ``seed``, ``architecture``, ``input_scale_folded``, ...) on top.
+
+    Raises:
+        FileNotFoundError: If ``cfg.json`` is missing.
+        ValueError: If ``cfg.json`` is not a JSON object, or its provenance entry is not an object.
+    """
+    folder = Path(folder)
+    cfg = _read_cfg(folder)
+    meta: dict[str, Any] = cfg["metadata"]
+    provenance = meta.get(PROVENANCE_KEY, {})
+    if not isinstance(provenance, dict):
+        raise ValueError(f"{folder / SAELENS_CONFIG}: field 'metadata.{PROVENANCE_KEY}' must be an object")
+    facts: dict[str, Any] = {
+        key: value
+        for key, value in meta.items()
+        if key not in (PROVENANCE_KEY, "model_name") and value is not None
+    }
+    facts.update(
+        saelens_architecture=cfg["architecture"],
+        saelens_layout=cfg["layout"],
+        model=meta.get("model_name"),
+        hook_name=meta.get("hook_name"),
+        k=cfg.get("k") if cfg["architecture"] == "topk" else None,
+        d_in=cfg.get("d_in"),
+        d_sae=cfg.get("d_sae"),
+        sae_lens_version=meta.get("sae_lens_version"),
+    )
+    return {**facts, **provenance, "format": "saelens"}

@@ -1,0 +1,446 @@
+"""SAELens format: export with the input scale folded, import with SAELens' own semantics, named errors.
+
+The reference formulas are written out here (SAELens 6's ``encode`` / ``decode`` for standard, topk and
+jumprelu). The ``interop`` tests check the same against the real library when ``sae_lens`` is importable
+(``PYTHONPATH=/path/to/site pytest -m interop ...``; they skip with the reason otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_refusal.sae import ReLUSAE, SparseAutoencoder, TopKSAE, load_sae
+from sae_refusal.sae.formats.saelens import (
+    PROVENANCE_KEY,
+    SAELENS_VERSION,
+    SAELENS_WEIGHTS,
+    is_saelens_folder,
+    load_saelens,
+    read_saelens_metadata,
+    save_saelens,
+)
+from sae_refusal.sae.jumprelu import JumpReLUSAE
+
+D, F, K = 12, 40, 5
+SCALE = 0.37
+ATOL = 1e-5
+ARCHS = ("topk", "standard", "jumprelu")
+
+
+def make_sae(arch: str, seed: int = 0) -> SparseAutoencoder:
+    """A project SAE with perturbed weights, non-zero biases, positive thresholds and input scale 0.37."""
+    gen = torch.Generator().manual_seed(seed)
+    sae: SparseAutoencoder
+    if arch == "topk":
+        sae = TopKSAE(D, F, K, generator=gen)
+    elif arch == "standard":
+        sae = ReLUSAE(D, F, init_decoder_norm=0.8, generator=gen)
+    else:
+        sae = JumpReLUSAE(D, F, generator=gen)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            if name == "threshold_F":
+                p.copy_(0.2 + 0.6 * torch.rand(p.shape, generator=gen))
+            else:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    sae.set_input_scale(SCALE)
+    return sae
+
+
+def raw_inputs(seed: int = 1, rows: int = 9) -> torch.Tensor:
+    """Raw activations (norm ~ sqrt(D) / SCALE, as the scale expects)."""
+    return torch.randn(rows, D, generator=torch.Generator().manual_seed(seed)) / SCALE
+
+
+def saelens_reference(
+    folder: Path, x_BD: torch.Tensor, *, fold_checks: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens 6's codes and reconstruction of ``x_BD``, computed from the files as its classes would."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    t = {k: v.double() for k, v in load_file(str(folder / SAELENS_WEIGHTS)).items()}
+    x = x_BD.double()
+    sae_in = x - t["b_dec"] * bool(cfg.get("apply_b_dec_to_input", True))
+    pre = sae_in @ t["W_enc"] + t["b_enc"]
+    norm_F = t["W_dec"].norm(dim=-1)
+    rescale = cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm", False)
+    if rescale:
+        pre = pre * norm_F
+    if cfg["architecture"] == "topk":
+        values, indices = pre.topk(cfg["k"], dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    elif cfg["architecture"] == "jumprelu":
+        z = pre.relu() * (pre > t["threshold"])
+    else:
+        z = pre.relu()
+    recon = (z / norm_F if rescale else z) @ t["W_dec"] + t["b_dec"]
+    return z.float(), recon.float()
+
+
+def assert_same_outputs(a: SparseAutoencoder, b: SparseAutoencoder, x_BD: torch.Tensor) -> None:
+    """Same codes, decode and forward reconstruction on raw inputs."""
+    with torch.no_grad():
+        za, zb = a.encode(x_BD), b.encode(x_BD)
+        torch.testing.assert_close(za, zb, atol=ATOL, rtol=0)
+        torch.testing.assert_close(a.decode(za), b.decode(zb), atol=ATOL, rtol=0)
+        torch.testing.assert_close(a(x_BD).recon_BD, b(x_BD).recon_BD, atol=ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_import_round_trip_same_codes_and_reconstruction(arch: str, tmp_path: Path) -> None:
+    sae, x = make_sae(arch), raw_inputs()
+    folder = save_saelens(sae, tmp_path / arch, metadata={"model": "org/m", "layer": 3, "seed": 7})
+    assert is_saelens_folder(folder)
+    loaded = load_saelens(folder)
+    assert type(loaded) is type(sae)
+    assert float(loaded.input_scale) == 1.0
+    z = sae.encode(x)
+    assert (z > 0).any() and (z == 0).any()  # some latents fire, some do not
+    if isinstance(sae, JumpReLUSAE):  # the thresholds cut some positive pre-activations
+        pre = (x * SCALE - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F
+        assert ((pre > 0) & (pre <= sae.threshold_F)).any()
+    assert_same_outputs(sae, loaded, x)
+    # and the files compute, with SAELens' formulas, what the project's SAE computes on raw inputs
+    z_ref, recon_ref = saelens_reference(folder, x)
+    torch.testing.assert_close(z_ref, z, atol=ATOL, rtol=0)
+    torch.testing.assert_close(recon_ref, sae(x).recon_BD.detach(), atol=ATOL, rtol=0)
+
+
+def test_written_layout_folds_the_scale(tmp_path: Path) -> None:
+    sae = cast(JumpReLUSAE, make_sae("jumprelu"))
+    folder = save_saelens(sae, tmp_path / "j", metadata={"model": "org/m", "layer": 21, "seed": 3})
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and (cfg["d_in"], cfg["d_sae"]) == (D, F)
+    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
+    assert cfg["dtype"] == "float32" and cfg["reshape_activations"] == "none"
+    meta = cfg["metadata"]
+    assert meta["model_name"] == "org/m" and meta["hook_name"] == "blocks.21.hook_resid_post"
+    assert meta["sae_lens_version"] == SAELENS_VERSION
+    prov = meta[PROVENANCE_KEY]
+    assert prov["seed"] == 3 and prov["layer"] == 21 and prov["architecture"] == "jumprelu"
+    assert prov["input_scale_folded"] == pytest.approx(SCALE)
+    t = load_file(str(folder / SAELENS_WEIGHTS))
+    assert sorted(t) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
+    assert all(v.dtype == torch.float32 for v in t.values())
+    torch.testing.assert_close(t["W_enc"], sae.W_enc_DF.detach() * SCALE)
+    torch.testing.assert_close(t["W_dec"], sae.W_dec_FD.detach() / SCALE)
+    torch.testing.assert_close(t["b_dec"], sae.b_dec_D.detach() / SCALE)
+    torch.testing.assert_close(t["b_enc"], sae.b_enc_F.detach())
+    torch.testing.assert_close(t["threshold"], sae.threshold_F.detach())
+    topk_cfg = json.loads((save_saelens(make_sae("topk"), tmp_path / "t") / "cfg.json").read_text())
+    assert topk_cfg["k"] == K and topk_cfg["rescale_acts_by_decoder_norm"] is False
+    assert topk_cfg["architecture"] == "topk"
+    relu_cfg = json.loads((save_saelens(make_sae("standard"), tmp_path / "r") / "cfg.json").read_text())
+    assert relu_cfg["architecture"] == "standard" and "k" not in relu_cfg
+
+
+def test_metadata_fields_and_provenance(tmp_path: Path) -> None:
+    given = {"model": "org/m", "layer": 4, "seed": 1, "context_size": 128, "hook_name": "blocks.4.hook_x"}
+    folder = save_saelens(make_sae("topk"), tmp_path / "t", metadata=given)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.4.hook_x"  # an explicit hook_name wins over the layer
+    assert cfg["metadata"]["context_size"] == 128
+    meta = read_saelens_metadata(folder)
+    assert meta["format"] == "saelens" and meta["saelens_architecture"] == "topk"
+    assert meta["model"] == "org/m" and meta["hook_name"] == "blocks.4.hook_x" and meta["k"] == K
+    assert meta["layer"] == 4 and meta["seed"] == 1 and meta["input_scale_folded"] == pytest.approx(SCALE)
+    assert meta["sae_config"]["k"] == K and meta["d_in"] == D and meta["d_sae"] == F
+    assert (tmp_path / "t").is_dir() and not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary left
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        save_saelens(make_sae("topk"), tmp_path / "bad", metadata={"x": object()})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_project_save_and_load_sae_round_trip_jumprelu(tmp_path: Path) -> None:
+    sae, x = make_sae("jumprelu"), raw_inputs()
+    folder = sae.save(tmp_path / "own", metadata={"layer": 2})
+    loaded = load_sae(folder)
+    assert isinstance(loaded, JumpReLUSAE) and loaded.config() == {"d_model": D, "n_latents": F}
+    assert float(loaded.input_scale) == pytest.approx(SCALE)
+    for key, value in sae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    assert_same_outputs(sae, loaded, x)
+    assert not is_saelens_folder(folder)  # the project's own export is not a SAELens folder
+
+
+def test_jumprelu_forward_is_the_formula() -> None:
+    sae, x = cast(JumpReLUSAE, make_sae("jumprelu")), raw_inputs()
+    with torch.no_grad():
+        sae.threshold_F[0] = -5.0  # a negative threshold acts as 0 (SAELens: ReLU, then the mask)
+    xs = x * SCALE
+    pre = (xs - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F
+    z = torch.where(pre > sae.threshold_F.clamp_min(0), pre, torch.zeros_like(pre))
+    out = sae(x, return_latents=True)
+    assert out.latents_BF is not None
+    torch.testing.assert_close(out.latents_BF, z)
+    recon_scaled = z @ sae.W_dec_FD + sae.b_dec_D
+    torch.testing.assert_close(out.recon_BD, recon_scaled / SCALE)
+    mse = (recon_scaled - xs).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out.mse, mse)
+    torch.testing.assert_close(out.loss, mse)  # inference only: no sparsity term
+    assert out.parts == {} and torch.equal(out.fired_F, (z > 0).any(0))
+    torch.testing.assert_close(out.l0, (z > 0).float().sum(-1).mean())
+    assert sae(x).latents_BF is None
+
+
+# --------------------------------------------------------------------------------------------- import folds
+
+
+def write_folder(folder: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """A SAELens folder written by hand."""
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / SAELENS_WEIGHTS))
+    return folder
+
+
+def random_tensors(arch: str, seed: int = 5) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    t = {
+        "W_enc": torch.randn(D, F, generator=gen) / D**0.5,
+        "b_enc": 0.3 * torch.randn(F, generator=gen),
+        "W_dec": torch.randn(F, D, generator=gen) * (0.5 + torch.rand(F, 1, generator=gen)),
+        "b_dec": torch.randn(D, generator=gen),
+    }
+    if arch == "jumprelu":
+        t["threshold"] = 0.1 + 0.3 * torch.rand(F, generator=gen)
+    return t
+
+
+def v6_cfg(arch: str, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": D,
+        "d_sae": F,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": "6.10.0",
+            "model_name": "gpt2",
+            "hook_name": "blocks.5.hook_resid_post",
+        },
+    }
+    if arch == "topk":
+        cfg["k"] = K
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_apply_b_dec_to_input_false_is_folded_into_b_enc(arch: str, tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / arch, v6_cfg(arch, apply_b_dec_to_input=False), random_tensors(arch))
+    x = raw_inputs() * SCALE
+    z_ref, recon_ref = saelens_reference(folder, x)
+    z_with_b_dec, _ = saelens_reference(write_folder(tmp_path / "on", v6_cfg(arch), random_tensors(arch)), x)
+    assert not torch.allclose(z_ref, z_with_b_dec, atol=1e-3)  # the flag matters for these weights
+    sae = load_saelens(folder)
+    assert (z_ref > 0).any() and (z_ref == 0).any()
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), z_ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(sae.decode(sae.encode(x)), recon_ref, atol=ATOL, rtol=0)
+
+
+def test_topk_rescale_acts_by_decoder_norm_is_folded(tmp_path: Path) -> None:
+    folder = write_folder(
+        tmp_path / "t", v6_cfg("topk", rescale_acts_by_decoder_norm=True), random_tensors("topk")
+    )
+    x = raw_inputs() * SCALE
+    z_ref, recon_ref = saelens_reference(folder, x)
+    sae = load_saelens(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), z_ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(sae(x).recon_BD, recon_ref, atol=ATOL, rtol=0)
+
+
+def test_saelens5_flat_config_topk_with_scaling_factor(tmp_path: Path) -> None:
+    t = random_tensors("topk")
+    scaling_F = 0.5 + torch.rand(F, generator=torch.Generator().manual_seed(9))
+    cfg = {
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": F,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": K},
+        "apply_b_dec_to_input": True,
+        "finetuning_scaling_factor": True,
+        "normalize_activations": False,
+        "hook_point": "blocks.6.hook_resid_post",
+        "hook_layer": 6,
+        "model_name": "gpt2-small",
+        "context_size": 128,
+        "dtype": "float32",
+        "device": "cpu",
+        "sae_lens_training_version": "3.2.1",
+    }
+    folder = write_folder(tmp_path / "v5", cfg, {**t, "scaling_factor": scaling_F})
+    sae = load_saelens(folder)
+    assert isinstance(sae, TopKSAE) and sae.k == K
+    x = raw_inputs() * SCALE
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    values, indices = pre.topk(K, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), z, atol=ATOL, rtol=0)
+        recon = (z * scaling_F) @ t["W_dec"] + t["b_dec"]  # SAELens 5 scales the codes before decoding
+        torch.testing.assert_close(sae.decode(z), recon, atol=ATOL, rtol=0)
+    meta = read_saelens_metadata(folder)
+    assert meta["saelens_layout"] == "saelens5" and meta["saelens_architecture"] == "topk" and meta["k"] == K
+    assert meta["hook_name"] == "blocks.6.hook_resid_post" and meta["hook_layer"] == 6
+    assert meta["model"] == "gpt2-small" and meta["context_size"] == 128
+    # a plain v5 ReLU SAE (no activation_fn_kwargs) is a standard one
+    plain = {k: v for k, v in cfg.items() if k not in ("activation_fn_kwargs", "finetuning_scaling_factor")}
+    plain["activation_fn_str"] = "relu"
+    assert isinstance(load_saelens(write_folder(tmp_path / "v5relu", plain, t)), ReLUSAE)
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_export_refuses_other_classes(tmp_path: Path) -> None:
+    class Other(SparseAutoencoder):
+        architecture = "other"
+
+    with pytest.raises(ValueError, match=r"no equivalent of a Other \(architecture 'other'\)"):
+        save_saelens(Other(4, 8), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("cfg_change", "match"),
+    [
+        ({"architecture": "gated"}, r"cfg\.json: field 'architecture' is 'gated'"),
+        (
+            {"normalize_activations": "expected_average_only_in"},
+            r"cfg\.json: field 'normalize_activations' is 'expected_average_only_in'; only 'none'",
+        ),
+        ({"normalize_activations": "layer_norm"}, r"field 'normalize_activations' is 'layer_norm'"),
+        ({"reshape_activations": "other"}, r"field 'reshape_activations' is 'other'"),
+        ({"d_sae": 0}, r"field 'd_sae' must be a positive integer"),
+        ({"k": F + 1}, r"field 'k' \(41\) exceeds d_sae"),
+        ({"k": None}, r"field 'k' must be a positive integer"),
+    ],
+)
+def test_import_config_errors_name_the_file_and_field(
+    cfg_change: dict[str, Any], match: str, tmp_path: Path
+) -> None:
+    folder = write_folder(tmp_path / "s", v6_cfg("topk", **cfg_change), random_tensors("topk"))
+    with pytest.raises(ValueError, match=match):
+        load_saelens(folder)
+
+
+@pytest.mark.parametrize(
+    ("arch", "change", "match"),
+    [
+        ("standard", {"drop": "b_enc"}, r"sae_weights\.safetensors: missing tensor\(s\) \['b_enc'\]"),
+        ("jumprelu", {"drop": "threshold"}, r"missing tensor\(s\) \['threshold'\]"),
+        ("standard", {"transpose": "W_enc"}, r"tensor 'W_enc' has shape \(40, 12\), expected \(12, 40\)"),
+        ("topk", {"extra": "r_mag"}, r"unexpected tensor\(s\) \['r_mag'\]"),
+        ("standard", {"extra": "scaling_factor"}, r"'scaling_factor' is not all ones but cfg\.json field"),
+    ],
+)
+def test_import_tensor_errors_name_the_file_and_tensor(
+    arch: str, change: dict[str, str], match: str, tmp_path: Path
+) -> None:
+    t = random_tensors(arch)
+    if "drop" in change:
+        del t[change["drop"]]
+    if "transpose" in change:
+        t[change["transpose"]] = t[change["transpose"]].T
+    if "extra" in change:
+        t[change["extra"]] = torch.full((F,), 2.0)
+    folder = write_folder(tmp_path / "s", v6_cfg(arch), t)
+    with pytest.raises(ValueError, match=match):
+        load_saelens(folder)
+
+
+def test_import_missing_files_and_bad_json(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing cfg\.json"):
+        load_saelens(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps(v6_cfg("standard")))
+    with pytest.raises(FileNotFoundError, match=r"lacks sae_weights\.safetensors"):
+        load_saelens(tmp_path)
+    assert not is_saelens_folder(tmp_path)
+    (tmp_path / SAELENS_WEIGHTS).write_bytes(b"garbage")
+    assert is_saelens_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors: not a readable safetensors file"):
+        load_saelens(tmp_path)
+    (tmp_path / "cfg.json").write_text("[1, 2]")
+    assert not is_saelens_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"cfg\.json: expected a JSON object"):
+        load_saelens(tmp_path)
+    v5 = {"d_in": D, "d_sae": F, "activation_fn_str": "tanh-relu"}
+    (tmp_path / "cfg.json").write_text(json.dumps(v5))
+    with pytest.raises(ValueError, match=r"field 'activation_fn_str' is 'tanh-relu'"):
+        load_saelens(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- the real library
+
+
+@pytest.fixture(scope="module")
+def sae_lens() -> Any:
+    return pytest.importorskip(
+        "sae_lens",
+        reason="sae-lens is not importable here (install it outside the venv and put it on PYTHONPATH; "
+        "see benchmarks/saelens_wheels.sh)",
+    )
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saelens_loads_our_export_with_the_same_outputs(sae_lens: Any, arch: str, tmp_path: Path) -> None:
+    sae, x = make_sae(arch), raw_inputs()
+    folder = save_saelens(sae, tmp_path / arch, metadata={"model": "org/m", "layer": 21, "seed": 2})
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    assert theirs.cfg.architecture() == arch and theirs.cfg.metadata.hook_name == "blocks.21.hook_resid_post"
+    assert theirs.cfg.metadata.model_name == "org/m"
+    assert theirs.cfg.metadata[PROVENANCE_KEY]["seed"] == 2  # the provenance block survives its loader
+    with torch.no_grad():
+        z_theirs = theirs.encode(x)
+        torch.testing.assert_close(z_theirs, sae.encode(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(theirs.decode(z_theirs), sae.decode(sae.encode(x)), atol=ATOL, rtol=0)
+        torch.testing.assert_close(theirs(x), sae(x).recon_BD, atol=ATOL, rtol=0)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [
+        ("topk", {}),
+        ("topk", {"rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": False}),
+        ("standard", {}),
+        ("standard", {"apply_b_dec_to_input": False}),
+        ("jumprelu", {}),
+        ("jumprelu", {"apply_b_dec_to_input": False}),
+    ],
+)
+def test_we_load_saelens_own_save_with_the_same_outputs(
+    sae_lens: Any, arch: str, options: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = v6_cfg(arch, **options)
+    del cfg["metadata"]
+    theirs = sae_lens.SAE.from_dict(cfg)
+    with torch.no_grad():
+        for name, tensor in random_tensors(arch, seed=11).items():
+            getattr(theirs, name).copy_(tensor)
+    theirs.save_model(str(tmp_path / arch))
+    ours = load_saelens(tmp_path / arch)
+    assert type(ours) is {"topk": TopKSAE, "standard": ReLUSAE, "jumprelu": JumpReLUSAE}[arch]
+    x = raw_inputs() * SCALE
+    with torch.no_grad():
+        z_theirs = theirs.encode(x)
+        assert (z_theirs > 0).any() and (z_theirs == 0).any()
+        torch.testing.assert_close(ours.encode(x), z_theirs, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.decode(z_theirs), theirs.decode(z_theirs), atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(x).recon_BD, theirs(x), atol=ATOL, rtol=0)
