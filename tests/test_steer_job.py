@@ -59,30 +59,35 @@ def write_data(root: Path) -> None:
     (root / "or_bench" / "or-bench-toxic.csv").write_text("prompt,category\n" + toxic + "\n")
 
 
+def model_prompts(data: Path) -> dict[str, object]:
+    """The prompt-set config of the files `write_data` writes (CoCoNot-style harmful, Alpaca-style benign)."""
+    return {
+        "data_root": str(data),
+        "sources": [
+            {
+                "name": "coconot",
+                "label": "harmful",
+                "path": "coconot/coconot_eval.jsonl",
+                "id_column": "id",
+                "category_column": "category",
+            },
+            {
+                "name": "alpaca",
+                "label": "benign",
+                "path": "benign/alpaca_harmless_train.json",
+                "text_column": "instruction",
+            },
+        ],
+    }
+
+
 def write_config(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     write_data(data)
     config = {
         "llm": {"name_or_path": str(tiny_refusal_model(tmp_path / "model")), "dtype": "float32"},
         "sets": {
-            "model_prompts": {
-                "data_root": str(data),
-                "sources": [
-                    {
-                        "name": "coconot",
-                        "label": "harmful",
-                        "path": "coconot/coconot_eval.jsonl",
-                        "id_column": "id",
-                        "category_column": "category",
-                    },
-                    {
-                        "name": "alpaca",
-                        "label": "benign",
-                        "path": "benign/alpaca_harmless_train.json",
-                        "text_column": "instruction",
-                    },
-                ],
-            },
+            "model_prompts": model_prompts(data),
             "model_split": {"test_fraction": 0.3, "val_fraction": 0.2, "seed": 0},
             "external": ["or_bench_hard", "or_bench_toxic"],
             "data_root": str(data),

@@ -15,31 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sae_refusal.cli import main
 from sae_refusal.sae.topk import TopKSAE
 from sae_refusal.testing.tiny import widen_model
+from tests.test_steer_job import model_prompts
 from tests.test_steer_job import write_config as write_steer_config
 
 LAYER = 2
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
-
-
-def _prompts(data: Path) -> dict[str, Any]:
-    return {
-        "data_root": str(data),
-        "sources": [
-            {
-                "name": "coconot",
-                "label": "harmful",
-                "path": "coconot/coconot_eval.jsonl",
-                "id_column": "id",
-                "category_column": "category",
-            },
-            {
-                "name": "alpaca",
-                "label": "benign",
-                "path": "benign/alpaca_harmless_train.json",
-                "text_column": "instruction",
-            },
-        ],
-    }
 
 
 def _save_sae(folder: Path, d_model: int, model: str) -> Path:
@@ -93,7 +73,7 @@ def _config(pair: dict[str, Any], name: str, target: Path, **extra: Any) -> Path
         },
         "target": {"label": "B", "llm": {"name_or_path": str(target), "dtype": "float32"}},
         "data": {
-            "prompts": _prompts(pair["data"]),
+            "prompts": model_prompts(pair["data"]),
             "split": {"test_fraction": 0.3, "val_fraction": 0.1, "seed": 0},
             "cache": {"root": str(pair["tmp"] / "cache"), "layers": [LAYER], "batch_size": 16},
             "layer": LAYER,

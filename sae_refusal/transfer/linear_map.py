@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.jsonfile import read_json_object
 
 __all__ = ["MAP_FILE", "META_FILE", "LinearMap", "fit_linear_map", "map_fit_quality"]
 
@@ -161,12 +162,7 @@ class LinearMap:
         for path in (meta_path, tensor_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist: not a linear-map artifact folder")
-        try:
-            record = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{meta_path} is not valid JSON: {err}") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{meta_path} must hold a JSON object, got {type(record).__name__}")
+        record = read_json_object(meta_path)
         try:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError) as err:

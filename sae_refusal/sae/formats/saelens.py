@@ -66,6 +66,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.jsonfile import read_json_object
 from sae_refusal.sae.base import SparseAutoencoder
 from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
 from sae_refusal.sae.jumprelu import JumpReLUSAE
@@ -249,12 +250,7 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     cfg_path = folder / SAELENS_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no SAELens SAE at {folder} (missing {SAELENS_CONFIG})")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(cfg_path)
     meta = raw.get("metadata", {})
     if meta is None:
         meta = {}

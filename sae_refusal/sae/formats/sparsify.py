@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.jsonfile import read_json_object
 from sae_refusal.sae.base import SparseAutoencoder
 from sae_refusal.sae.topk import TopKSAE
 
@@ -158,12 +159,7 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     cfg_path = folder / SPARSIFY_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no sparsify SAE at {folder} (missing {SPARSIFY_CONFIG})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path}: not valid JSON ({err})") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(cfg_path)
     if "d_in" not in cfg:
         raise ValueError(f"{cfg_path}: field 'd_in' is missing (not a sparsify config)")
     _positive_int(cfg, "d_in", cfg_path)
