@@ -147,6 +147,8 @@ def test_a_hub_failure_and_a_missing_local_folder_are_named(
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match=r"missing cfg\.json"):  # a local path: never sent to the hub
         load_sae("runs/sae/seed0")
+    with pytest.raises(FileNotFoundError, match=r"missing cfg\.json"):  # deeper than owner/repo/hookpoint
+        load_sae("other/run/sae/seed0")
 
 
 def test_features_and_latent_steering_take_a_foreign_sae(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@
 * :func:`load_any_sae` loads any of them as a project module (:func:`sae_refusal.sae.base.load_sae` calls it
   for foreign folders), so every command that takes an SAE (features, steer, eval, transfer) takes them.
 * :func:`resolve_sae_path` turns a hub id into a local folder: ``owner/repo`` or ``owner/repo/<hookpoint>``
-  (a path that exists locally always wins; ``hf://owner/repo/<hookpoint>`` forces the hub), downloading only
-  that hookpoint's files.
+  (a path that exists locally always wins, and one whose first folder exists or that is deeper is local;
+  ``hf://owner/repo/<hookpoint>`` forces the hub), downloading only that hookpoint's files.
 * :func:`sae_metadata` gives the project's metadata (``layer``, ``model``, ``seed``...) of any folder: the
   export's own, or mapped from the library's hookpoint name (:mod:`sae_refusal.sae.formats.hookpoints`).
 * :func:`export_sae` writes a project SAE in a library's layout with the input scale folded into the weights
@@ -42,7 +42,8 @@ FORMATS: tuple[str, ...] = ("sae_refusal", "sparsify", "saelens")
 #: Formats :func:`export_sae` writes.
 EXPORT_FORMATS: tuple[str, ...] = ("sparsify", "saelens")
 
-_HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(.+))?$")
+#: ``owner/repo`` plus at most one hookpoint folder (deeper paths are local paths that do not exist)
+_HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/([^/]+))?/?$")
 
 
 def detect_format(folder: str | os.PathLike[str]) -> str:
@@ -138,6 +139,8 @@ def resolve_sae_path(spec: str | os.PathLike[str], *, hookpoint: str | None = No
         if path.is_absolute() or text.startswith((".", "~")) or (path.parts and Path(path.parts[0]).exists()):
             return path  # a local path that does not exist: the caller names what is missing
     match = _HUB_ID.match(text)
+    if match is None and not text.startswith("hf://"):
+        return path  # deeper than owner/repo/<hookpoint>: a local path that does not exist
     if match is None:
         raise FileNotFoundError(f"{text}: no such folder, and not a hub id (owner/repo[/hookpoint])")
     repo, sub = match.group(1), hookpoint or match.group(2)
