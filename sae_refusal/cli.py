@@ -525,22 +525,28 @@ def generate_command(args: Sequence[str]) -> None:
     run_generate(request, datamodule.llm, chat_template=template, system_prompt=system)
 
 
-def steer_parser() -> Any:
-    """The ``sae-refusal steer`` parser (a ``SteerJobConfig`` from YAML + flags)."""
+def _job_parser(cls: type[Any], prog: str, description: str, config_help: str) -> Any:
+    """A jsonargparse parser of a job's config dataclass ``cls``: ``--config`` YAML files (later ones override
+    earlier ones) + one flag per field."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_class_arguments(cls, as_group=False)
+    return parser
+
+
+def steer_parser() -> Any:
+    """The ``sae-refusal steer`` parser (a ``SteerJobConfig`` from YAML + flags)."""
     from sae_refusal.steer.job import SteerJobConfig
 
-    parser = ArgumentParser(
-        prog="sae-refusal steer",
-        description="The steering study on a refusal-token model: CAA vectors, layer choice, specificity, "
+    return _job_parser(
+        SteerJobConfig,
+        "sae-refusal steer",
+        "The steering study on a refusal-token model: CAA vectors, layer choice, specificity, "
         "unconditional vs conditional steering (gates tuned on validation splits), report on test splits.",
+        "A steering study YAML (lightning_configs/steer/).",
     )
-    parser.add_argument(
-        "--config", action=ActionConfigFile, help="A steering study YAML (lightning_configs/steer/)."
-    )
-    parser.add_class_arguments(SteerJobConfig, as_group=False)
-    return parser
 
 
 def job_config(parser: Any, args: Sequence[str], cls: type[Any]) -> Any:
@@ -566,23 +572,16 @@ def steer_command(args: Sequence[str]) -> None:
 
 def eval_parser() -> Any:
     """The ``sae-refusal eval`` parser (an ``EvalJobConfig`` from YAML files + flags)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     from sae_refusal.eval.job import EvalJobConfig
 
-    parser = ArgumentParser(
-        prog="sae-refusal eval",
-        description="Refusal, over-refusal and capability of a model under one intervention (unsteered, "
+    return _job_parser(
+        EvalJobConfig,
+        "sae-refusal eval",
+        "Refusal, over-refusal and capability of a model under one intervention (unsteered, "
         "residual / SAS steering, ablation, a saved gate), from saved artifacts; one column of the results "
         "table per run.",
+        "An eval YAML (lightning_configs/eval/); give several: later files override earlier ones.",
     )
-    parser.add_argument(
-        "--config",
-        action=ActionConfigFile,
-        help="An eval YAML (lightning_configs/eval/); give several: later files override earlier ones.",
-    )
-    parser.add_class_arguments(EvalJobConfig, as_group=False)
-    return parser
 
 
 def eval_command(args: Sequence[str]) -> None:
@@ -594,24 +593,16 @@ def eval_command(args: Sequence[str]) -> None:
 
 def transfer_parser() -> Any:
     """The ``sae-refusal transfer`` parser (a ``TransferJobConfig`` from YAML files + flags)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     from sae_refusal.transfer.job import TransferJobConfig
 
-    parser = ArgumentParser(
-        prog="sae-refusal transfer",
-        description="Model A's SAE, steering vectors and gates applied to model B, side by side with A: SAE "
+    return _job_parser(
+        TransferJobConfig,
+        "sae-refusal transfer",
+        "Model A's SAE, steering vectors and gates applied to model B, side by side with A: SAE "
         "quality, vector cosines, feature overlap, heads, cluster metrics, and eval jobs on B with A's vs "
-        "B's "
-        "own artifacts (refusal / over-refusal / capability deltas with CIs).",
+        "B's own artifacts (refusal / over-refusal / capability deltas with CIs).",
+        "A transfer YAML (lightning_configs/transfer/); later files override earlier ones.",
     )
-    parser.add_argument(
-        "--config",
-        action=ActionConfigFile,
-        help="A transfer YAML (lightning_configs/transfer/); later files override earlier ones.",
-    )
-    parser.add_class_arguments(TransferJobConfig, as_group=False)
-    return parser
 
 
 def transfer_command(args: Sequence[str]) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,3 +110,39 @@ def test_the_mapped_sae_reads_a_rotated_and_shifted_copy_exactly() -> None:
         MappedSAE(sae, a_to_b, a_to_b)
     with pytest.raises(TypeError, match="not saved"):
         mapped.save("anywhere")
+
+
+def _split(acts_ND: torch.Tensor, codes_N: torch.Tensor) -> Any:
+    from sae_refusal.activations.datamodule import ActivationBatch
+
+    return ActivationBatch(
+        acts_ND=acts_ND,
+        label_N=(codes_N > 0).long(),  # 0 benign, 1 harmful
+        category_N=codes_N.clone(),
+        ids=[f"p{i}" for i in range(len(codes_N))],
+    )
+
+
+def test_a_heads_accuracy_on_b_is_scored_on_bs_codes(tmp_path: Path) -> None:
+    """B reads each prompt as A reads another prompt's class: A's head, good on A, is near chance on B."""
+    from sae_refusal.features.analysis import FeatureAnalysisConfig
+    from sae_refusal.transfer.features import compare_features
+
+    gen = torch.Generator().manual_seed(0)
+    centres = 6.0 * torch.randn(3, 16, generator=gen)
+    splits_a, splits_b = {}, {}
+    for split, n in (("train", 240), ("val", 30), ("test", 120)):
+        codes = torch.arange(n) % 3
+        acts = centres[codes] + torch.randn(n, 16, generator=gen)
+        splits_a[split] = _split(acts, codes)
+        splits_b[split] = _split(acts[torch.randperm(n, generator=gen)], codes)
+    sae = TopKSAE(16, 64, k=8, generator=gen)
+    side = SimpleNamespace(
+        spec=SimpleNamespace(llm=SimpleNamespace(name_or_path="m")), layer=1, fingerprint={}
+    )
+    a, b = SimpleNamespace(**vars(side), splits=splits_a), SimpleNamespace(**vars(side), splits=splits_b)
+    cfg = SimpleNamespace(features=FeatureAnalysisConfig(projections=[], n_permutations=0, top_k_features=4))
+    result, _, _ = compare_features(cfg, a, b, {"s": sae}, {"s": sae}, None, {"s": tmp_path}, tmp_path)
+    head = result["per_seed"]["s"]["head"]
+    assert head["a_on_a"]["accuracy"] > 0.9
+    assert head["a_on_b"]["accuracy"] < head["a_on_a"]["accuracy"] - 0.3

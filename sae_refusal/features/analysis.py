@@ -58,7 +58,17 @@ from sae_refusal.features.plots import PROJECTIONS, ProjectionPlot, write_projec
 from sae_refusal.features.vectors import SteeringVectors, caa_vectors, sas_vectors
 from sae_refusal.sae.base import SparseAutoencoder
 
-__all__ = ["CLASS_NAMES", "FeatureAnalysis", "FeatureAnalysisConfig", "analyze_features", "class_codes"]
+__all__ = [
+    "CLASS_NAMES",
+    "FeatureAnalysis",
+    "FeatureAnalysisConfig",
+    "analyze_features",
+    "class_codes",
+    "cluster_report",
+    "fit_head",
+    "labelled_rows",
+    "selected_cluster_report",
+]
 
 #: Class ``0`` benign, ``c`` the harmful category ``COCONOT_CATEGORIES[c - 1]`` (short names).
 CLASS_NAMES: list[str] = ["benign", *(CATEGORY_SHORT_NAMES[c] for c in COCONOT_CATEGORIES)]
@@ -239,7 +249,14 @@ def encode_rows(sae: SparseAutoencoder, acts_ND: torch.Tensor, batch_size: int =
         sae.train(was_training)
 
 
-def _rows(splits: Mapping[str, ActivationBatch], name: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_rows(
+    splits: Mapping[str, ActivationBatch], name: str, key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Benign + harmful rows of split ``name`` and their class codes (ambiguous prompts left out).
+
+    Raises:
+        ValueError: Naming ``features.{key}`` when the split is missing or has no benign or harmful rows.
+    """
     if name not in splits:
         raise ValueError(f"features.{key}={name!r} is not a split of the data (have {sorted(splits)})")
     batch = splits[name]
@@ -250,13 +267,14 @@ def _rows(splits: Mapping[str, ActivationBatch], name: str, key: str) -> tuple[t
     return batch.acts_ND[keep].float(), codes[keep]
 
 
-def _fit_head(
+def fit_head(
     config: FeatureAnalysisConfig,
     X_fit: torch.Tensor,
     y_fit: torch.Tensor,
     X_eval: torch.Tensor,
     y_eval: torch.Tensor,
 ) -> HeadReport:
+    """The configured L1 head (scikit-learn or torch) fitted on ``X_fit`` and scored on ``X_eval``."""
     data = (X_fit, y_fit, X_eval, y_eval, CLASS_NAMES)
     top_k, seed = config.top_k_features, config.seed
     if config.head == "sklearn":
@@ -264,6 +282,31 @@ def _fit_head(
     else:
         report, _ = fit_torch_head(*data, l1=config.head_l1, steps=config.head_steps, top_k=top_k)
     return report
+
+
+def cluster_report(X_ND: torch.Tensor, y_N: torch.Tensor, config: FeatureAnalysisConfig) -> dict[str, Any]:
+    """Cluster metrics of rows ``X_ND`` labelled ``y_N`` with the permutation baseline of ``config``."""
+    return cluster_metrics(
+        X_ND,
+        y_N,
+        n_permutations=config.n_permutations,
+        seed=config.seed,
+        max_rows=config.metrics_max_rows,
+    ).to_dict()
+
+
+def selected_cluster_report(
+    Z_sel: torch.Tensor, y_N: torch.Tensor, config: FeatureAnalysisConfig
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Cluster metrics on selected latent columns, or ``None`` and why they are undefined there."""
+    if Z_sel.shape[1] == 0:
+        return None, "no selected features"
+    if not bool((Z_sel != Z_sel[:1]).any()):
+        return None, "the codes are constant on the selected features"
+    try:
+        return cluster_report(Z_sel, y_N, config), None
+    except ValueError as err:  # e.g. constant on the max_rows subsample
+        return None, str(err)
 
 
 def analyze_features(
@@ -287,8 +330,8 @@ def analyze_features(
     config = config or FeatureAnalysisConfig()
     metadata = dict(metadata or {})
     plot_context = plot_title_context(metadata, config.eval_split)
-    X_fit, y_fit = _rows(splits, config.fit_split, "fit_split")
-    X_eval, y_eval = _rows(splits, config.eval_split, "eval_split")
+    X_fit, y_fit = labelled_rows(splits, config.fit_split, "fit_split")
+    X_eval, y_eval = labelled_rows(splits, config.eval_split, "eval_split")
     n_classes = len(CLASS_NAMES)
     out = Path(out_dir) if out_dir is not None else None
     plots: dict[str, ProjectionPlot] = {}
@@ -310,24 +353,7 @@ def analyze_features(
             plots[f"{prefix}_{plot.method}"] = plot
 
     def clusters(X: torch.Tensor) -> dict[str, Any]:
-        return cluster_metrics(
-            X,
-            y_eval,
-            n_permutations=config.n_permutations,
-            seed=config.seed,
-            max_rows=config.metrics_max_rows,
-        ).to_dict()
-
-    def topk_clusters(Z_topk: torch.Tensor) -> tuple[dict[str, Any] | None, str | None]:
-        """Cluster metrics on the selected columns, or ``None`` and why they are undefined there."""
-        if Z_topk.shape[1] == 0:
-            return None, "no selected features"
-        if not bool((Z_topk != Z_topk[:1]).any()):
-            return None, "the codes are constant on the selected features"
-        try:
-            return clusters(Z_topk), None
-        except ValueError as err:  # e.g. constant on the max_rows subsample
-            return None, str(err)
+        return cluster_report(X, y_eval, config)
 
     caa_CD, counts_K = caa_vectors(X_fit, y_fit, n_classes)
     categories = CLASS_NAMES[1:]
@@ -363,7 +389,7 @@ def analyze_features(
         )
         with torch.no_grad():
             decoded_CD = sae.decode_direction(sas.vectors_CF.to(sae.W_dec_FD.device)).float().cpu()
-        head = _fit_head(config, Z_fit, y_fit, Z_eval, y_eval)
+        head = fit_head(config, Z_fit, y_fit, Z_eval, y_eval)
         selected[name] = (
             head.feature_sets()
             if config.consensus_source == "head"
@@ -371,7 +397,7 @@ def analyze_features(
         )
         topk_features = sorted({f for fs in selected[name].values() for f in fs})
         Z_eval_topk = Z_eval[:, topk_features]
-        clusters_topk, topk_skipped = topk_clusters(Z_eval_topk)
+        clusters_topk, topk_skipped = selected_cluster_report(Z_eval_topk, y_eval, config)
         seed_reports[name] = {
             "sas": {
                 "n_features": {cat: len(sas.features(c)) for c, cat in enumerate(categories, start=1)},

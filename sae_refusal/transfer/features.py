@@ -19,15 +19,6 @@ from sae_refusal.transfer.config import TransferJobConfig
 __all__ = ["compare_features"]
 
 
-def _rows(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Benign + harmful rows of a split and their class codes (ambiguous prompts left out)."""
-    from sae_refusal.features.analysis import class_codes
-
-    codes = class_codes(batch)
-    keep = codes >= 0
-    return batch.acts_ND[keep].float(), codes[keep]
-
-
 def _compare_features(
     a_report: dict[str, Any],
     b_report: dict[str, Any],
@@ -88,9 +79,13 @@ def compare_features(
     folders: dict[str, Path],
     out: Path,
 ) -> tuple[dict[str, Any], Any, Any]:
-    from sae_refusal.features.analysis import CLASS_NAMES, analyze_features, encode_rows
-    from sae_refusal.features.clusters import cluster_metrics
-    from sae_refusal.features.heads import fit_sklearn_head, fit_torch_head
+    from sae_refusal.features.analysis import (
+        analyze_features,
+        encode_rows,
+        fit_head,
+        labelled_rows,
+        selected_cluster_report,
+    )
 
     fc = cfg.features
     sae_paths = {name: str(folder) for name, folder in folders.items()}
@@ -122,37 +117,17 @@ def compare_features(
             "linear_map": None if a_to_b is None else "maps/b_to_a (in), maps/a_to_b (out)",
         },
     )
-    X_a_fit, y_a_fit = _rows(a.splits[fc.fit_split])
-    X_b_eval, y_b_eval = _rows(b.splits[fc.eval_split])
+    X_a_fit, y_a_fit = labelled_rows(a.splits, fc.fit_split, "fit_split")
+    X_b_eval, y_b_eval = labelled_rows(b.splits, fc.eval_split, "eval_split")
     per_seed: dict[str, Any] = {}
     for name, sae in saes_a.items():
         rep_a, rep_b = analysis_a.report["seeds"][name], analysis_b.report["seeds"][name]
         Z_a_fit = encode_rows(sae, X_a_fit)
         Z_b_eval = encode_rows(saes_on_b[name], X_b_eval)
-        data = (Z_a_fit, y_a_fit, Z_b_eval, y_b_eval, CLASS_NAMES)
-        if fc.head == "sklearn":
-            head_ab, _ = fit_sklearn_head(*data, C=fc.head_c, top_k=fc.top_k_features, seed=fc.seed)
-        else:
-            head_ab, _ = fit_torch_head(*data, l1=fc.head_l1, steps=fc.head_steps, top_k=fc.top_k_features)
-        selected = list(rep_a["topk_features"])
-        clusters_on_a_features: dict[str, Any] | None = None
-        skipped = None
-        Z_sel = Z_b_eval[:, selected]
-        if not selected:
-            skipped = "A selected no features"
-        elif not bool((Z_sel != Z_sel[:1]).any()):
-            skipped = "B's codes are constant on A's selected features"
-        else:
-            try:
-                clusters_on_a_features = cluster_metrics(
-                    Z_sel,
-                    y_b_eval,
-                    n_permutations=fc.n_permutations,
-                    seed=fc.seed,
-                    max_rows=fc.metrics_max_rows,
-                ).to_dict()
-            except ValueError as err:
-                skipped = str(err)
+        head_ab = fit_head(fc, Z_a_fit, y_a_fit, Z_b_eval, y_b_eval)  # A's head scored on B's codes
+        clusters_on_a_features, skipped = selected_cluster_report(
+            Z_b_eval[:, list(rep_a["topk_features"])], y_b_eval, fc
+        )
         per_seed[name] = {
             "head": {
                 "a_on_a": {k: rep_a["head"][k] for k in ("accuracy", "macro_f1", "per_class_f1")},

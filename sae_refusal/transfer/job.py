@@ -124,8 +124,8 @@ def _load_saes(path: str, key: str, width: int, model_label: str) -> tuple[dict[
     return saes, folders
 
 
-def _free(model: Any) -> None:
-    del model
+def _release_memory() -> None:
+    """Return the memory of a model the caller has just deleted (its last reference) to the allocator."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -166,6 +166,7 @@ def _fit_maps(
 
 
 def _splice(cfg: TransferJobConfig, side: _Side, saes: dict[str, Any]) -> dict[str, Any]:
+    from sae_refusal.llm.layers import input_device
     from sae_refusal.llm.loading import load_model_and_tokenizer
     from sae_refusal.sae.splice import splice_metrics_per_sae
 
@@ -173,7 +174,7 @@ def _splice(cfg: TransferJobConfig, side: _Side, saes: dict[str, Any]) -> dict[s
     texts = [side.texts[i] for i in ids]
     model, tokenizer = load_model_and_tokenizer(side.spec.llm)
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         metrics = splice_metrics_per_sae(
             model,
@@ -189,7 +190,8 @@ def _splice(cfg: TransferJobConfig, side: _Side, saes: dict[str, Any]) -> dict[s
     finally:
         for sae in saes.values():
             sae.cpu()
-        _free(model)
+        del model  # the last reference: the next model loads into its memory
+        _release_memory()
     return {name: {**m.to_dict(), "n_prompts": len(texts)} for name, m in metrics.items()}
 
 
