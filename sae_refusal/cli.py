@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sae_refusal import __version__
+from sae_refusal.ckpt_reuse import EVAL_COMMANDS
+from sae_refusal.errors import USER_ERRORS, UserError, one_line
 
 if TYPE_CHECKING:
     from sae_refusal.activations.datamodule import ActivationDataModule
@@ -57,118 +59,6 @@ LIGHTNING_COMMANDS: dict[str, str] = {
     "test": "Run the test split, e.g. from --ckpt_path.",
     "predict": "Run prediction.",
 }
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; ``main`` prints its message and exits 2 (no traceback)."""
-
-
-#: Exceptions that reach the user as one line (``SAE_REFUSAL_DEBUG=1`` or ``--debug`` shows the traceback).
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,
-    ValueError,
-    TypeError,
-    KeyError,
-    LookupError,
-    OSError,
-    FloatingPointError,
-)
-
-#: Lightning subcommands that evaluate a checkpoint (they log into a folder of their own).
-EVAL_COMMANDS = ("validate", "test", "predict")
-
-
-def _logger_roots(trainer: Any) -> list[Path]:
-    """Folders that hold a run's ``version_*`` subfolders, from the trainer's logger settings."""
-    roots: list[Path] = []
-    loggers = trainer.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        init_args = getattr(logger, "init_args", None)
-        if init_args is not None and init_args.get("save_dir") is not None:
-            name = init_args.get("name", "lightning_logs")
-            roots.append(Path(init_args["save_dir"]) / name if name else Path(init_args["save_dir"]))
-    root_dir = trainer.get("default_root_dir")
-    roots.append(Path(root_dir if root_dir is not None else ".") / "lightning_logs")
-    return roots
-
-
-def _version_number(folder: Path) -> int:
-    tail = folder.name.removeprefix("version_")
-    return int(tail) if tail.isdigit() else -1
-
-
-def find_last_checkpoint(trainer: Any) -> Path:
-    """The newest run's ``last.ckpt`` (else its newest ``*.ckpt``) under the configured logger folders.
-
-    Raises:
-        UserError: If no run there has a checkpoint (naming the folders searched).
-    """
-    roots = _logger_roots(trainer)
-    for root in roots:
-        versions = sorted(root.glob("version_*"), key=_version_number, reverse=True)
-        for version in versions:
-            ckpts = sorted((version / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if ckpts:
-                last = version / "checkpoints" / "last.ckpt"
-                return last if last.is_file() else ckpts[-1]
-    raise UserError(
-        f"--ckpt_path last: no checkpoint under {', '.join(str(r) for r in roots)} (no version_*/checkpoints/"
-        "*.ckpt); give the checkpoint file, or the trainer.default_root_dir / trainer.logger of the run"
-    )
-
-
-def _plain(value: Any) -> Any:
-    """Namespaces (jsonargparse) as plain dicts, recursively."""
-    if hasattr(value, "as_dict"):
-        return value.as_dict()
-    return value
-
-
-def _same_setting(key: str, asked: Any, stored: Any) -> bool:
-    if key == "architecture":
-        from sae_refusal.sae.architectures import architecture_from_config
-
-        return architecture_from_config(_plain(asked)) == architecture_from_config(_plain(stored))
-    return bool(_plain(asked) == _plain(stored))
-
-
-def checkpoint_conflicts(model_config: Any, hparams: dict[str, Any], model_class: type) -> list[str]:
-    """Model settings the config sets (away from their defaults) that differ from the checkpoint's.
-
-    Args:
-        model_config: The parsed ``model`` section (``class_path`` + ``init_args``).
-        hparams: The checkpoint's ``hyper_parameters``.
-        model_class: The class whose signature gives the defaults.
-    """
-    import inspect
-
-    init_args = model_config.get("init_args") or {}
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(model_class).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    conflicts = []
-    for key, stored in hparams.items():
-        if key.startswith("_") or key == "d_model" or key not in init_args:
-            continue
-        asked = init_args[key]
-        if asked is None or (key in defaults and _plain(asked) == defaults[key]):
-            continue  # not set by the user: the checkpoint's value is taken
-        if not _same_setting(key, asked, stored):
-            conflicts.append(f"model.init_args.{key}: config {_plain(asked)!r}, checkpoint {stored!r}")
-    return conflicts
-
-
-def _eval_log_name(root: Path, subcommand: str, ckpt: Path) -> str:
-    """``{subcommand}-{run}-{checkpoint}``, made unique under ``root`` (``-2``, ``-3``, ...)."""
-    run = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.parent.name
-    base = f"{subcommand}-{run}-{ckpt.stem}".replace("=", "")
-    name, n = base, 1
-    while (root / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return name
 
 
 #: Loggers of Lightning's start-up chatter (accelerator availability, "💡 Tip" adverts, "Seed set to").
@@ -711,8 +601,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except USER_ERRORS as err:
         if debug:
             raise
-        message = str(err) if not isinstance(err, KeyError) else str(err.args[0] if err.args else err)
-        print(f"sae-refusal: error: {message}", file=sys.stderr)
+        print(f"sae-refusal: error: {one_line(err)}", file=sys.stderr)
         print("  (run with --debug or SAE_REFUSAL_DEBUG=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 

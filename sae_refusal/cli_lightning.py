@@ -13,15 +13,15 @@ from typing import Any, cast
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from sae_refusal.cli import (
+from sae_refusal.ckpt_reuse import (
     EVAL_COMMANDS,
-    UserError,
-    _eval_log_name,
-    _logger_roots,
-    _plain,
     checkpoint_conflicts,
+    eval_log_name,
     find_last_checkpoint,
+    logger_roots,
+    plain,
 )
+from sae_refusal.errors import UserError
 
 __all__ = ["ConfigOnlyCLI", "FinetuneCLI", "SAERefusalCLI"]
 
@@ -87,7 +87,7 @@ class SAERefusalCLI(LightningCLI):
                 )
             if "architecture" not in hparams and section.model.init_args.get("architecture") is not None:
                 # checkpoints written before the architecture was kept: the config's architecture
-                hparams["architecture"] = _plain(section.model.init_args.architecture)
+                hparams["architecture"] = plain(section.model.init_args.architecture)
             self.config = self.parser.parse_object(
                 {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}, self.config
             )
@@ -108,8 +108,8 @@ class SAERefusalCLI(LightningCLI):
         init_args = getattr(logger, "init_args", None)
         if init_args is None or "version" not in init_args or init_args.get("version") is not None:
             return
-        roots = _logger_roots(trainer)
-        init_args.version = _eval_log_name(roots[0], subcommand, ckpt)
+        roots = logger_roots(trainer)
+        init_args.version = eval_log_name(roots[0], subcommand, ckpt)
 
 
 class ConfigOnlyCLI(SAERefusalCLI):

@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from sae_refusal.cli import SAERefusalCLI, _lightning_cli, checkpoint_conflicts, find_last_checkpoint, main
+from sae_refusal.ckpt_reuse import checkpoint_conflicts, find_last_checkpoint
+from sae_refusal.cli import SAERefusalCLI, _lightning_cli, main
 from sae_refusal.sae import SAEModule, load_sae
 from sae_refusal.sae.architectures import L1, Contrastive, TopK, architecture_from_config
 from test_cli import tiny_config
