@@ -16,23 +16,35 @@ No debris either:
   siblings whose writer is no longer running (:func:`remove_stale_siblings`; the activation cache sweeps
   its whole root with :func:`remove_stale_temporaries`). Two hosts that share a filesystem and a hostname
   (containers started with one ``--hostname``) should not write the same folder at once.
+
+Jobs own their output folder for the whole run (:class:`FolderClaim`): a claim ``.<name>.claim/`` beside the
+folder is made with one ``mkdir`` (atomic, also on NFS) when the job starts and removed when it ends, so a
+second job on the same ``out_dir`` fails at once, naming the process that holds it; the job's final commit
+(``AtomicFolder(..., replace=False)``) never replaces a folder that exists by then, and if one appeared
+anyway (a writer that takes no claim) the job's results are kept beside it under a visible name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import signal
 import socket
+import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
+
+from sae_refusal.errors import FolderClaimedError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +144,26 @@ class AtomicFolder:
     folder (renamed aside first, then removed). Entering removes what a killed writer of the same ``path``
     left behind (:func:`remove_stale_siblings`).
 
+    With ``replace=False`` (a job's output folder, see :class:`FolderClaim`) a commit never replaces a
+    folder: if one exists at ``path`` by then, the new results are renamed to a visible sibling
+    (``<name>.kept-<time>-<pid>``) and :class:`~sae_refusal.errors.FolderClaimedError` says where they are.
+
     Args:
         path: Final folder.
+        replace: Whether :meth:`commit` may replace an existing folder at ``path``.
+        key: The config key or flag that named ``path`` (for error messages).
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, replace: bool = True, key: str = "out_dir"):
         self.path = Path(path)
         self.tmp = _sibling(self.path, "tmp")
+        self.replace = replace
+        self.key = key
         self.committed = False
         self._previous_handlers: dict[int, Any] = {}
 
     def __enter__(self) -> AtomicFolder:
+        _check_parent(self.path, self.key)
         remove_stale_siblings(self.path)
         self.tmp.mkdir(parents=True, exist_ok=False)
         self._catch_exit_signals()
@@ -173,7 +194,14 @@ class AtomicFolder:
         self._previous_handlers = {}
 
     def commit(self) -> Path:
-        """Move the temporary folder to :attr:`path`; returns :attr:`path`."""
+        """Move the temporary folder to :attr:`path`; returns :attr:`path`.
+
+        Raises:
+            FolderClaimedError: With ``replace=False``, if a folder appeared at :attr:`path` (naming where
+                the new results were kept instead).
+        """
+        if not self.replace:
+            return self._commit_new()
         old = _sibling(self.path, "old")
         if self.path.exists():
             os.replace(self.path, old)
@@ -181,3 +209,144 @@ class AtomicFolder:
         self.committed = True
         shutil.rmtree(old, ignore_errors=True)
         return self.path
+
+    def _commit_new(self) -> Path:
+        """Rename into place only where nothing is (``rename(2)`` never replaces a non-empty folder)."""
+        try:
+            if self.path.exists() or self.path.is_symlink():
+                raise FileExistsError(errno.EEXIST, "exists", str(self.path))
+            os.rename(self.tmp, self.path)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            kept = self.path.with_name(
+                f"{self.path.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            )
+            os.rename(self.tmp, kept)
+            self.committed = True
+            raise FolderClaimedError(
+                f"{self.key}: {self.path} appeared while this job ran (written by something that did not "
+                f"claim it) and was left as it is; this job's results are in {kept}"
+            ) from None
+        self.committed = True
+        return self.path
+
+
+def _check_parent(path: Path, key: str) -> None:
+    """Refuse a ``path`` whose parent (or an ancestor) is a file, naming ``key``."""
+    for ancestor in path.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UserError(f"{key}: {path} cannot be created: {ancestor} is a file, not a folder")
+            return
+
+
+#: The claim of a job's output folder: ``.<name>.claim`` beside it (see :class:`FolderClaim`).
+_CLAIM_SUFFIX = ".claim"
+
+
+def _claim_path(path: Path) -> Path:
+    return path.parent / f".{path.name}{_CLAIM_SUFFIX}"
+
+
+class FolderClaim:
+    """A job's output folder, claimed for the job's whole run (a second job on it fails at once).
+
+    Entering makes the claim ``.<name>.claim/`` beside ``path`` with one ``mkdir`` and writes the owner
+    (host, process id, start time, command) into it, then refuses a ``path`` that exists; leaving removes
+    the claim. A claim whose process is no longer running on this host (a killed job) is taken over with
+    a log line. Pair it with ``AtomicFolder(path, replace=False)`` for the commit.
+
+    Args:
+        path: The job's output folder.
+        key: The config key or flag that named it (``out_dir``, ``--out``), for error messages.
+
+    Raises:
+        FolderClaimedError: If another running job holds the claim (naming its process, host, start time
+            and command) or ``path`` exists.
+        UserError: If ``path`` cannot be created (a file where a parent folder should be).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: str = "out_dir") -> None:
+        self.path = Path(path)
+        self.key = key
+        self.claim = _claim_path(self.path)
+        self._token = uuid.uuid4().hex
+        self._held = False
+        self._made: list[Path] = []
+
+    def _owner(self) -> dict[str, Any]:
+        try:
+            record = json.loads((self.claim / "owner.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _take(self) -> None:
+        try:
+            self.claim.mkdir()
+        except FileExistsError:
+            owner = self._owner()
+            stale = owner.get("host_tag") == _host_tag() and not _pid_running(int(owner.get("pid", -1)))
+            if not stale:
+                if not owner:  # being written this very moment, or left by an older writer: name the claim
+                    who = f"another job (claim {self.claim}, no owner recorded yet)"
+                else:
+                    who = (
+                        f"process {owner.get('pid')} on {owner.get('host')} since {owner.get('started')} "
+                        f"({owner.get('command')})"
+                    )
+                raise FolderClaimedError(
+                    f"{self.key}: {self.path} is being written by {who}; wait for that job or choose "
+                    f"another folder (remove {self.claim} only if no such job runs)"
+                ) from None
+            log.info("%s: taking over the claim of process %s (no longer running)", self.key, owner["pid"])
+            shutil.rmtree(self.claim, ignore_errors=True)
+            try:
+                self.claim.mkdir()
+            except FileExistsError:  # another job took it over first
+                raise FolderClaimedError(
+                    f"{self.key}: {self.path} was just claimed by another job; choose another folder"
+                ) from None
+        owner = {
+            "host": socket.gethostname(),
+            "host_tag": _host_tag(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:500],
+            "token": self._token,
+        }
+        atomic_write_text(self.claim / "owner.json", json.dumps(owner, indent=2))
+        self._held = True
+
+    def __enter__(self) -> FolderClaim:
+        _check_parent(self.path, self.key)
+        self._made = [p for p in reversed(self.path.parents) if not p.exists()]  # removed again if empty
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._take()
+        except BaseException:
+            self._remove_made()
+            raise
+        if self.path.exists() or self.path.is_symlink():
+            self.release()
+            raise FolderClaimedError(f"{self.key}: {self.path} exists; choose another folder or remove it")
+        return self
+
+    def release(self) -> None:
+        """Remove the claim (only this job's own), and the parent folders it made if they stayed empty."""
+        if self._held and self._owner().get("token") == self._token:
+            shutil.rmtree(self.claim, ignore_errors=True)
+        self._held = False
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in reversed(self._made):
+            with contextlib.suppress(OSError):  # not empty (the job's results are there), or gone
+                folder.rmdir()
+        self._made = []
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

@@ -238,7 +238,9 @@ def _features_parser(with_config: bool = True) -> argparse.ArgumentParser:
         "--sae_dir", required=True, help="an SAE export folder, or a folder of seed{n}/ exports"
     )
     parser.add_argument(
-        "--out", default=None, help="output folder (default: <sae_dir>/../features/standalone)"
+        "--out",
+        default=None,
+        help="output folder; must not exist (default: <sae_dir>/../features/standalone)",
     )
     parser.add_argument(
         "--allow_other_model",
@@ -254,9 +256,19 @@ def features_command(args: Sequence[str]) -> None:
     _features_parser().parse_known_args(list(args))  # --help, and a missing --config or --sae_dir, end here
     # --config stays among the fit options, in its place: `--config a.yaml --data.layer 1` keeps its order
     known, rest = _features_parser(with_config=False).parse_known_args(list(args))
+    out = Path(known.out) if known.out else Path(known.sae_dir).parent / "features" / "standalone"
 
+    from sae_refusal.atomic import FolderClaim
+
+    with FolderClaim(out, key="--out"):  # claimed before any work: a second job on it fails at once
+        _features_job(known, rest, out)
+
+
+def _features_job(known: argparse.Namespace, rest: list[str], out: Path) -> None:
+    """``features_command`` once its output folder ``out`` is claimed."""
     from sae_refusal.activations.datamodule import ActivationDataModule
-    from sae_refusal.features.analysis import FeatureAnalysisConfig, analyze_features
+    from sae_refusal.atomic import AtomicFolder
+    from sae_refusal.features.analysis import FeatureAnalysisConfig
     from sae_refusal.features.callback import FeatureAnalysisCallback
     from sae_refusal.sae.base import find_sae_exports, load_sae
     from sae_refusal.sae.formats import sae_metadata
@@ -292,7 +304,28 @@ def features_command(args: Sequence[str]) -> None:
     export_meta = {name: sae_metadata(f) for name, f in folders.items()}  # any format (sparsify, SAELens)
     if not known.allow_other_model:
         check_exports_match_data(export_meta, datamodule)
-    out = Path(known.out) if known.out else sae_dir.parent / "features" / "standalone"
+    with AtomicFolder(out, replace=False, key="--out") as atomic:
+        result = _standalone_analysis(datamodule, saes, folders, export_meta, config, atomic.tmp)
+        atomic.commit()
+    print(f"feature analysis of {len(saes)} SAE(s) written to {out}")
+    summary = result.report.get("across_seeds", {}).get("summary", {})
+    for key in ("head_accuracy", "head_macro_f1", "sparse_full_silhouette", "sparse_topk_silhouette"):
+        if key in summary:
+            stats = summary[key]
+            print(f"  {key}: {stats['mean']:.4f} +- {stats['std']:.4f} over {stats['n']} seed(s)")
+
+
+def _standalone_analysis(
+    datamodule: ActivationDataModule,
+    saes: dict[str, Any],
+    folders: dict[str, Path],
+    export_meta: dict[str, dict[str, Any]],
+    config: Any,
+    out: Path,
+) -> Any:
+    """``analyze_features`` of ``features_command``, written into ``out`` (the job's temporary folder)."""
+    from sae_refusal.features.analysis import analyze_features
+
     metadata = {
         "model": datamodule.llm.name_or_path,
         "layer": datamodule.served_layer,
@@ -303,13 +336,7 @@ def features_command(args: Sequence[str]) -> None:
             for key in ("epoch", "global_step")
         },
     }
-    result = analyze_features(datamodule.splits, saes, config, out_dir=out, metadata=metadata)
-    print(f"feature analysis of {len(saes)} SAE(s) written to {out}")
-    summary = result.report.get("across_seeds", {}).get("summary", {})
-    for key in ("head_accuracy", "head_macro_f1", "sparse_full_silhouette", "sparse_topk_silhouette"):
-        if key in summary:
-            stats = summary[key]
-            print(f"  {key}: {stats['mean']:.4f} +- {stats['std']:.4f} over {stats['n']} seed(s)")
+    return analyze_features(datamodule.splits, saes, config, out_dir=out, metadata=metadata)
 
 
 def export_command(args: Sequence[str]) -> None:
@@ -335,6 +362,14 @@ def export_command(args: Sequence[str]) -> None:
     )
     known = parser.parse_args(list(args))
 
+    from sae_refusal.atomic import FolderClaim
+
+    with FolderClaim(known.out, key="--out"):  # claimed before any work: a second job on it fails at once
+        _export_job(known)
+
+
+def _export_job(known: argparse.Namespace) -> None:
+    """``export_command`` once its output folder ``known.out`` is claimed."""
     import torch
 
     from sae_refusal.atomic import AtomicFolder
@@ -344,14 +379,12 @@ def export_command(args: Sequence[str]) -> None:
     from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
 
     out = Path(known.out)
-    if out.exists():
-        raise UserError(f"--out: {out} exists; choose another folder or remove it")
     try:
         folders = find_sae_exports(known.sae_dir)
     except FileNotFoundError as err:
         raise UserError(f"--sae_dir: {err}") from err
     lines = []
-    with AtomicFolder(out) as atomic:
+    with AtomicFolder(out, replace=False, key="--out") as atomic:
         for name, folder in folders.items():
             meta = sae_metadata(folder)
             if known.hookpoint is None and meta.get("layer") is None:

@@ -339,12 +339,14 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
     report = json.loads((tweaked / "report.json").read_text())
     assert report["config"]["sas_top_k"] == 3 and not (tweaked / "plots").exists()
     assert all(n <= 3 for n in report["seeds"]["seed0"]["sas"]["n_features"].values())
+    args[-1] = str(tmp_path / "never_written")
     with pytest.raises(SystemExit, match="unknown --analysis"):
         main([*args, "--analysis.taux", "1"])
     with pytest.raises(SystemExit, match=r"features\.tau"):
         main([*args, "--analysis.tau", "-1"])
     with pytest.raises(SystemExit, match=r"no cfg\.json"):
-        main(["features", "--config", str(config_path), "--sae_dir", str(tmp_path)])
+        main(["features", "--config", str(config_path), "--sae_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "never_written").exists() and not (tmp_path / "features").exists()
     meta = json.loads((log_dir / "sae" / "seed0" / "cfg.json").read_text())["metadata"]
     assert (meta["layer"], meta["epoch"], meta["model"]) == (2, 2, str(tiny_model_dir))
     assert report["metadata"]["epoch"] == 2 and report["metadata"]["global_step"] == meta["global_step"]
@@ -356,7 +358,9 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
     # the same weights under another path are the same model; other weights are not
     same = tmp_path / "same-weights"
     shutil.copytree(tiny_model_dir, same)
+    args[-1] = str(tmp_path / "same_weights_features")
     main([*args, "--data.llm.name_or_path", str(same)])
+    args[-1] = str(tmp_path / "other_weights_features")
     weights = next(same.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # a byte in the middle of the weights
@@ -365,6 +369,7 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
         main([*args, "--data.llm.name_or_path", str(same)])
     assert "whose weights differ from data.llm" in capsys.readouterr().err
     main([*args, "--data.llm.name_or_path", str(same), "--allow_other_model"])
+    assert (tmp_path / "other_weights_features" / "report.json").is_file()
 
 
 def test_user_errors_are_one_line_and_exit_2_unless_debug(

@@ -327,8 +327,15 @@ def run_eval_job(cfg: EvalJobConfig, *, preloaded: tuple[Any, Any] | None = None
             ``cfg.llm``'s: the fingerprint recorded is computed from ``cfg.llm``.
 
     Raises:
-        FileExistsError: If ``out_dir`` exists (naming it).
+        FolderClaimedError: If ``out_dir`` exists or another job is writing it (naming it).
     """
+    from sae_refusal.atomic import FolderClaim
+
+    with FolderClaim(cfg.out_dir, key="out_dir"):  # owned from start to commit: a second job fails at once
+        return _run_eval_job(cfg, preloaded=preloaded)
+
+
+def _run_eval_job(cfg: EvalJobConfig, *, preloaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     from sae_refusal.atomic import AtomicFolder
     from sae_refusal.eval import capability_stage, report
     from sae_refusal.eval.interventions import load_intervention
@@ -336,8 +343,6 @@ def run_eval_job(cfg: EvalJobConfig, *, preloaded: tuple[Any, Any] | None = None
     from sae_refusal.steer.sets import build_steer_sets
 
     out_dir = Path(cfg.out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"out_dir: {str(out_dir)!r} exists; choose another folder or remove it")
     job_start = time.perf_counter()
     timings: dict[str, float] = {}
     with Stage("eval", "prompt sets", timings):
@@ -383,7 +388,7 @@ def run_eval_job(cfg: EvalJobConfig, *, preloaded: tuple[Any, Any] | None = None
             "n": token_report.n,
             "not_a_refusal_token_rate": token_report.not_a_refusal_token_rate,
         }
-    with Stage("eval", "report", timings), AtomicFolder(out_dir) as out:
+    with Stage("eval", "report", timings), AtomicFolder(out_dir, replace=False) as out:
         report.write_outputs(out.tmp, metrics, records, capability_records)
         if token_report is not None:
             token_report.save(out.tmp / "refusal_token_report")

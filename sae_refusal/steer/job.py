@@ -237,11 +237,16 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
     """Run the study (see the module notes) and return its metrics (also written to ``metrics.json``).
 
     Raises:
-        FileExistsError: If ``out_dir`` exists (naming it).
+        FolderClaimedError: If ``out_dir`` exists or another job is writing it (naming it).
     """
+    from sae_refusal.atomic import FolderClaim
+
+    with FolderClaim(cfg.out_dir, key="out_dir"):  # owned from start to commit: a second job fails at once
+        return _run_steer_job(cfg)
+
+
+def _run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"out_dir: {str(out_dir)!r} exists; choose another folder or remove it")
     job_start = time.perf_counter()
     study = cfg.study
     with Stage("steer", "load model and prompt sets"):
@@ -452,7 +457,7 @@ def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
         "wall_s": None,
     }
     metrics["wall_s"] = round(time.perf_counter() - job_start, 1)
-    with AtomicFolder(out_dir) as out:
+    with AtomicFolder(out_dir, replace=False) as out:
         SteeringVectors(
             class_names=class_names,
             caa_CD=vectors_CD,

@@ -208,10 +208,17 @@ def run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
     """Run the job (see the module notes); returns its metrics (also in ``metrics.json``).
 
     Raises:
-        FileExistsError: If ``out_dir`` exists.
+        FolderClaimedError: If ``out_dir`` exists or another job is writing it (naming it).
         ValueError: On a width mismatch without a map (naming both models and widths), or a bad artifact
             (naming its config key).
     """
+    from sae_refusal.atomic import FolderClaim
+
+    with FolderClaim(cfg.out_dir, key="out_dir"):  # owned from start to commit: a second job fails at once
+        return _run_transfer_job(cfg)
+
+
+def _run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
     from sae_refusal.atomic import AtomicFolder
     from sae_refusal.llm.hashing import file_sha256
     from sae_refusal.transfer.columns import check_columns, evaluate_columns, vectors_for_columns
@@ -221,8 +228,6 @@ def run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
     from sae_refusal.transfer.report import headline, write_report
 
     out_dir = Path(cfg.out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"out_dir: {str(out_dir)!r} exists; choose another folder or remove it")
     check_columns(cfg)
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -247,7 +252,7 @@ def run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
     seed_name = (cfg.eval.sae_seed if cfg.eval else None) or next(iter(saes_a))
     if seed_name not in saes_a:
         raise ValueError(f"eval.sae_seed: {seed_name!r} is not among source.sae's exports {sorted(saes_a)}")
-    with AtomicFolder(out_dir) as atomic:
+    with AtomicFolder(out_dir, replace=False) as atomic:
         out = atomic.tmp
         a_to_b: LinearMap | None = None
         b_to_a: LinearMap | None = None
