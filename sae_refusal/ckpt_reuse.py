@@ -18,6 +18,7 @@ __all__ = [
     "find_last_checkpoint",
     "logger_roots",
     "plain",
+    "read_checkpoint",
 ]
 
 #: Lightning subcommands that evaluate a checkpoint (they log into a folder of their own).
@@ -115,3 +116,45 @@ def eval_log_name(root: Path, subcommand: str, ckpt: Path) -> str:
         n += 1
         name = f"{base}-{n}"
     return name
+
+
+def read_checkpoint(path: str | Path, key: str = "--ckpt_path") -> dict[str, Any]:
+    """A Lightning checkpoint's contents (``torch.load(weights_only=True)``, on the CPU).
+
+    Raises:
+        UserError: Naming ``key`` and the file if it cannot be read that way (not a checkpoint, truncated, or
+            holding pickled objects, which are never unpickled) or is not a Lightning checkpoint.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UserError(
+            f"{key} {path}: cannot be read as a Lightning checkpoint ({_load_failure(err)}); give a .ckpt "
+            "written by `sae-refusal fit`"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        found = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(
+            f"{key} {path}: not a Lightning checkpoint (no 'state_dict' and 'pytorch-lightning_version'; "
+            f"found {found}); give a .ckpt written by `sae-refusal fit`"
+        )
+    return ckpt
+
+
+def _load_failure(err: BaseException) -> str:
+    """The cause inside ``torch.load``'s error (its weights-only advice is about trusting pickles)."""
+    import re
+
+    text = str(err)
+    match = re.search(r"WeightsUnpickler error:\s*(?P<cause>[^\n]+?)(?:\. Please use|\n|$)", text)
+    if match:
+        cause = match["cause"].strip()
+        if cause.startswith("Unsupported global"):
+            return f"it holds pickled Python objects, which are never loaded ({cause})"
+        return f"not a torch checkpoint file: {cause}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

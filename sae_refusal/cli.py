@@ -105,7 +105,12 @@ def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
             args=list(args),
             run=run,
             save_config_kwargs={"overwrite": False},
-            parser_kwargs={"prog": "sae-refusal"},
+            # errors raise (one line through main's handler) instead of printing 50 lines of usage
+            parser_kwargs={
+                "prog": "sae-refusal",
+                "exit_on_error": False,
+                **{name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS},
+            },
         )
 
 
@@ -430,9 +435,11 @@ def finetune_command(args: Sequence[str]) -> None:
             save_config_kwargs={"overwrite": False},
             parser_kwargs={
                 "prog": "sae-refusal finetune",
+                "exit_on_error": False,
                 "fit": {
                     "description": "Fine-tune a chat model to emit refusal tokens (LoRA SFT), then write the "
-                    "held-out refusal-token report and export the model."
+                    "held-out refusal-token report and export the model.",
+                    "exit_on_error": False,
                 },
             },
         )
@@ -453,7 +460,7 @@ def _job_parser(cls: type[Any], prog: str, description: str, config_help: str) -
     earlier ones) + one flag per field."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
     parser.add_class_arguments(cls, as_group=False)
     return parser
@@ -600,7 +607,16 @@ def package_logging(level: int = logging.INFO) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+#: Examples of each command's top-level config keys (for the message about an empty config file).
+_CONFIG_SECTIONS = {"steer": "llm, sets, study, out_dir", "eval": "llm, sets, intervention, out_dir"}
+
+
 def _dispatch(args: list[str]) -> None:
+    from sae_refusal.config_check import check_config_files
+
+    # every config file is read before anything heavy is imported: a bad one is named at once
+    sections = _CONFIG_SECTIONS.get(args[0], "source, target, data, out_dir" if args[0] == "transfer" else "")
+    check_config_files(args[1:], sections or "trainer, model, data")
     if args[0] in PROJECT_COMMANDS:
         PROJECT_COMMANDS[args[0]][0](args[1:])
         return
@@ -631,10 +647,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with package_logging():
             _dispatch(args)
+    except argparse.ArgumentError as err:  # the parsers' own errors (a bad flag or config value)
+        if debug:
+            raise
+        from sae_refusal.config_check import tidy_parse_error
+
+        print(f"sae-refusal {args[0]}: error: {tidy_parse_error(str(err))}", file=sys.stderr)
+        print(f"  (sae-refusal {args[0]} --help lists the options)", file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as err:
         if debug:
             raise
-        print(f"sae-refusal: error: {one_line(err)}", file=sys.stderr)
+        from sae_refusal.config_check import tidy_parse_error
+
+        print(f"sae-refusal: error: {tidy_parse_error(one_line(err))}", file=sys.stderr)
         print("  (run with --debug or SAE_REFUSAL_DEBUG=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 

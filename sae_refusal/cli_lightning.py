@@ -20,6 +20,7 @@ from sae_refusal.ckpt_reuse import (
     find_last_checkpoint,
     logger_roots,
     plain,
+    read_checkpoint,
 )
 from sae_refusal.errors import UserError
 
@@ -51,7 +52,6 @@ class SAERefusalCLI(LightningCLI):
             trainer.callbacks.append(FitSummaryCallback())  # type: ignore[union-attr]
 
     def _parse_ckpt_path(self) -> None:
-        import torch
 
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -69,7 +69,7 @@ class SAERefusalCLI(LightningCLI):
         ckpt = Path(ckpt_path)
         if not ckpt.is_file():
             raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-        hparams = dict(torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+        hparams = dict(read_checkpoint(ckpt).get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         if hparams:
             class_path = hparams.pop("_class_path", section.model.get("class_path"))

@@ -23,6 +23,7 @@ from sae_refusal.data import (
     load_source,
     preset,
 )
+from sae_refusal.errors import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(
@@ -224,11 +225,21 @@ def test_hub_failure_names_hub_id(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
     def offline(*args: Any, **kwargs: Any) -> Any:
-        raise ConnectionError("no network")
+        raise ConnectionError("no network\nsecond line of the library's explanation")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match=r"allenai/coconot.*no network.*data_root"):
+    with pytest.raises(UserError, match=r"allenai/coconot.*ConnectionError: no network\).*data_root") as err:
         load_source(preset("coconot"))
+    # one line, and no chained traceback under it (the CLI prints it as `sae-refusal: error: ...`)
+    assert "\n" not in str(err.value) and err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_an_empty_file_says_it_has_no_rows(tmp_path: Path) -> None:
+    for name in ("empty.jsonl", "empty.json", "empty.csv"):
+        (tmp_path / name).write_text("[]" if name.endswith(".json") else "id,prompt\n" * name.endswith("csv"))
+        cfg = PromptSourceConfig(name="mine", label="benign", path=str(tmp_path / name))
+        with pytest.raises(ValueError, match=rf"source 'mine': .*{name} has no rows"):
+            load_source(cfg)
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.errors import UserError
 
 #: Version 2 added ``adapter_hash``, ``tokenizer_hash``, ``system_prompt_hash``, ``attn_implementation`` and
 #: ``trust_remote_code`` to the identity and hashes whole weight files; version-1 caches are not read.
@@ -50,8 +51,8 @@ PROMPTS_NAME = "prompts.jsonl"
 VERIFY_MODES = ("none", "size", "hash")
 
 
-class CacheError(RuntimeError):
-    """Base class of activation-cache errors."""
+class CacheError(UserError, RuntimeError):
+    """Base class of activation-cache errors (user-facing: the CLI prints them as one line)."""
 
 
 class CacheNotFoundError(CacheError, FileNotFoundError):
@@ -63,7 +64,19 @@ class CacheMismatchError(CacheError):
 
 
 class CacheCorruptError(CacheError):
-    """A shard or the manifest is missing, truncated or altered."""
+    """A shard or the manifest is missing, truncated or altered.
+
+    The message ends with what to do: remove the whole cache folder (its other files are no longer
+    trustworthy either), and the next run recomputes it (:func:`corrupt`).
+    """
+
+
+def corrupt(folder: str | os.PathLike[str], detail: str) -> CacheCorruptError:
+    """A :class:`CacheCorruptError` of the cache in ``folder``: ``detail`` and the advice that works."""
+    return CacheCorruptError(
+        f"{detail}; this activation cache cannot be used: remove its folder (rm -r {folder}) and run again "
+        "to recompute it"
+    )
 
 
 class NonFiniteActivationsError(CacheError, ValueError):
@@ -126,7 +139,9 @@ class CacheIdentity:
         known = {f.name for f in fields(cls)}
         missing = known - set(row)
         if missing:
-            raise CacheCorruptError(f"manifest identity lacks fields {sorted(missing)}")
+            raise CacheCorruptError(
+                f"manifest identity lacks fields {sorted(missing)}; remove that cache folder to recompute it"
+            )
         return cls(**{**{k: row[k] for k in known}, "layers": tuple(int(x) for x in row["layers"])})
 
     def key(self) -> str:
@@ -315,7 +330,7 @@ class ActivationCache:
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CacheCorruptError(f"{manifest_path}: unreadable manifest ({err})") from err
+            raise corrupt(folder, f"{manifest_path}: unreadable manifest ({err})") from err
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"{manifest_path}: cache format {manifest.get('format_version')!r}, "
@@ -332,23 +347,20 @@ class ActivationCache:
         for entry in files if verify != "none" else []:
             path = folder / entry["file"]
             if not path.is_file():
-                raise CacheCorruptError(f"activation cache shard missing: {path}")
+                raise corrupt(folder, f"activation cache file missing: {path}")
             if "bytes" in entry and path.stat().st_size != entry["bytes"]:
-                raise CacheCorruptError(
-                    f"activation cache shard {path} has {path.stat().st_size} bytes, "
-                    f"manifest says {entry['bytes']}"
-                    " (truncated or overwritten; delete the folder to recompute)"
+                raise corrupt(
+                    folder,
+                    f"activation cache file {path} has {path.stat().st_size} bytes, manifest says "
+                    f"{entry['bytes']} (truncated or overwritten)",
                 )
             if verify == "hash" and _sha256(path) != entry["sha256"]:
-                raise CacheCorruptError(
-                    f"activation cache file {path} fails its sha256 check (delete it to recompute)"
-                )
+                raise corrupt(folder, f"activation cache file {path} fails its sha256 check (altered)")
         with (folder / PROMPTS_NAME).open(encoding="utf-8") as fh:
             prompts = [json.loads(line) for line in fh if line.strip()]
         if len(prompts) != manifest["n_rows"]:
-            raise CacheCorruptError(
-                f"{folder / PROMPTS_NAME}: {len(prompts)} rows, manifest says {manifest['n_rows']}"
-            )
+            rows = f"{len(prompts)} rows, manifest says {manifest['n_rows']}"
+            raise corrupt(folder, f"{folder / PROMPTS_NAME}: {rows}")
         cache = cls(folder, manifest, prompts)
         if verify == "hash":  # the shards are in the page cache now: checking them is cheap
             for layer in cache.layers:
@@ -387,15 +399,16 @@ class ActivationCache:
                 with safe_open(str(path), framework="pt") as fh:
                     acts = fh.get_tensor(_layer_key(layer))
             except Exception as err:  # safetensors raises its own error types for bad headers
-                raise CacheCorruptError(f"cannot read activation cache shard {path}: {err}") from err
+                raise corrupt(self.folder, f"cannot read activation cache shard {path}: {err}") from err
             if acts.shape != (entry["rows"], self.d_model):
-                raise CacheCorruptError(f"{path}: {_layer_key(layer)} has shape {tuple(acts.shape)}")
+                raise corrupt(self.folder, f"{path}: {_layer_key(layer)} has shape {tuple(acts.shape)}")
             bad = first_non_finite(acts)
             if bad is not None:
                 row = self.prompts[start + bad] if start + bad < len(self.prompts) else {}
                 raise NonFiniteActivationsError(
                     f"activation cache shard {path}: {_layer_key(layer)} row {start + bad} "
-                    f"(prompt {row.get('id')!r}) is not finite; delete the folder to recompute"
+                    f"(prompt {row.get('id')!r}) is not finite; remove the folder (rm -r {self.folder}) "
+                    "and run again to recompute it"
                 )
             start += entry["rows"]
             yield acts

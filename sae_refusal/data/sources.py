@@ -44,6 +44,7 @@ from typing import Any
 
 from sae_refusal.categories import SAFETY, resolve_category
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
+from sae_refusal.errors import UserError
 
 #: File suffixes :func:`load_source` reads.
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".parquet")
@@ -333,11 +334,13 @@ def _read_hub(cfg: PromptSourceConfig) -> _Table:
     origin = f"hub dataset {cfg.hub_id!r} (config {cfg.hub_config!r}, split {cfg.hub_split!r})"
     try:
         ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.hub_split)
-    except Exception as err:
-        raise RuntimeError(
-            f"source {cfg.name!r}: could not load {origin}: {err}. Offline? Use a local file "
+    except Exception as err:  # network, auth, offline mode, a missing config: one line naming the source
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise UserError(
+            f"source {cfg.name!r}: could not load {origin} ({cause}). Offline? Use a local file "
             f"(`path`, or a preset with `data_root`)."
-        ) from err
+        ) from None
     rows = [dict(r) for r in ds]
     columns = list(getattr(ds, "column_names", None) or dict.fromkeys(k for r in rows for k in r))
     return _Table(origin, columns, rows)
@@ -448,7 +451,7 @@ def load_source(cfg: PromptSourceConfig, data_root: str | Path | None = None) ->
             truncated CSV file, an empty text, an unknown category, a harmful row without a category, a
             requested category without rows, or duplicate row ids; messages name the config key, the file
             (or hub dataset) and the row.
-        RuntimeError: If a hub dataset cannot be loaded.
+        UserError: If a hub dataset cannot be loaded (naming the source and the cause in one line).
     """
     label = cfg.parsed_label
     fixed, mapping, wanted = _resolve_config_categories(cfg)
@@ -458,6 +461,8 @@ def load_source(cfg: PromptSourceConfig, data_root: str | Path | None = None) ->
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
     for table in tables:
+        if not table.rows:  # before the column checks: an empty file has no columns to name
+            raise ValueError(f"source {cfg.name!r}: {table.origin} has no rows (an empty file?)")
         column_keys = [
             ("text_column", cfg.text_column),
             ("id_column", cfg.id_column),

@@ -1,0 +1,241 @@
+"""Bad inputs end in one line that names the file or key (issue 23's "unclear" cases), through one handler."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning  # noqa: F401  (imported before any capsys test: its log handler keeps the session's stderr)
+import pytest
+import torch
+
+from sae_refusal.cli import main
+from sae_refusal.config_check import check_config_files, config_file_args, tidy_parse_error
+from sae_refusal.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """``main(args)``, which must exit 2; the non-empty lines it printed on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    first = next(i for i, line in enumerate(lines) if re.match(r"^sae-refusal( \w+)?: error: ", line))
+    return lines[first:]  # after the progress lines a command printed before it failed
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "cache", "steer", "eval", "transfer", "finetune"])
+def test_a_garbled_or_empty_config_names_the_file_in_one_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbled = tmp_path / "garbled.yaml"
+    garbled.write_text("model:\n  class_path: [unclosed\n  init_args: {k: 3\n")
+    lines = run_main([command, "--config", str(garbled)], capsys)
+    assert lines[0] == (
+        f"sae-refusal: error: --config {garbled}: not valid YAML (line 3, column 12: expected ',' or ']', "
+        "but got ':')"
+    )
+    assert len(lines) == 2 and "--debug" in lines[1]  # no usage block
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    first = run_main([command, "--config", str(empty)], capsys)[0]
+    assert first.startswith(f"sae-refusal: error: --config {empty}: the file is empty (or only comments)")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    first = run_main([command, f"--config={listed}"], capsys)[0]
+    assert first == (
+        f"sae-refusal: error: --config {listed}: expected a mapping of settings (key: value lines), got a "
+        "YAML list"
+    )
+
+
+def test_config_files_are_found_in_every_spelling(tmp_path: Path) -> None:
+    args = ["-c", "a.yaml", "--config=b.yaml", "--data", "d.yml", "--data.layer", "3", "--config", "-"]
+    assert config_file_args(args) == [("-c", "a.yaml"), ("--config", "b.yaml"), ("--data", "d.yml")]
+    with pytest.raises(UserError, match=r"^--data d\.yml: no such file$"):
+        check_config_files(["--data", "d.yml"])
+    with pytest.raises(UserError, match="is a folder"):
+        check_config_files(["--config", str(tmp_path)])
+
+
+def test_the_reason_of_a_jsonargparse_union_error_is_its_first_line() -> None:
+    union = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'sae_refusal.sae.module.SAEModule'>, <class 'NoneType'>]
+  Errors:
+    - model.expansion_factor must be >= 1, got 0
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._namespace.Namespace'>
+  Given value: Namespace(class_path='sae_refusal.sae.SAEModule', init_args=Namespace(d_model=576))"""
+    assert tidy_parse_error(union) == "model.expansion_factor must be >= 1, got 0"
+    nested = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'sae_refusal.sae.module.SAEModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'sae_refusal.sae.SAEModule':
+        Parser key "lr":
+          Expected a <class 'float'>. Got value: abc
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='lr', val='abc')"""
+    assert tidy_parse_error(nested) == "model.lr: expected float, got 'abc'"
+    unknown = nested.replace(
+        "Parser key \"lr\":\n          Expected a <class 'float'>. Got value: abc",
+        "Option 'lrr' is not accepted",
+    )
+    assert tidy_parse_error(unknown) == "model: unknown option 'lrr' of sae_refusal.sae.SAEModule"
+    optional = """Parser key "trainer.max_epochs":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'int'>, <class 'NoneType'>]
+  Errors:
+    - Expected a <class 'int'>
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'str'>
+  Given value: x"""
+    assert tidy_parse_error(optional) == "trainer.max_epochs: expected int (or null), got 'x'"
+    assert (
+        tidy_parse_error("unrecognized arguments: --data.layerz 3")
+        == "unrecognized arguments: --data.layerz 3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "first_line"),
+    [
+        (
+            "--model.init_args.architecture.init_args.k",
+            "-3",
+            "model.architecture.k must be in [1, 64] (the latents), got -3",
+        ),
+        ("--model.init_args.expansion_factor", "0", "model.expansion_factor must be >= 1, got 0"),
+        ("--model.init_args.lr", "-1", "model.lr must be > 0, got -1.0"),
+        ("--model.init_args.seeds", "[]", "model.seeds must be a non-empty list of distinct seeds, got []"),
+        ("--model.init_args.lr", "abc", "model.lr: expected float, got 'abc'"),
+        (
+            "--model.init_args.expansion_factr",
+            "3",
+            "model: unknown option 'expansion_factr' of sae_refusal.sae.SAEModule",
+        ),
+    ],
+)
+def test_an_out_of_range_setting_is_the_first_line(
+    flag: str,
+    value: str,
+    first_line: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    prompt_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.test_cli import tiny_config
+
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    lines = run_main(["fit", "--config", str(config), flag, value], capsys)
+    message = re.sub(r"^sae-refusal( fit)?: error: ", "", lines[0])
+    assert message == first_line, lines
+    assert len(lines) == 2  # the message, then where to look (never the usage block)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_cache_shard_is_one_line_whose_advice_works(
+    tmp_path: Path, tiny_model_dir: Path, prompt_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli import tiny_config
+
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    main(["cache", "--config", str(config)])
+    shard = next((tmp_path / "cache").glob("*/shard-00000.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    lines = run_main(["cache", "--config", str(config)], capsys)
+    assert lines[0].startswith(f"sae-refusal: error: activation cache file {shard} fails its sha256 check")
+    advice = re.search(r"\(rm -r (?P<folder>[^)]+)\) and run again", lines[0])
+    assert advice is not None and Path(advice["folder"]) == shard.parent
+    shard.unlink()  # what an impatient user does: the message says the folder, and so does the next one
+    lines = run_main(["cache", "--config", str(config)], capsys)
+    assert lines[0].startswith(f"sae-refusal: error: activation cache file missing: {shard}")
+    shutil.rmtree(advice["folder"])  # following the advice
+    main(["cache", "--config", str(config)])
+    assert "rows: 24" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            {"state_dict": {"w": torch.zeros(2)}, "epoch": 3},
+            "not a Lightning checkpoint (no 'state_dict' and",
+        ),
+        (b"not a checkpoint at all", "cannot be read as a Lightning checkpoint (not a torch checkpoint file"),
+        ({"obj": object}, "it holds pickled Python objects, which are never loaded"),
+    ],
+    ids=["foreign-dict", "garbage", "pickled"],
+)
+def test_a_foreign_checkpoint_is_named(
+    content: object,
+    reason: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    prompt_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.test_cli import tiny_config
+
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    ckpt = tmp_path / "foreign.ckpt"
+    if isinstance(content, bytes):
+        ckpt.write_bytes(content)
+    else:
+        torch.save(content, ckpt)
+    lines = run_main(["validate", "--config", str(config), "--ckpt_path", str(ckpt)], capsys)
+    assert lines[0].startswith(f"sae-refusal: error: --ckpt_path {ckpt}: ")
+    assert reason in lines[0]
+
+
+@pytest.mark.parametrize("module", ["sae_refusal", "sae_refusal.cli"])
+def test_python_m_gives_the_same_one_line_errors(
+    module: str, tmp_path: Path, tiny_model_dir: Path, prompt_file: Path
+) -> None:
+    """An error raised in cli_lightning (here: a missing checkpoint) is one line under `python -m` too."""
+    from tests.test_cli import tiny_config
+
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            "validate",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(tmp_path / "x.ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert lines[0] == f"sae-refusal: error: --ckpt_path {tmp_path / 'x.ckpt'}: no such checkpoint file", (
+        lines
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_the_cache_error_classes_are_user_errors() -> None:
+    from sae_refusal.activations.cache import CacheCorruptError, CacheMismatchError, corrupt
+
+    assert issubclass(CacheCorruptError, UserError) and issubclass(CacheMismatchError, UserError)
+    err = corrupt("/x/cache/abc", "activation cache file /x/cache/abc/shard-00000.safetensors fails")
+    assert str(err).endswith("remove its folder (rm -r /x/cache/abc) and run again to recompute it")
+    assert json.dumps(str(err))  # plain text
