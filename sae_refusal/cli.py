@@ -87,13 +87,43 @@ def quiet_lightning_info() -> Iterator[None]:
             logger.setLevel(level)
 
 
+class _NoTips(logging.Filter):
+    """Drop Lightning's "💡 Tip: try installing litlogger / litmodels" adverts (not about the run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+@contextlib.contextmanager
+def lightning_run_quietly() -> Iterator[None]:
+    """What a Lightning run prints, less the noise that says nothing about it (restored on exit).
+
+    Lightning's litlogger / litmodels adverts, and torch's FutureWarning about ``isinstance(treespec,
+    LeafSpec)`` that Lightning's own ``_pytree`` triggers on every batch-size lookup (torch >= 2.10).
+    """
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_INFO_LOGGERS[:2]]
+    tips = _NoTips()
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+            )
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
+
+
 def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
     """``SAERefusalCLI`` over ``args``; ``run=False`` builds the classes of a fit config without running."""
     from sae_refusal.activations.datamodule import ActivationDataModule
     from sae_refusal.cli_lightning import ConfigOnlyCLI, SAERefusalCLI
     from sae_refusal.sae.module import SAEModule
 
-    with warnings.catch_warnings(), contextlib.nullcontext() if run else quiet_lightning_info():
+    quiet = lightning_run_quietly() if run else quiet_lightning_info()
+    with warnings.catch_warnings(), quiet:
         # We pass the arguments explicitly on purpose (project subcommands strip their own name).
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         if args[:1] and args[0] in EVAL_COMMANDS:  # restores the training run's checkpoint callback
@@ -426,7 +456,7 @@ def finetune_command(args: Sequence[str]) -> None:
     from sae_refusal.finetune.datamodule import SFTDataModule
     from sae_refusal.finetune.module import RefusalSFTModule
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), lightning_run_quietly():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         FinetuneCLI(
             RefusalSFTModule,

@@ -126,6 +126,8 @@ def wrap_with_lora(model: nn.Module, settings: LoraSettings, new_token_ids: Sequ
     """
     from peft import get_peft_model
 
+    from sae_refusal.llm.compat import quiet_peft_wrap
+
     n_rows = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
     bad = [i for i in new_token_ids if not 0 <= int(i) < n_rows]
     if bad:
@@ -141,7 +143,8 @@ def wrap_with_lora(model: nn.Module, settings: LoraSettings, new_token_ids: Sequ
         ]
     config = lora_config(settings, new_token_ids, embedding_modules=embedding_modules)
     try:
-        return get_peft_model(model, config)
+        with quiet_peft_wrap():
+            return get_peft_model(model, config)
     except ValueError as err:
         if "target modules" in str(err).lower():
             raise ValueError(f"lora.target_modules: {settings.target_modules} match no layer: {err}") from err

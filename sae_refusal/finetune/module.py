@@ -26,6 +26,7 @@ from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS
 from sae_refusal.distributed import destroy_process_group_at_exit
 from sae_refusal.finetune.lora import LoraSettings, wrap_with_lora
 from sae_refusal.finetune.tokens import add_refusal_tokens, init_refusal_embeddings
+from sae_refusal.llm.compat import enable_activation_checkpointing
 from sae_refusal.llm.loading import LLMConfig, load_model, load_tokenizer, model_fingerprint
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
 
@@ -136,7 +137,7 @@ class RefusalSFTModule(L.LightningModule):
         if self.lora is not None:
             model = wrap_with_lora(model, self.lora, new_ids)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         model.train()

@@ -391,12 +391,15 @@ def apply_refusal_artifact(
         return model, tokenizer
     from peft import PeftModel
 
+    from sae_refusal.llm.compat import quiet_peft_wrap
+
     adapter_dir = artifact.folder / (artifact.adapter_folder or ADAPTER_FOLDER)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"adapter_path: {str(artifact.folder)!r} lacks {adapter_dir.name}/adapter_config.json"
         )
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    with quiet_peft_wrap():
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     if merge:
         return peft_model.merge_and_unload(), tokenizer
     return peft_model, tokenizer

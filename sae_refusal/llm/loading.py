@@ -24,7 +24,9 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
+import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,6 +36,8 @@ from torch import nn
 
 from sae_refusal.llm.artifact import add_artifact_tokens, apply_refusal_artifact, artifact_hash
 from sae_refusal.llm.hashing import file_sha256
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -392,10 +396,14 @@ def load_model_and_tokenizer(cfg: LLMConfig) -> tuple[PreTrainedModel, Any]:
     Raises:
         ValueError: If the tokenizer has more tokens than the model's input embedding has rows.
     """
+    start = time.perf_counter()
+    adapter = f" + adapter {cfg.adapter_path}" if cfg.adapter_path is not None else ""
+    log.info("loading %s%s (%s, %s) ...", cfg.name_or_path, adapter, cfg.dtype, cfg.device)
     tokenizer = load_tokenizer(cfg)
     model = _load_base_model(cfg)
     if cfg.adapter_path is not None:
         model = _apply_adapter(cfg, cfg.adapter_path, model, tokenizer)
+    log.info("loaded %s in %.1f s", cfg.name_or_path, time.perf_counter() - start)
     embeddings = model.get_input_embeddings()
     n_rows = getattr(embeddings, "num_embeddings", None)
     if isinstance(n_rows, int) and len(tokenizer) > n_rows:

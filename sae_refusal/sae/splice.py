@@ -480,6 +480,8 @@ class SplicePrompts:
         shared = {"clean": 0.0, "zero": 0.0}
         sums = {name: {"spliced": 0.0, "kl": 0.0, "kl_last": 0.0, "agree": 0.0} for name in saes}
         n_tokens = n_prompts = 0
+        first_pass = self._kept is None  # the clean and zero-ablated runs happen now: the slow call
+        start, total = time.perf_counter(), len(self.input_ids)
         try:
             for sae in saes.values():
                 sae.eval().to(device)
@@ -502,6 +504,8 @@ class SplicePrompts:
                     del spliced_BTV, kl_BT
                 n_tokens += int(scored_BT.sum())
                 n_prompts += scored_BT.shape[0]
+                if first_pass:
+                    _log_rate("splice metrics", n_prompts, total, start)
         finally:
             model.train(was_training)
             for name, sae in saes.items():
@@ -525,6 +529,14 @@ class SplicePrompts:
                 positions=self.positions,
             )
         return results
+
+
+def _log_rate(what: str, done: int, total: int, start: float) -> None:
+    """``what: done/total prompts, rate prompts/s, ETA`` on the package log."""
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    rate = done / elapsed
+    eta = (total - done) / rate
+    log.info("  %s: %d/%d prompts, %.1f prompts/s, ETA %.0f s", what, done, total, rate, eta)
 
 
 class SpliceMetricsCallback(L.Callback):
@@ -587,6 +599,8 @@ class SpliceMetricsCallback(L.Callback):
         if (split, layer) in self._prompts:
             return self._prompts[split, layer]
         if self._lm is None:
+            name = datamodule.llm.name_or_path
+            log.info("splice metrics: loading %s for the %s prompts (once per fit)", name, split)
             self._lm = load_model_and_tokenizer(datamodule.llm)
         model, tokenizer = self._lm
         prompts = datamodule.load_prompts().split(split)
