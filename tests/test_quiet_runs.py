@@ -36,7 +36,7 @@ def test_a_fit_prints_no_known_noise_and_shows_splice_progress(
     messages = [r.getMessage() for r in caplog.records]
     # the first splice pass (model load + the clean run) says what it does before it does it, then its rate
     load = next(i for i, m in enumerate(messages) if m.startswith("splice metrics: loading"))
-    assert any(m.startswith(f"loading {tiny_model_dir}") for m in messages[load:])
+    assert any(m.startswith(f"loading model {tiny_model_dir}") for m in messages[load:])
     assert any("splice metrics: 3/3 prompts" in m and "prompts/s" in m for m in messages[load:])
 
 

@@ -372,12 +372,15 @@ def _load_base_model(cfg: LLMConfig) -> PreTrainedModel:
         kwargs["quantization_config"] = quantization_config
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    start = time.perf_counter()  # seconds to a minute (a GGUF file is de-quantised): say so first
+    log.info("loading model %s (%s, %s) ...", cfg.name_or_path, cfg.dtype, cfg.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except OSError as err:
         if source.kind != "hub":
             raise
         raise _hub_error(cfg, source, err) from err
+    log.info("loaded model %s in %.1f s", cfg.name_or_path, time.perf_counter() - start)
     # nn.Module.to: PreTrainedModel.to only adds guards for quantized models, which never reach here.
     if quantization_config is None and device_map is None and device is not None:
         nn.Module.to(model, device)
@@ -396,14 +399,10 @@ def load_model_and_tokenizer(cfg: LLMConfig) -> tuple[PreTrainedModel, Any]:
     Raises:
         ValueError: If the tokenizer has more tokens than the model's input embedding has rows.
     """
-    start = time.perf_counter()
-    adapter = f" + adapter {cfg.adapter_path}" if cfg.adapter_path is not None else ""
-    log.info("loading %s%s (%s, %s) ...", cfg.name_or_path, adapter, cfg.dtype, cfg.device)
     tokenizer = load_tokenizer(cfg)
     model = _load_base_model(cfg)
     if cfg.adapter_path is not None:
         model = _apply_adapter(cfg, cfg.adapter_path, model, tokenizer)
-    log.info("loaded %s in %.1f s", cfg.name_or_path, time.perf_counter() - start)
     embeddings = model.get_input_embeddings()
     n_rows = getattr(embeddings, "num_embeddings", None)
     if isinstance(n_rows, int) and len(tokenizer) > n_rows:
