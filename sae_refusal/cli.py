@@ -641,12 +641,28 @@ def package_logging(level: int = logging.INFO) -> Iterator[None]:
 _CONFIG_SECTIONS = {"steer": "llm, sets, study, out_dir", "eval": "llm, sets, intervention, out_dir"}
 
 
+def help_producer(command: str, rest: Sequence[str]) -> Callable[[], None]:
+    """A function that prints ``sae-refusal COMMAND REST``'s help the slow way (the parsers themselves)."""
+
+    def produce() -> None:
+        if command in PROJECT_COMMANDS:
+            PROJECT_COMMANDS[command][0](list(rest))
+        else:
+            _lightning_cli([command, *rest])
+
+    return produce
+
+
 def _dispatch(args: list[str]) -> None:
     from sae_refusal.config_check import check_config_files
+    from sae_refusal.help_cache import HEAVY_COMMANDS, cached_help, wants_help
 
     # every config file is read before anything heavy is imported: a bad one is named at once
     sections = _CONFIG_SECTIONS.get(args[0], "source, target, data, out_dir" if args[0] == "transfer" else "")
     check_config_files(args[1:], sections or "trainer, model, data")
+    if args[0] in HEAVY_COMMANDS and wants_help(args[1:]):  # kept from an earlier call: no heavy import
+        print(cached_help(args[0], args[1:], help_producer(args[0], args[1:])), end="")
+        return
     if args[0] in PROJECT_COMMANDS:
         PROJECT_COMMANDS[args[0]][0](args[1:])
         return
