@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "describe_differences",
     "identity_differences",
     "model_identity",
     "provenance_mismatches",
@@ -54,6 +55,11 @@ def identity_differences(
 def _short(value: str) -> str:
     """A hash shortened for a message (names and revisions are kept whole)."""
     return value[:12] if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
+
+
+def describe_differences(diff: Mapping[str, tuple[str, str]], actual: str = "now") -> str:
+    """``weights '621413ca0660' recorded vs 'aee2c11f8c6c' <actual>, ...`` (hashes shortened)."""
+    return ", ".join(f"{f} {_short(r)!r} recorded vs {_short(a)!r} {actual}" for f, (r, a) in diff.items())
 
 
 def provenance_mismatches(
@@ -99,7 +105,7 @@ def provenance_mismatches(
         if actual is not None:
             diff = identity_differences(fingerprint, actual)
             if diff:
-                shown = ", ".join(f"{f} {_short(r)!r} vs {_short(a)!r}" for f, (r, a) in diff.items())
+                shown = describe_differences(diff)
                 problems.append(
                     f"{made} on model {recorded.get('model')!r} whose weights differ from {keys['model']} "
                     f"{served.get('model')!r} (differing: {shown})"

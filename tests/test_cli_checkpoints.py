@@ -24,7 +24,7 @@ from sae_refusal.cli import SAERefusalCLI, _lightning_cli, activation_datamodule
 from sae_refusal.errors import ArtifactError
 from sae_refusal.sae import SAEModule, load_sae
 from sae_refusal.sae.architectures import L1, Contrastive, TopK, architecture_from_config
-from sae_refusal.sae.provenance import CHECKPOINT_KEY
+from sae_refusal.sae.provenance import CHECKPOINT_KEY, check_checkpoint_matches_data
 from sae_refusal.testing import save_tiny_model
 from test_cli import tiny_config
 
@@ -179,7 +179,7 @@ def test_a_checkpoint_is_refused_on_another_layer_model_or_width(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A layer-2 SAE must not be validated on layer-1 activations (it "works": val FVU near 2)."""
-    run = _fit(tmp_path, tiny_model_dir, prompt_file, ARCHITECTURES["topk"])
+    run = _fit(tmp_path, tiny_model_dir, prompt_file, ARCHITECTURES["topk"], "--trainer.max_epochs", "1")
     ckpt = run.log_dir / "checkpoints" / "last.ckpt"
     record = torch.load(ckpt, weights_only=True)[CHECKPOINT_KEY]
     assert (record["layer"], record["d_model"], record["model"]) == (2, 32, str(tiny_model_dir))
@@ -219,13 +219,12 @@ def test_a_checkpoint_is_refused_on_another_layer_model_or_width(
     # a checkpoint written before the record: its width is still checked, and a warning says the rest is not
     old = torch.load(ckpt, weights_only=True)
     del old[CHECKPOINT_KEY]
-    torch.save(old, tmp_path / "old.ckpt")
-    with pytest.raises(SystemExit):
-        main([*validate[:-1], str(tmp_path / "old.ckpt"), *cases["wide"][0]])
-    assert "were trained on width 32, data.llm has width 48" in capsys.readouterr().err
+    wide_data = activation_datamodule(["--config", str(run.config), *cases["wide"][0]])
+    with pytest.raises(ArtifactError, match=r"old\.ckpt: .* trained on width 32, data\.llm has width 48"):
+        check_checkpoint_matches_data(old, wide_data, "old.ckpt")
     with caplog.at_level("WARNING", logger="sae_refusal"):
-        main([*validate[:-1], str(tmp_path / "old.ckpt")])
-    assert "the checkpoint records no layer or model (written before they were kept)" in caplog.text
+        check_checkpoint_matches_data(old, datamodule, "old.ckpt")  # data.layer 1: unknowable, warned
+    assert "old.ckpt: the checkpoint records no layer or model (written before they were kept)" in caplog.text
 
 
 def test_checkpoint_conflicts_ignore_defaults_and_equal_values() -> None:

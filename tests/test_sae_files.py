@@ -133,8 +133,11 @@ def test_an_empty_tensor_file_is_named(fmt: str, tmp_path: Path) -> None:
     folder = write(tiny_sae(), tmp_path / "sae", fmt)
     weights, _ = LAYOUTS[fmt]
     (folder / weights).write_bytes(b"")
-    with pytest.raises(ArtifactError, match=rf"{weights}: empty file \(0 bytes\), not a safetensors file"):
-        load_sae(folder, verify=False)
+    for verify in (True, False):  # "empty", not only "sha256 differs"
+        with pytest.raises(
+            ArtifactError, match=rf"{weights}: empty file \(0 bytes\), not a safetensors file"
+        ):
+            load_sae(folder, verify=verify)
 
 
 @pytest.mark.parametrize("fmt", list(LAYOUTS))

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_refusal.errors import ArtifactError
-from sae_refusal.provenance import identity_differences
+from sae_refusal.provenance import describe_differences, identity_differences
 from sae_refusal.steer.interventions import (
     DirectionAblation,
     Intervention,
@@ -259,8 +259,7 @@ def _check_fingerprint(
     diff = identity_differences(recorded, actual)
     if diff:
         raise ArtifactError(
-            f"{key}: the artifact was made on another model ({', '.join(diff)} differ: recorded "
-            f"{ {f: r for f, (r, _) in diff.items()} }, evaluated { {f: a for f, (_, a) in diff.items()} }); "
+            f"{key}: the artifact was made on another model ({describe_differences(diff, 'evaluated')}); "
             "set intervention.allow_other_model: true for a transfer experiment"
         )
 

@@ -71,6 +71,11 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ArtifactError(str(err)) from err
 
 
+def _refuse_empty(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise ArtifactError(f"{path}: empty file (0 bytes), not a safetensors file; copy or export it again")
+
+
 def read_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, refusing an empty or unreadable file and non-finite values.
 
@@ -82,9 +87,7 @@ def read_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    size = path.stat().st_size
-    if size == 0:
-        raise ArtifactError(f"{path}: empty file (0 bytes), not a safetensors file; copy or export it again")
+    _refuse_empty(path)
     try:
         tensors = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types on a corrupt header or truncation
@@ -138,6 +141,7 @@ def verify_sha256(folder: Path, recorded: Any, cfg_path: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in {cfg_path} ({SHA256_KEY}) but missing")
+        _refuse_empty(path)  # say so, rather than only that its sha256 differs
         if _sha256(path) != digest:
             raise ArtifactError(
                 f"{path}: sha256 differs from the one recorded in {cfg_path} (the file was altered or "
