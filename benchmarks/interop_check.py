@@ -22,8 +22,8 @@ import torch
 
 from sae_refusal.activations.cache import ActivationCache
 from sae_refusal.cli import main as cli_main
-from sae_refusal.sae.base import load_sae
 from sae_refusal.sae.formats import sae_metadata
+from sae_refusal.sae.loading import load_sae
 
 
 def _fvu(x: torch.Tensor, recon: torch.Tensor) -> float:

@@ -28,7 +28,7 @@ from sae_refusal.features.vectors import SteeringVectors
 from sae_refusal.llm.hooks import ResidualFn
 from sae_refusal.llm.loading import LLMConfig, load_model_and_tokenizer
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
-from sae_refusal.sae.base import load_sae
+from sae_refusal.sae.loading import load_sae
 from sae_refusal.steer.interventions import LatentSteering, ResidualSteering
 from sae_refusal.steer.scoring import first_token_decisions
 

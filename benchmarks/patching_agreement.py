@@ -43,7 +43,8 @@ from sae_refusal.categories import CATEGORY_SHORT_NAMES, COCONOT_CATEGORIES
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.llm import LLMConfig, RefusalVocabulary, load_model_and_tokenizer
 from sae_refusal.llm.tokenize import encode_prompts
-from sae_refusal.sae.base import SparseAutoencoder, load_sae
+from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.sae.loading import load_sae
 from sae_refusal.steer.patching import (
     MetricFn,
     PatchingComparison,

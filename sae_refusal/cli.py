@@ -201,53 +201,6 @@ def _analysis_overrides(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]
     return rest, overrides
 
 
-def check_exports_match_data(metadata: dict[str, dict[str, Any]], datamodule: ActivationDataModule) -> None:
-    """Refuse SAE exports trained at another layer or on another model than the data module serves.
-
-    The model is compared by weights fingerprint (source, revision, weights hash, quantization, adapter) when
-    the export records one, else by ``name_or_path``; a foreign SAE that names no model (sparsify) is checked
-    by layer only. An export without a recorded layer (nor a hookpoint that maps to one) is refused too.
-
-    Args:
-        metadata: Each export's metadata (:func:`sae_refusal.sae.formats.sae_metadata`), by export name.
-        datamodule: The data module the exports are analysed with.
-
-    Raises:
-        UserError: Naming each export, what it records and what the data section (``data.layer``,
-            ``data.llm``) gives.
-    """
-    from sae_refusal.llm.loading import model_fingerprint
-
-    layer = datamodule.served_layer
-    fingerprint: dict[str, Any] | None = None  # computed only if an export records one (foreign ones do not)
-    problems = []
-    for name, meta in metadata.items():
-        if meta.get("layer") != layer:
-            problems.append(f"{name} was trained at layer {meta.get('layer')}, data.layer serves {layer}")
-        recorded = meta.get("model_fingerprint")
-        if recorded is not None:
-            if fingerprint is None:
-                fingerprint = {k: v for k, v in model_fingerprint(datamodule.llm).items() if k != "model"}
-            recorded = {k: v for k, v in recorded.items() if k != "model"}
-            if recorded != fingerprint:
-                diff = sorted(
-                    k for k in recorded.keys() | fingerprint.keys() if recorded.get(k) != fingerprint.get(k)
-                )
-                problems.append(
-                    f"{name} was trained on model {meta.get('model')!r} whose weights differ from data.llm "
-                    f"{datamodule.llm.name_or_path!r} (differing: {', '.join(diff)})"
-                )
-        elif meta.get("model") is not None and meta.get("model") != datamodule.llm.name_or_path:
-            problems.append(
-                f"{name} was trained on {meta.get('model')!r}, data.llm is {datamodule.llm.name_or_path!r}"
-            )
-    if problems:
-        raise UserError(
-            f"--sae_dir: {'; '.join(problems)}. Use the run's own config, or --allow_other_model to analyse "
-            "an SAE on another model's activations on purpose"
-        )
-
-
 def _features_parser(with_config: bool = True) -> argparse.ArgumentParser:
     """The ``features`` options; ``with_config=False`` leaves ``--config`` to the fit parser (in order)."""
     parser = argparse.ArgumentParser(
@@ -283,6 +236,11 @@ def _features_parser(with_config: bool = True) -> argparse.ArgumentParser:
         help="analyse SAEs trained on another model or layer than the data's (transfer studies); by default "
         "the exports' model and layer must match data.llm and data.layer",
     )
+    parser.add_argument(
+        "--no_verify",
+        action="store_true",
+        help="load the SAE tensor files without checking them against the sha256 their cfg.json records",
+    )
     return parser
 
 
@@ -291,12 +249,28 @@ def features_command(args: Sequence[str]) -> None:
     _features_parser().parse_known_args(list(args))  # --help, and a missing --config or --sae_dir, end here
     # --config stays among the fit options, in its place: `--config a.yaml --data.layer 1` keeps its order
     known, rest = _features_parser(with_config=False).parse_known_args(list(args))
-    out = Path(known.out) if known.out else Path(known.sae_dir).parent / "features" / "standalone"
+    out = _features_out(known.sae_dir, known.out)
 
     from sae_refusal.atomic import FolderClaim
 
     with FolderClaim(out, key="--out"):  # claimed before any work: a second job on it fails at once
         _features_job(known, rest, out)
+
+
+def _features_out(sae_dir: str, out: str | None) -> Path:
+    """``--out``, else ``<sae_dir>/../features/standalone`` for a local ``--sae_dir``.
+
+    Raises:
+        UserError: If ``--sae_dir`` is a hub id and ``--out`` is not given (no local run to write beside).
+    """
+    if out:
+        return Path(out)
+    if sae_dir.startswith(("hf://", "hf:/")) or (not Path(sae_dir).exists() and sae_dir.count("/") in (1, 2)):
+        raise UserError(
+            f"--out: give an output folder; --sae_dir {sae_dir} is a hub id (or a missing folder), with no "
+            "local run folder to write the analysis beside"
+        )
+    return Path(sae_dir).parent / "features" / "standalone"
 
 
 def _features_job(known: argparse.Namespace, rest: list[str], out: Path) -> None:
@@ -305,37 +279,35 @@ def _features_job(known: argparse.Namespace, rest: list[str], out: Path) -> None
     from sae_refusal.atomic import AtomicFolder
     from sae_refusal.features.analysis import FeatureAnalysisConfig
     from sae_refusal.features.callback import FeatureAnalysisCallback
-    from sae_refusal.sae.base import find_sae_exports, load_sae
     from sae_refusal.sae.formats import sae_metadata
+    from sae_refusal.sae.loading import find_sae_exports, load_sae
+    from sae_refusal.sae.provenance import check_exports_match_data
 
     rest, overrides = _analysis_overrides(rest)
-    sae_dir = Path(known.sae_dir)
     try:
-        folders = find_sae_exports(sae_dir)
+        folders = find_sae_exports(known.sae_dir)  # a string: Path() would turn hf:// into hf:/
     except FileNotFoundError as err:
-        raise SystemExit(f"--sae_dir {err}") from err
+        raise UserError(f"--sae_dir {err}") from None
     cli = _lightning_cli(rest, run=False)
     datamodule = cli.datamodule
     if not isinstance(datamodule, ActivationDataModule):
-        raise SystemExit(f"data must be an ActivationDataModule, got {type(datamodule).__name__}")
+        raise UserError(f"data: must be an ActivationDataModule, got {type(datamodule).__name__}")
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, FeatureAnalysisCallback)]  # type: ignore[attr-defined]
     config = callbacks[0].analysis if callbacks else FeatureAnalysisConfig()
     if overrides:
         known_keys = {f.name for f in dataclasses.fields(FeatureAnalysisConfig)}
         unknown = sorted(set(overrides) - known_keys)
         if unknown:
-            raise SystemExit(f"unknown --analysis option(s) {unknown}; valid: {sorted(known_keys)}")
+            raise UserError(f"unknown --analysis option(s) {unknown}; valid: {sorted(known_keys)}")
         try:
             config = dataclasses.replace(config, **overrides)
         except (TypeError, ValueError) as err:
-            raise SystemExit(f"--analysis: {err}") from err
+            raise UserError(f"--analysis: {err}") from None
     datamodule.setup("fit")  # writes the split manifest and fills the cache when missing, then reads it
-    saes = {name: load_sae(folder) for name, folder in folders.items()}
+    saes = {name: load_sae(folder, verify=not known.no_verify) for name, folder in folders.items()}
     widths = {name: sae.d_model for name, sae in saes.items() if sae.d_model != datamodule.d_model}
     if widths:
-        raise SystemExit(
-            f"--sae_dir: SAE width {widths} differs from the data's d_model {datamodule.d_model}"
-        )
+        raise UserError(f"--sae_dir: SAE width {widths} differs from the data's d_model {datamodule.d_model}")
     export_meta = {name: sae_metadata(f) for name, f in folders.items()}  # any format (sparsify, SAELens)
     if not known.allow_other_model:
         check_exports_match_data(export_meta, datamodule)
@@ -362,8 +334,7 @@ def _standalone_analysis(
     from sae_refusal.features.analysis import analyze_features
 
     metadata = {
-        "model": datamodule.llm.name_or_path,
-        "layer": datamodule.served_layer,
+        **datamodule.provenance(),  # model, model_fingerprint (weights + adapter), layer, d_model
         "sae_paths": {name: str(folder) for name, folder in folders.items()},
         # the training position of the exported weights (the same for seeds trained side by side)
         **{
@@ -395,6 +366,11 @@ def export_command(args: Sequence[str]) -> None:
         help="the hookpoint name to write (default from the export's layer: layers.{l} for sparsify, "
         "blocks.{l}.hook_resid_post for SAELens)",
     )
+    parser.add_argument(
+        "--no_verify",
+        action="store_true",
+        help="read the SAE tensor files without checking them against the sha256 their cfg.json records",
+    )
     known = parser.parse_args(list(args))
 
     from sae_refusal.atomic import FolderClaim
@@ -409,9 +385,9 @@ def _export_job(known: argparse.Namespace) -> None:
 
     from sae_refusal.atomic import AtomicFolder
     from sae_refusal.llm.hashing import file_sha256
-    from sae_refusal.sae.base import find_sae_exports, load_sae
-    from sae_refusal.sae.formats import export_sae, load_any_sae, sae_metadata
+    from sae_refusal.sae.formats import export_sae, sae_metadata
     from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
+    from sae_refusal.sae.loading import find_sae_exports, load_any_sae, load_sae
 
     out = Path(known.out)
     try:
@@ -425,7 +401,7 @@ def _export_job(known: argparse.Namespace) -> None:
             if known.hookpoint is None and meta.get("layer") is None:
                 raise UserError(f"--hookpoint: {folder} records no layer; give the hookpoint name to write")
             hookpoint = known.hookpoint or hookpoint_for_layer(int(meta["layer"]), known.format)
-            sae = load_sae(folder)
+            sae = load_sae(folder, verify=not known.no_verify)
             provenance = {
                 **{k: v for k, v in meta.items() if k != "format"},
                 "hookpoint": hookpoint,

@@ -35,8 +35,13 @@ class SAERefusalCLI(LightningCLI):
     the model (architecture included), and a setting the config asks for that differs from the checkpoint's
     is refused;
     ``validate``, ``test`` and ``predict`` log into a folder of their own beside the run
-    (``{subcommand}-{run}-{checkpoint}``) unless ``trainer.logger.init_args.version`` is set.
+    (``{subcommand}-{run}-{checkpoint}``) unless ``trainer.logger.init_args.version`` is set. A checkpoint
+    whose SAEs were trained at another layer, width or on another model than the ``data`` section serves is
+    refused before any activation is read (:func:`~sae_refusal.sae.provenance.check_checkpoint_matches_data`).
     """
+
+    #: ``(path, what the checkpoint records of its data)`` of a ``--ckpt_path`` file, for the data check.
+    _ckpt_record: tuple[Path, dict[str, Any]] | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.d_model", "model.init_args.d_model", apply_on="instantiate")
@@ -50,9 +55,14 @@ class SAERefusalCLI(LightningCLI):
         callbacks = list(getattr(trainer, "callbacks", []))
         if self.subcommand == "fit" and not any(isinstance(c, FitSummaryCallback) for c in callbacks):
             trainer.callbacks.append(FitSummaryCallback())  # type: ignore[union-attr]
+        datamodule = getattr(self, "datamodule", None)
+        if self._ckpt_record is not None and hasattr(datamodule, "served_layer"):
+            from sae_refusal.sae.provenance import check_checkpoint_matches_data
+
+            ckpt, record = self._ckpt_record
+            check_checkpoint_matches_data(record, datamodule, ckpt)
 
     def _parse_ckpt_path(self) -> None:
-
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -69,7 +79,15 @@ class SAERefusalCLI(LightningCLI):
         ckpt = Path(ckpt_path)
         if not ckpt.is_file():
             raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-        hparams = dict(read_checkpoint(ckpt).get("hyper_parameters", {}))
+        from sae_refusal.sae.provenance import CHECKPOINT_KEY
+
+        checkpoint = read_checkpoint(ckpt)
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        self._ckpt_record = (
+            ckpt,
+            {CHECKPOINT_KEY: checkpoint.get(CHECKPOINT_KEY), "hyper_parameters": hparams},
+        )
+        del checkpoint
         hparams.pop("_instantiator", None)
         if hparams:
             class_path = hparams.pop("_class_path", section.model.get("class_path"))

@@ -38,6 +38,7 @@ from sae_refusal.llm import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from sae_refusal.llm.artifact import RefusalArtifactError
 from sae_refusal.testing import save_tiny_model
 
 PLAIN = (
@@ -345,3 +346,24 @@ def test_shard_size_and_manifest_facts(world: World, tmp_path: Path) -> None:
     assert cut.manifest["extra"]["n_truncated"] == 3
     assert [p["id"] for p in cut.prompts] == ["p0", "p1", "p2"]
     assert [p["label"] for p in cut.prompts] == ["benign", "benign", "harmful"]
+
+
+def test_an_adapter_file_changed_in_place_gives_a_new_cache(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``artifact.json`` unchanged, one adapter weight altered (same size): the cache is not reused."""
+    artifact = tmp_path / "artifact"
+    shutil.copytree(world.artifact, artifact)
+    llm = dataclasses.replace(world.llm, adapter_path=str(artifact))
+    cache = cached_activations(PROMPTS, llm, world.cfg)
+    weights = artifact / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # the same size, and artifact.json still lists the old sha256
+    weights.write_bytes(bytes(data))
+    changed = request_identity(PROMPTS, llm, world.cfg)
+    assert [line.split(":")[0] for line in cache.identity.differences(changed)] == ["adapter_hash"]
+    calls = count_computes(monkeypatch)
+    altered = r"adapter_model\.safetensors differs from the size/sha256"
+    with pytest.raises(RefusalArtifactError, match=altered):  # recomputed: applying the adapter fails
+        cached_activations(PROMPTS, llm, world.cfg)
+    assert len(calls) == 1

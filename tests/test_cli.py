@@ -19,7 +19,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sae_refusal.activations import ActivationDataModule
 from sae_refusal.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, SAERefusalCLI, main
+from sae_refusal.errors import ArtifactError
+from sae_refusal.eval.interventions import InterventionConfig, load_intervention
+from sae_refusal.llm import LLMConfig, model_fingerprint
 from sae_refusal.sae import SAEModule, TopKSAE, load_sae
+from sae_refusal.testing import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "lightning_configs"
@@ -323,6 +327,16 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
     out = tmp_path / "standalone"
     main(["features", "--config", str(config_path), "--sae_dir", str(log_dir / "sae"), "--out", str(out)])
     assert "head_accuracy" in capsys.readouterr().out
+    # both analyses' vectors record the weights (and adapter) they were made on, the layer and the width, so
+    # an eval column on other weights refuses them (they used to record a model name only)
+    own = model_fingerprint(LLMConfig(name_or_path=str(tiny_model_dir)))
+    for vectors in (out / "seed0", log_dir / "features" / "epoch2" / "seed1"):
+        meta = json.loads((vectors / "vectors.json").read_text())["metadata"]
+        assert (meta["model_fingerprint"], meta["layer"], meta["d_model"]) == (own, 2, 32)
+    column = InterventionConfig(kind="residual", vectors=str(out / "seed0"), category="safety")
+    other = {**own, "weights_hash": "f" * 64}
+    with pytest.raises(ArtifactError, match=r"intervention\.vectors: the artifact was made on another model"):
+        load_intervention(column, build_tiny_model("llama", hidden_size=32, num_layers=4), fingerprint=other)
     standalone = json.loads((out / "report.json").read_text())
     for section in ("residual", "seeds", "across_seeds", "set_sizes", "config"):
         assert standalone[section] == from_callback[section], section
@@ -342,12 +356,17 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
     assert report["config"]["sas_top_k"] == 3 and not (tweaked / "plots").exists()
     assert all(n <= 3 for n in report["seeds"]["seed0"]["sas"]["n_features"].values())
     args[-1] = str(tmp_path / "never_written")
-    with pytest.raises(SystemExit, match="unknown --analysis"):
-        main([*args, "--analysis.taux", "1"])
-    with pytest.raises(SystemExit, match=r"features\.tau"):
-        main([*args, "--analysis.tau", "-1"])
-    with pytest.raises(SystemExit, match=r"no cfg\.json"):
+    capsys.readouterr()
+    for extra, message in (
+        (["--analysis.taux", "1"], "sae-refusal: error: unknown --analysis option(s) ['taux']"),
+        (["--analysis.tau", "-1"], "sae-refusal: error: --analysis: features.tau"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, *extra])
+        assert exit_.value.code == 2 and capsys.readouterr().err.startswith(message)
+    with pytest.raises(SystemExit):
         main(["features", "--config", str(config_path), "--sae_dir", str(tmp_path / "run")])
+    assert "no cfg.json" in capsys.readouterr().err
     assert not (tmp_path / "never_written").exists() and not (tmp_path / "features").exists()
     meta = json.loads((log_dir / "sae" / "seed0" / "cfg.json").read_text())["metadata"]
     assert (meta["layer"], meta["epoch"], meta["model"]) == (2, 2, str(tiny_model_dir))

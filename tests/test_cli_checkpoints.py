@@ -9,17 +9,23 @@ override is refused, and an eval job logs into a folder of its own.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from sae_refusal.ckpt_reuse import checkpoint_conflicts, find_last_checkpoint
-from sae_refusal.cli import SAERefusalCLI, _lightning_cli, main
+from sae_refusal.cli import SAERefusalCLI, _lightning_cli, activation_datamodule, main
+from sae_refusal.errors import ArtifactError
 from sae_refusal.sae import SAEModule, load_sae
 from sae_refusal.sae.architectures import L1, Contrastive, TopK, architecture_from_config
+from sae_refusal.sae.provenance import CHECKPOINT_KEY, check_checkpoint_matches_data
+from sae_refusal.testing import save_tiny_model
 from test_cli import tiny_config
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -152,6 +158,73 @@ def test_a_setting_the_checkpoint_overrides_is_refused(
     with pytest.raises(SystemExit):
         main([*validate, "--model.init_args.architecture", str(other_k)])
     assert "model.init_args.architecture" in capsys.readouterr().err
+
+
+def _copy_with_other_weights(model_dir: Path, folder: Path) -> Path:
+    """The tiny model with one tensor scaled: same shape and name layout, other weights."""
+    shutil.copytree(model_dir, folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+def test_a_checkpoint_is_refused_on_another_layer_model_or_width(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    prompt_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A layer-2 SAE must not be validated on layer-1 activations (it "works": val FVU near 2)."""
+    run = _fit(tmp_path, tiny_model_dir, prompt_file, ARCHITECTURES["topk"], "--trainer.max_epochs", "1")
+    ckpt = run.log_dir / "checkpoints" / "last.ckpt"
+    record = torch.load(ckpt, weights_only=True)[CHECKPOINT_KEY]
+    assert (record["layer"], record["d_model"], record["model"]) == (2, 32, str(tiny_model_dir))
+    assert record["model_fingerprint"]["weights_hash"]
+    validate = ["validate", "--config", str(run.config), "--ckpt_path", str(ckpt)]
+    runs_before = sorted(p.name for p in run.log_dir.parent.iterdir())
+    other = _copy_with_other_weights(tiny_model_dir, tmp_path / "other-weights")
+    wide = save_tiny_model(tmp_path / "wide", "llama", hidden_size=48)
+    cases = {
+        "1": (["--data.layer", "1"], "were trained at layer 2, data.layer serves 1"),
+        "other": (
+            ["--data.llm.name_or_path", str(other)],
+            f"were trained on model {str(tiny_model_dir)!r} whose weights differ from data.llm "
+            f"{str(other)!r}",
+        ),
+        "wide": (["--data.llm.name_or_path", str(wide)], "were trained on width 32, data.llm has width 48"),
+    }
+    for extra, message in cases.values():
+        with pytest.raises(SystemExit) as exit_:
+            main([*validate, *extra])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        errors = [line for line in err if line.startswith("sae-refusal: error")]
+        expected = f"sae-refusal: error: --ckpt_path {ckpt}: the checkpoint's SAEs {message}"
+        assert errors[0].startswith(expected)
+    assert sorted(p.name for p in run.log_dir.parent.iterdir()) == runs_before  # refused before any work
+
+    # through the Python API too: the trainer refuses it when it restores the checkpoint
+    datamodule = activation_datamodule(["--config", str(run.config), "--data.layer", "1"])
+    model = SAEModule.load_from_checkpoint(ckpt, weights_only=True)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    with pytest.raises(ArtifactError, match=r"trained at layer 2, data\.layer serves 1"):
+        trainer.validate(model, datamodule=datamodule, ckpt_path=str(ckpt))
+
+    # a checkpoint written before the record: its width is still checked, and a warning says the rest is not
+    old = torch.load(ckpt, weights_only=True)
+    del old[CHECKPOINT_KEY]
+    wide_data = activation_datamodule(["--config", str(run.config), *cases["wide"][0]])
+    with pytest.raises(ArtifactError, match=r"old\.ckpt: .* trained on width 32, data\.llm has width 48"):
+        check_checkpoint_matches_data(old, wide_data, "old.ckpt")
+    with caplog.at_level("WARNING", logger="sae_refusal"):
+        check_checkpoint_matches_data(old, datamodule, "old.ckpt")  # data.layer 1: unknowable, warned
+    assert "old.ckpt: the checkpoint records no layer or model (written before they were kept)" in caplog.text
 
 
 def test_checkpoint_conflicts_ignore_defaults_and_equal_values() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from sae_refusal.errors import ArtifactError
 from sae_refusal.eval.interventions import InterventionConfig, load_intervention
 from sae_refusal.features.analysis import CLASS_NAMES
 from sae_refusal.features.vectors import SteeringVectors
@@ -186,3 +188,57 @@ def test_width_and_model_mismatches_are_refused(tiny: tuple[Any, Any], tmp_path:
         )
     with pytest.raises(FileNotFoundError, match=r"intervention\.vectors"):
         load_intervention(InterventionConfig(kind="residual", vectors=str(tmp_path)), model)
+
+
+def test_an_all_zero_vector_is_refused_unless_allowed(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    """A category without training rows gets a zero vector: its column would be the unsteered model."""
+    caa_CD = torch.randn(len(CLASS_NAMES) - 1, 32, generator=torch.Generator().manual_seed(1))
+    caa_CD[CLASS_NAMES.index("safety") - 1] = 0.0
+    folder = SteeringVectors(CLASS_NAMES, caa_CD, metadata={"layer": 2}).save(tmp_path / "v")
+    cfg = InterventionConfig(kind="residual", vectors=str(folder), category="safety", alpha=4.0)
+    with pytest.raises(
+        ArtifactError,
+        match=rf"intervention\.vectors: the caa vector of category 'safety' in {folder} "
+        r"is all zeros .* set intervention\.allow_zero_vector: true",
+    ):
+        load_intervention(cfg, tiny[0])
+    allowed = load_intervention(dataclasses.replace(cfg, allow_zero_vector=True), tiny[0])
+    assert allowed.record["vector_norm"] == 0.0
+    other = load_intervention(dataclasses.replace(cfg, category="humanizing"), tiny[0])  # other rows are fine
+    assert other.record["vector_norm"] > 0
+
+
+def test_vectors_without_a_fingerprint_are_used_with_a_warning(
+    tiny: tuple[Any, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = save_vectors(tmp_path / "old")  # written before fingerprints were recorded
+    with caplog.at_level("WARNING", logger="sae_refusal"):
+        loaded = load_intervention(
+            InterventionConfig(kind="residual", vectors=str(old)), tiny[0], fingerprint=FINGERPRINT
+        )
+    assert loaded.record["artifact_fingerprint"] is None
+    assert f"intervention.vectors: {old} records no model fingerprint" in caplog.text
+
+
+def test_the_sae_may_be_a_hub_id_and_is_verified(
+    tiny: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sae_refusal.sae import TopKSAE
+
+    repo = tmp_path / "snapshot"
+    export = TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(0)).save(repo / "layers.2")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *_a, **_k: str(repo))
+    sas_CF = torch.rand(len(CLASS_NAMES) - 1, 64, generator=torch.Generator().manual_seed(2))
+    vectors = SteeringVectors(
+        CLASS_NAMES, torch.ones(len(CLASS_NAMES) - 1, 32), sas_CF=sas_CF, metadata={"layer": 2}
+    )
+    cfg = InterventionConfig(
+        kind="latent", vectors=str(vectors.save(tmp_path / "v")), space="sas", sae="hf://owner/repo/layers.2"
+    )
+    assert load_intervention(cfg, tiny[0]).sae.n_latents == 64
+    weights = bytearray((export / "sae.safetensors").read_bytes())
+    weights[-1] ^= 0x01  # one bit of the last float
+    (export / "sae.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(ArtifactError, match=r"layers\.2/sae\.safetensors: sha256 differs"):
+        load_intervention(cfg, tiny[0])
+    assert load_intervention(dataclasses.replace(cfg, verify_sae=False), tiny[0]).sae is not None

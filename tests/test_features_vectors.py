@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from sae_refusal.errors import ArtifactError
 from sae_refusal.features import SteeringVectors, caa_vectors, sas_vectors
-from sae_refusal.features.vectors import class_means
+from sae_refusal.features.vectors import class_means, require_nonzero
 from sae_refusal.sae import TopKSAE
 
 
@@ -249,3 +251,33 @@ def test_artifact_checks_every_tensor_has_one_row_per_category() -> None:
             SteeringVectors(class_names=["benign", "a", "b"], **kwargs)
         with pytest.raises(ValueError, match=name):
             SteeringVectors(class_names=["benign", "a", "b"], **{"caa_CD": good, name: torch.zeros(2)})
+
+
+def test_non_finite_vectors_are_refused_on_save_and_load(tmp_path: Path) -> None:
+    """An SAE with NaN weights gave NaN vectors; they must not be written, nor read if written elsewhere."""
+    caa_CD = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    sas_CF = torch.zeros(2, 12)
+    sas_CF[1, 4] = float("nan")
+    with pytest.raises(ArtifactError, match=r"vec/vectors\.safetensors: tensor 'sas_CF' holds inf/nan"):
+        SteeringVectors(["benign", "a", "b"], caa_CD, sas_CF=sas_CF).save(tmp_path / "vec")
+    assert not list(tmp_path.iterdir())
+    folder = SteeringVectors(["benign", "a", "b"], caa_CD).save(tmp_path / "vec")
+    save_file({"caa_CD": caa_CD.clone().fill_(float("inf"))}, str(folder / "vectors.safetensors"))
+    with pytest.raises(ArtifactError, match=r"vec/vectors\.safetensors: tensor 'caa_CD' holds inf/nan"):
+        SteeringVectors.load(folder)
+    (folder / "vectors.json").write_text("{garbled")
+    with pytest.raises(ArtifactError, match=r"vec/vectors\.json: not valid JSON"):
+        SteeringVectors.load(folder)
+
+
+def test_recorded_provenance_and_all_zero_vectors(tmp_path: Path) -> None:
+    caa_CD = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    fingerprint = {"model": "m", "weights_hash": "h", "adapter": "a"}
+    vec = SteeringVectors(
+        ["benign", "a", "b"], caa_CD, metadata={"layer": 3, "model": "m", "model_fingerprint": fingerprint}
+    )
+    recorded = SteeringVectors.load(vec.save(tmp_path / "v")).recorded()
+    assert recorded == {"layer": 3, "model": "m", "model_fingerprint": fingerprint, "d_model": 6}
+    require_nonzero(caa_CD[0], "v", "--allow")
+    with pytest.raises(ArtifactError, match=r"^v is all zeros .* or set --allow to run it anyway$"):
+        require_nonzero(torch.zeros(6), "v", "--allow")

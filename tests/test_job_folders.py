@@ -147,8 +147,10 @@ def test_features_and_export_refuse_an_existing_out(
     out = tmp_path / "done"
     out.mkdir()
     (out / "plots").mkdir()
+    config = tmp_path / "fit.yaml"
+    config.write_text("data: {layer: 2}\n")  # never read further: --out is checked first
     for args in (
-        ["features", "--config", "unused.yaml", "--sae_dir", str(tmp_path / "nope"), "--out", str(out)],
+        ["features", "--config", str(config), "--sae_dir", str(tmp_path / "nope"), "--out", str(out)],
         ["export", "--sae_dir", str(tmp_path / "nope"), "--format", "sparsify", "--out", str(out)],
     ):
         with pytest.raises(SystemExit) as exit_:
@@ -157,3 +159,15 @@ def test_features_and_export_refuse_an_existing_out(
         err = capsys.readouterr().err
         assert err.startswith(f"sae-refusal: error: --out: {out} exists; choose another folder"), err
     assert sorted(p.name for p in out.iterdir()) == ["plots"]
+
+
+def test_features_from_a_hub_id_needs_an_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hub id has no local run folder to write beside (Path('hf://o/r').parent would make 'hf:/o')."""
+    config = tmp_path / "fit.yaml"
+    config.write_text("data: {layer: 2}\n")  # never read further: --out is checked first
+    for spec in ("hf://owner/repo/layers.2", "owner/repo/layers.2"):
+        with pytest.raises(SystemExit):
+            main(["features", "--config", str(config), "--sae_dir", spec])
+        err = capsys.readouterr().err
+        assert err.startswith(f"sae-refusal: error: --out: give an output folder; --sae_dir {spec} is a hub")
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.yaml"]

@@ -7,6 +7,7 @@ falls back to loading ``sparsify.sparse_coder`` without it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -103,6 +104,7 @@ def test_cfg_json_and_metadata(trained_sae: TopKSAE, export: Path) -> None:
         "layer": 7,
         "seed": 0,
         "input_scale_folded": pytest.approx(SCALE),
+        "sha256": {SPARSIFY_WEIGHTS: hashlib.sha256((export / SPARSIFY_WEIGHTS).read_bytes()).hexdigest()},
     }
     tensors = load_file(str(export / SPARSIFY_WEIGHTS))
     assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == {
@@ -200,7 +202,7 @@ def test_bad_folder_refused(case: str, export: Path) -> None:
     edit, error, pattern = BAD_FOLDERS[case]
     edit(export)
     with pytest.raises(error, match=pattern):
-        load_sparsify(export)
+        load_sparsify(export, verify=False)  # what is wrong, not only that the file changed (sha256)
 
 
 # ----------------------------------------------------------------------------- the real library (optional)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from sae_refusal.cli import main
-from sae_refusal.sae.base import find_sae_exports, load_sae
-from sae_refusal.sae.formats import detect_format, load_any_sae, resolve_sae_path, sae_metadata
+from sae_refusal.sae.formats import detect_format, resolve_sae_path, sae_metadata
 from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer, layer_of_hookpoint
+from sae_refusal.sae.loading import find_sae_exports, load_any_sae, load_sae
 from sae_refusal.sae.relu import ReLUSAE
 from sae_refusal.sae.topk import TopKSAE
 
@@ -153,9 +153,9 @@ def test_a_hub_failure_and_a_missing_local_folder_are_named(
 
 def test_features_and_latent_steering_take_a_foreign_sae(tmp_path: Path) -> None:
     """A sparsify-layout SAE with no project metadata: its layer comes from the hookpoint folder name."""
-    from sae_refusal.cli import check_exports_match_data
     from sae_refusal.eval.interventions import InterventionConfig, load_intervention
     from sae_refusal.features.vectors import SteeringVectors
+    from sae_refusal.sae.provenance import check_exports_match_data
     from sae_refusal.testing import build_tiny_model
 
     _, export = _trained_topk(tmp_path / "exports" / "seed0", layer=1)

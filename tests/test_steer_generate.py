@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from sae_refusal.cli import main
 from sae_refusal.features.analysis import CLASS_NAMES
 from sae_refusal.features.vectors import SteeringVectors
-from sae_refusal.llm import LLMConfig, load_model_and_tokenizer
+from sae_refusal.llm import LLMConfig, load_model_and_tokenizer, model_fingerprint
 from sae_refusal.steer.generate import SteeredAnswer, parse_positions, steered_answers
 from sae_refusal.steer.interventions import ResidualSteering
 
@@ -31,9 +32,21 @@ def random_vector(width: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(width, generator=torch.Generator().manual_seed(seed))
 
 
-def save_vectors(folder: Path, *, width: int = 32, layer: int | None = 2, model: str = "tiny") -> Path:
+def save_vectors(
+    folder: Path,
+    *,
+    width: int = 32,
+    layer: int | None = 2,
+    model: str = "tiny",
+    fingerprint: dict[str, Any] | None = None,
+    zero: str | None = None,
+) -> Path:
     caa_CD = torch.randn(len(CLASS_NAMES) - 1, width, generator=torch.Generator().manual_seed(1))
+    if zero is not None:
+        caa_CD[CLASS_NAMES.index(zero) - 1] = 0.0  # a category without training rows
     metadata: dict[str, Any] = {"model": model} | ({} if layer is None else {"layer": layer})
+    if fingerprint is not None:
+        metadata["model_fingerprint"] = fingerprint
     return SteeringVectors(CLASS_NAMES, caa_CD, metadata=metadata).save(folder)
 
 
@@ -168,6 +181,20 @@ def test_generate_command_alpha_zero_prints_identical_answers(
         (["--positions", "end"], "--positions: expected all, prompt, generated"),
         (["--alpha", "nan"], "--alpha: must be finite"),
         (["--max_new_tokens", "0"], "--max_new_tokens: must be a positive integer"),
+        (
+            ["--vectors", "{tmp}/other"],
+            "--vectors {tmp}/other: the vectors were made on model 'tiny' whose weights differ from data.llm",
+        ),
+        (
+            ["--vectors", "{tmp}/zero"],
+            "--vectors {tmp}/zero: the caa vector of category 'safety' is all zeros (a category without "
+            "training rows gets one), so steering with it changes nothing; choose another category or "
+            "artifact, or set --allow_zero_vector",
+        ),
+        (
+            ["--vectors", "{tmp}/nan"],
+            "--vectors: {tmp}/nan/vectors.safetensors: tensor 'caa_CD' holds inf/nan",
+        ),
     ],
 )
 def test_generate_command_bad_inputs_are_one_line_naming_the_flag(
@@ -181,6 +208,12 @@ def test_generate_command_bad_inputs_are_one_line_naming_the_flag(
     save_vectors(tmp_path / "vectors")
     save_vectors(tmp_path / "narrow", width=16)
     save_vectors(tmp_path / "no-layer", layer=None)
+    save_vectors(tmp_path / "other", fingerprint={"model": "tiny", "weights_hash": "other weights"})
+    save_vectors(tmp_path / "zero", zero="safety")
+    nan = save_vectors(tmp_path / "nan")
+    tensors = load_file(str(nan / "vectors.safetensors"))
+    tensors["caa_CD"][0, 0] = float("nan")
+    save_file(tensors, str(nan / "vectors.safetensors"))
     (tmp_path / "empty").mkdir()
     options = {
         "--config": str(config),
@@ -200,9 +233,43 @@ def test_generate_command_bad_inputs_are_one_line_naming_the_flag(
     assert message.format(tmp=tmp_path) in errors[0]
 
 
-def test_generate_command_needs_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_command_takes_vectors_of_its_model_and_zero_vectors_when_allowed(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_config(tmp_path, tiny_model_dir)
+    own = model_fingerprint(LLMConfig(name_or_path=str(tiny_model_dir)))
+    staged = {**own, "model": "/elsewhere/the-same-weights"}  # the same weights by another name
+    base = [
+        "generate",
+        "--config",
+        str(config),
+        "--category",
+        "safety",
+        "--prompt",
+        "hi",
+        "--max_new_tokens",
+        "2",
+    ]
+    with caplog.at_level("WARNING", logger="sae_refusal"):
+        main([*base, "--vectors", str(save_vectors(tmp_path / "own", fingerprint=staged)), "--alpha", "4"])
+    assert "records no model fingerprint" not in caplog.text
+    capsys.readouterr()
+    zero = save_vectors(tmp_path / "zero", zero="safety", fingerprint=own)
+    main([*base, "--vectors", str(zero), "--alpha", "4", "--allow_zero_vector"])
+    header, blocks = parse_report(capsys.readouterr().out)
+    assert "(caa vector, norm 0)" in header and blocks and all(before == after for before, after in blocks)
+    other = save_vectors(tmp_path / "other", fingerprint={**own, "adapter": "some adapter"})
+    main([*base, "--vectors", str(other), "--alpha", "1", "--allow_other_model"])
+    with caplog.at_level("WARNING", logger="sae_refusal"):
+        main([*base, "--vectors", str(save_vectors(tmp_path / "old")), "--alpha", "1"])
+    assert f"--vectors {tmp_path / 'old'} records no model fingerprint (made on 'tiny'" in caplog.text
+
+
+def test_generate_command_needs_its_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "x.yaml"
+    config.write_text("data: {layer: 1}\n")
     with pytest.raises(SystemExit) as exit_:
-        main(["generate", "--config", "x.yaml", "--vectors", "v", "--category", "safety", "--alpha", "1"])
+        main(["generate", "--config", str(config), "--vectors", "v", "--category", "safety", "--alpha", "1"])
     assert exit_.value.code == 2
     assert "the following arguments are required: --prompt" in capsys.readouterr().err
 

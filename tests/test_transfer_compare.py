@@ -138,7 +138,7 @@ def test_a_heads_accuracy_on_b_is_scored_on_bs_codes(tmp_path: Path) -> None:
         splits_b[split] = _split(acts[torch.randperm(n, generator=gen)], codes)
     sae = TopKSAE(16, 64, k=8, generator=gen)
     side = SimpleNamespace(
-        spec=SimpleNamespace(llm=SimpleNamespace(name_or_path="m")), layer=1, fingerprint={}
+        spec=SimpleNamespace(llm=SimpleNamespace(name_or_path="m")), layer=1, fingerprint={}, d_model=16
     )
     a, b = SimpleNamespace(**vars(side), splits=splits_a), SimpleNamespace(**vars(side), splits=splits_b)
     cfg = SimpleNamespace(features=FeatureAnalysisConfig(projections=[], n_permutations=0, top_k_features=4))

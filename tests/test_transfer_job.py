@@ -154,6 +154,51 @@ def test_the_linear_map_carries_a_wider_copy_of_the_model(pair: dict[str, Any]) 
     assert mapped["metadata"]["carried_by_map"] == "maps/a_to_b"
 
 
+def test_an_sae_of_another_layer_or_model_is_refused_before_any_work(
+    pair: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sae_refusal.cli import job_config, transfer_parser
+    from sae_refusal.llm.loading import LLMConfig, model_fingerprint
+    from sae_refusal.transfer.job import TransferJobConfig, _check_sae_provenance
+
+    sae = pair["sae"].parent
+    fingerprinted = pair["tmp"] / "sae-fingerprinted" / "seed0"
+    TopKSAE(32, 128, k=8).save(
+        fingerprinted,
+        metadata={
+            "layer": LAYER,
+            "model": str(pair["a"]),
+            "model_fingerprint": model_fingerprint(LLMConfig(str(pair["a"]))),
+        },
+    )
+    on_b = {"label": "A", "llm": {"name_or_path": str(pair["b"]), "dtype": "float32"}}
+    cases = {
+        "layer": (
+            {"data": {"layer": 1}},
+            "source.sae: seed0 was trained at layer 2, data.layer serves 1. Use the run's own config, or "
+            "source.allow_other_model: true",
+        ),
+        "name": (
+            {"source": {**on_b, "sae": str(sae)}},
+            f"source.sae: seed0 was trained on {str(pair['a'])!r}, source.llm is {str(pair['b'])!r}",
+        ),
+        "weights": (
+            {"source": {**on_b, "sae": str(fingerprinted.parent)}},
+            f"source.sae: seed0 was trained on model {str(pair['a'])!r} whose weights differ from source.llm",
+        ),
+    }
+    for name, (extra, message) in cases.items():
+        config = _config(pair, f"refused-{name}", pair["a"], **extra)
+        with pytest.raises(SystemExit) as exit_:
+            main(["transfer", "--config", str(config)])
+        assert exit_.value.code == 2
+        assert f"sae-refusal: error: {message}" in capsys.readouterr().err
+        assert not (pair["tmp"] / "runs" / f"refused-{name}").exists()
+        allowed = job_config(transfer_parser(), ["--config", str(config)], TransferJobConfig)
+        allowed.source.allow_other_model = True
+        _check_sae_provenance(allowed.source, "source", allowed.data)  # on purpose: no error
+
+
 def test_eval_columns_on_b_report_paired_deltas(pair: dict[str, Any]) -> None:
     gates = [str(pair["study"] / "gates" / g) for g in ("refusal_token", "probe")]
     sets = {**pair["sets"], "manifest_root": str(pair["tmp"] / "eval_splits"), "max_per_set": 8}

@@ -95,8 +95,9 @@ class CacheIdentity:
         revision: Hub revision / commit hash, or ``"local"``.
         weights_hash: Content fingerprint of the weight files (whole-file sha256 of local folders and GGUF
             files, plus ``config.json``); ``""`` for hub ids (identified by ``revision``).
-        adapter_hash: :func:`~sae_refusal.finetune.artifact.artifact_hash` of the refusal-token artifact
-            applied on top (``LLMConfig.adapter_path``), ``""`` for the base model.
+        adapter_hash: :func:`~sae_refusal.llm.artifact.artifact_hash` of the refusal-token artifact applied
+            on top (``LLMConfig.adapter_path``): ``artifact.json`` and the content (sha256) of every adapter
+            file it lists, so an adapter file changed in place gives a new cache; ``""`` for the base model.
         model_dtype: Compute dtype the model was loaded in (as configured, e.g. ``"auto"``).
         quantization: ``"none"``, ``"4bit"`` or ``"8bit"``.
         attn_implementation: Attention kernel as configured (``""`` lets transformers choose).

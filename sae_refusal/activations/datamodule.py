@@ -23,6 +23,7 @@ split, each row counted once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -35,7 +36,7 @@ from sae_refusal.data.prompt_set import Label, PromptSet
 from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_set
 from sae_refusal.data.splits import SplitConfig, split_prompt_set
 from sae_refusal.llm.layers import validate_layers
-from sae_refusal.llm.loading import LLMConfig, load_model_config
+from sae_refusal.llm.loading import LLMConfig, load_model_config, model_fingerprint
 from sae_refusal.loaders import empty_validation_error, map_style_loader
 
 #: Integer codes of :class:`Label` in batches.
@@ -176,6 +177,22 @@ class ActivationDataModule(L.LightningDataModule):
         n_layers = int(load_model_config(self.llm).num_hidden_layers)
         (resolved,) = validate_layers([layer], n_layers, key="data.layer")
         return resolved
+
+    def provenance(self) -> dict[str, Any]:
+        """What the activations served are of, as artifacts made from them record it.
+
+        Returns:
+            ``{"model": data.llm's name, "model_fingerprint": its weights fingerprint (adapter included),
+            "layer": the served layer, "d_model": the residual width}``; compared with what an artifact
+            records by :func:`sae_refusal.provenance.provenance_mismatches`. Reads the model config and
+            hashes the weight files once per process (no weights are loaded).
+        """
+        return {
+            "model": self.llm.name_or_path,
+            "model_fingerprint": dict(model_fingerprint(self.llm)),
+            "layer": self.served_layer,
+            "d_model": self.d_model,
+        }
 
     # ---------------------------------------------------------------- preparation
     def load_prompts(self) -> PromptSet:

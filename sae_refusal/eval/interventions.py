@@ -29,14 +29,20 @@ decode step, and log-likelihood scoring sees it as well. Unconditional kinds giv
 
 **Provenance.** :meth:`LoadedIntervention.record` holds everything that produced the column: kind, paths,
 each artifact file's sha256, layer, alpha, category, positions and the artifact's recorded model fingerprint.
-An artifact recorded for another model than the one evaluated is refused (naming ``intervention.vectors`` /
-``intervention.gate``) unless ``allow_other_model`` is set (cross-model transfer experiments).
+An artifact recorded for another model than the one evaluated (weights content hash, adapter, quantization:
+:func:`sae_refusal.provenance.identity_differences`) is refused (naming ``intervention.vectors`` /
+``intervention.gate``) unless ``allow_other_model`` is set (cross-model transfer experiments). A vector
+artifact written before fingerprints were recorded is used with a warning naming it (recompute it with
+``sae-refusal features`` to have it checked). An all-zero vector (a category without training rows) is refused
+unless ``allow_zero_vector`` is set. ``intervention.layer`` set to another layer than the artifact's is the
+user's explicit choice: allowed, and recorded (``layer_differs_from_artifact``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -46,6 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_refusal.errors import ArtifactError
+from sae_refusal.provenance import describe_differences, identity_differences
 from sae_refusal.steer.interventions import (
     DirectionAblation,
     Intervention,
@@ -62,6 +70,8 @@ __all__ = [
     "LoadedIntervention",
     "load_intervention",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Accepted ``kind`` values.
 INTERVENTION_KINDS: tuple[str, ...] = ("none", "residual", "latent", "ablation", "gate")
@@ -87,9 +97,11 @@ class InterventionConfig:
         layer: Layer to act at; ``None`` takes the artifact's recorded layer.
         positions: ``all``, ``prompt``, ``generated`` or a token index.
         unit_norm: Scale the vector to norm 1 first (alpha in residual-norm units).
-        sae: SAE export folder (``latent``; also given to a gate on SAE codes).
+        sae: SAE export folder or hub id (``latent``; also given to a gate on SAE codes).
         gate: Gate folder (``gate``).
         allow_other_model: Apply an artifact recorded for another model (transfer experiments).
+        allow_zero_vector: Run a column whose vector is all zeros (by default an error: it steers nothing).
+        verify_sae: Check the SAE's tensor file against the sha256 its ``cfg.json`` records.
     """
 
     kind: str = "none"
@@ -104,6 +116,8 @@ class InterventionConfig:
     sae: str | None = None
     gate: str | None = None
     allow_other_model: bool = False
+    allow_zero_vector: bool = False
+    verify_sae: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in INTERVENTION_KINDS:
@@ -196,6 +210,7 @@ class _Vectors:
     global_by_space: dict[str, Tensor]  # recorded global vectors
     layer: int | None
     fingerprint: dict[str, Any] | None
+    model: str | None = None  # the name recorded beside (or instead of) a fingerprint
 
 
 def _read_vectors(folder: Path) -> _Vectors:
@@ -231,36 +246,20 @@ def _read_vectors(folder: Path) -> _Vectors:
         global_by_space={},
         layer=None if layer is None else int(layer),
         fingerprint=vectors.metadata.get("model_fingerprint"),
+        model=vectors.metadata.get("model"),
     )
-
-
-def _identity(fingerprint: dict[str, Any]) -> dict[str, str]:
-    """What identifies weights: their content hash (else hub id and revision), the adapter, the quantization.
-
-    The name a model was loaded by (a path, ``smollm2``, a hub id) is not part of it when a content hash
-    exists: the same GGUF file staged at another path is the same model.
-    """
-    weights = str(fingerprint.get("weights_hash") or "")
-    if not weights:
-        weights = f"{fingerprint.get('model', '')}@{fingerprint.get('revision', '')}"
-    return {
-        "weights": weights,
-        "adapter": str(fingerprint.get("adapter") or ""),
-        "quantization": str(fingerprint.get("quantization") or ""),
-    }
 
 
 def _check_fingerprint(
     recorded: dict[str, Any] | None, actual: dict[str, Any] | None, key: str, ok: bool
 ) -> None:
+    """Refuse an artifact recorded for other weights than ``actual`` (names ignored when hashes exist)."""
     if recorded is None or actual is None or ok:
         return
-    a, b = _identity(recorded), _identity(actual)
-    diff = [f for f in a if a[f] != b[f]]
+    diff = identity_differences(recorded, actual)
     if diff:
-        raise ValueError(
-            f"{key}: the artifact was made on another model ({', '.join(diff)} differ: recorded "
-            f"{ {f: a[f] for f in diff} }, evaluated { {f: b[f] for f in diff} }); "
+        raise ArtifactError(
+            f"{key}: the artifact was made on another model ({describe_differences(diff, 'evaluated')}); "
             "set intervention.allow_other_model: true for a transfer experiment"
         )
 
@@ -385,12 +384,15 @@ def load_intervention(
     depth, width = num_layers(model), d_model(model)
     sae = None
     if cfg.sae:
-        from sae_refusal.sae.base import load_sae
+        from sae_refusal.sae.formats import resolve_sae_path
+        from sae_refusal.sae.loading import load_sae
 
-        sae_path = Path(cfg.sae)
+        sae_path = resolve_sae_path(cfg.sae)  # a hub id stays a string until resolved
         if not sae_path.is_dir():
-            raise FileNotFoundError(f"intervention.sae: {sae_path} is not a folder (an SAE export)")
-        sae = load_sae(sae_path)
+            raise FileNotFoundError(
+                f"intervention.sae: {cfg.sae} is not a folder (an SAE export) nor a hub id"
+            )
+        sae = load_sae(sae_path, verify=cfg.verify_sae)  # its errors name the files
         if sae.d_model != width:
             raise ValueError(f"intervention.sae: the SAE's width {sae.d_model} != the model's width {width}")
         record["sae_files"] = _files_hash(sae_path)
@@ -423,12 +425,30 @@ def load_intervention(
         raise FileNotFoundError(f"intervention.vectors: {folder} is not a folder")
     vectors = _read_vectors(folder)
     _check_fingerprint(vectors.fingerprint, fingerprint, "intervention.vectors", cfg.allow_other_model)
+    if vectors.fingerprint is None and fingerprint is not None and not cfg.allow_other_model:
+        made_on = f"made on {vectors.model!r}, " if vectors.model else ""
+        log.warning(
+            "intervention.vectors: %s records no model fingerprint (%sevaluated: %r); it cannot be "
+            "checked to come from these weights and adapter. Recompute it with sae-refusal features to have "
+            "it checked",
+            folder,
+            made_on,
+            fingerprint.get("model"),
+        )
     layer = cfg.layer if cfg.layer is not None else vectors.layer
     if layer is None:
         raise ValueError(f"intervention.layer: {folder} records no layer; set intervention.layer")
     if layer >= depth:
         raise ValueError(f"intervention.layer: {layer} does not exist in a model with {depth} layers")
     vector = _category_vector(vectors, cfg).detach().float()
+    if not cfg.allow_zero_vector:
+        from sae_refusal.features.vectors import require_nonzero
+
+        require_nonzero(
+            vector,
+            f"intervention.vectors: the {cfg.space} vector of category {cfg.category!r} in {folder}",
+            "intervention.allow_zero_vector: true",
+        )
     if cfg.kind == "latent":
         if sae is None or vector.shape[-1] != sae.n_latents:
             raise ValueError(

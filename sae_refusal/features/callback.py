@@ -84,11 +84,19 @@ class FeatureAnalysisCallback(L.Callback):
         root = Path(log_dir or trainer.default_root_dir)
         out_dir = root / self.output_subdir / f"epoch{trainer.current_epoch}"
         saes = dict(named_saes())
+        provenance = getattr(datamodule, "provenance", None)
         metadata: dict[str, Any] = {
             "epoch": trainer.current_epoch,  # the epoch just trained: the SAE weights analysed are its end
             "global_step": trainer.global_step,  # optimiser steps taken up to those weights
-            "model": getattr(getattr(datamodule, "llm", None), "name_or_path", None),
-            "layer": getattr(datamodule, "layer", None),
+            # model, model_fingerprint (weights + adapter), layer, d_model: what the vectors' consumers check
+            **(
+                provenance()
+                if callable(provenance)
+                else {
+                    "model": getattr(getattr(datamodule, "llm", None), "name_or_path", None),
+                    "layer": getattr(datamodule, "layer", None),
+                }
+            ),
             "sae_paths": {name: str(root / "sae" / name) for name in saes},
         }
         result = analyze_features(splits, saes, self.analysis, out_dir=out_dir, metadata=metadata)

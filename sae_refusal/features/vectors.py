@@ -17,8 +17,12 @@ negative code (ambiguous prompts) take part in nothing here.
 
 :class:`SteeringVectors` is the saved form: ``vectors.safetensors`` (``caa_CD``; ``sas_CF`` and
 ``sas_decoded_CD`` when an SAE was used; row ``c - 1`` belongs to category ``c``) and ``vectors.json`` (class
-names, layer, model, SAE id and seed, ``tau``, ``top_k``, set sizes, and the ``epoch`` and ``global_step`` of
-the SAE weights the vectors came from, ``None`` when unknown), written atomically.
+names, layer, model, ``model_fingerprint`` (weights and adapter), ``d_model``, SAE id and seed, ``tau``,
+``top_k``, set sizes, and the ``epoch`` and ``global_step`` of the SAE weights the vectors came from, ``None``
+when unknown), written atomically. Non-finite vectors are refused on save and on load (naming the file and
+the tensor). Consumers (eval columns, ``sae-refusal generate``) compare :meth:`SteeringVectors.recorded` with
+the model they steer (:func:`sae_refusal.provenance.provenance_mismatches`) and refuse an all-zero vector
+(:func:`require_nonzero`) unless told to allow it.
 """
 
 from __future__ import annotations
@@ -33,11 +37,43 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.errors import ArtifactError
 
-__all__ = ["SASResult", "SteeringVectors", "caa_vectors", "class_means", "sas_vectors"]
+__all__ = [
+    "SASResult",
+    "SteeringVectors",
+    "caa_vectors",
+    "class_means",
+    "non_finite_tensor",
+    "require_nonzero",
+    "sas_vectors",
+]
 
 VECTORS_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
+
+
+def non_finite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding inf or nan, else ``None``."""
+    return next((k for k, v in tensors.items() if not bool(torch.isfinite(v).all())), None)
+
+
+def require_nonzero(vector: torch.Tensor, what: str, allow: str) -> None:
+    """Refuse an all-zero steering vector (a category without training rows gets one): it steers nothing.
+
+    Args:
+        vector: The vector about to steer.
+        what: Names it in the message: the artifact, the category and the space.
+        allow: The config key or flag that allows it on purpose.
+
+    Raises:
+        ArtifactError: If every entry is zero.
+    """
+    if not bool(torch.any(vector != 0)):
+        raise ArtifactError(
+            f"{what} is all zeros (a category without training rows gets one), so steering with it changes "
+            f"nothing; choose another category or artifact, or set {allow} to run it anyway"
+        )
 
 
 def _check_rows(X_ND: torch.Tensor, y_N: torch.Tensor, n_classes: int, what: str) -> None:
@@ -192,13 +228,35 @@ class SteeringVectors:
             raise ValueError(f"no {space!r} vectors in this artifact (spaces: caa, sas, sas_decoded)")
         return tensor[index - 1]
 
+    def recorded(self) -> dict[str, Any]:
+        """What the vectors were made on, as :func:`sae_refusal.provenance.provenance_mismatches` compares it:
+        ``layer``, ``model``, ``model_fingerprint`` (``None`` in artifacts written before it was recorded) and
+        ``d_model`` (the residual width of the CAA vectors)."""
+        return {
+            "layer": self.metadata.get("layer"),
+            "model": self.metadata.get("model"),
+            "model_fingerprint": self.metadata.get("model_fingerprint"),
+            "d_model": self.metadata.get("d_model", int(self.caa_CD.shape[-1])),
+        }
+
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``vectors.safetensors`` + ``vectors.json`` into ``folder`` atomically; returns the folder."""
+        """Write ``vectors.safetensors`` + ``vectors.json`` into ``folder`` atomically; returns the folder.
+
+        Raises:
+            ArtifactError: If a vector holds inf / nan (e.g. from an SAE with non-finite weights); nothing is
+                written.
+            TypeError: If the metadata is not JSON-serialisable; nothing is written.
+        """
         tensors = {"caa_CD": self.caa_CD.detach().float().cpu().contiguous()}
         for name in ("sas_CF", "sas_decoded_CD"):
             tensor = getattr(self, name)
             if tensor is not None:
                 tensors[name] = tensor.detach().float().cpu().contiguous()
+        bad = non_finite_tensor(tensors)
+        if bad is not None:
+            raise ArtifactError(
+                f"{Path(folder) / VECTORS_FILE}: tensor {bad!r} holds inf/nan; nothing written"
+            )
         record = {"class_names": self.class_names, "tensors": sorted(tensors), "metadata": self.metadata}
         text = json.dumps(record, indent=2)  # fails before anything is written if metadata is not JSON
         with AtomicFolder(folder) as out:
@@ -208,14 +266,31 @@ class SteeringVectors:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> SteeringVectors:
-        """Read an artifact written by :meth:`save`."""
+        """Read an artifact written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: If ``vectors.json`` or ``vectors.safetensors`` is missing.
+            ArtifactError: If a file does not parse, or a vector holds inf / nan (naming the file and tensor).
+        """
+        from sae_refusal.jsonfile import read_json_object
+
         folder = Path(folder)
         meta_path, tensor_path = folder / META_FILE, folder / VECTORS_FILE
         for path in (meta_path, tensor_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist: not a steering-vector artifact folder")
-        record = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensor_path))
+        try:
+            record = read_json_object(meta_path)
+            tensors = load_file(str(tensor_path))
+        except Exception as err:  # bad JSON, or safetensors' own errors on an empty / garbled file
+            raise ArtifactError(f"{folder}: not a readable steering-vector artifact ({err})") from err
+        bad = non_finite_tensor(tensors)
+        if bad is not None:
+            raise ArtifactError(
+                f"{tensor_path}: tensor {bad!r} holds inf/nan; recompute the vectors (sae-refusal features)"
+            )
+        if "caa_CD" not in tensors or "class_names" not in record:
+            raise ArtifactError(f"{folder}: not a steering-vector artifact (no caa_CD tensor or class_names)")
         return cls(
             class_names=list(record["class_names"]),
             caa_CD=tensors["caa_CD"],

@@ -198,9 +198,13 @@ def read_refusal_artifact(folder: str | Path) -> RefusalArtifact:
 
 
 def artifact_hash(folder: str | Path) -> str:
-    """Identity of an artifact for cache manifests: sha256 of ``artifact.json`` and each file's size.
+    """Identity of an artifact for cache manifests: ``artifact.json`` and the content of every file it lists.
 
-    ``artifact.json`` records the sha256 of every file, so this changes whenever any weight changes.
+    Each listed file (the LoRA adapter's weights and config, the token rows) enters by name, size and
+    whole-file sha256 (:func:`~sae_refusal.llm.hashing.file_sha256`, memoised per process by path, size,
+    mtime and inode, so a multi-MB adapter is read once), so an adapter file changed in place gives another
+    identity even when ``artifact.json`` is unchanged (loading such an artifact is then refused by
+    :func:`verify_artifact_files`; a cache of it is never reused).
 
     Args:
         folder: The artifact folder.
@@ -217,7 +221,7 @@ def artifact_hash(folder: str | Path) -> str:
         path = artifact.folder / name
         if not path.is_file():
             raise FileNotFoundError(f"adapter_path: {str(artifact.folder)!r} lacks {name}")
-        digest.update(f"\0{name}\0{path.stat().st_size}".encode())
+        digest.update(f"\0{name}\0{path.stat().st_size}\0{file_sha256(path)}".encode())
     return digest.hexdigest()
 
 

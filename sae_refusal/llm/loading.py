@@ -465,9 +465,9 @@ def model_fingerprint(cfg: LLMConfig, model: nn.Module | None = None) -> dict[st
 
     Returns:
         ``{"model", "source", "revision", "gguf_file", "weights_hash", "quantization"}``, all strings
-        (``""`` where not applicable), plus ``"adapter"`` (sha256 of the artifact's ``artifact.json`` and
-        file sizes) when :attr:`LLMConfig.adapter_path` is set, so a fine-tuned model never shares a cache
-        with its base.
+        (``""`` where not applicable), plus ``"adapter"`` (:func:`~sae_refusal.llm.artifact.artifact_hash`:
+        the artifact's ``artifact.json`` and the content of every file it lists) when
+        :attr:`LLMConfig.adapter_path` is set, so a fine-tuned model never shares a cache with its base.
 
     Raises:
         FileNotFoundError: If a local source does not exist or holds no weight files.

@@ -7,11 +7,14 @@ multiplies every input before encoding and divides every reconstruction, so a us
 activations and gets raw-space reconstructions, exactly as during training. Losses and ``mse`` are measured in
 the normalised space (scale chosen so that the mean input norm is ``sqrt(D)``), so they compare across models.
 
-Export layout (one folder per SAE; :func:`load_sae` reads it without Lightning)::
+Export layout (one folder per SAE; :func:`sae_refusal.sae.loading.load_sae` reads it without Lightning)::
 
     cfg.json            {"architecture": "topk" | "relu_l1", <shape and loss settings>, "input_scale": s,
-                         "metadata": {...}}
-    sae.safetensors     the parameters and buffers, float32
+                         "metadata": {...}, "sha256": {"sae.safetensors": <hex>}}
+    sae.safetensors     the parameters and buffers, float32 (all finite: a non-finite one is refused)
+
+The sha256 is verified on load (:mod:`sae_refusal.sae.files`); exports written before it was recorded load
+unverified.
 """
 
 from __future__ import annotations
@@ -23,19 +26,24 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.sae.files import SHA256_KEY, write_tensors
 
 __all__ = [
+    "CONFIG_FILE",
     "SAE_REGISTRY",
+    "WEIGHTS_FILE",
     "SAEOutput",
     "SparseAutoencoder",
-    "find_sae_exports",
-    "load_sae",
     "mean_norm_scale",
 ]
+
+#: Config file of a project export.
+CONFIG_FILE = "cfg.json"
+#: Tensor file of a project export.
+WEIGHTS_FILE = "sae.safetensors"
 
 
 class SAEOutput(NamedTuple):
@@ -162,80 +170,31 @@ class SparseAutoencoder(nn.Module):
     def save(self, folder: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
         """Write ``cfg.json`` + ``sae.safetensors`` into ``folder`` atomically (temp folder + rename).
 
+        ``cfg.json`` records the sha256 of ``sae.safetensors`` (verified on load).
+
         Args:
             folder: Export folder (replaced if it exists).
             metadata: JSON-serialisable facts to keep beside the config (model, layer, seed, training).
+
+        Raises:
+            ArtifactError: If a parameter or buffer holds inf / nan (nothing is written).
+            TypeError: If ``metadata`` is not JSON-serialisable (nothing is written).
         """
-        record = {
+        record: dict[str, Any] = {
             "architecture": self.architecture,
             **self.config(),
             "input_scale": float(self.input_scale),
             "metadata": metadata or {},
         }
-        text = json.dumps(record, indent=2)
+        json.dumps(record)  # fails before anything is written if metadata is not JSON
         with AtomicFolder(folder) as out:
-            (out.tmp / "cfg.json").write_text(text)
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(tensors, str(out.tmp / "sae.safetensors"))
+            digest = write_tensors(
+                self.state_dict(), out.tmp / WEIGHTS_FILE, label=Path(folder) / WEIGHTS_FILE
+            )
+            record[SHA256_KEY] = {WEIGHTS_FILE: digest}
+            (out.tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
             return out.commit()
 
 
 #: ``cfg.json`` ``architecture`` -> SAE class; filled by the modules that define them.
 SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
-
-
-def load_sae(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an SAE (no Lightning needed): a project export (``cfg.json`` says which architecture), a sparsify
-    or SAELens folder (:mod:`sae_refusal.sae.formats`), or a hub id ``owner/repo[/hookpoint]`` of one.
-
-    Raises:
-        FileNotFoundError: If ``cfg.json`` or ``sae.safetensors`` is missing.
-        ValueError: If the architecture is unknown or the config does not fit the class.
-    """
-    import sae_refusal.sae  # noqa: F401  (registers the architectures)
-    from sae_refusal.sae.formats import load_any_sae, resolve_sae_path
-    from sae_refusal.sae.formats.saelens import is_saelens_folder
-    from sae_refusal.sae.formats.sparsify import is_sparsify_folder
-
-    folder = resolve_sae_path(folder)
-    if is_sparsify_folder(folder) or is_saelens_folder(folder):
-        return load_any_sae(folder, device=device)
-    cfg_path = folder / "cfg.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no SAE export at {folder} (missing cfg.json)")
-    weights = folder / "sae.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"SAE export {folder} lacks sae.safetensors")
-    raw = json.loads(cfg_path.read_text())
-    architecture = raw.pop("architecture", None)
-    if architecture not in SAE_REGISTRY:
-        raise ValueError(f"{cfg_path}: unknown architecture {architecture!r} (known: {sorted(SAE_REGISTRY)})")
-    raw.pop("input_scale", None)
-    raw.pop("metadata", None)
-    try:
-        sae = SAE_REGISTRY[architecture](**raw)
-    except TypeError as err:
-        raise ValueError(f"{cfg_path}: config does not fit a {architecture} SAE: {err}") from err
-    sae.load_state_dict(load_file(str(weights), device=str(device)))
-    return sae.to(device)
-
-
-def find_sae_exports(folder: str | os.PathLike[str]) -> dict[str, Path]:
-    """The exports under ``folder``: itself when it holds ``cfg.json``, else its ``seed*/`` exports, by name.
-
-    ``folder`` may be a hub id (``owner/repo[/hookpoint]``, see
-    :func:`sae_refusal.sae.formats.resolve_sae_path`); any format :func:`load_sae` reads counts (each has a
-    ``cfg.json``).
-
-    Raises:
-        FileNotFoundError: If there is no ``cfg.json`` there nor in any ``seed*/`` subfolder.
-    """
-    from sae_refusal.sae.formats import resolve_sae_path
-
-    folder = resolve_sae_path(folder)
-    if (folder / "cfg.json").is_file():
-        return {folder.name: folder}
-    found = {p.name: p for p in sorted(folder.glob("seed*")) if (p / "cfg.json").is_file()}
-    if not found:
-        raise FileNotFoundError(f"{folder}: no SAE export (no cfg.json there nor in any seed*/ subfolder)")
-    return found

@@ -17,7 +17,9 @@ squared distance to the training mean for the same reason.
 
 The architecture is kept in the hyperparameters as ``{"class_path", "init_args"}`` (plain data), so
 ``SAEModule.load_from_checkpoint`` and ``sae-refusal validate|test --ckpt_path`` rebuild exactly the trained
-SAE.
+SAE. Each checkpoint also records what the SAEs were trained on (``layer``, ``d_model``, ``model``,
+``model_fingerprint``: :data:`~sae_refusal.sae.provenance.CHECKPOINT_KEY`), and a trainer restoring one onto
+a data module serving another layer, model or width refuses it (:meth:`SAEModule.on_load_checkpoint`).
 
 A non-finite loss raises :class:`FloatingPointError` naming the step and the seed before any optimiser step;
 the exports (``<log_dir>/sae/seed{n}/cfg.json`` + ``sae.safetensors``) are written only at the end of a
@@ -50,6 +52,7 @@ from sae_refusal.distributed import destroy_process_group_at_exit
 from sae_refusal.llm.loading import LLMConfig, model_fingerprint
 from sae_refusal.sae.architectures import SAEArchitecture, TopK, architecture_from_config
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, mean_norm_scale
+from sae_refusal.sae.provenance import CHECKPOINT_KEY, check_checkpoint_matches_data
 
 __all__ = ["EVAL_CLASS_NAMES", "SAEModule", "class_names_of_batch"]
 
@@ -139,6 +142,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("data_mean_D", torch.zeros(d_model))
         self._fired: dict[str, torch.Tensor] = {}
         self._class_sums: dict[str, dict[str, Any]] = {}
+        self._data_record: dict[str, Any] | None = None
 
     @property
     def _bar_seed(self) -> str:
@@ -376,6 +380,30 @@ class SAEModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_split_fvu("test")
 
+    # ------------------------------------------------------------------ provenance
+    def data_provenance(self) -> dict[str, Any] | None:
+        """What the trainer's data module serves (layer, width, model, fingerprint), once per module; ``None``
+        without a trainer or an activation data module."""
+        if self._data_record is None and self._trainer is not None:
+            provenance = getattr(getattr(self.trainer, "datamodule", None), "provenance", None)
+            if callable(provenance):
+                self._data_record = dict(provenance())
+        return self._data_record
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what the SAEs are trained on, for the check of :meth:`on_load_checkpoint`."""
+        record = self.data_provenance()
+        if record is not None:
+            checkpoint[CHECKPOINT_KEY] = record
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of SAEs trained at another layer, width or on another model than the trainer's
+        data module serves (:func:`~sae_refusal.sae.provenance.check_checkpoint_matches_data`)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "served_layer"):
+            ckpt = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
+            check_checkpoint_matches_data(checkpoint, datamodule, ckpt, warn=False)
+
     # ------------------------------------------------------------------ export
     def export_metadata(self, seed: int) -> dict[str, Any]:
         """Facts kept in each export's ``cfg.json``: seed, architecture, data (model, layer) when known."""
@@ -390,7 +418,11 @@ class SAEModule(L.LightningModule):
             completed = int(self.trainer.fit_loop.epoch_progress.current.completed)
             meta["epoch"] = completed - 1 if completed > 0 else None
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
+        record = self.data_provenance()
+        if record is not None:
+            meta.update(record)
+            meta["adapter_path"] = getattr(getattr(datamodule, "llm", None), "adapter_path", None)
+        elif datamodule is not None:
             llm = getattr(datamodule, "llm", None)
             served = getattr(datamodule, "served_layer", None)
             meta["layer"] = served if served is not None else getattr(datamodule, "layer", None)

@@ -17,8 +17,11 @@ Design notes:
   acts on the prefill and on every cached decode step. Greedy decoding, so alpha 0 gives the unsteered
   answer bit for bit (an idle hook leaves the hidden states untouched).
 * **Checks before weights.** The vector (folder, category, space), the layer (``--layer`` against the
-  artifact's) and the width are checked against the model's config before any weight is loaded; every
-  error names the flag (``ValueError`` / ``OSError``: one line and exit 2 from the CLI).
+  artifact's), the width and the model (the artifact's recorded weights fingerprint, adapter included,
+  against ``data.llm``'s; ``--allow_other_model`` to steer another model on purpose; an artifact written
+  before fingerprints were recorded gets a warning) are checked before any weight is loaded, and an all-zero
+  vector (a category without training rows) is an error unless ``--allow_zero_vector``; every error names the
+  flag (``ValueError`` / ``OSError``: one line and exit 2 from the CLI).
 * **Light until needed.** Only the standard library is imported at module level, so
   ``sae-refusal generate --help`` answers at once; torch and transformers are imported by the functions
   that run the model.
@@ -34,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sae_refusal.errors import ArtifactError
+
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
@@ -47,6 +52,7 @@ __all__ = [
     "Answer",
     "GenerateRequest",
     "SteeredAnswer",
+    "check_vectors_model",
     "generate_parser",
     "parse_positions",
     "parse_request",
@@ -264,6 +270,16 @@ def generate_parser(with_config: bool = True) -> argparse.ArgumentParser:
         default="all",
         help="where to add the vector: all (default), prompt, generated, or K (tokens from index K on)",
     )
+    parser.add_argument(
+        "--allow_other_model",
+        action="store_true",
+        help="steer data.llm with vectors recorded for other weights or another adapter (by default refused)",
+    )
+    parser.add_argument(
+        "--allow_zero_vector",
+        action="store_true",
+        help="run with an all-zero vector (a category without training rows; by default an error)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=64, help="most tokens per answer (64)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (8)")
     parser.add_argument(
@@ -307,6 +323,8 @@ class GenerateRequest:
     batch_size: int
     prompts: list[str]
     fit_args: list[str]
+    allow_other_model: bool = False
+    allow_zero_vector: bool = False
 
 
 def parse_request(args: Sequence[str]) -> GenerateRequest:
@@ -341,6 +359,8 @@ def parse_request(args: Sequence[str]) -> GenerateRequest:
         batch_size=known.batch_size,
         prompts=list(known.prompt),
         fit_args=rest,
+        allow_other_model=bool(known.allow_other_model),
+        allow_zero_vector=bool(known.allow_zero_vector),
     )
 
 
@@ -420,8 +440,42 @@ def _load_vectors(folder: Path) -> SteeringVectors:
         return SteeringVectors.load(folder)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--vectors: {err}") from None
+    except ArtifactError as err:
+        raise ArtifactError(f"--vectors: {err}") from None
     except (KeyError, ValueError) as err:
         raise ValueError(f"--vectors {folder}: not a readable steering-vector artifact ({err})") from None
+
+
+def check_vectors_model(request: GenerateRequest, vectors: SteeringVectors, llm: LLMConfig) -> None:
+    """Refuse vectors recorded for other weights than ``data.llm`` (unless ``--allow_other_model``).
+
+    Compared by weights fingerprint (content hash or hub revision, adapter, quantization); an artifact
+    written before fingerprints were recorded is compared by name and warned about.
+
+    Raises:
+        ArtifactError: Naming ``--vectors``, ``data.llm`` and what differs.
+    """
+    from sae_refusal.llm.loading import model_fingerprint
+    from sae_refusal.provenance import provenance_mismatches
+
+    recorded = vectors.recorded()
+    if request.allow_other_model:
+        return
+    served = {"model": llm.name_or_path, "model_fingerprint": lambda: model_fingerprint(llm)}
+    problems = provenance_mismatches(recorded, served, {"model": "data.llm"})
+    if problems and recorded["model_fingerprint"] is not None:
+        raise ArtifactError(
+            f"--vectors {request.vectors}: the vectors were {problems[0]}; give the config of the model they "
+            "were made on, or --allow_other_model to steer this one with them on purpose"
+        )
+    if recorded["model_fingerprint"] is None:
+        made_on = f" (made on {recorded['model']!r}, data.llm is {llm.name_or_path!r})" if problems else ""
+        log.warning(
+            "--vectors %s records no model fingerprint%s: it cannot be checked to come from these weights "
+            "and adapter; recompute it with sae-refusal features to have it checked",
+            request.vectors,
+            made_on,
+        )
 
 
 def _model_shape(llm: LLMConfig) -> tuple[int, int]:
@@ -478,17 +532,23 @@ def run_generate(
     """
     import torch
 
+    from sae_refusal.features.vectors import require_nonzero
     from sae_refusal.llm.loading import load_model_and_tokenizer
     from sae_refusal.steer.interventions import ResidualSteering
 
     vectors = _load_vectors(request.vectors)
     n_layers, width = _model_shape(llm)
     vector, category, layer = steering_vector(request, vectors, n_layers=n_layers, width=width)
-    recorded_model = vectors.metadata.get("model")
-    if recorded_model is not None and recorded_model != llm.name_or_path:
-        log.warning("the vectors were computed on %r, data.llm is %r", recorded_model, llm.name_or_path)
-    if not bool(torch.any(vector != 0)):
-        log.warning("the %s vector of %r is all zeros: steering changes nothing", request.space, category)
+    check_vectors_model(request, vectors, llm)
+    if request.allow_zero_vector:
+        if not bool(torch.any(vector != 0)):
+            log.warning("the %s vector of %r is all zeros: steering changes nothing", request.space, category)
+    else:
+        require_nonzero(
+            vector,
+            f"--vectors {request.vectors}: the {request.space} vector of category {category!r}",
+            "--allow_zero_vector",
+        )
     log.info("loading %s", llm.name_or_path)
     model, tokenizer = load_model_and_tokenizer(llm)
     edit = ResidualSteering(vector, alpha=request.alpha, positions=request.positions)

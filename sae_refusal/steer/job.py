@@ -461,7 +461,13 @@ def _run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
         SteeringVectors(
             class_names=class_names,
             caa_CD=vectors_CD,
-            metadata={"layer": layer, "model_fingerprint": fingerprint, "global_D": "tables.safetensors"},
+            metadata={
+                "layer": layer,
+                "d_model": int(vectors_CD.shape[-1]),
+                "model": fingerprint.get("model"),
+                "model_fingerprint": fingerprint,
+                "global_D": "tables.safetensors",
+            },
         ).save(out.tmp / "vectors")
         for kind, steering in fitted.items():
             steering.save(out.tmp / "gates" / kind)

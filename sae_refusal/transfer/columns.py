@@ -63,6 +63,7 @@ def vectors_for_columns(
             metadata={
                 **a_vectors.metadata,
                 "layer": b.layer,
+                "d_model": b.d_model,
                 "carried_by_map": "maps/a_to_b",
                 "model_fingerprint": a.fingerprint,
             },

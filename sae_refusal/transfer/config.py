@@ -47,6 +47,9 @@ class ModelSide:
             the vectors the job computes from this model's train rows (CAA, and SAS in A's SAE).
         gates: Gate folders tuned on this model (``sae-refusal steer``), used by ``gate`` columns by name.
         layer: Layer read on this model; ``None``: ``data.layer``.
+        allow_other_model: Use ``sae`` although its exports record another layer than this side reads or
+            another model than ``llm`` (by default refused, naming both).
+        verify_sae: Check the SAE tensor files against the sha256 their ``cfg.json`` records.
     """
 
     llm: LLMConfig
@@ -55,6 +58,8 @@ class ModelSide:
     vectors: str | None = None
     gates: list[str] = field(default_factory=list)
     layer: int | None = None
+    allow_other_model: bool = False
+    verify_sae: bool = True
 
 
 @dataclass

@@ -97,6 +97,7 @@ def compare_features(
         metadata={
             "model": a.spec.llm.name_or_path,
             "layer": a.layer,
+            "d_model": a.d_model,
             "model_fingerprint": a.fingerprint,
             "sae_paths": sae_paths,
             "transfer_role": "source",
@@ -110,6 +111,7 @@ def compare_features(
         metadata={
             "model": b.spec.llm.name_or_path,
             "layer": b.layer,
+            "d_model": b.d_model,
             "model_fingerprint": b.fingerprint,
             "sae_paths": sae_paths,
             "sae_model_fingerprint": a.fingerprint,

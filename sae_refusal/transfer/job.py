@@ -110,14 +110,48 @@ def _load_side(spec: ModelSide, key: str, data: TransferData, timings: dict[str,
     )
 
 
-def _load_saes(path: str, key: str, width: int, model_label: str) -> tuple[dict[str, Any], dict[str, Path]]:
-    from sae_refusal.sae.base import find_sae_exports, load_sae
+def _check_sae_provenance(spec: ModelSide, key: str, data: TransferData) -> None:
+    """Refuse ``spec.sae`` exports recorded for another layer or model than the side reads, before any
+    activation is computed (unless ``{key}.allow_other_model``).
+
+    Raises:
+        ArtifactError: Naming ``{key}.sae``, the layer key (``data.layer`` or ``{key}.layer``), ``{key}.llm``
+            and both values.
+    """
+    if not spec.sae or spec.allow_other_model:
+        return
+    from sae_refusal.activations.datamodule import ActivationDataModule
+    from sae_refusal.sae.formats import sae_metadata
+    from sae_refusal.sae.loading import find_sae_exports
+    from sae_refusal.sae.provenance import check_exports_match_data
+
+    layer = data.layer if spec.layer is None else spec.layer
+    module = ActivationDataModule(
+        llm=spec.llm, cache=dataclasses.replace(data.cache, layers=[layer]), layer=layer
+    )
+    try:
+        folders = find_sae_exports(spec.sae)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{key}.sae: {err}") from err
+    check_exports_match_data(
+        {name: sae_metadata(folder) for name, folder in folders.items()},
+        module,
+        flag=f"{key}.sae",
+        keys={"layer": "data.layer" if spec.layer is None else f"{key}.layer", "model": f"{key}.llm"},
+        allow=f"{key}.allow_other_model: true",
+    )
+
+
+def _load_saes(
+    path: str, key: str, width: int, model_label: str, *, verify: bool = True
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    from sae_refusal.sae.loading import find_sae_exports, load_sae
 
     try:
         folders = find_sae_exports(path)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{key}: {err}") from err
-    saes = {name: load_sae(folder) for name, folder in folders.items()}
+    saes = {name: load_sae(folder, verify=verify) for name, folder in folders.items()}
     wrong = {name: sae.d_model for name, sae in saes.items() if sae.d_model != width}
     if wrong:
         raise ValueError(f"{key}: SAE width {wrong} != the residual width {width} of model {model_label}")
@@ -229,6 +263,8 @@ def _run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
 
     out_dir = Path(cfg.out_dir)
     check_columns(cfg)
+    _check_sae_provenance(cfg.source, "source", cfg.data)
+    _check_sae_provenance(cfg.target, "target", cfg.data)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     a = _load_side(cfg.source, "source", cfg.data, timings)
@@ -245,10 +281,14 @@ def _run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
             "read B as they are. Set map.kind: least_squares to fit a linear map between them on paired "
             "prompts"
         )
-    saes_a, folders = _load_saes(str(cfg.source.sae), "source.sae", a.d_model, f"A ({a.spec.label})")
+    saes_a, folders = _load_saes(
+        str(cfg.source.sae), "source.sae", a.d_model, f"A ({a.spec.label})", verify=cfg.source.verify_sae
+    )
     saes_b_own: dict[str, Any] = {}
     if cfg.target.sae:
-        saes_b_own, _ = _load_saes(cfg.target.sae, "target.sae", b.d_model, f"B ({b.spec.label})")
+        saes_b_own, _ = _load_saes(
+            cfg.target.sae, "target.sae", b.d_model, f"B ({b.spec.label})", verify=cfg.target.verify_sae
+        )
     seed_name = (cfg.eval.sae_seed if cfg.eval else None) or next(iter(saes_a))
     if seed_name not in saes_a:
         raise ValueError(f"eval.sae_seed: {seed_name!r} is not among source.sae's exports {sorted(saes_a)}")

@@ -3,13 +3,15 @@
 * :func:`detect_format` tells the three apart from the files: the project's export (``cfg.json`` with an
   ``architecture`` the registry knows + ``sae.safetensors``), sparsify's (``cfg.json`` with ``d_in`` +
   ``sae.safetensors`` holding ``encoder.weight``), SAELens' (``cfg.json`` + ``sae_weights.safetensors``).
-* :func:`load_any_sae` loads any of them as a project module (:func:`sae_refusal.sae.base.load_sae` calls it
-  for foreign folders), so every command that takes an SAE (features, steer, eval, transfer) takes them.
+* :mod:`sae_refusal.sae.loading` (above this package and :mod:`sae_refusal.sae.base`) loads any of them as
+  a project module, so every command that takes an SAE (features, steer, eval, transfer) takes them.
 * :func:`resolve_sae_path` turns a hub id into a local folder: ``owner/repo`` or ``owner/repo/<hookpoint>``
   (a path that exists locally always wins, and one whose first folder exists or that is deeper is local;
-  ``hf://owner/repo/<hookpoint>`` forces the hub), downloading only that hookpoint's files.
+  ``hf://owner/repo/<hookpoint>`` forces the hub; ``hf:/...``, what ``Path("hf://...")`` makes of it, is read
+  as ``hf://``), downloading only that hookpoint's files.
 * :func:`sae_metadata` gives the project's metadata (``layer``, ``model``, ``seed``...) of any folder: the
-  export's own, or mapped from the library's hookpoint name (:mod:`sae_refusal.sae.formats.hookpoints`).
+  export's own, or mapped from the library's hookpoint name (:mod:`sae_refusal.sae.formats.hookpoints`); a
+  hookpoint that is no block output (``hook_resid_mid``...) is refused: no layer holds its activations.
 * :func:`export_sae` writes a project SAE in a library's layout with the input scale folded into the weights
   (``W_enc' = s W_enc``, ``b_dec' = b_dec / s``, ``W_dec' = W_dec / s``): the same codes and reconstruction on
   raw activations.
@@ -17,22 +19,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from sae_refusal.errors import ArtifactError
 from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.sae.files import read_config
 
 __all__ = [
     "EXPORT_FORMATS",
     "FORMATS",
     "detect_format",
     "export_sae",
-    "load_any_sae",
     "resolve_sae_path",
     "sae_metadata",
 ]
@@ -52,7 +52,7 @@ def detect_format(folder: str | os.PathLike[str]) -> str:
     Raises:
         FileNotFoundError: If ``folder`` holds none of the three (naming what it lacks).
     """
-    from sae_refusal.sae.formats.saelens import is_saelens_folder
+    from sae_refusal.sae.formats.saelens import SAELENS_WEIGHTS, is_saelens_folder
     from sae_refusal.sae.formats.sparsify import is_sparsify_folder
 
     folder = Path(folder)
@@ -61,28 +61,20 @@ def detect_format(folder: str | os.PathLike[str]) -> str:
     if is_sparsify_folder(folder):
         return "sparsify"
     cfg = folder / "cfg.json"
+    if cfg.is_file() and (folder / SAELENS_WEIGHTS).is_file():
+        return "saelens"  # with a cfg.json too broken to tell: its loader names the file
     if cfg.is_file() and (folder / "sae.safetensors").is_file():
+        try:
+            record = read_config(cfg)
+        except ValueError:
+            return "sae_refusal"  # its loader names the file
+        if "d_in" in record and "architecture" not in record:
+            return "sparsify"  # sparsify's config beside weights too broken to read: its loader names them
         return "sae_refusal"
     raise FileNotFoundError(
         f"{folder}: no SAE there (expected cfg.json + sae.safetensors for a project or sparsify export, or "
         "cfg.json + sae_weights.safetensors for SAELens)"
     )
-
-
-def load_any_sae(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an SAE folder of any :data:`FORMATS` as a project module (foreign ones with ``input_scale`` 1)."""
-    fmt = detect_format(folder)
-    if fmt == "sparsify":
-        from sae_refusal.sae.formats.sparsify import load_sparsify
-
-        return load_sparsify(folder, device=device)
-    if fmt == "saelens":
-        from sae_refusal.sae.formats.saelens import load_saelens
-
-        return load_saelens(folder, device=device)
-    from sae_refusal.sae.base import load_sae
-
-    return load_sae(folder, device=device)
 
 
 def sae_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -91,14 +83,19 @@ def sae_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     A project export gives its ``cfg.json`` ``metadata``; a foreign one its library's fields, with ``layer``
     from the hookpoint name (the library's field, else the folder's name) when that names a block output, and
     the project's own provenance block where the export was written by :func:`export_sae`.
+
+    Raises:
+        ArtifactError: If ``cfg.json`` does not parse, or the hookpoint is one the library defines that is not
+            a block output (``blocks.{l}.hook_resid_mid``, ``hook_mlp_out``...): no layer of the project
+            reads its activations, so analysing or steering with it would use the wrong ones.
     """
-    from sae_refusal.sae.formats.hookpoints import layer_of_hookpoint
+    from sae_refusal.sae.formats.hookpoints import NotABlockOutputError, layer_of_hookpoint
 
     folder = Path(folder)
     fmt = detect_format(folder)
     if fmt == "sae_refusal":
-        meta = dict(json.loads((folder / "cfg.json").read_text()).get("metadata", {}))
-        return {**meta, "format": fmt}
+        meta = read_config(folder / "cfg.json").get("metadata", {})
+        return {**(meta if isinstance(meta, dict) else {}), "format": fmt}
     if fmt == "sparsify":
         from sae_refusal.sae.formats.sparsify import read_sparsify_metadata
 
@@ -114,6 +111,11 @@ def sae_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
             try:
                 meta["layer"] = layer_of_hookpoint(str(name))
                 break
+            except NotABlockOutputError as err:
+                raise ArtifactError(
+                    f"{folder}: {err}. The project's activations are block outputs only, so no data.layer "
+                    "holds this SAE's inputs; it cannot be analysed, steered or transferred here"
+                ) from err
             except ValueError as err:
                 meta.setdefault("layer_error", str(err))
     meta["format"] = fmt
@@ -132,6 +134,8 @@ def resolve_sae_path(spec: str | os.PathLike[str], *, hookpoint: str | None = No
             the id; offline machines set ``HF_HUB_OFFLINE``).
     """
     text = str(spec)
+    if text.startswith("hf:/") and not text.startswith("hf://"):
+        text = "hf://" + text.removeprefix("hf:/")  # Path("hf://x") is hf:/x: a hub spec all the same
     path = Path(text)
     if not text.startswith("hf://"):
         if path.exists():

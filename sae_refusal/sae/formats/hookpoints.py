@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["hookpoint_for_layer", "layer_of_hookpoint"]
+__all__ = ["NotABlockOutputError", "hookpoint_for_layer", "layer_of_hookpoint"]
+
+
+class NotABlockOutputError(ValueError):
+    """A hookpoint name the library defines that reads no decoder block's output (``hook_resid_mid``,
+    ``hook_mlp_out``, the embedding output ...): no project layer holds its activations."""
+
 
 _BLOCK_OUTPUT = re.compile(r"^(?:model\.)?layers\.(\d+)$")
 _TL = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
@@ -31,7 +37,9 @@ def layer_of_hookpoint(name: str) -> int:
     """The project layer a hookpoint name reads (see the module table).
 
     Raises:
-        ValueError: For a hookpoint that is not the output of a decoder block (naming it and what it is).
+        NotABlockOutputError: For a known hookpoint that is not the output of a decoder block (naming it and
+            what it is).
+        ValueError: For a name of no known naming.
     """
     match = _BLOCK_OUTPUT.match(name)
     if match:
@@ -43,12 +51,12 @@ def layer_of_hookpoint(name: str) -> int:
             return block
         if hook == "hook_resid_pre":
             if block == 0:
-                raise ValueError(
+                raise NotABlockOutputError(
                     f"hookpoint {name!r} is the embedding output; the project reads block outputs (layer l = "
                     "output of block l), so no layer matches it"
                 )
             return block - 1
-        raise ValueError(
+        raise NotABlockOutputError(
             f"hookpoint {name!r} ({hook}) is not a residual-stream block output; the project's layer l is "
             "blocks.{l}.hook_resid_post = layers.{l}"
         )

@@ -49,8 +49,10 @@ Design notes:
 * **SAELens 5 configs** (flat: ``activation_fn_str`` / ``activation_fn_kwargs {"k"}``, ``hook_name`` or
   ``hook_point``, ``hook_layer``, ``model_name``, no ``sae_lens_version`` >= 6) are read like SAELens 6's own
   ``handle_pre_6_0_config`` reads them; an activation other than ``relu`` / ``topk`` is refused.
-* Written atomically (:class:`~sae_refusal.atomic.AtomicFolder`), tensors float32 and contiguous. A loaded SAE
-  has ``input_scale`` 1, float32 weights and the class's default training settings.
+* Written atomically (:class:`~sae_refusal.atomic.AtomicFolder`), tensors float32 and contiguous, with the
+  ``sha256`` of ``sae_weights.safetensors`` in the provenance block (verified on load). Tensors are read and
+  written through :mod:`sae_refusal.sae.files` (an empty or garbled file, or inf / nan, is refused naming file
+  and tensor). A loaded SAE has ``input_scale`` 1, float32 weights and the class's default training settings.
 """
 
 from __future__ import annotations
@@ -63,11 +65,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
-from sae_refusal.jsonfile import read_json_object
 from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.sae.files import SHA256_KEY, read_config, read_tensors, verify_sha256, write_tensors
 from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
 from sae_refusal.sae.jumprelu import JumpReLUSAE
 from sae_refusal.sae.relu import ReLUSAE
@@ -164,7 +165,7 @@ def _export_metadata(sae: SparseAutoencoder, metadata: dict[str, Any], s: float)
             block[key] = metadata[key]
     block[PROVENANCE_KEY] = {
         "architecture": sae.architecture,
-        **metadata,
+        **{k: v for k, v in metadata.items() if k != SHA256_KEY},  # a re-export's source's own sha256s
         "sae_config": sae.config(),
         "input_scale_folded": s,
     }
@@ -213,7 +214,7 @@ def save_saelens(
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
     cfg["architecture"] = architecture
     try:
-        text = json.dumps(cfg, indent=2)
+        json.dumps(cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"metadata: not JSON-serialisable ({err})") from err
 
@@ -230,10 +231,11 @@ def save_saelens(
         }
         if isinstance(sae, JumpReLUSAE):
             tensors["threshold"] = sae.threshold_F.detach().double()
-        tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items()}
     with AtomicFolder(folder) as out:
-        (out.tmp / SAELENS_CONFIG).write_text(text)
-        save_file(tensors, str(out.tmp / SAELENS_WEIGHTS))
+        label = Path(folder) / SAELENS_WEIGHTS
+        digest = write_tensors(tensors, out.tmp / SAELENS_WEIGHTS, label=label)
+        cfg["metadata"][PROVENANCE_KEY][SHA256_KEY] = {SAELENS_WEIGHTS: digest}
+        (out.tmp / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=2))
         return out.commit()
 
 
@@ -250,7 +252,7 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     cfg_path = folder / SAELENS_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no SAELens SAE at {folder} (missing {SAELENS_CONFIG})")
-    raw = read_json_object(cfg_path)
+    raw = read_config(cfg_path)
     meta = raw.get("metadata", {})
     if meta is None:
         meta = {}
@@ -349,10 +351,7 @@ def _read_tensors(
     weights: Path, cfg: dict[str, Any], architecture: str, d_in: int, d_sae: int
 ) -> dict[str, torch.Tensor]:
     """The checked tensors of ``weights``, float64 (a SAELens 5 ``scaling_factor`` folded into W_dec)."""
-    try:
-        tensors = load_file(str(weights), device="cpu")
-    except Exception as err:  # safetensors raises its own error types on a corrupt header
-        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    tensors = read_tensors(weights)
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if architecture == "jumprelu":
         expected["threshold"] = (d_sae,)
@@ -387,12 +386,16 @@ def _read_tensors(
     return out
 
 
-def load_saelens(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseAutoencoder:
+def load_saelens(
+    folder: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
+) -> SparseAutoencoder:
     """Read a SAELens SAE folder as the project's equivalent module (module notes: what is folded, refused).
 
     Args:
         folder: A SAELens SAE folder (``cfg.json`` + ``sae_weights.safetensors``), SAELens 6 or 5 layout.
         device: Where the SAE goes.
+        verify: Check the weights against the sha256 the project's provenance block records (a folder SAELens
+            wrote records none).
 
     Returns:
         A :class:`TopKSAE` (``topk``), :class:`ReLUSAE` (``standard``) or :class:`JumpReLUSAE` (``jumprelu``)
@@ -400,6 +403,8 @@ def load_saelens(folder: str | os.PathLike[str], device: str | torch.device = "c
 
     Raises:
         FileNotFoundError: If ``cfg.json`` or ``sae_weights.safetensors`` is missing.
+        ArtifactError: If ``cfg.json`` does not parse, or the weights file is empty, unreadable, altered
+            (sha256) or holds inf / nan (naming the file and the tensor).
         ValueError: Naming the file and field, for an architecture without a project equivalent, a
             normalisation other than ``"none"``, a bad ``d_in`` / ``d_sae`` / ``k``, or tensors that are
             missing, unexpected or misshapen.
@@ -410,6 +415,9 @@ def load_saelens(folder: str | os.PathLike[str], device: str | torch.device = "c
     if not weights.is_file():
         raise FileNotFoundError(f"SAELens SAE {folder} lacks {SAELENS_WEIGHTS}")
     architecture, d_in, d_sae = _check_cfg(cfg, cfg_path)
+    provenance = cfg["metadata"].get(PROVENANCE_KEY)
+    if verify and isinstance(provenance, dict):
+        verify_sha256(folder, provenance.get(SHA256_KEY), cfg_path)
     t = _read_tensors(weights, cfg, architecture, d_in, d_sae)
     if not cfg.get("apply_b_dec_to_input", True):  # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + b_enc'
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]

@@ -28,9 +28,11 @@ Design notes:
   connection, a transcoder, missing, extra or misshapen tensors) is refused with a ``ValueError`` naming the
   file and the field, rather than loaded approximately. ``multi_topk`` (a training-loss option) is accepted.
   A loaded SAE has ``input_scale`` 1 and the weights as stored (float32).
-* **Provenance** (model, layer, hookpoint, seed, architecture, the folded scale) goes into ``cfg.json``
-  under the extra key ``"sae_refusal"``; sparsify's ``SparseCoderConfig.from_dict(...,
-  drop_extra_fields=True)`` ignores it. :func:`read_sparsify_metadata` returns it with the format facts.
+* **Provenance** (model, layer, hookpoint, seed, architecture, the folded scale, and the ``sha256`` of
+  ``sae.safetensors``, verified on load) goes into ``cfg.json`` under the extra key ``"sae_refusal"``;
+  sparsify's ``SparseCoderConfig.from_dict(..., drop_extra_fields=True)`` ignores it.
+  :func:`read_sparsify_metadata` returns it with the format facts. Tensors are read and written through
+  :mod:`sae_refusal.sae.files` (an empty or garbled file, or inf / nan, is refused naming file and tensor).
 * Written atomically (:class:`~sae_refusal.atomic.AtomicFolder`), tensors float32 and contiguous.
 """
 
@@ -44,11 +46,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
-from sae_refusal.jsonfile import read_json_object
 from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.sae.files import SHA256_KEY, read_config, read_tensors, verify_sha256, write_tensors
 from sae_refusal.sae.topk import TopKSAE
 
 __all__ = [
@@ -112,6 +113,7 @@ def save_sparsify(
     Raises:
         ValueError: If ``sae`` is not a TopK SAE, its input scale is not finite and positive, or ``metadata``
             is not JSON-serialisable.
+        ArtifactError: If a weight holds inf / nan (nothing is written).
     """
     if not isinstance(sae, TopKSAE):
         raise ValueError(
@@ -124,6 +126,7 @@ def save_sparsify(
     d_model, n_latents = sae.d_model, sae.n_latents
     provenance: dict[str, Any] = {"architecture": sae.architecture, **(metadata or {})}
     provenance["input_scale_folded"] = s
+    provenance.pop(SHA256_KEY, None)  # a re-export's source's own; this export's is added when written
     cfg = {
         "activation": "topk",
         "expansion_factor": n_latents // d_model,
@@ -137,7 +140,7 @@ def save_sparsify(
         PROVENANCE_KEY: provenance,
     }
     try:
-        text = json.dumps(cfg, indent=2)
+        json.dumps(cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"metadata: not JSON-serialisable ({err})") from err
     with torch.no_grad():
@@ -147,10 +150,12 @@ def save_sparsify(
             "W_dec": sae.W_dec_FD.detach().double() / s,
             "b_dec": sae.b_dec_D.detach().double() / s,
         }
-        tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items()}
     with AtomicFolder(folder) as out:
-        (out.tmp / SPARSIFY_CONFIG).write_text(text)
-        save_file(tensors, str(out.tmp / SPARSIFY_WEIGHTS))
+        label = Path(folder) / SPARSIFY_WEIGHTS
+        provenance[SHA256_KEY] = {
+            SPARSIFY_WEIGHTS: write_tensors(tensors, out.tmp / SPARSIFY_WEIGHTS, label=label)
+        }
+        (out.tmp / SPARSIFY_CONFIG).write_text(json.dumps(cfg, indent=2))
         return out.commit()
 
 
@@ -159,7 +164,7 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     cfg_path = folder / SPARSIFY_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no sparsify SAE at {folder} (missing {SPARSIFY_CONFIG})")
-    cfg = read_json_object(cfg_path)
+    cfg = read_config(cfg_path)
     if "d_in" not in cfg:
         raise ValueError(f"{cfg_path}: field 'd_in' is missing (not a sparsify config)")
     _positive_int(cfg, "d_in", cfg_path)
@@ -173,7 +178,9 @@ def _positive_int(cfg: dict[str, Any], field: str, cfg_path: Path) -> int:
     return value
 
 
-def load_sparsify(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
+def load_sparsify(
+    folder: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
+) -> TopKSAE:
     """Read a sparsify TopK SAE folder as a :class:`TopKSAE` (input scale 1, float32 weights, default aux_k).
 
     Its provenance (if the project wrote it) and format facts: :func:`read_sparsify_metadata`.
@@ -181,9 +188,13 @@ def load_sparsify(folder: str | os.PathLike[str], device: str | torch.device = "
     Args:
         folder: A sparsify hookpoint folder (``cfg.json`` + ``sae.safetensors``).
         device: Where the SAE goes.
+        verify: Check ``sae.safetensors`` against the sha256 the project's provenance block records (a folder
+            sparsify wrote records none).
 
     Raises:
         FileNotFoundError: If ``cfg.json`` or ``sae.safetensors`` is missing.
+        ArtifactError: If ``cfg.json`` does not parse, or ``sae.safetensors`` is empty, unreadable, altered
+            (sha256) or holds inf / nan (naming the file and the tensor).
         ValueError: Naming the file and field, for a config the TopK SAE cannot compute exactly (activation
             other than ``topk``, ``skip_connection`` or ``transcode`` true, bad ``d_in`` / ``k`` /
             ``num_latents``) or weights that do not fit it (``W_skip``, missing or unexpected tensors, wrong
@@ -215,10 +226,10 @@ def load_sparsify(folder: str | os.PathLike[str], device: str | torch.device = "
     if k > n_latents:
         raise ValueError(f"{cfg_path}: field 'k' ({k}) exceeds num_latents ({n_latents})")
 
-    try:
-        tensors = load_file(str(weights), device="cpu")
-    except Exception as err:  # safetensors raises its own error types on a corrupt header
-        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    block = cfg.get(PROVENANCE_KEY)
+    if verify and isinstance(block, dict):
+        verify_sha256(folder, block.get(SHA256_KEY), cfg_path)
+    tensors = read_tensors(weights)
     if "W_skip" in tensors:
         raise ValueError(f"{weights}: holds 'W_skip' (a skip connection); the project's TopK SAE has none")
     missing = [key for key in _KEYS if key not in tensors]

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from sae_refusal.llm.layers import num_layers, validate_layers
-from sae_refusal.sae.base import SparseAutoencoder, load_sae
+from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.sae.loading import load_sae
 from sae_refusal.steer.gates.base import GateScores, _check_class_names, _check_layer
 from sae_refusal.steer.study import last_token_acts
 
