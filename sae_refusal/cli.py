@@ -474,7 +474,7 @@ def _job_parser(cls: type[Any], prog: str, description: str, config_help: str) -
 
 def steer_parser() -> Any:
     """The ``sae-refusal steer`` parser (a ``SteerJobConfig`` from YAML + flags)."""
-    from sae_refusal.steer.job import SteerJobConfig
+    from sae_refusal.steer.config import SteerJobConfig
 
     return _job_parser(
         SteerJobConfig,
@@ -501,14 +501,17 @@ def config_from_namespace(parser: Any, namespace: Any, cls: type[Any]) -> Any:
 
 def steer_command(args: Sequence[str]) -> None:
     """``sae-refusal steer --config lightning_configs/steer/refuse_smollm2.yaml``."""
-    from sae_refusal.steer.job import SteerJobConfig, run_steer_job
+    from sae_refusal.steer.config import SteerJobConfig
 
-    run_steer_job(job_config(steer_parser(), args, SteerJobConfig))
+    cfg = job_config(steer_parser(), args, SteerJobConfig)  # parsed and checked before the heavy imports
+    from sae_refusal.steer.job import run_steer_job
+
+    run_steer_job(cfg)
 
 
 def eval_parser() -> Any:
     """The ``sae-refusal eval`` parser (an ``EvalJobConfig`` from YAML files + flags)."""
-    from sae_refusal.eval.job import EvalJobConfig
+    from sae_refusal.eval.config import EvalJobConfig
 
     return _job_parser(
         EvalJobConfig,
@@ -522,14 +525,17 @@ def eval_parser() -> Any:
 
 def eval_command(args: Sequence[str]) -> None:
     """``sae-refusal eval --config lightning_configs/eval/refuse_smollm2.yaml --config columns/caa.yaml``."""
-    from sae_refusal.eval.job import EvalJobConfig, run_eval_job
+    from sae_refusal.eval.config import EvalJobConfig
 
-    run_eval_job(job_config(eval_parser(), args, EvalJobConfig))
+    cfg = job_config(eval_parser(), args, EvalJobConfig)  # parsed and checked before the heavy imports
+    from sae_refusal.eval.job import run_eval_job
+
+    run_eval_job(cfg)
 
 
 def transfer_parser() -> Any:
     """The ``sae-refusal transfer`` parser (a ``TransferJobConfig`` from YAML files + flags)."""
-    from sae_refusal.transfer.job import TransferJobConfig
+    from sae_refusal.transfer.config import TransferJobConfig
 
     return _job_parser(
         TransferJobConfig,
@@ -543,9 +549,12 @@ def transfer_parser() -> Any:
 
 def transfer_command(args: Sequence[str]) -> None:
     """``sae-refusal transfer --config lightning_configs/transfer/refuse_to_base.yaml``."""
-    from sae_refusal.transfer.job import TransferJobConfig, run_transfer_job
+    from sae_refusal.transfer.config import TransferJobConfig
 
-    run_transfer_job(job_config(transfer_parser(), args, TransferJobConfig))
+    cfg = job_config(transfer_parser(), args, TransferJobConfig)  # parsed and checked before heavy imports
+    from sae_refusal.transfer.job import run_transfer_job
+
+    run_transfer_job(cfg)
 
 
 def eval_table_command(args: Sequence[str]) -> None:
@@ -636,6 +645,10 @@ def _dispatch(args: list[str]) -> None:
     # every config file is read before anything heavy is imported: a bad one is named at once
     sections = _CONFIG_SECTIONS.get(args[0], "source, target, data, out_dir" if args[0] == "transfer" else "")
     check_config_files(args[1:], sections or "trainer, model, data")
+    if args[0] in (*LIGHTNING_COMMANDS, "cache") and not wants_help(args[1:]):
+        from sae_refusal.config_check import preflight_fit
+
+        preflight_fit(args[1:])  # the SAE and data settings' ranges, before Lightning is imported
     if args[0] in HEAVY_COMMANDS and wants_help(args[1:]):  # kept from an earlier call: no heavy import
         print(cached_help(args[0], args[1:], help_producer(args[0], args[1:])), end="")
         return

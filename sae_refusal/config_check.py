@@ -21,7 +21,7 @@ from typing import Any
 
 from sae_refusal.errors import UserError
 
-__all__ = ["check_config_files", "config_file_args", "tidy_parse_error"]
+__all__ = ["check_config_files", "config_file_args", "merged_config", "preflight_fit", "tidy_parse_error"]
 
 #: Flags whose value is a config file (jsonargparse's ``ActionConfigFile``).
 _CONFIG_FLAGS = ("--config", "-c")
@@ -152,3 +152,181 @@ def tidy_parse_error(message: str) -> str:
         got = f", got {given!r}" if given is not None else ""
         return f"{key + ': ' if key else ''}expected {expected}{got}"
     return message.strip()
+
+
+# ------------------------------------------------------------------------------------ the fit preflight
+
+
+def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    node = config
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def merged_config(args: Sequence[str]) -> dict[str, Any]:
+    """What a fit command line sets, merged in order: config files, section files and ``--a.b.c VALUE``.
+
+    A best-effort reading for :func:`preflight_fit` (values read as YAML, as jsonargparse reads them);
+    anything it does not understand (``+=`` appends, options without a value) is left out.
+    """
+    import yaml
+
+    config: dict[str, Any] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        flag, sep, value = items[i].partition("=")
+        i += 1
+        if not flag.startswith("--") and flag != "-c":
+            continue
+        if not sep:
+            if i >= len(items) or items[i].startswith("--"):
+                continue
+            value, i = items[i], i + 1
+        key = flag.lstrip("-")
+        if flag in _CONFIG_FLAGS or "+" in key:
+            if flag in _CONFIG_FLAGS and value != "-":
+                loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+                if isinstance(loaded, dict):
+                    _merge(config, loaded)
+            continue
+        if "." not in key and value.endswith(_YAML_SUFFIXES):
+            loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                _merge(config.setdefault(key, {}), loaded)
+            continue
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(config, key, parsed)
+    return config
+
+
+def _settings(node: Any) -> dict[str, Any]:
+    """A ``class_path`` node's arguments (``init_args`` merged with keys given beside it, as flags do)."""
+    if not isinstance(node, dict):
+        return {}
+    flat = dict(node.get("init_args") or {})
+    flat.update({k: v for k, v in node.items() if k not in ("class_path", "init_args")})
+    return flat
+
+
+_SAE_MODULE = {"sae_refusal.sae.SAEModule", "sae_refusal.sae.module.SAEModule", "SAEModule"}
+_ARCHITECTURES = {
+    "topk": {"sae_refusal.sae.TopK", "sae_refusal.sae.architectures.TopK", "TopK"},
+    "l1": {"sae_refusal.sae.L1", "sae_refusal.sae.architectures.L1", "L1"},
+    "contrastive": {
+        "sae_refusal.sae.Contrastive",
+        "sae_refusal.sae.architectures.Contrastive",
+        "Contrastive",
+    },
+}
+
+
+def _typed(args: dict[str, Any], key: str, default: Any) -> Any:
+    """``args[key]`` when it has the default's type (a wrong type is the parser's to report), else the
+    default."""
+    value = args.get(key, default)
+    number = (int, float) if isinstance(default, float) else type(default)
+    if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, number):
+        return default
+    return value
+
+
+def _check_architecture(node: Any) -> None:
+    from sae_refusal.sae import settings as sae_settings
+
+    if not isinstance(node, dict):
+        return
+    path, args = node.get("class_path"), _settings(node)
+    if path in _ARCHITECTURES["topk"]:
+        sae_settings.check_topk_settings(
+            _typed(args, "k", 32),
+            _typed(args, "aux_k", 256),
+            _typed(args, "aux_coef", 1.0 / 32.0),
+            _typed(args, "dead_after_steps", 1000),
+            _typed(args, "encoder_dtype", "float32"),
+        )
+    elif path in _ARCHITECTURES["l1"]:
+        sae_settings.check_l1_settings(_typed(args, "l1_coef", 0.5), _typed(args, "init_decoder_norm", 0.1))
+    elif path in _ARCHITECTURES["contrastive"]:
+        sae_settings.check_contrastive_settings(
+            _typed(args, "supcon_weight", 0.1),
+            _typed(args, "separation_weight", 0.0),
+            _typed(args, "temperature", 0.1),
+        )
+        _check_architecture(args.get("base"))
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    """``cls(**raw)`` (a settings dataclass), an unknown field named like the parser names it."""
+    if not isinstance(raw, dict):
+        return cls()
+    try:
+        return cls(**raw)
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+        if unknown:
+            raise UserError(f"{key}: unknown option {unknown.group(1)!r}") from None
+        raise
+    except ValueError as err:  # the settings' own check: put the section in front of the field it names
+        message = str(err)
+        raise ValueError(message if message.startswith(key) else f"{key}.{message}") from None
+
+
+def preflight_fit(args: Sequence[str]) -> None:
+    """Check the SAE and data settings a fit command line gives, before Lightning is imported.
+
+    Only what the full parse would refuse too, with the same message: the SAE module's and architecture's
+    ranges (:mod:`sae_refusal.sae.settings`; ``k <= latents`` needs the model width and waits for the full
+    parse), and the ``data`` section's ``llm``, ``cache`` and ``split`` settings and ``layer``. Classes other
+    than the project's are left to the parser.
+
+    Raises:
+        ValueError: Naming the config key (the settings' own checks).
+        UserError: An unknown option of a ``data`` settings section.
+    """
+    from sae_refusal.activations.config import CacheConfig
+    from sae_refusal.data.splits import SplitConfig
+    from sae_refusal.llm.config import LLMConfig
+    from sae_refusal.sae.settings import check_module_settings
+
+    config = merged_config(args)
+    model = config.get("model")
+    if isinstance(model, dict) and model.get("class_path") in _SAE_MODULE:
+        module = _settings(model)
+        seeds = module.get("seeds")
+        check_module_settings(
+            _typed(module, "expansion_factor", 8),
+            seeds if isinstance(seeds, list) else None,
+            _typed(module, "lr", 1e-3),
+        )
+        _check_architecture(module.get("architecture"))
+    data = config.get("data")
+    if not isinstance(data, dict) or "class_path" in data:
+        return
+    _build(LLMConfig, data.get("llm"), "data.llm")
+    _build(SplitConfig, data.get("split"), "data.split")
+    cache = _build(CacheConfig, data.get("cache"), "data.cache")
+    layer = data.get("layer")
+    if isinstance(layer, int) and not isinstance(layer, bool) and layer not in cache.layers:
+        raise ValueError(f"data.layer={layer} is not among cache.layers={list(cache.layers)}")
+    batch_size = data.get("batch_size")
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")

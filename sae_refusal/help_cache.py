@@ -125,8 +125,9 @@ def cached_help(command: str, args: Sequence[str], produce: Callable[[], object]
     return text
 
 
-#: Subcommands whose help imports the heavy stack (``python -m sae_refusal.help_cache`` warms them).
-HEAVY_COMMANDS = ("fit", "validate", "test", "predict", "finetune", "steer", "eval", "transfer")
+#: Subcommands whose help imports the heavy stack (``python -m sae_refusal.help_cache`` warms them): the
+#: LightningCLI ones. ``steer``, ``eval`` and ``transfer`` parse light config classes and need no cache.
+HEAVY_COMMANDS = ("fit", "validate", "test", "predict", "finetune")
 
 
 def warm() -> None:

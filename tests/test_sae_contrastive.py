@@ -224,8 +224,13 @@ def test_every_architecture_builds_from_its_seed(arch: Any) -> None:
 
 def test_architecture_settings_defaults_and_description() -> None:
     Contrastive(TopK(), supcon_weight=0.0, separation_weight=0.0)  # plain base SAE, still valid
-    for supcon, separation, temperature in ((-1.0, 0.0, 0.1), (0.1, -1.0, 0.1), (0.1, 0.0, 0.0)):
-        with pytest.raises(ValueError, match="must be >= 0 and temperature > 0"):
+    bad = {
+        (-1.0, 0.0, 0.1): r"model\.architecture\.supcon_weight must be >= 0, got -1\.0",
+        (0.1, -1.0, 0.1): r"model\.architecture\.separation_weight must be >= 0, got -1\.0",
+        (0.1, 0.0, 0.0): r"model\.architecture\.temperature must be > 0, got 0\.0",
+    }
+    for (supcon, separation, temperature), message in bad.items():
+        with pytest.raises(ValueError, match=message):
             Contrastive(TopK(), supcon, separation, temperature)
     with pytest.raises(ValueError, match=r"model\.architecture\.base: a Contrastive SAE needs a TopK or L1"):
         Contrastive(Contrastive(TopK()))

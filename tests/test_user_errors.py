@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from sae_refusal.cli import main
-from sae_refusal.config_check import check_config_files, config_file_args, tidy_parse_error
+from sae_refusal.config_check import (
+    check_config_files,
+    config_file_args,
+    merged_config,
+    preflight_fit,
+    tidy_parse_error,
+)
 from sae_refusal.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,29 +111,43 @@ def test_the_reason_of_a_jsonargparse_union_error_is_its_first_line() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("flag", "value", "first_line"),
-    [
-        (
-            "--model.init_args.architecture.init_args.k",
-            "-3",
-            "model.architecture.k must be in [1, 64] (the latents), got -3",
-        ),
-        ("--model.init_args.expansion_factor", "0", "model.expansion_factor must be >= 1, got 0"),
-        ("--model.init_args.lr", "-1", "model.lr must be > 0, got -1.0"),
-        ("--model.init_args.seeds", "[]", "model.seeds must be a non-empty list of distinct seeds, got []"),
-        ("--model.init_args.lr", "abc", "model.lr: expected float, got 'abc'"),
-        (
-            "--model.init_args.expansion_factr",
-            "3",
-            "model: unknown option 'expansion_factr' of sae_refusal.sae.SAEModule",
-        ),
-    ],
-)
+#: (flag, value, the first line): caught before Lightning is imported (``pre``) or by the full parse.
+BAD_SETTINGS = [
+    ("--model.init_args.architecture.init_args.k", "-3", "model.architecture.k must be >= 1, got -3", True),
+    (
+        "--model.init_args.architecture.init_args.k",
+        "65",
+        "model.architecture.k must be in [1, 64] (the latents), got 65",
+        False,  # the width comes from the model's config: known to the full parse only
+    ),
+    ("--model.init_args.expansion_factor", "0", "model.expansion_factor must be >= 1, got 0", True),
+    ("--model.init_args.lr", "-1", "model.lr must be > 0, got -1", True),
+    ("--model.lr", "0", "model.lr must be > 0, got 0", True),
+    ("--model.init_args.seeds", "[]", "model.seeds must be a non-empty list of distinct seeds, got []", True),
+    ("--data.layer", "3", "data.layer=3 is not among cache.layers=[1, 2]", True),
+    (
+        "--data.llm.dtype",
+        "float8",
+        "data.llm.dtype: unknown value 'float8'; expected one of ('auto', 'float32', 'bfloat16', 'float16')",
+        True,
+    ),
+    ("--data.cache.colour", "red", "data.cache: unknown option 'colour'", True),
+    ("--model.init_args.lr", "abc", "model.lr: expected float, got 'abc'", False),
+    (
+        "--model.init_args.expansion_factr",
+        "3",
+        "model: unknown option 'expansion_factr' of sae_refusal.sae.SAEModule",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "first_line", "pre"), BAD_SETTINGS)
 def test_an_out_of_range_setting_is_the_first_line(
     flag: str,
     value: str,
     first_line: str,
+    pre: bool,
     tmp_path: Path,
     tiny_model_dir: Path,
     prompt_file: Path,
@@ -141,6 +161,41 @@ def test_an_out_of_range_setting_is_the_first_line(
     assert message == first_line, lines
     assert len(lines) == 2  # the message, then where to look (never the usage block)
     assert not (tmp_path / "run").exists()
+    if pre:  # the same line from the preflight alone, before Lightning is imported
+        with pytest.raises((ValueError, UserError), match=re.escape(first_line)):
+            preflight_fit(["--config", str(config), flag, value])
+
+
+def test_the_preflight_reads_no_further_than_the_settings_and_imports_nothing_heavy(tmp_path: Path) -> None:
+    """A config error of `fit` is reported without importing Lightning, torch or transformers."""
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "model:\n  class_path: sae_refusal.sae.SAEModule\n  init_args:\n    lr: -1\n"
+        "data:\n  cache: {layers: [1]}\n  layer: 1\n"
+    )
+    code = (
+        "import sys\n"
+        "from sae_refusal.cli import main\n"
+        "try:\n"
+        f"    main(['fit', '--config', {str(config)!r}])\n"
+        "except SystemExit as exit_:\n"
+        "    assert exit_.code == 2, exit_.code\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torch', 'transformers'})\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("sae-refusal: error: model.lr must be > 0, got -1\n")
+
+
+def test_the_preflight_leaves_other_classes_and_unknown_flags_to_the_parser(tmp_path: Path) -> None:
+    config = tmp_path / "fit.yaml"
+    config.write_text("model:\n  class_path: my.Module\n  init_args: {lr: -1, seeds: []}\n")
+    preflight_fit(["--config", str(config), "--trainer.callbacks+=x", "--print_config", "--model.k", "0"])
+    assert merged_config(["--config", str(config), "--model.init_args.lr=2", "--data", str(config)]) == {
+        "model": {"class_path": "my.Module", "init_args": {"lr": 2, "seeds": []}},
+        "data": {"model": {"class_path": "my.Module", "init_args": {"lr": -1, "seeds": []}}},
+    }
 
 
 def test_a_corrupt_cache_shard_is_one_line_whose_advice_works(

@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sae_refusal.activations.config import VERIFY_MODES
 from sae_refusal.atomic import AtomicFolder
 from sae_refusal.errors import UserError
 
@@ -48,7 +49,6 @@ from sae_refusal.errors import UserError
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PROMPTS_NAME = "prompts.jsonl"
-VERIFY_MODES = ("none", "size", "hash")
 
 
 class CacheError(UserError, RuntimeError):

@@ -53,14 +53,13 @@ import torch
 from torch import Tensor, nn
 
 from sae_refusal.errors import ArtifactError
+from sae_refusal.eval.config import INTERVENTION_KINDS, InterventionConfig
 from sae_refusal.provenance import describe_differences, identity_differences
 from sae_refusal.steer.interventions import (
     DirectionAblation,
     Intervention,
     LatentSteering,
-    Positions,
     ResidualSteering,
-    check_positions,
 )
 
 __all__ = [
@@ -73,97 +72,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Accepted ``kind`` values.
-INTERVENTION_KINDS: tuple[str, ...] = ("none", "residual", "latent", "ablation", "gate")
-
-_SPACES = {"residual": ("caa", "sas_decoded"), "latent": ("sas",), "ablation": ("caa", "sas_decoded")}
-
 #: Per-batch context factory: item indices of the batch rows -> a context manager around its forward.
 BatchContext = Callable[[list[int]], AbstractContextManager[Any]]
-
-
-@dataclass
-class InterventionConfig:
-    """One intervention (one column of the results table).
-
-    Args:
-        kind: ``none``, ``residual``, ``latent``, ``ablation`` or ``gate`` (see the module notes).
-        name: Column label; default derived from the other fields (e.g. ``residual caa global -1``).
-        vectors: Folder of a steering-vector artifact (``vectors.json``: written by the feature callback or
-            ``sae-refusal steer``) or of a gate (``gate.json``). Not used by ``none`` / ``gate``.
-        space: ``caa`` or ``sas_decoded`` (residual, ablation), ``sas`` (latent).
-        category: A category class name of the artifact (``safety``, ...) or ``global``.
-        alpha: Signed strength (residual / latent); the removed share for ablation (1 = all of it).
-        layer: Layer to act at; ``None`` takes the artifact's recorded layer.
-        positions: ``all``, ``prompt``, ``generated`` or a token index.
-        unit_norm: Scale the vector to norm 1 first (alpha in residual-norm units).
-        sae: SAE export folder or hub id (``latent``; also given to a gate on SAE codes).
-        gate: Gate folder (``gate``).
-        allow_other_model: Apply an artifact recorded for another model (transfer experiments).
-        allow_zero_vector: Run a column whose vector is all zeros (by default an error: it steers nothing).
-        verify_sae: Check the SAE's tensor file against the sha256 its ``cfg.json`` records.
-    """
-
-    kind: str = "none"
-    name: str | None = None
-    vectors: str | None = None
-    space: str = "caa"
-    category: str = "global"
-    alpha: float = 1.0
-    layer: int | None = None
-    positions: Positions = "all"
-    unit_norm: bool = False
-    sae: str | None = None
-    gate: str | None = None
-    allow_other_model: bool = False
-    allow_zero_vector: bool = False
-    verify_sae: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in INTERVENTION_KINDS:
-            raise ValueError(
-                f"intervention.kind: expected one of {list(INTERVENTION_KINDS)}, got {self.kind!r}"
-            )
-        if self.kind in _SPACES and self.space not in _SPACES[self.kind]:
-            raise ValueError(
-                f"intervention.space: {self.kind} takes one of {list(_SPACES[self.kind])}, got {self.space!r}"
-            )
-        if self.kind in ("residual", "latent", "ablation") and not self.vectors:
-            raise ValueError(f"intervention.vectors: kind {self.kind!r} needs a vectors (or gate) folder")
-        if self.kind == "latent" and not self.sae:
-            raise ValueError(
-                "intervention.sae: kind 'latent' needs the SAE export the vectors were made with"
-            )
-        if self.kind == "gate" and not self.gate:
-            raise ValueError(
-                "intervention.gate: kind 'gate' needs a gate folder (written by sae-refusal steer)"
-            )
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"intervention.layer: must be >= 0, got {self.layer}")
-        try:
-            check_positions(self.positions)
-        except ValueError as err:
-            raise ValueError(f"intervention.positions: {err}") from err
-
-    @property
-    def label(self) -> str:
-        """The column label."""
-        if self.name:
-            return self.name
-        if self.kind == "none":
-            return "unsteered"
-        if self.kind == "gate":
-            return f"gate {Path(str(self.gate)).name}"
-        if self.kind == "ablation":
-            return f"ablation {self.space} {self.category}"
-        return f"{self.kind} {self.space} {self.category} {self.alpha:+g}"
-
-    def with_alpha(self, alpha: float, category: str | None = None) -> InterventionConfig:
-        """A copy at another alpha (and category); the name is re-derived."""
-        values = asdict(self) | {"alpha": float(alpha), "name": None}
-        if category is not None:
-            values["category"] = category
-        return InterventionConfig(**values)
 
 
 @dataclass

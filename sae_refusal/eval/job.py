@@ -33,16 +33,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sae_refusal.eval.interventions import InterventionConfig, LoadedIntervention
-from sae_refusal.llm.loading import LLMConfig
+from sae_refusal.eval.config import (
+    CAPABILITY_TASKS,
+    CapabilitySettings,
+    EvalJobConfig,
+    GenerationSettings,
+    JudgeSettings,
+    SweepSettings,
+)
+from sae_refusal.eval.interventions import LoadedIntervention
 from sae_refusal.progress import RatePrinter, Stage
-from sae_refusal.steer.sets import SetsConfig
 
 __all__ = [
     "CAPABILITY_TASKS",
@@ -56,173 +61,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 #: Capability measures a job may run.
-CAPABILITY_TASKS: tuple[str, ...] = ("mmlu", "gsm8k", "truthfulqa", "next_token_kl", "reference")
-
-
-@dataclass
-class GenerationSettings:
-    """How refusal-set answers are generated (greedy).
-
-    Args:
-        max_new_tokens: Most tokens per answer (the phrase judge reads these).
-        batch_size: Prompts per ``generate`` call.
-        max_length: Most prompt tokens kept (longer prompts lose their beginning).
-    """
-
-    max_new_tokens: int = 64
-    batch_size: int = 32
-    max_length: int = 1024
-
-    def __post_init__(self) -> None:
-        for key in ("max_new_tokens", "batch_size", "max_length"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"generation.{key}: must be >= 1, got {getattr(self, key)}")
-
-
-@dataclass
-class JudgeSettings:
-    """Which refusal judges run, and whose verdicts make the table.
-
-    Args:
-        names: Judges: ``first_token`` (refusal-token models: the first generated token), ``phrase`` (refusal
-            phrases in the answer, any model), ``model`` (a local LLM judge or guard classifier,
-            ``model_path``).
-        primary: The judge whose rates fill the table; ``None``: ``first_token`` when the model has the
-            refusal tokens and it is in ``names``, else ``phrase``, else the first name.
-        model_path: Folder of the ``model`` judge.
-        model_mode: ``auto``, ``classifier`` or ``chat``.
-    """
-
-    names: list[str] = field(default_factory=lambda: ["first_token", "phrase"])
-    primary: str | None = None
-    model_path: str | None = None
-    model_mode: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not self.names:
-            raise ValueError("judges.names: give at least one judge")
-        if self.primary is not None and self.primary not in self.names:
-            raise ValueError(f"judges.primary: {self.primary!r} is not in judges.names {self.names}")
-
-
-@dataclass
-class CapabilitySettings:
-    """Capability measures and their subsample sizes (``None`` = the whole set).
-
-    Args:
-        tasks: Some of ``mmlu``, ``gsm8k``, ``truthfulqa``, ``next_token_kl``, ``reference``.
-        data_root: Folder of the local MMLU / GSM8K / TruthfulQA copies.
-        mmlu_n: MMLU test questions (a seeded draw over all subjects).
-        mmlu_k_shot: Dev examples per question (same subject).
-        gsm8k_n: GSM8K test problems.
-        gsm8k_k_shot: Worked train examples in the prompt.
-        gsm8k_max_new_tokens: Most tokens per solution.
-        truthfulqa_n: TruthfulQA questions.
-        kl_n: Held-out benign prompts for the next-token KL.
-        reference_n: Held-out prompts with reference answers for perplexity.
-        batch_size: Rows per forward.
-        max_length: Most tokens per scored row.
-        seed: Seed of the subsample draws.
-    """
-
-    tasks: list[str] = field(default_factory=lambda: list(CAPABILITY_TASKS))
-    data_root: str = "../shared/data"
-    mmlu_n: int | None = 200
-    mmlu_k_shot: int = 5
-    gsm8k_n: int | None = 50
-    gsm8k_k_shot: int = 4
-    gsm8k_max_new_tokens: int = 256
-    truthfulqa_n: int | None = 200
-    kl_n: int | None = 100
-    reference_n: int | None = 100
-    batch_size: int = 16
-    max_length: int = 2048
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in CAPABILITY_TASKS]
-        if unknown:
-            raise ValueError(
-                f"capability.tasks: unknown {unknown}; expected some of {list(CAPABILITY_TASKS)}"
-            )
-        for key in ("mmlu_n", "gsm8k_n", "truthfulqa_n", "kl_n", "reference_n"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"capability.{key}: must be >= 1 or null, got {value}")
-        for key in ("batch_size", "max_length", "gsm8k_max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"capability.{key}: must be >= 1")
-        if self.mmlu_k_shot < 0 or self.gsm8k_k_shot < 0:
-            raise ValueError("capability.mmlu_k_shot / gsm8k_k_shot: must be >= 0")
-
-
-@dataclass
-class SweepSettings:
-    """Alpha sweep of one steering intervention, per category and global.
-
-    Args:
-        alphas: Signed alphas (0, the unsteered model, is added); empty: no sweep.
-        categories: Category class names of the vectors, and/or ``global``.
-        intervention: The swept intervention (residual or latent); ``None``: the job's own.
-        max_new_tokens: Tokens generated per prompt at each point (the first-token judge needs one; the
-            phrase judge reads these).
-        capability: Also measure next-token KL and reference perplexity at each point.
-    """
-
-    alphas: list[float] = field(default_factory=list)
-    categories: list[str] = field(default_factory=lambda: ["global"])
-    intervention: InterventionConfig | None = None
-    max_new_tokens: int = 8
-    capability: bool = True
-
-    def __post_init__(self) -> None:
-        if not all(math.isfinite(a) for a in self.alphas):
-            raise ValueError(f"sweep.alphas: must be finite, got {self.alphas}")
-        if self.alphas and not self.categories:
-            raise ValueError("sweep.categories: give at least one category (or global)")
-        if self.max_new_tokens < 1:
-            raise ValueError("sweep.max_new_tokens: must be >= 1")
-
-
-@dataclass
-class EvalJobConfig:
-    """An eval job (``sae-refusal eval --config lightning_configs/eval/...``).
-
-    Args:
-        llm: The model evaluated (``adapter_path`` = a refusal-token artifact, ``null`` for the base model).
-        sets: Prompt sets and splits (the model's fine-tuning prompt set and split, so its held-out
-            prompts stay held out, and the external sets); only ``test`` splits are reported.
-        intervention: What is applied (``kind: none`` = unsteered).
-        generation: Generation settings of the refusal sets.
-        judges: Refusal judges.
-        capability: Capability measures.
-        sweep: Optional alpha sweep.
-        out_dir: Output folder; must not exist yet.
-        chat_template: Template overriding the tokenizer's.
-        system_prompt: Optional system message.
-        n_boot: Bootstrap resamples per confidence interval.
-        seed: Bootstrap seed.
-    """
-
-    llm: LLMConfig
-    sets: SetsConfig
-    intervention: InterventionConfig = field(default_factory=InterventionConfig)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judges: JudgeSettings = field(default_factory=JudgeSettings)
-    capability: CapabilitySettings = field(default_factory=CapabilitySettings)
-    sweep: SweepSettings = field(default_factory=SweepSettings)
-    out_dir: str = "runs/eval/unsteered"
-    chat_template: str | None = None
-    system_prompt: str | None = None
-    n_boot: int = 2000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_boot < 1:
-            raise ValueError(f"n_boot: must be >= 1, got {self.n_boot}")
-
-
 def _primary_judge(settings: JudgeSettings, has_tokens: bool) -> str:
     if settings.primary is not None:
         return settings.primary

@@ -3,16 +3,38 @@
 Pure functions over activations and SAE codes (:mod:`.vectors`, :mod:`.heads`, :mod:`.clusters`,
 :mod:`.plots`, :mod:`.consensus`), one orchestration (:func:`.analysis.analyze_features`) shared by the
 epoch-end :class:`.callback.FeatureAnalysisCallback` and the ``sae-refusal features`` subcommand.
+
+Exports load on first use (:mod:`sae_refusal.lazy`): importing one module of the package imports
+nothing else of it.
 """
 
-from sae_refusal.features.analysis import (
-    CLASS_NAMES,
-    FeatureAnalysis,
-    FeatureAnalysisConfig,
-    analyze_features,
-)
-from sae_refusal.features.callback import FeatureAnalysisCallback
-from sae_refusal.features.vectors import SASResult, SteeringVectors, caa_vectors, sas_vectors
+from typing import TYPE_CHECKING
+
+from sae_refusal.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from sae_refusal.features.analysis import CLASS_NAMES as CLASS_NAMES
+    from sae_refusal.features.analysis import FeatureAnalysis as FeatureAnalysis
+    from sae_refusal.features.analysis import analyze_features as analyze_features
+    from sae_refusal.features.callback import FeatureAnalysisCallback as FeatureAnalysisCallback
+    from sae_refusal.features.config import FeatureAnalysisConfig as FeatureAnalysisConfig
+    from sae_refusal.features.vectors import SASResult as SASResult
+    from sae_refusal.features.vectors import SteeringVectors as SteeringVectors
+    from sae_refusal.features.vectors import caa_vectors as caa_vectors
+    from sae_refusal.features.vectors import sas_vectors as sas_vectors
+
+_EXPORTS = {
+    "CLASS_NAMES": "sae_refusal.features.analysis",
+    "FeatureAnalysis": "sae_refusal.features.analysis",
+    "FeatureAnalysisConfig": "sae_refusal.features.config",
+    "analyze_features": "sae_refusal.features.analysis",
+    "FeatureAnalysisCallback": "sae_refusal.features.callback",
+    "SASResult": "sae_refusal.features.vectors",
+    "SteeringVectors": "sae_refusal.features.vectors",
+    "caa_vectors": "sae_refusal.features.vectors",
+    "sas_vectors": "sae_refusal.features.vectors",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CLASS_NAMES",

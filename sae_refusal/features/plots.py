@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sae_refusal.features.arrays import as_labels, as_matrix
+from sae_refusal.features.config import PROJECTIONS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,9 +40,6 @@ __all__ = [
     "scatter_figure",
     "write_projection_plots",
 ]
-
-#: Supported projection methods.
-PROJECTIONS: tuple[str, ...] = ("pca", "tsne", "umap")
 
 #: How each method is named in titles and axis labels.
 METHOD_NAMES: dict[str, str] = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}

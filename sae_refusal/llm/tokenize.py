@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_refusal.llm.config import DEFAULT_MAX_LENGTH_CAP, OVERFLOW_POLICIES, check_max_length
+
 __all__ = [
     "OVERFLOW_POLICIES",
     "EncodedPrompts",
@@ -27,12 +29,6 @@ __all__ = [
     "pad_left",
     "tokenizer_fingerprint",
 ]
-
-#: Accepted values of the ``overflow`` config key.
-OVERFLOW_POLICIES: tuple[str, ...] = ("truncate_left", "error")
-
-#: Upper bound of :func:`default_max_length` (keeps attention memory sane on long-context models).
-DEFAULT_MAX_LENGTH_CAP = 4096
 
 
 @dataclass
@@ -146,30 +142,6 @@ def context_length(config: Any, tokenizer: Any = None) -> int | None:
     if isinstance(model_max, int) and 0 < model_max < 1_000_000:
         return model_max
     return None
-
-
-def check_max_length(
-    max_length: int, context: int | None, *, key: str = "max_length", model: str = ""
-) -> None:
-    """Refuse a token budget the model cannot attend over.
-
-    Args:
-        max_length: The configured budget.
-        context: The model's context (:func:`context_length`); ``None`` skips the check.
-        key: Config key named in the error.
-        model: Model name named in the error.
-
-    Raises:
-        ValueError: If ``max_length`` is not a positive integer or exceeds ``context``.
-    """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"{key}: must be a positive integer, got {max_length!r}")
-    if context is not None and max_length > context:
-        of = f" of model {model!r}" if model else ""
-        raise ValueError(
-            f"{key}: {max_length} exceeds the context{of} ({context} tokens, max_position_embeddings); "
-            f"set it to at most {context}, or to null for min({context}, {DEFAULT_MAX_LENGTH_CAP})"
-        )
 
 
 def default_max_length(model: nn.Module, tokenizer: Any = None, cap: int = DEFAULT_MAX_LENGTH_CAP) -> int:

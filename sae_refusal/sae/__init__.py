@@ -1,12 +1,50 @@
-"""Sparse autoencoders (plain modules), architectures (chosen with ``class_path``), the Lightning shell."""
+"""Sparse autoencoders (plain modules), architectures (chosen with ``class_path``), the Lightning shell.
 
-from sae_refusal.sae.architectures import L1, Contrastive, SAEArchitecture, TopK, architecture_from_config
-from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, mean_norm_scale
-from sae_refusal.sae.jumprelu import JumpReLUSAE as JumpReLUSAE  # registers "jumprelu"
-from sae_refusal.sae.loading import find_sae_exports, load_sae
-from sae_refusal.sae.module import SAEModule
-from sae_refusal.sae.relu import ReLUSAE
-from sae_refusal.sae.topk import TopKSAE, sparse_decode
+Exports load on first use (:mod:`sae_refusal.lazy`): importing one module of the package imports
+nothing else of it.
+"""
+
+from typing import TYPE_CHECKING
+
+from sae_refusal.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from sae_refusal.sae.architectures import L1 as L1
+    from sae_refusal.sae.architectures import Contrastive as Contrastive
+    from sae_refusal.sae.architectures import SAEArchitecture as SAEArchitecture
+    from sae_refusal.sae.architectures import TopK as TopK
+    from sae_refusal.sae.architectures import architecture_from_config as architecture_from_config
+    from sae_refusal.sae.base import SAE_REGISTRY as SAE_REGISTRY
+    from sae_refusal.sae.base import SAEOutput as SAEOutput
+    from sae_refusal.sae.base import SparseAutoencoder as SparseAutoencoder
+    from sae_refusal.sae.base import mean_norm_scale as mean_norm_scale
+    from sae_refusal.sae.jumprelu import JumpReLUSAE as JumpReLUSAE
+    from sae_refusal.sae.loading import find_sae_exports as find_sae_exports
+    from sae_refusal.sae.loading import load_sae as load_sae
+    from sae_refusal.sae.module import SAEModule as SAEModule
+    from sae_refusal.sae.relu import ReLUSAE as ReLUSAE
+    from sae_refusal.sae.topk import TopKSAE as TopKSAE
+    from sae_refusal.sae.topk import sparse_decode as sparse_decode
+
+_EXPORTS = {
+    "Contrastive": "sae_refusal.sae.architectures",
+    "L1": "sae_refusal.sae.architectures",
+    "SAEArchitecture": "sae_refusal.sae.architectures",
+    "TopK": "sae_refusal.sae.architectures",
+    "architecture_from_config": "sae_refusal.sae.architectures",
+    "SAEOutput": "sae_refusal.sae.base",
+    "SAE_REGISTRY": "sae_refusal.sae.base",
+    "SparseAutoencoder": "sae_refusal.sae.base",
+    "mean_norm_scale": "sae_refusal.sae.base",
+    "JumpReLUSAE": "sae_refusal.sae.jumprelu",
+    "find_sae_exports": "sae_refusal.sae.loading",
+    "load_sae": "sae_refusal.sae.loading",
+    "SAEModule": "sae_refusal.sae.module",
+    "ReLUSAE": "sae_refusal.sae.relu",
+    "TopKSAE": "sae_refusal.sae.topk",
+    "sparse_decode": "sae_refusal.sae.topk",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "L1",

@@ -23,7 +23,8 @@ import torch
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder
 from sae_refusal.sae.contrastive import batch_classes, mean_separation, supcon_loss
 from sae_refusal.sae.relu import ReLUSAE
-from sae_refusal.sae.topk import ENCODER_DTYPES, TopKSAE
+from sae_refusal.sae.settings import check_contrastive_settings, check_l1_settings, check_topk_settings
+from sae_refusal.sae.topk import TopKSAE
 
 __all__ = ["L1", "Contrastive", "SAEArchitecture", "TopK", "architecture_from_config"]
 
@@ -125,17 +126,14 @@ class TopK(SAEArchitecture):
         dead_after_steps: int = 1000,
         encoder_dtype: str = "float32",
     ):
+        check_topk_settings(k, aux_k, aux_coef, dead_after_steps, encoder_dtype)
         self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
-        if encoder_dtype not in ENCODER_DTYPES:
-            raise ValueError(
-                f"model.architecture.encoder_dtype must be one of {sorted(ENCODER_DTYPES)}, "
-                f"got {encoder_dtype!r}"
-            )
         self.encoder_dtype = encoder_dtype
 
     def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:
-        if not 1 <= self.k <= n_latents:
-            raise ValueError(f"model.architecture.k must be in [1, {n_latents}] (the latents), got {self.k}")
+        check_topk_settings(
+            self.k, self.aux_k, self.aux_coef, self.dead_after_steps, self.encoder_dtype, n_latents
+        )
         return TopKSAE(
             d_model,
             n_latents,
@@ -157,6 +155,7 @@ class L1(SAEArchitecture):
     """
 
     def __init__(self, l1_coef: float = 0.5, init_decoder_norm: float = 0.1):
+        check_l1_settings(l1_coef, init_decoder_norm)
         self.l1_coef, self.init_decoder_norm = l1_coef, init_decoder_norm
 
     def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:
@@ -186,10 +185,7 @@ class Contrastive(SAEArchitecture):
     ):
         if isinstance(base, Contrastive):
             raise ValueError("model.architecture.base: a Contrastive SAE needs a TopK or L1 base")
-        if supcon_weight < 0 or separation_weight < 0 or temperature <= 0:
-            raise ValueError(
-                "model.architecture: supcon_weight and separation_weight must be >= 0 and temperature > 0"
-            )
+        check_contrastive_settings(supcon_weight, separation_weight, temperature)
         self.base, self.supcon_weight, self.separation_weight = base, supcon_weight, separation_weight
         self.temperature, self.ambiguous_as_benign = temperature, ambiguous_as_benign
 

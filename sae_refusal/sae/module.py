@@ -38,7 +38,6 @@ split's mean).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,6 +52,7 @@ from sae_refusal.llm.loading import LLMConfig, model_fingerprint
 from sae_refusal.sae.architectures import SAEArchitecture, TopK, architecture_from_config
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, mean_norm_scale
 from sae_refusal.sae.provenance import CHECKPOINT_KEY, check_checkpoint_matches_data
+from sae_refusal.sae.settings import check_module_settings
 
 __all__ = ["EVAL_CLASS_NAMES", "SAEModule", "class_names_of_batch"]
 
@@ -122,12 +122,7 @@ class SAEModule(L.LightningModule):
         seeds = [0] if seeds is None else list(seeds)
         if d_model < 1:
             raise ValueError(f"model.d_model must be >= 1, got {d_model}")
-        if expansion_factor < 1:
-            raise ValueError(f"model.expansion_factor must be >= 1, got {expansion_factor}")
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"model.seeds must be a non-empty list of distinct seeds, got {seeds}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"model.lr must be > 0, got {lr}")
+        check_module_settings(expansion_factor, seeds, lr)  # the rules `fit` also checks before any import
         self.seeds, self.lr, self.normalize_inputs = seeds, lr, normalize_inputs
         n_latents = expansion_factor * d_model
         self.saes = torch.nn.ModuleDict(

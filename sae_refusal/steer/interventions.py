@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from sae_refusal.llm.hooks import ResidualFn, StepContext, residual_hooks
 from sae_refusal.llm.layers import num_layers, validate_layers
 from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.steer.positions import Positions, check_positions
 
 __all__ = [
     "DirectionAblation",
@@ -40,19 +40,6 @@ __all__ = [
     "check_positions",
     "position_mask",
 ]
-
-#: Which positions an intervention acts on.
-Positions = Literal["all", "prompt", "generated"] | int
-
-
-def check_positions(positions: Positions) -> None:
-    """Raise ``ValueError`` (naming ``positions``) unless it is a valid :data:`Positions` value."""
-    if isinstance(positions, bool) or not (
-        positions in ("all", "prompt", "generated") or (isinstance(positions, int) and positions >= 0)
-    ):
-        raise ValueError(
-            f"positions: expected 'all', 'prompt', 'generated' or a token index >= 0, got {positions!r}"
-        )
 
 
 def position_mask(ctx: StepContext, positions: Positions) -> Tensor:

@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from sae_refusal.llm.first_token import iter_first_token_logits
 from sae_refusal.llm.hooks import ResidualFn
 from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens, respond_bias_of
+from sae_refusal.steer.config import JUDGES
 from sae_refusal.steer.interventions import Intervention, Positions, ResidualSteering
 
 __all__ = ["JUDGES", "FirstTokenDecisions", "RowEdits", "first_token_decisions", "residual_rows"]
 
 #: Readings of the first token (see :class:`FirstTokenDecisions`).
-JUDGES = ("emitted", "restricted")
 
 #: ``edits(indices)`` -> ``{layer: fn}`` for the prompts ``indices`` of one batch (in that row order).
 RowEdits = Callable[[list[int]], Mapping[int, ResidualFn]]

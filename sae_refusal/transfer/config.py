@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sae_refusal.activations.build import CacheConfig
+from sae_refusal.activations.config import CacheConfig
 from sae_refusal.data.sources import PromptSetConfig
 from sae_refusal.data.splits import SplitConfig
-from sae_refusal.eval.job import CapabilitySettings, GenerationSettings, JudgeSettings
-from sae_refusal.features.analysis import FeatureAnalysisConfig
-from sae_refusal.llm.loading import LLMConfig
-from sae_refusal.steer.interventions import Positions
+from sae_refusal.eval.config import CapabilitySettings, GenerationSettings, JudgeSettings
+from sae_refusal.features.config import FeatureAnalysisConfig
+from sae_refusal.llm.config import LLMConfig
+from sae_refusal.steer.positions import Positions
 from sae_refusal.steer.sets import SetsConfig
 
 __all__ = [

@@ -1,0 +1,114 @@
+"""The checks of the SAE settings a fit config gives (``model.*``): one rule each, no torch needed.
+
+:class:`~sae_refusal.sae.module.SAEModule` and the architectures (:mod:`sae_refusal.sae.architectures`)
+call these when they are built, and ``sae-refusal fit`` calls them on the config files and flags before it
+imports Lightning (:func:`sae_refusal.config_check.preflight_fit`), so an out-of-range setting is reported
+in a second with the same message. Each message names the config key (``model.lr``,
+``model.architecture.k``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = [
+    "ENCODER_DTYPE_NAMES",
+    "check_contrastive_settings",
+    "check_l1_settings",
+    "check_module_settings",
+    "check_topk_settings",
+]
+
+#: ``model.architecture.encoder_dtype`` values of a TopK SAE.
+ENCODER_DTYPE_NAMES: tuple[str, ...] = ("bfloat16", "float32")
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool), else ``None``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _integer(value: object) -> int | None:
+    """``value`` if it is an int (not a bool), else ``None``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_module_settings(expansion_factor: object, seeds: Sequence[object] | None, lr: object) -> None:
+    """``model.expansion_factor`` >= 1, ``model.seeds`` non-empty and distinct, ``model.lr`` > 0 and finite.
+
+    Raises:
+        ValueError: Naming the key, the rule and the value.
+    """
+    factor = _integer(expansion_factor)
+    if factor is None or factor < 1:
+        raise ValueError(f"model.expansion_factor must be >= 1, got {expansion_factor}")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"model.seeds must be a non-empty list of distinct seeds, got {list(seeds)}")
+    rate = _finite(lr)
+    if rate is None or rate <= 0:
+        raise ValueError(f"model.lr must be > 0, got {lr}")
+
+
+def check_topk_settings(
+    k: object,
+    aux_k: object,
+    aux_coef: object,
+    dead_after_steps: object,
+    encoder_dtype: object,
+    n_latents: int | None = None,
+) -> None:
+    """A TopK SAE's settings; ``k <= n_latents`` too when the width is known.
+
+    Raises:
+        ValueError: Naming the ``model.architecture.*`` key, the rule and the value.
+    """
+    active = _integer(k)
+    if active is None or active < 1 or (n_latents is not None and active > n_latents):
+        rule = f"in [1, {n_latents}] (the latents)" if n_latents is not None else ">= 1"
+        raise ValueError(f"model.architecture.k must be {rule}, got {k}")
+    dead = _integer(aux_k)
+    if dead is None or dead < 0:
+        raise ValueError(f"model.architecture.aux_k must be >= 0 (0 disables AuxK), got {aux_k}")
+    coef = _finite(aux_coef)
+    if coef is None or coef < 0:
+        raise ValueError(f"model.architecture.aux_coef must be >= 0, got {aux_coef}")
+    steps = _integer(dead_after_steps)
+    if steps is None or steps < 1:
+        raise ValueError(f"model.architecture.dead_after_steps must be >= 1, got {dead_after_steps}")
+    if encoder_dtype not in ENCODER_DTYPE_NAMES:
+        raise ValueError(
+            f"model.architecture.encoder_dtype must be one of {list(ENCODER_DTYPE_NAMES)}, "
+            f"got {encoder_dtype!r}"
+        )
+
+
+def check_l1_settings(l1_coef: object, init_decoder_norm: object) -> None:
+    """An L1 SAE's ``l1_coef`` >= 0 and ``init_decoder_norm`` > 0.
+
+    Raises:
+        ValueError: Naming the ``model.architecture.*`` key and the value.
+    """
+    coef = _finite(l1_coef)
+    if coef is None or coef < 0:
+        raise ValueError(f"model.architecture.l1_coef must be >= 0, got {l1_coef}")
+    norm = _finite(init_decoder_norm)
+    if norm is None or norm <= 0:
+        raise ValueError(f"model.architecture.init_decoder_norm must be > 0, got {init_decoder_norm}")
+
+
+def check_contrastive_settings(supcon_weight: object, separation_weight: object, temperature: object) -> None:
+    """A contrastive SAE's term weights >= 0 and temperature > 0.
+
+    Raises:
+        ValueError: Naming the ``model.architecture.*`` key and the value.
+    """
+    for key, value in (("supcon_weight", supcon_weight), ("separation_weight", separation_weight)):
+        weight = _finite(value)
+        if weight is None or weight < 0:
+            raise ValueError(f"model.architecture.{key} must be >= 0, got {value}")
+    temp = _finite(temperature)
+    if temp is None or temp <= 0:
+        raise ValueError(f"model.architecture.temperature must be > 0, got {temperature}")
