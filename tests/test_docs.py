@@ -23,6 +23,8 @@ lightning_configs/**/*.yaml):
   (each with its reason); an unknown one fails. Nothing runs: commands that need a GPU, ``../shared/data`` or
   SmolLM2 are checked this way only. The README's commands are checked in the default run (~5-10 s); all
   docs and config comments in the slow run (~30-40 s on 2 cores).
+* **Names.** Every repository path (``benchmarks/...``, ``lightning_configs/...``) and every
+  ``sae_refusal.x.y`` object the docs name exists.
 * **Runs.** The README's export example runs as written on small SAEs placed where the main job exports its
   own, and writes the folders the README names (fast). The slow
   ``test_the_main_job_on_a_tiny_model_writes_what_the_docs_read`` runs the main job's config on a tiny model:
@@ -307,9 +309,48 @@ def test_the_fine_tuning_set_is_one_set_everywhere() -> None:
         "lightning_configs/transfer/refuse_to_base.yaml",
         "lightning_configs/transfer/base_to_refuse.yaml",
     ):
-        data = load(rel)["data"]
-        assert [s["name"] for s in data["prompts"]["sources"]] == [s["name"] for s in reference[0]["sources"]]
-        assert data["split"] == reference[1], rel
+        config = load(rel)
+        assert (config["data"]["prompts"], config["data"]["split"]) == reference, rel
+        assert (config["eval"]["sets"]["model_prompts"], config["eval"]["sets"]["model_split"]) == reference
+
+
+#: Repository paths the docs name (``benchmarks/x.py``, ``lightning_configs/...``); one followed by ``$`` is a
+#: shell template (``layer_$layer.yaml``), one with ``{``, ``<`` or ``*`` a pattern.
+_REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:benchmarks|lightning_configs|tests|sae_refusal|docker|checkpoints|docs|\.ci)/[\w./-]*\w)"
+    r"(?![\w{<*$])"
+)
+
+
+def _resolve(ref: str) -> Any:
+    """The object a dotted ``sae_refusal...`` name refers to (module, class, function), or ``None``."""
+    import importlib
+
+    parts = ref.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            target: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            target = getattr(target, name, None)
+        return target
+    return None
+
+
+def test_every_repository_path_and_module_the_docs_name_exists() -> None:
+    missing = []
+    for rel in [*DOC_FILES, *YAML_FILES]:
+        text = (REPO / rel).read_text(encoding="utf-8")
+        for m in _REPO_PATH.finditer(text):
+            if not (REPO / m.group(1)).exists() and not m.group(1).endswith(
+                "/ARCH.yaml"
+            ):  # a PLACEHOLDERS key
+                missing.append(f"{rel}: {m.group(1)}")
+        for ref in sorted(set(re.findall(r"(?<![\w./-])(sae_refusal(?:\.\w+)+)", text))):
+            if _resolve(ref) is None:
+                missing.append(f"{rel}: {ref}")
+    assert not missing, "the docs name what does not exist:\n" + "\n".join(missing)
 
 
 def test_a_fact_stated_in_several_places_reads_the_same() -> None:
