@@ -378,8 +378,8 @@ class _GotParser(Exception):
 
 
 @functools.cache
-def _cli_parser(subcommand: str) -> Any:
-    """The jsonargparse parser ``sae-refusal SUBCOMMAND`` builds, taken before it parses anything.
+def _cli_parser(subcommand: str, config: str) -> Any:
+    """The jsonargparse parser ``sae-refusal SUBCOMMAND --config CONFIG`` builds, taken before it parses.
 
     ``fit``: the LightningCLI parser of fit / validate / test / predict; ``cache``: the fit-config parser that
     ``cache``, ``features`` and ``generate`` read a config with; ``finetune``: the fine-tuning parser.
@@ -393,22 +393,22 @@ def _cli_parser(subcommand: str) -> Any:
 
     with mock.patch.object(LightningCLI, "parse_arguments", stop):
         try:
-            main([subcommand])
+            main([subcommand, "--config", config])
         except _GotParser as got:
             return got.parser
     raise AssertionError(f"sae-refusal {subcommand} built no LightningCLI parser")
 
 
 def lightning_parser() -> Any:
-    return _cli_parser("fit")
+    return _cli_parser("fit", DEFAULT_YAML)
 
 
 def config_parser() -> Any:
-    return _cli_parser("cache")
+    return _cli_parser("cache", DEFAULT_YAML)
 
 
 def finetune_parser() -> Any:
-    return _cli_parser("finetune")
+    return _cli_parser("finetune", "lightning_configs/finetune/smollm2_lora.yaml")
 
 
 @functools.cache
