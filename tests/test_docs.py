@@ -696,9 +696,13 @@ def analyze(argv: Sequence[str], produced_config: dict[str, Command]) -> Analysi
             result.folders.append(datamodule.cache.root)
         elif sub == "features":
             assert parsed is not None
-            sae_dir = parsed.namespace.sae_dir
+            sae_dir, out = parsed.namespace.sae_dir, parsed.namespace.out
             result.inputs.append(("--sae_dir", sae_dir))
-            result.folders.append(parsed.namespace.out or f"{Path(sae_dir).parent}/features/standalone")
+            hub = any(sae_dir == key or sae_dir.startswith(f"{key}/") for key in EXTERNAL)
+            assert out or not hub, (
+                f"--out: needed, --sae_dir {sae_dir} is no local run folder to write beside"
+            )
+            result.folders.append(out or f"{Path(sae_dir).parent}/features/standalone")
         else:
             assert parsed is not None
             result.inputs.append(("--vectors", parsed.namespace.vectors))
