@@ -240,8 +240,9 @@ def generate_parser(with_config: bool = True) -> argparse.ArgumentParser:
         "--vectors",
         required=True,
         metavar="DIR",
-        help="a steering-vector artifact folder (vectors.safetensors + vectors.json), e.g. "
-        "<run>/features/epoch29/seed0/vectors",
+        help="a steering-vector artifact folder (vectors.safetensors + vectors.json): one seed's folder of a "
+        "feature analysis, e.g. <run>/features/epoch29/seed0 (the main job's last epoch) or <out>/seed0 of "
+        "`sae-refusal features`",
     )
     parser.add_argument(
         "--category", required=True, help="the category whose vector steers (e.g. safety, humanizing)"
