@@ -136,10 +136,12 @@ def _lightning_cli(args: Sequence[str], run: bool = True) -> SAERefusalCLI:
             run=run,
             save_config_kwargs={"overwrite": False},
             # errors raise (one line through main's handler) instead of printing 50 lines of usage
+            # and an abbreviated option (--trainer.max_epoch) is an error, not silently another option
             parser_kwargs={
                 "prog": "sae-refusal",
                 "exit_on_error": False,
-                **{name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS},
+                "allow_abbrev": False,
+                **{name: {"exit_on_error": False, "allow_abbrev": False} for name in LIGHTNING_COMMANDS},
             },
         )
 
@@ -442,7 +444,9 @@ def finetune_command(args: Sequence[str]) -> None:
             parser_kwargs={
                 "prog": "sae-refusal finetune",
                 "exit_on_error": False,
+                "allow_abbrev": False,
                 "fit": {
+                    "allow_abbrev": False,
                     "description": "Fine-tune a chat model to emit refusal tokens (LoRA SFT), then write the "
                     "held-out refusal-token report and export the model.",
                     "exit_on_error": False,
@@ -466,7 +470,7 @@ def _job_parser(cls: type[Any], prog: str, description: str, config_help: str) -
     earlier ones) + one flag per field."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
     parser.add_class_arguments(cls, as_group=False)
     return parser

@@ -133,6 +133,8 @@ BAD_SETTINGS = [
     ),
     ("--data.cache.colour", "red", "data.cache: unknown option 'colour'", True),
     ("--model.init_args.lr", "abc", "model.lr: expected float, got 'abc'", False),
+    # an abbreviation is an error, not silently the option it abbreviates (--trainer.max_epochs)
+    ("--trainer.max_epoch", "1", "unrecognized arguments: --trainer.max_epoch 1", False),
     (
         "--model.init_args.expansion_factr",
         "3",
