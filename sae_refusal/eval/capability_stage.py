@@ -18,8 +18,8 @@ from sae_refusal.eval.stats import bootstrap_mean, bootstrap_ratio
 
 if TYPE_CHECKING:
     from sae_refusal.data.prompt_set import Prompt
+    from sae_refusal.eval.context import EvalContext
     from sae_refusal.eval.interventions import ItemPlan, LoadedIntervention
-    from sae_refusal.eval.job import _Context
     from sae_refusal.steer.sets import SteerSets
 
 __all__ = ["HeldOutPrompts", "held_out_prompts", "reference_prompts", "run_capability", "run_sweep"]
@@ -38,7 +38,7 @@ class HeldOutPrompts:
     references: list[Prompt]
 
 
-def held_out_prompts(ctx: _Context, sets: SteerSets) -> HeldOutPrompts:
+def held_out_prompts(ctx: EvalContext, sets: SteerSets) -> HeldOutPrompts:
     """Draw both lists (the model's prompt set is loaded and split once, not per measure or sweep point)."""
     cfg = ctx.cfg.capability
     benign = subsample(sets.get("test", ctx.cfg.sets.benign_source), cfg.kl_n, cfg.seed)
@@ -46,7 +46,7 @@ def held_out_prompts(ctx: _Context, sets: SteerSets) -> HeldOutPrompts:
     return HeldOutPrompts(benign=benign, references=references)
 
 
-def reference_prompts(ctx: _Context, limit: int | None) -> list[Prompt]:
+def reference_prompts(ctx: EvalContext, limit: int | None) -> list[Prompt]:
     """Held-out (``test``) prompts of the model's own prompt set that carry a reference answer."""
     from pathlib import Path
 
@@ -61,14 +61,14 @@ def reference_prompts(ctx: _Context, limit: int | None) -> list[Prompt]:
     return subsample(rows, limit, ctx.cfg.capability.seed)
 
 
-def _row(values: list[float] | np.ndarray, ctx: _Context, salt: int, **extra: Any) -> dict[str, Any]:
+def _row(values: list[float] | np.ndarray, ctx: EvalContext, salt: int, **extra: Any) -> dict[str, Any]:
     est = bootstrap_mean(
         np.asarray(values, dtype=np.float64), n_boot=ctx.cfg.n_boot, seed=ctx.cfg.seed + salt
     )
     return {**est.to_json(), **extra}
 
 
-def _plan(ctx: _Context, loaded: LoadedIntervention, texts: list[str]) -> ItemPlan:
+def _plan(ctx: EvalContext, loaded: LoadedIntervention, texts: list[str]) -> ItemPlan:
     cap = ctx.cfg.capability
     return loaded.plan(ctx.tokenizer, texts, batch_size=cap.batch_size, max_length=cap.max_length, **ctx.chat)
 
@@ -88,7 +88,7 @@ def _records(task: str, scores: list[Any], plan: ItemPlan, intervention: str) ->
 
 
 def _kl_and_reference(
-    ctx: _Context,
+    ctx: EvalContext,
     loaded: LoadedIntervention,
     held_out: HeldOutPrompts,
     out: dict[str, Any],
@@ -147,7 +147,7 @@ def _kl_and_reference(
 
 
 def run_capability(
-    ctx: _Context, loaded: LoadedIntervention, sets: SteerSets
+    ctx: EvalContext, loaded: LoadedIntervention, sets: SteerSets
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every configured capability measure under the intervention: ``(rows, per-item records)``."""
     from sae_refusal.data import capability as data
@@ -218,7 +218,7 @@ def run_capability(
 
 
 def run_sweep(
-    ctx: _Context, loaded: LoadedIntervention, sets: SteerSets, prompts: list[Prompt], names: list[str]
+    ctx: EvalContext, loaded: LoadedIntervention, sets: SteerSets, prompts: list[Prompt], names: list[str]
 ) -> list[dict[str, Any]]:
     """Refusal / over-refusal (and KL / reference perplexity) at each (category, alpha) of ``sweep``.
 
@@ -227,8 +227,8 @@ def run_sweep(
     """
     from dataclasses import replace
 
+    from sae_refusal.eval.context import refusal_stage
     from sae_refusal.eval.interventions import load_intervention
-    from sae_refusal.eval.job import _refusal_stage
     from sae_refusal.eval.refusal_sets import summarise
 
     sweep = ctx.cfg.sweep
@@ -253,7 +253,7 @@ def run_sweep(
                 continue
             cfg_i = base.with_alpha(alpha, category)
             loaded_i = load_intervention(cfg_i, ctx.model, fingerprint=ctx.fingerprint)
-            records = _refusal_stage(
+            records = refusal_stage(
                 ctx,
                 loaded_i,
                 prompts,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,8 @@ from sae_refusal.eval.config import (
     JudgeSettings,
     SweepSettings,
 )
-from sae_refusal.eval.interventions import LoadedIntervention
-from sae_refusal.progress import RatePrinter, Stage
+from sae_refusal.eval.context import load_context, refusal_stage
+from sae_refusal.progress import Stage
 
 __all__ = [
     "CAPABILITY_TASKS",
@@ -63,100 +63,6 @@ log = logging.getLogger(__name__)
 
 
 #: Capability measures a job may run.
-def _primary_judge(settings: JudgeSettings, has_tokens: bool) -> str:
-    if settings.primary is not None:
-        return settings.primary
-    if has_tokens and "first_token" in settings.names:
-        return "first_token"
-    return "phrase" if "phrase" in settings.names else settings.names[0]
-
-
-@dataclass
-class _Context:
-    """What every stage needs."""
-
-    cfg: EvalJobConfig
-    model: Any
-    tokenizer: Any
-    resolved: Any
-    judges: list[Any]
-    primary: str
-    fingerprint: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def chat(self) -> dict[str, Any]:
-        return {"chat_template": self.cfg.chat_template, "system_prompt": self.cfg.system_prompt}
-
-
-def _load(
-    cfg: EvalJobConfig, timings: dict[str, float], preloaded: tuple[Any, Any] | None = None
-) -> _Context:
-    from sae_refusal.eval.judges import build_judges
-    from sae_refusal.llm.loading import load_model_and_tokenizer, model_fingerprint
-    from sae_refusal.llm.refusal_tokens import RefusalVocabulary
-
-    with Stage("eval", "load model" if preloaded is None else "model (already loaded)", timings):
-        model, tokenizer = load_model_and_tokenizer(cfg.llm) if preloaded is None else preloaded
-        model.eval()
-        fingerprint = model_fingerprint(cfg.llm, model)
-    try:
-        resolved = RefusalVocabulary().resolve(tokenizer)
-    except (ValueError, KeyError):
-        resolved = None  # a model without the refusal tokens (e.g. the base model)
-    names = list(cfg.judges.names)
-    if resolved is None and "first_token" in names:
-        if cfg.judges.primary == "first_token":
-            raise ValueError("judges.primary: first_token needs a model with the refusal tokens")
-        names.remove("first_token")
-        print("[eval] the model has no refusal tokens: the first_token judge is skipped", flush=True)
-    if not names:
-        raise ValueError("judges.names: no judge applies to this model (it has no refusal tokens)")
-    judges = build_judges(
-        names, resolved=resolved, model_path=cfg.judges.model_path, model_mode=cfg.judges.model_mode
-    )
-    primary = _primary_judge(JudgeSettings(names=names, primary=cfg.judges.primary), resolved is not None)
-    return _Context(cfg, model, tokenizer, resolved, judges, primary, fingerprint, timings)
-
-
-def _refusal_stage(
-    ctx: _Context,
-    loaded: LoadedIntervention,
-    prompts: list[Any],
-    names: list[str],
-    roles: dict[str, str],
-    *,
-    max_new_tokens: int,
-    judges: list[Any] | None = None,
-    label: str | None = None,
-) -> list[Any]:
-    from sae_refusal.eval.refusal_sets import generate_items
-
-    cfg = ctx.cfg
-    plan = loaded.plan(
-        ctx.tokenizer,
-        [p.text for p in prompts],
-        batch_size=cfg.generation.batch_size,
-        max_length=cfg.generation.max_length,
-        **ctx.chat,
-    )
-    return generate_items(
-        ctx.model,
-        ctx.tokenizer,
-        prompts,
-        names,
-        roles,
-        plan,
-        ctx.judges if judges is None else judges,
-        intervention=label or loaded.name,
-        max_new_tokens=max_new_tokens,
-        batch_size=cfg.generation.batch_size,
-        max_length=cfg.generation.max_length,
-        progress=RatePrinter(f"generate ({label or loaded.name})"),
-        **ctx.chat,
-    )
-
-
 def run_eval_job(cfg: EvalJobConfig, *, preloaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Run the job (see the module notes); returns its metrics (also in ``metrics.json``).
 
@@ -188,13 +94,13 @@ def _run_eval_job(cfg: EvalJobConfig, *, preloaded: tuple[Any, Any] | None = Non
     with Stage("eval", "prompt sets", timings):
         sets = build_steer_sets(cfg.sets)
         prompts, names = sets.with_set_names("test")
-    ctx = _load(cfg, timings, preloaded)
+    ctx = load_context(cfg, timings, preloaded)
     loaded = load_intervention(cfg.intervention, ctx.model, fingerprint=ctx.fingerprint)
     print(
         f"[eval] intervention: {loaded.name}; judges: {[j.name for j in ctx.judges]} (table: {ctx.primary})"
     )
     with Stage("eval", f"refusal sets ({len(prompts)} test prompts)", timings):
-        records = _refusal_stage(
+        records = refusal_stage(
             ctx, loaded, prompts, names, sets.roles, max_new_tokens=cfg.generation.max_new_tokens
         )
         refusal = summarise(records, ctx.primary, n_boot=cfg.n_boot, seed=cfg.seed)
