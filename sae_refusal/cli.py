@@ -663,6 +663,10 @@ def _dispatch(args: list[str]) -> None:
         from sae_refusal.config_check import preflight_fit
 
         preflight_fit(args[1:])  # the SAE and data settings' ranges, before Lightning is imported
+    if args[0] == "finetune" and not wants_help(args[1:]):
+        from sae_refusal.config_check import preflight_finetune
+
+        preflight_finetune(args[1:])
     if args[0] in HEAVY_COMMANDS and wants_help(args[1:]):  # kept from an earlier call: no heavy import
         print(cached_help(args[0], args[1:], help_producer(args[0], args[1:])), end="")
         return

@@ -21,7 +21,14 @@ from typing import Any
 
 from sae_refusal.errors import UserError
 
-__all__ = ["check_config_files", "config_file_args", "merged_config", "preflight_fit", "tidy_parse_error"]
+__all__ = [
+    "check_config_files",
+    "config_file_args",
+    "merged_config",
+    "preflight_finetune",
+    "preflight_fit",
+    "tidy_parse_error",
+]
 
 #: Flags whose value is a config file (jsonargparse's ``ActionConfigFile``).
 _CONFIG_FLAGS = ("--config", "-c")
@@ -286,8 +293,12 @@ def _build(cls: type, raw: Any, key: str) -> Any:
             raise UserError(f"{key}: unknown option {unknown.group(1)!r}") from None
         raise
     except ValueError as err:  # the settings' own check: put the section in front of the field it names
-        message = str(err)
-        raise ValueError(message if message.startswith(key) else f"{key}.{message}") from None
+        message, (parent, _, tail) = str(err), key.rpartition(".")
+        if message.startswith(f"{tail}."):  # "lora.r must be ..." under model.lora
+            message = f"{parent}.{message}" if parent else message
+        elif not message.startswith(key):  # "dtype: unknown value ..." under data.llm
+            message = f"{key}.{message}"
+        raise ValueError(message) from None
 
 
 def preflight_fit(args: Sequence[str]) -> None:
@@ -330,3 +341,26 @@ def preflight_fit(args: Sequence[str]) -> None:
     batch_size = data.get("batch_size")
     if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+
+
+def preflight_finetune(args: Sequence[str]) -> None:
+    """Check the fine-tuning recipe's model settings (``model.llm``, ``model.lora``, ``model.lr``,
+    ``model.warmup_steps``, ``model.decision_weight``) before Lightning is imported, with the rules the
+    module applies (:mod:`sae_refusal.finetune.config`).
+
+    Raises:
+        ValueError: Naming the config key (the settings' own checks).
+        UserError: An unknown option of ``model.llm`` or ``model.lora``.
+    """
+    from sae_refusal.finetune.config import LoraSettings, check_finetune_settings
+    from sae_refusal.llm.config import LLMConfig
+
+    model = merged_config(args).get("model")
+    if not isinstance(model, dict):
+        return
+    _build(LLMConfig, model.get("llm"), "model.llm")
+    if isinstance(model.get("lora"), dict):
+        _build(LoraSettings, model["lora"], "model.lora")
+    check_finetune_settings(
+        _typed(model, "lr", 2e-4), _typed(model, "warmup_steps", 20), _typed(model, "decision_weight", 1.0)
+    )

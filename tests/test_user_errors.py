@@ -18,6 +18,7 @@ from sae_refusal.config_check import (
     check_config_files,
     config_file_args,
     merged_config,
+    preflight_finetune,
     preflight_fit,
     tidy_parse_error,
 )
@@ -296,3 +297,26 @@ def test_the_cache_error_classes_are_user_errors() -> None:
     err = corrupt("/x/cache/abc", "activation cache file /x/cache/abc/shard-00000.safetensors fails")
     assert str(err).endswith("remove its folder (rm -r /x/cache/abc) and run again to recompute it")
     assert json.dumps(str(err))  # plain text
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "first_line"),
+    [
+        ("--model.lr", "-1", "model.lr must be > 0, got -1"),
+        ("--model.lora.r", "0", "model.lora.r must be >= 1, got 0"),
+        (
+            "--model.llm.device",
+            "tpu",
+            "model.llm.device: unknown value 'tpu'; expected cpu, cuda, cuda:N or auto",
+        ),
+        ("--model.decision_weight", "0", "model.decision_weight must be a finite number > 0, got 0"),
+    ],
+)
+def test_finetune_settings_are_checked_before_lightning(
+    flag: str, value: str, first_line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(REPO / "lightning_configs" / "finetune" / "smollm2_lora.yaml")
+    with pytest.raises((ValueError, UserError), match=re.escape(first_line)):
+        preflight_finetune(["--config", config, flag, value])
+    lines = run_main(["finetune", "--config", config, flag, value], capsys)
+    assert lines[0] == f"sae-refusal: error: {first_line}"

@@ -16,52 +16,14 @@ saves the full ``vocab x d_model`` matrices (hundreds of MB on large vocabularie
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from sae_refusal.finetune.config import DEFAULT_LORA_TARGETS, LoraSettings
 from sae_refusal.llm.layers import embeddings_tied
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "lora_config", "wrap_with_lora"]
-
-#: Attention and MLP projections of Llama / Qwen2 / Mistral style decoder blocks.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters.
-
-    Args:
-        r: Rank of each low-rank update.
-        alpha: Scaling numerator; the update is scaled by ``alpha / r``.
-        dropout: Dropout on the LoRA branch input.
-        target_modules: Names (suffixes) of the linear layers that get LoRA updates.
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules: empty; name at least one linear layer, e.g. q_proj")
 
 
 def lora_config(

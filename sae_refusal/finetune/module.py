@@ -24,7 +24,8 @@ import torch
 
 from sae_refusal.categories import DEFAULT_REFUSAL_TOKENS
 from sae_refusal.distributed import destroy_process_group_at_exit
-from sae_refusal.finetune.lora import LoraSettings, wrap_with_lora
+from sae_refusal.finetune.config import LoraSettings, check_finetune_settings
+from sae_refusal.finetune.lora import wrap_with_lora
 from sae_refusal.finetune.tokens import add_refusal_tokens, init_refusal_embeddings
 from sae_refusal.llm.compat import enable_activation_checkpointing
 from sae_refusal.llm.loading import LLMConfig, load_model, load_tokenizer, model_fingerprint
@@ -99,12 +100,7 @@ class RefusalSFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if lr <= 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}")
-        if warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        if not math.isfinite(decision_weight) or decision_weight <= 0:
-            raise ValueError(f"model.decision_weight must be a finite number > 0, got {decision_weight}")
+        check_finetune_settings(lr, warmup_steps, decision_weight)  # also checked before Lightning loads
         self.llm = llm or LLMConfig()
         self.vocab = RefusalVocabulary(
             dict(refusal_tokens) if refusal_tokens else dict(DEFAULT_REFUSAL_TOKENS)
