@@ -178,8 +178,16 @@ def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+        old = base.get(key)
+        other_class = (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("class_path", old.get("class_path")) != old.get("class_path")
+        )
+        if other_class:  # another class: the old one's arguments do not carry over
+            base[key] = value
+        elif isinstance(value, dict) and isinstance(old, dict):
+            _merge(old, value)
         else:
             base[key] = value
     return base
@@ -256,12 +264,24 @@ def _typed(args: dict[str, Any], key: str, default: Any) -> Any:
     return value
 
 
+def _check_keys(args: dict[str, Any], accepted: Sequence[str], where: str, owner: str) -> None:
+    """Refuse a key ``owner`` does not take, as the parser would (``where: unknown option 'x' of owner``)."""
+    for key in args:
+        if key not in accepted and not key.startswith("__") and key != "dict_kwargs":
+            raise UserError(f"{where}: unknown option {key!r} of {owner}")
+
+
 def _check_architecture(node: Any) -> None:
     from sae_refusal.sae import settings as sae_settings
 
     if not isinstance(node, dict):
         return
     path, args = node.get("class_path"), _settings(node)
+    for name, paths in _ARCHITECTURES.items():
+        if path in paths:
+            short = {"topk": "TopK", "l1": "L1", "contrastive": "Contrastive"}[name]
+            accepted = sae_settings.ARCHITECTURE_ARGS[short]
+            _check_keys(args, accepted, "model.architecture", f"sae_refusal.sae.{short}")
     if path in _ARCHITECTURES["topk"]:
         sae_settings.check_topk_settings(
             _typed(args, "k", 32),
@@ -311,17 +331,19 @@ def preflight_fit(args: Sequence[str]) -> None:
 
     Raises:
         ValueError: Naming the config key (the settings' own checks).
-        UserError: An unknown option of a ``data`` settings section.
+        UserError: An unknown option of the SAE module, an architecture, the data module or one of its
+            settings sections (``data.llm``, ``data.cache``, ``data.split``).
     """
-    from sae_refusal.activations.config import CacheConfig
+    from sae_refusal.activations.config import DATA_MODULE_ARGS, CacheConfig
     from sae_refusal.data.splits import SplitConfig
     from sae_refusal.llm.config import LLMConfig
-    from sae_refusal.sae.settings import check_module_settings
+    from sae_refusal.sae.settings import MODULE_ARGS, check_module_settings
 
     config = merged_config(args)
     model = config.get("model")
     if isinstance(model, dict) and model.get("class_path") in _SAE_MODULE:
         module = _settings(model)
+        _check_keys(module, MODULE_ARGS, "model", "sae_refusal.sae.SAEModule")
         seeds = module.get("seeds")
         check_module_settings(
             _typed(module, "expansion_factor", 8),
@@ -332,6 +354,7 @@ def preflight_fit(args: Sequence[str]) -> None:
     data = config.get("data")
     if not isinstance(data, dict) or "class_path" in data:
         return
+    _check_keys(data, DATA_MODULE_ARGS, "data", "sae_refusal.activations.ActivationDataModule")
     _build(LLMConfig, data.get("llm"), "data.llm")
     _build(SplitConfig, data.get("split"), "data.split")
     cache = _build(CacheConfig, data.get("cache"), "data.cache")
@@ -350,14 +373,15 @@ def preflight_finetune(args: Sequence[str]) -> None:
 
     Raises:
         ValueError: Naming the config key (the settings' own checks).
-        UserError: An unknown option of ``model.llm`` or ``model.lora``.
+        UserError: An unknown option of ``model``, ``model.llm`` or ``model.lora``.
     """
-    from sae_refusal.finetune.config import LoraSettings, check_finetune_settings
+    from sae_refusal.finetune.config import FINETUNE_MODULE_ARGS, LoraSettings, check_finetune_settings
     from sae_refusal.llm.config import LLMConfig
 
     model = merged_config(args).get("model")
     if not isinstance(model, dict):
         return
+    _check_keys(model, FINETUNE_MODULE_ARGS, "model", "sae_refusal.finetune.module.RefusalSFTModule")
     _build(LLMConfig, model.get("llm"), "model.llm")
     if isinstance(model.get("lora"), dict):
         _build(LoraSettings, model["lora"], "model.lora")

@@ -140,7 +140,7 @@ BAD_SETTINGS = [
         "--model.init_args.expansion_factr",
         "3",
         "model: unknown option 'expansion_factr' of sae_refusal.sae.SAEModule",
-        False,
+        True,
     ),
 ]
 
@@ -320,3 +320,60 @@ def test_finetune_settings_are_checked_before_lightning(
         preflight_finetune(["--config", config, flag, value])
     lines = run_main(["finetune", "--config", config, flag, value], capsys)
     assert lines[0] == f"sae-refusal: error: {first_line}"
+
+
+def test_the_preflight_knows_the_arguments_each_class_takes() -> None:
+    """The light lists of accepted keys equal the signatures they stand for."""
+    import inspect
+
+    from sae_refusal.activations.config import DATA_MODULE_ARGS
+    from sae_refusal.activations.datamodule import ActivationDataModule
+    from sae_refusal.finetune.config import FINETUNE_MODULE_ARGS
+    from sae_refusal.finetune.module import RefusalSFTModule
+    from sae_refusal.sae import L1, Contrastive, SAEModule, TopK
+    from sae_refusal.sae.settings import ARCHITECTURE_ARGS, MODULE_ARGS
+
+    def args_of(cls: type) -> tuple[str, ...]:
+        return tuple(n for n in inspect.signature(cls).parameters if n not in ("self", "args", "kwargs"))
+
+    assert args_of(SAEModule) == MODULE_ARGS
+    assert args_of(ActivationDataModule) == DATA_MODULE_ARGS
+    assert args_of(RefusalSFTModule) == FINETUNE_MODULE_ARGS
+    for cls in (TopK, L1, Contrastive):
+        assert args_of(cls) == ARCHITECTURE_ARGS[cls.__name__], cls
+
+
+@pytest.mark.parametrize(
+    ("flag", "first_line"),
+    [
+        (
+            "--model.init_args.expansion_factr",
+            "model: unknown option 'expansion_factr' of sae_refusal.sae.SAEModule",
+        ),
+        (
+            "--model.init_args.architecture.init_args.kk",
+            "model.architecture: unknown option 'kk' of sae_refusal.sae.TopK",
+        ),
+        ("--data.layerz", "data: unknown option 'layerz' of sae_refusal.activations.ActivationDataModule"),
+    ],
+)
+def test_unknown_keys_of_the_project_classes_are_found_before_lightning(flag: str, first_line: str) -> None:
+    config = str(REPO / "lightning_configs" / "default.yaml")
+    with pytest.raises(UserError, match=f"^{re.escape(first_line)}$"):
+        preflight_fit(["--config", config, flag, "3"])
+
+
+def test_the_preflight_accepts_every_shipped_config() -> None:
+    """No false alarms: every fit config and fragment the project ships passes (they all parse for real in
+    tests/test_cli.py), and so does the fine-tuning preset."""
+    configs = REPO / "lightning_configs"
+    default = configs / "default.yaml"
+    for path in sorted(configs.glob("*.yaml")):
+        preflight_fit(["--config", str(path)])
+    for folder in ("sae", "trainer", "sweeps"):
+        for path in sorted((configs / folder).glob("*.yaml")):
+            preflight_fit(["--config", str(default), "--config", str(path)])
+    for path in sorted((configs / "data").glob("*.yaml")):
+        preflight_fit(["--config", str(default), "--data", str(path)])
+    for path in sorted((configs / "finetune").glob("*.yaml")):
+        preflight_finetune(["--config", str(path)])

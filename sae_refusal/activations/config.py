@@ -7,7 +7,21 @@ from dataclasses import dataclass
 
 from sae_refusal.llm.config import OVERFLOW_POLICIES, check_max_length
 
-__all__ = ["KEY", "STORAGE_DTYPES", "VERIFY_MODES", "CacheConfig"]
+__all__ = ["DATA_MODULE_ARGS", "KEY", "STORAGE_DTYPES", "VERIFY_MODES", "CacheConfig"]
+
+#: The arguments :class:`~sae_refusal.activations.datamodule.ActivationDataModule` takes in a config
+#: (``data``); a test checks them against its signature.
+DATA_MODULE_ARGS: tuple[str, ...] = (
+    "llm",
+    "prompts",
+    "split",
+    "manifest_path",
+    "cache",
+    "layer",
+    "batch_size",
+    "num_workers",
+    "shuffle_seed",
+)
 
 #: How much of a cache is checked when it is opened.
 VERIFY_MODES = ("none", "size", "hash")

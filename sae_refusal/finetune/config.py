@@ -10,7 +10,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "check_finetune_settings"]
+__all__ = ["DEFAULT_LORA_TARGETS", "FINETUNE_MODULE_ARGS", "LoraSettings", "check_finetune_settings"]
+
+#: The arguments :class:`~sae_refusal.finetune.module.RefusalSFTModule` takes in a config (``model``); a test
+#: checks them against its signature.
+FINETUNE_MODULE_ARGS: tuple[str, ...] = (
+    "llm",
+    "refusal_tokens",
+    "token_init",
+    "lora",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "gradient_checkpointing",
+    "decision_weight",
+)
 
 #: Attention and MLP projections of Llama / Qwen2 / Mistral style decoder blocks.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (

@@ -13,13 +13,31 @@ import math
 from collections.abc import Sequence
 
 __all__ = [
+    "ARCHITECTURE_ARGS",
     "ENCODER_DTYPE_NAMES",
+    "MODULE_ARGS",
     "check_contrastive_settings",
     "check_l1_settings",
     "check_module_settings",
     "check_topk_settings",
 ]
 
+#: The arguments :class:`~sae_refusal.sae.module.SAEModule` takes in a config (``model.init_args``); a test
+#: checks them against its signature.
+MODULE_ARGS: tuple[str, ...] = (
+    "d_model",
+    "architecture",
+    "expansion_factor",
+    "seeds",
+    "lr",
+    "normalize_inputs",
+)
+#: The arguments of each architecture (``model.init_args.architecture.init_args``), checked the same way.
+ARCHITECTURE_ARGS: dict[str, tuple[str, ...]] = {
+    "TopK": ("k", "aux_k", "aux_coef", "dead_after_steps", "encoder_dtype"),
+    "L1": ("l1_coef", "init_decoder_norm"),
+    "Contrastive": ("base", "supcon_weight", "separation_weight", "temperature", "ambiguous_as_benign"),
+}
 #: ``model.architecture.encoder_dtype`` values of a TopK SAE.
 ENCODER_DTYPE_NAMES: tuple[str, ...] = ("bfloat16", "float32")
 
