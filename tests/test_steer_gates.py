@@ -292,7 +292,10 @@ def test_prompt_scores_and_per_row_edits_on_a_tiny_model(refusal_model: Any, ref
     policy = GatePolicy(t_low=mid, t_high=1.0, alpha_pos=0.0, alpha_neg=50.0)
     steering = GatedSteering(gate, policy, 0, vectors_CD, global_vector(vectors_CD), NAMES)
     resolved = RefusalVocabulary().resolve(refusal_tokenizer)
-    plain = first_token_decisions(refusal_model, refusal_tokenizer, TEXTS, resolved)
+    # Both passes batch the prompts alike (4 per forward): a row is bit-identical only to itself computed in
+    # a batch of the same shape (another batch size pads it differently, and the kernels may then block
+    # their sums differently: at one thread they do).
+    plain = first_token_decisions(refusal_model, refusal_tokenizer, TEXTS, resolved, batch_size=4)
     steered = first_token_decisions(
         refusal_model, refusal_tokenizer, TEXTS, resolved, edits=steering.edits(scores), batch_size=4
     )
