@@ -95,9 +95,15 @@ def test_the_mid_band_alpha_is_tuned_when_asked() -> None:
     assert tuned.chosen.n_steered == 3
 
 
-def brute_force(table: OutcomeTable, scores: torch.Tensor, floor: float, tune_mid: bool) -> list[PolicyPoint]:
+def brute_force(
+    table: OutcomeTable,
+    scores: torch.Tensor,
+    floor: float,
+    tune_mid: bool,
+    grid_t: list[float] | None = None,
+) -> list[PolicyPoint]:
     """Every policy of the grid, evaluated one by one (in the tuner's grid order)."""
-    grid_t = threshold_candidates(scores)
+    grid_t = threshold_candidates(scores) if grid_t is None else grid_t
     alphas = table.alphas_A.tolist()
     pos = [a for a in alphas if a >= 0]
     neg = [-a for a in reversed(alphas) if a <= 0]
@@ -114,9 +120,7 @@ def strength(p: PolicyPoint) -> float:
     return p.policy.alpha_pos + p.policy.alpha_neg + abs(p.policy.alpha_mid)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("tune_mid", [False, True])
-def test_the_search_equals_brute_force(seed: int, tune_mid: bool) -> None:
+def random_table(seed: int) -> tuple[OutcomeTable, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     n = 14
     alphas = torch.tensor([-2.0, -1.0, 0.0, 0.5, 1.5])
@@ -125,8 +129,23 @@ def test_the_search_equals_brute_force(seed: int, tune_mid: bool) -> None:
     refused_from = torch.randint(0, 5, (n,), generator=gen).float() - 2.5 - harmful.float()
     refused = alphas[None] >= refused_from[:, None]
     scores = (harmful.float() * 0.4 + torch.rand(n, generator=gen) * 0.6).round(decimals=1)
-    table = OutcomeTable(alphas, refused, harmful)
-    points = brute_force(table, scores, 0.8, tune_mid)
+    return OutcomeTable(alphas, refused, harmful), scores
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tune_mid", [False, True])
+@pytest.mark.parametrize("on_scores", [False, True], ids=["midpoints", "thresholds_on_scores"])
+def test_the_search_equals_brute_force(seed: int, tune_mid: bool, on_scores: bool) -> None:
+    """The grid search picks what scoring every policy with evaluate_policy picks, and reports its rates.
+
+    ``thresholds_on_scores`` puts every threshold exactly on a score (the default candidates are midpoints
+    between scores, which never are): a row scoring ``t_high`` is harmful-looking, one scoring ``t_low`` is
+    not benign-looking, in the search's prefix counts as in GatePolicy. Kills: the search splitting ties at a
+    threshold on the other side (``searchsorted(..., side="right")``, ``<=`` for ``<``).
+    """
+    table, scores = random_table(seed)
+    grid_t = sorted({0.0, *scores.unique().tolist(), 1.0}) if on_scores else None
+    points = brute_force(table, scores, 0.8, tune_mid, grid_t)
     feasible = [p for p in points if p.rates.harmful_refusal >= 0.8]
     best = min(
         enumerate(feasible),
@@ -138,7 +157,7 @@ def test_the_search_equals_brute_force(seed: int, tune_mid: bool) -> None:
             ip[0],
         ),
     )[1]
-    result = tune_policy(table, scores, floor=0.8, tune_alpha_mid=tune_mid)
+    result = tune_policy(table, scores, floor=0.8, tune_alpha_mid=tune_mid, thresholds=grid_t)
     assert result.policy == best.policy and result.chosen == best
     assert result.n_policies == len(points)
     # the front: every non-dominated (over-refusal, harmful refusal) point, by over-refusal
