@@ -149,8 +149,18 @@ def _writes_only_to_tmp(request: pytest.FixtureRequest, _checkout_watch: _Checko
 #: Environment variables that are random state, not a setting: ``seed_everything`` (LightningCLI fits call
 #: it) records its seed there; restored with the generators.
 _SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
-#: Environment variables a library sets once for its own bookkeeping (torch.compile's first run).
-_ENV_NOT_CHECKED = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", *_SEED_ENV}
+#: Environment variables a library sets once per process for its own bookkeeping (not a setting a test
+#: chose): torch.compile's cache folder and first run, matplotlib's fallback config folder, the OpenMP
+#: flags scikit-learn sets when first imported.
+_ENV_NOT_CHECKED = {
+    "PYTEST_CURRENT_TEST",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+    "MPLCONFIGDIR",
+    "KMP_DUPLICATE_LIB_OK",
+    "KMP_INIT_AT_FORK",
+    *_SEED_ENV,
+}
 
 
 def _global_state() -> dict[str, Any]:

@@ -112,6 +112,34 @@ def test_the_mapped_sae_reads_a_rotated_and_shifted_copy_exactly() -> None:
         mapped.save("anywhere")
 
 
+def test_decoded_directions_cross_by_the_maps_linear_part_only() -> None:
+    """With non-zero map biases (and a decoder bias, an input scale), a latent direction decodes to the
+    difference it makes to B's reconstruction: ``decode(z + v) - decode(z)``, whatever ``z``.
+
+    Kills: the A -> B map's bias added to directions (or the B -> A map's used), the inner SAE's ``decode``
+    (with ``b_dec``) in place of ``decode_direction``.
+    """
+    gen = torch.Generator().manual_seed(4)
+    sae = TopKSAE(6, 24, k=3, generator=gen)
+    sae.set_input_scale(0.6)
+    with torch.no_grad():
+        sae.b_dec_D.copy_(torch.randn(6, generator=gen))
+    a_to_b = LinearMap(W_DE=torch.randn(6, 10, generator=gen), b_E=3.0 + torch.randn(10, generator=gen))
+    b_to_a = LinearMap(W_DE=torch.randn(10, 6, generator=gen), b_E=-2.0 + torch.randn(6, generator=gen))
+    mapped = MappedSAE(sae, b_to_a, a_to_b)
+    v_KF = torch.randn(5, 24, generator=gen)
+    z_KF = torch.relu(torch.randn(5, 24, generator=gen))
+    with torch.no_grad():
+        direction_KE = mapped.decode_direction(v_KF)
+        difference_KE = mapped.decode(z_KF + v_KF) - mapped.decode(z_KF)
+        through_the_map = sae.decode_direction(v_KF) @ a_to_b.W_DE
+    assert direction_KE.shape == (5, 10)
+    # float32, entries O(10): each is a sum of F + D = 30 products, rounding well below 1e-4
+    torch.testing.assert_close(direction_KE, difference_KE, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(direction_KE, through_the_map, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(direction_KE, through_the_map + a_to_b.b_E, atol=1.0)  # the biases matter here
+
+
 def _split(acts_ND: torch.Tensor, codes_N: torch.Tensor) -> Any:
     from sae_refusal.activations.datamodule import ActivationBatch
 
