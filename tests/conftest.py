@@ -1,4 +1,13 @@
-"""Shared fixtures: tiny offline models saved as HF folders, the shared data root, small prompt files."""
+"""Shared fixtures: tiny offline models saved as HF folders, the shared data root, small prompt files; the
+suite's guards (nothing written into the checkout, no global setting left changed).
+
+Idle OpenMP threads sleep here instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless set otherwise). The
+suite's tensors are tiny, so torch's threads spend most of their time waiting at the end of each parallel
+region; spinning there is harmless on an idle machine but on a small shared one it takes the core the
+working thread needs: on 2 cores with other jobs running, ``tests/test_sae_splice.py`` took 23 s spinning
+and 4 s passive (6 s at one thread). The variable is read when OpenMP loads, so it is set before the imports
+below that load it (numpy, torch); spawned workers and CLI subprocesses inherit it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
