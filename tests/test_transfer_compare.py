@@ -140,6 +140,34 @@ def test_decoded_directions_cross_by_the_maps_linear_part_only() -> None:
     assert not torch.allclose(direction_KE, through_the_map + a_to_b.b_E, atol=1.0)  # the biases matter here
 
 
+def test_the_mapped_sae_reports_fvu_in_bs_space_and_checks_each_width() -> None:
+    gen = torch.Generator().manual_seed(5)
+    sae = TopKSAE(6, 24, k=3, generator=gen)
+    a_to_b = LinearMap(W_DE=torch.randn(6, 10, generator=gen), b_E=torch.randn(10, generator=gen))
+    b_to_a = LinearMap(W_DE=0.3 * torch.randn(10, 6, generator=gen), b_E=torch.randn(6, generator=gen))
+    mapped = MappedSAE(sae, b_to_a, a_to_b)
+    x_BE = torch.randn(40, 10, generator=gen)
+    with torch.no_grad():
+        out = mapped(x_BE)
+        inner = sae(b_to_a(x_BE))
+    assert out.latents_BF is None and mapped(x_BE, return_latents=True).latents_BF is not None
+    recon_BE = mapped.decode(mapped.encode(x_BE))
+    torch.testing.assert_close(out.recon_BD, recon_BE)
+    fvu = (x_BE - recon_BE).pow(2).sum() / (x_BE - x_BE.mean(0)).pow(2).sum()
+    torch.testing.assert_close(out.fvu, fvu)  # B's rows against B's reconstruction...
+    assert not torch.isclose(out.fvu, inner.fvu, rtol=0.1)  # ...not the inner SAE's FVU in A's space
+    assert mapped.config() == {"inner": {"architecture": "topk", **sae.config()}}
+    d6_to_8 = LinearMap(W_DE=torch.zeros(6, 8), b_E=torch.zeros(8))
+    d8_to_6 = LinearMap(W_DE=torch.zeros(8, 6), b_E=torch.zeros(6))
+    d10_to_5 = LinearMap(W_DE=torch.zeros(10, 5), b_E=torch.zeros(5))
+    d5_to_10 = LinearMap(W_DE=torch.zeros(5, 10), b_E=torch.zeros(10))
+    # each of the three widths that must chain, wrong alone
+    for into_a, out_of_a in ((d10_to_5, a_to_b), (b_to_a, d5_to_10), (d8_to_6, a_to_b)):
+        with pytest.raises(ValueError, match="maps do not chain with the SAE"):
+            MappedSAE(sae, into_a, out_of_a)
+    assert MappedSAE(sae, d8_to_6, d6_to_8).d_model == 8
+
+
 def _split(acts_ND: torch.Tensor, codes_N: torch.Tensor) -> Any:
     from sae_refusal.activations.datamodule import ActivationBatch
 
