@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_refusal.eval.stats import bootstrap_mean
 from sae_refusal.sae.topk import TopKSAE
 from sae_refusal.transfer.compare import (
     capability_deltas,
@@ -57,6 +58,66 @@ def test_capability_deltas_pair_by_task_and_id() -> None:
     )
 
 
+def test_deltas_count_every_left_out_item_and_their_cis_follow_the_seed() -> None:
+    # capability: a missing baseline first (the loop goes on), a missing value, a NaN score: 3 left out
+    base = [{"task": "gsm8k", "id": str(i), "value": v} for i, v in enumerate([1.0, 0.0, 1.0, 0.0, 0.5])]
+    column = [
+        {"task": "gsm8k", "id": "none", "value": 1.0},
+        {"task": "gsm8k", "id": "0", "value": None},
+        {"task": "gsm8k", "id": "1", "value": math.nan},
+        {"task": "gsm8k", "id": "2", "value": 0.0},
+        {"task": "gsm8k", "id": "3", "value": 1.0},
+        {"task": "gsm8k", "id": "4", "value": 1.0},
+    ]
+    base[4]["value"] = None  # ...and one whose unsteered score is missing: 4 left out, 2 paired
+    out = capability_deltas(column, base, n_boot=50, seed=3)["gsm8k"]
+    assert (out["n"], out["n_failed"]) == (2, 4) and out["value"] == pytest.approx(0.0)
+    expected = bootstrap_mean(np.array([-1.0, 1.0]), n_boot=50, seed=3).to_json()
+    assert out == {**expected, "n_failed": 4}  # the CI is the seeded bootstrap of the paired differences
+    # refusal: failed verdicts and missing judges count per set and add up per role block
+    records = [_record("h", i, "refused") for i in range(6)] + [_record("o", 0, "complied", "over_refusal")]
+    column = [_record("h", i, v) for i, v in enumerate(["failed", "failed", "complied", "refused", "x", "y"])]
+    column[4] = {"set": "h", "id": "h4", "role": "harmful"}  # no judges at all
+    column[5] = {"set": "h", "id": "h5", "role": "harmful", "judges": {"other": {"verdict": "refused"}}}
+    column.append(_record("h2", 0, "refused"))  # a second harmful set, with no unsteered counterpart
+    column.append(_record("o", 0, "refused", "over_refusal"))
+    deltas = refusal_deltas(column, records, "phrase", n_boot=50, seed=5)
+    assert deltas["judge"] == "phrase"
+    assert (deltas["sets"]["h"]["n"], deltas["sets"]["h"]["n_failed"]) == (2, 4)
+    assert (deltas["blocks"]["harmful"]["n"], deltas["blocks"]["harmful"]["n_failed"]) == (2, 5)
+    assert deltas["blocks"]["over_refusal"]["n_failed"] == 0
+    assert deltas["sets"]["h"] == {
+        **bootstrap_mean(np.array([-1.0, 0.0]), n_boot=50, seed=5).to_json(),
+        "n_failed": 4,
+        "role": "harmful",
+    }
+    assert deltas["blocks"]["harmful"] == {
+        **bootstrap_mean(np.array([-1.0, 0.0]), n_boot=50, seed=5).to_json(),
+        "n_failed": 5,
+    }
+
+
+def test_the_delta_cis_are_the_seeded_bootstrap_with_the_given_resamples() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.random((2, 30)).round(2)
+    base = [{"task": "mmlu", "id": str(i), "value": float(v)} for i, v in enumerate(scores[0])]
+    column = [{"task": "mmlu", "id": str(i), "value": float(v)} for i, v in enumerate(scores[1])]
+    diffs = scores[1] - scores[0]
+    out = capability_deltas(column, base, n_boot=40, seed=7)["mmlu"]
+    assert out == {**bootstrap_mean(diffs, n_boot=40, seed=7).to_json(), "n_failed": 0}
+    assert out != {**bootstrap_mean(diffs, n_boot=40, seed=8).to_json(), "n_failed": 0}  # the seed shows
+    assert out != {**bootstrap_mean(diffs, n_boot=2000, seed=7).to_json(), "n_failed": 0}  # so does n_boot
+    verdicts = rng.random((2, 30)) < 0.5
+    records = [
+        [_record("h", i, "refused" if v else "complied") for i, v in enumerate(row)] for row in verdicts
+    ]
+    refusal = refusal_deltas(records[1], records[0], "phrase", n_boot=40, seed=7)
+    expected = bootstrap_mean(verdicts[1].astype(float) - verdicts[0], n_boot=40, seed=7).to_json()
+    assert refusal["sets"]["h"] == {**expected, "n_failed": 0, "role": "harmful"}
+    assert refusal["blocks"]["harmful"] == {**expected, "n_failed": 0}
+    assert refusal["blocks"] != refusal_deltas(records[1], records[0], "phrase", n_boot=40, seed=8)["blocks"]
+
+
 def test_sae_quality_counts_l0_dead_latents_and_fvu() -> None:
     sae = TopKSAE(8, 32, k=2, generator=torch.Generator().manual_seed(0))
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
@@ -76,6 +137,9 @@ def test_row_cosines_and_jaccard() -> None:
     b = torch.tensor([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
     cos = row_cosines(a, b)
     assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(-1.0) and math.isnan(cos[2])
+    assert row_cosines(0.1 * a[:2], 0.1 * b[:2]) == pytest.approx([1.0, -1.0])  # short rows are not zero
+    with pytest.raises(ValueError, match=r"^vector sets of different shapes: \(3, 2\) vs \(2, 2\)$"):
+        row_cosines(a, b[:2])
     assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5 and math.isnan(jaccard([], []))
 
 
