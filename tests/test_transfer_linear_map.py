@@ -82,6 +82,20 @@ def test_the_fit_accumulates_over_row_chunks(monkeypatch: pytest.MonkeyPatch) ->
     assert chunked.metadata["train_fvu"] == pytest.approx(whole.metadata["train_fvu"], rel=1e-6)
 
 
+def test_the_means_are_accumulated_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 256 residual rows far from the origin (an offset of 1e7), summed one row-chunk at a time: a float32
+    # running sum (spacing 256 near 2.6e9) moves the intercept by ~5 (measured 3.9-5.9); float64 keeps it to
+    # the output's own float32 rounding (spacing 1 near 1e7; measured <= 0.13)
+    monkeypatch.setattr(linear_map, "_CHUNK_ROWS", 1)
+    g = torch.Generator().manual_seed(2)
+    X_ND = torch.randn(256, 3, generator=g)
+    Y_NE = X_ND @ torch.randn(3, 2, generator=g) + 1e7 + torch.randn(256, 2, generator=g)
+    fitted = fit_linear_map(X_ND, Y_NE, ridge=0.0)
+    with_intercept = torch.cat([X_ND.double(), torch.ones(256, 1, dtype=torch.float64)], dim=1)
+    reference = torch.linalg.lstsq(with_intercept, Y_NE.double()).solution
+    torch.testing.assert_close(fitted.b_E.double(), reference[-1], atol=1.0, rtol=0)
+
+
 def test_the_smallest_fits_work() -> None:
     g = torch.Generator().manual_seed(4)
     two = fit_linear_map(torch.randn(2, 3, generator=g), torch.randn(2, 2, generator=g), ridge=1e-3)
@@ -245,6 +259,12 @@ def test_underdetermined_fit_works_with_a_ridge() -> None:
     X_ND, Y_NE, _, _ = _affine_data(n=8)
     with pytest.raises(ValueError, match="underdetermined"):
         fit_linear_map(X_ND, Y_NE, ridge=0.0)
+    square = (
+        r"^X_ND has 12 rows for 12 columns: the fit is underdetermined; set ridge > 0 \(e\.g\. 1e-6\) or "
+        r"give more rows$"
+    )
+    with pytest.raises(ValueError, match=square):  # as many rows as columns is too few too
+        fit_linear_map(*_affine_data(n=12)[:2], ridge=0.0)
     fitted = fit_linear_map(X_ND, Y_NE, ridge=1e-6)
     assert torch.isfinite(fitted.W_DE).all() and map_fit_quality(fitted, X_ND, Y_NE)["r2"] > 0.999
 
