@@ -304,6 +304,7 @@ def test_the_outcome_table_takes_lists_and_names_each_bad_field() -> None:
         (torch.tensor([0.0, 1.0, math.inf]), r"^alphas_A: expected finite"),
         (torch.tensor([0.0, 0.0, 1.0]), r"^alphas_A: must be strictly increasing$"),
         (torch.tensor([0.0, 2.0, 1.0]), r"^alphas_A: must be strictly increasing$"),
+        (torch.tensor([0.0, 0.0]), r"^alphas_A: must be strictly increasing$"),
         (torch.tensor([1.0, 2.0, 3.0]), r"^alphas_A: must include 0 \(unsteered rows\)$"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -320,19 +321,20 @@ def test_the_outcome_table_takes_lists_and_names_each_bad_field() -> None:
         OutcomeTable(alphas, ok_refused, harmful, groups=("harmful",))
     table = OutcomeTable(alphas, ok_refused, harmful)
     assert table.alpha_index(1.0 + 1e-12) == 2
-    for far in (3.0, 1.0 + 1e-7):  # a grid value only up to rounding (1e-9 relative)
+    for far in (3.0, 1.0 + 1e-7, 1e-10):  # a grid value only up to rounding (1e-9 relative, 1e-12 absolute)
         with pytest.raises(ValueError, match=r"^alpha: .* is not in the table's alpha grid"):
             table.alpha_index(far)
 
 
 def test_a_grid_too_large_for_the_search_key_is_refused_by_name() -> None:
-    # 55 alphas with the middle band searched: 28 x 55 x 28 triples; 100k rows. (harmful + 1) x (rows + 1)
-    # x triples x policies passes 2^62: the integer key would overflow, so the search refuses it up front.
+    # 55 alphas with the middle band searched: 28 x 55 x 28 triples, 3 threshold pairs; 50k rows, half of
+    # them harmful. (harmful + 1) x (rows + 1) x triples x policies = 7.0e18, between 2^62 and 2^63: the
+    # integer key would overflow, so the search refuses the grid up front (an int64 holds up to 2^63 - 1).
     alphas = torch.arange(-27.0, 28.0)
-    n = 100_000
+    n = 50_000
     harmful = torch.arange(n) % 2 == 0
     table = OutcomeTable(alphas, torch.zeros(n, 55, dtype=torch.bool), harmful)
-    with pytest.raises(ValueError, match=r"^thresholds: 2 thresholds x 43120 alpha triples on 100000 rows"):
+    with pytest.raises(ValueError, match=r"^thresholds: 2 thresholds x 43120 alpha triples on 50000 rows"):
         tune_policy(table, torch.rand(n), floor=0.0, thresholds=[0.0, 1.0], tune_alpha_mid=True)
 
 
