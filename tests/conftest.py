@@ -1,11 +1,13 @@
 """Shared fixtures: tiny offline models saved as HF folders, the shared data root, small prompt files; the
 suite's guards (nothing written into the checkout, no global setting left changed).
 
-Idle OpenMP threads sleep here instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless set otherwise). The
-suite's tensors are tiny, so torch's threads spend most of their time waiting at the end of each parallel
-region; spinning there is harmless on an idle machine but on a small shared one it takes the core the
-working thread needs: on 2 cores with other jobs running, ``tests/test_sae_splice.py`` took 23 s spinning
-and 4 s passive (6 s at one thread). The variable is read when OpenMP loads, so it is set before the imports
+Idle OpenMP threads spin only briefly before sleeping (``GOMP_SPINCOUNT=1000`` unless ``GOMP_SPINCOUNT`` or
+``OMP_WAIT_POLICY`` is set). The suite's tensors are tiny, so torch's threads spend most of their time waiting
+at the end of each parallel region; libgomp's default spin there is harmless on an idle machine, but on a
+small shared one the spinning thread takes the core the working thread needs. Measured on 2 cores with
+``tests/test_sae_splice.py``, ``test_steer_interventions.py`` and ``test_sae_topk.py`` (109 tests): idle 5.3 s
+default, 6.0-6.6 s at 1000, 9.1-9.5 s passive; one core busy elsewhere 12.6 / 9.8 / 6.2 s; both cores busy
+192 / 11.5-12.5 / 11.9-13.0 s. libgomp reads the variable when it loads, so it is set before the imports
 below that load it (numpy, torch); spawned workers and CLI subprocesses inherit it.
 """
 
@@ -20,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np
 import pytest
