@@ -9,6 +9,17 @@ code, *survived* when every test passes, *no tests* when no selected test calls 
     python benchmarks/mutation_score.py --rev 927077e --jobs 16           # a commit, 16 workers
     python benchmarks/mutation_score.py -m features/vectors.py -m sae/topk.py --jobs 1 --json out.json
 
+Issue 23's steer/ and transfer/ rows: the modules whose tests need no LLM (a few load a tiny one) on a small
+machine, the LLM-heavy ones (their tests load tiny models per mutant) on a many-core one:
+
+    python benchmarks/mutation_score.py --jobs 1 -m steer/tuning.py -m steer/gates/policy.py \
+        -m steer/gates/metrics.py -m transfer/compare.py -m transfer/linear_map.py -m transfer/mapped_sae.py
+    python benchmarks/mutation_score.py --jobs 14 -m steer/interventions.py -m steer/scoring.py \
+        -m steer/gates/steering.py -m steer/gates/distance.py -m steer/gates/probe.py -m steer/gates/head.py \
+        -m steer/gates/residual.py -m steer/gates/refusal_token.py -m steer/gates/guard.py -m steer/sets.py \
+        -m steer/patching.py -m steer/generate.py -m steer/study.py -m steer/job.py -m transfer/features.py \
+        -m transfer/config.py -m transfer/columns.py -m transfer/report.py -m transfer/job.py
+
 Prints progress on stderr and one JSON document on stdout (and to ``--json``): per module ``killed``,
 ``survived``, ``timeout``, ``no_tests``, ``suspicious``, ``total``, ``score`` (``(killed + timeout) / total``,
 ``total`` excluding mutants mutmut skipped), wall ``seconds``, ``mutants_per_s``, and the survivor names
@@ -57,6 +68,22 @@ TESTS_OF: dict[str, list[str]] = {
         "tests/test_cache_identity.py",
     ],
     "finetune/module.py": ["tests/test_finetune_*.py"],
+    # steer/ (issue 23): the unit tests of each module; the job and study run through the steer job's tests
+    "steer/tuning.py": ["tests/test_steer_tuning.py"],
+    "steer/gates/*": ["tests/test_steer_gates.py", "tests/test_steer_tuning.py"],
+    "steer/interventions.py": ["tests/test_steer_interventions.py"],
+    "steer/scoring.py": ["tests/test_steer_scoring.py", "tests/test_steer_gates.py"],
+    "steer/sets.py": ["tests/test_steer_sets.py"],
+    "steer/patching.py": ["tests/test_steer_patching.py"],
+    "steer/generate.py": ["tests/test_steer_generate.py"],
+    "steer/job.py": ["tests/test_steer_job.py"],
+    "steer/study.py": ["tests/test_steer_job.py"],
+    # transfer/ (issue 23): pure pieces first, then everything the transfer job composes
+    "transfer/compare.py": ["tests/test_transfer_compare.py"],
+    "transfer/linear_map.py": ["tests/test_transfer_linear_map.py", "tests/test_transfer_compare.py"],
+    "transfer/mapped_sae.py": ["tests/test_transfer_compare.py"],
+    "transfer/features.py": ["tests/test_transfer_compare.py", "tests/test_transfer_job.py"],
+    "transfer/*": ["tests/test_transfer_job.py"],
 }
 
 #: The modules of issue 11, in the order a time-boxed run should take them.

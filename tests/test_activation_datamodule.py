@@ -163,6 +163,7 @@ class _RecordIndices(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+@pytest.mark.usefixtures("lightning_globals_restored")  # ddp_spawn leaves MASTER_PORT set
 def test_ddp_ranks_get_disjoint_equal_shards(tiny_model_dir: Path, prompt_file: Path) -> None:
     dm = make_dm(tiny_model_dir, prompt_file)
     dm.build_cache()  # fill the cache once, outside the spawned workers

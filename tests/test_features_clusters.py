@@ -55,6 +55,35 @@ def test_separated_blobs_score_well_and_beat_every_permutation() -> None:
         assert getattr(report.observed, name) == pytest.approx(getattr(direct, name), rel=1e-9)
 
 
+def test_shuffles_that_score_exactly_as_well_count_as_at_least_as_good() -> None:
+    """Exact ties: the corners of a simplex (one-hot rows) are all equidistant, so every labelling with the
+    same class sizes scores the same, bit for bit; every shuffle ties, and p = (1 + n) / (1 + n) = 1.
+
+    Kills: ``>`` for ``>=`` in the count (p would be 1 / (1 + n)).
+    """
+    for X, y in ((np.eye(4), [0, 0, 1, 1]), (np.eye(5), [0, 0, 1, 1, 1])):
+        report = cluster_metrics(X, np.array(y), n_permutations=12, seed=0)
+        assert report.permuted_std == ClusterScores(0.0, 0.0, 0.0)  # exact ties
+        assert report.p_values == dict.fromkeys(METRICS, 1.0)
+
+
+def test_shuffles_that_tie_up_to_rounding_count_as_at_least_as_good() -> None:
+    """The simplex rotated and shifted: still every labelling ties, but only up to the rounding of
+    scikit-learn's distances (up to ~1e-8 relative on a distance near 0: a singleton's distance to its own
+    centroid). Rounding must not decide which ties count: p = 1 for every metric.
+
+    Kills: an exact comparison (it counts about half of these ties: p 0.4-0.9 here), a tolerance below the
+    distances' error (seed 2: Davies-Bouldin ties 1.5e-8 apart).
+    """
+    for seed, y in ((2, [0, 1, 2, 2]), (3, [0, 0, 1, 1, 2]), (4, [0, 0, 0, 1, 1, 1])):
+        rng = np.random.default_rng(seed)
+        n = len(y)
+        rotation, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        X = 3.7 * rotation + rng.normal(size=n)
+        report = cluster_metrics(X, np.array(y), n_permutations=40, seed=0)
+        assert report.p_values == dict.fromkeys(METRICS, 1.0), (y, report.permuted_std)
+
+
 def test_random_labels_give_large_p_values() -> None:
     rng = np.random.default_rng(3)
     X = rng.normal(size=(120, 6))

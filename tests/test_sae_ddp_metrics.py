@@ -29,6 +29,9 @@ import torch
 from sae_refusal.activations.datamodule import ActivationBatch, ActivationDataModule, PaddedEvalDataset
 from sae_refusal.sae import SAEModule, TopK, load_sae
 
+# Trainer(deterministic=True) and ddp_spawn change process-wide settings; undo them after each test
+pytestmark = pytest.mark.usefixtures("lightning_globals_restored")
+
 D_MODEL, N_TRAIN, BATCH = 16, 64, 8
 N_VAL, N_TEST = 15, 3  # odd: the DDP shards are padded; the 3-row test split gives rank 1 a repeat-only batch
 SYNC_WARNING = "sync_dist=True"

@@ -26,6 +26,9 @@ from sae_refusal.cli import SAERefusalCLI
 from sae_refusal.features import FeatureAnalysisCallback, FeatureAnalysisConfig
 from sae_refusal.sae import SAEModule, TopK, TopKSAE, load_sae
 
+# Trainer(deterministic=True) and ddp_spawn change process-wide settings; undo them after each test
+pytestmark = pytest.mark.usefixtures("lightning_globals_restored")
+
 D_MODEL, N_TRAIN, BATCH = 16, 96, 8
 STEPS_PER_EPOCH = N_TRAIN // BATCH  # 12
 REPO = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,38 @@ def test_gate_metrics_by_hand() -> None:
         gate_metrics(torch.tensor([0.1, 0.2]), torch.tensor([True]))
 
 
+def test_gate_metrics_f1_empty_denominators_and_labels_as_integers() -> None:
+    # tp 2, fp 1, fn 2, tn 0: precision 2/3, recall 1/2, f1 = 2pr / (p + r) = 4/7 (p != r: the formula shows)
+    m = gate_metrics(torch.tensor([0.9, 0.8, 0.7, 0.3, 0.2]), torch.tensor([1, 1, 0, 1, 1]))  # int labels
+    assert (m.tp, m.fp, m.fn, m.tn) == (2, 1, 2, 0)
+    assert (m.precision, m.recall, m.f1) == pytest.approx((2 / 3, 1 / 2, 4 / 7))
+    assert m.to_dict() == {
+        "precision": m.precision,
+        "recall": m.recall,
+        "f1": m.f1,
+        "accuracy": 0.4,
+        "tp": 2,
+        "fp": 1,
+        "fn": 2,
+        "tn": 0,
+        "threshold": 0.5,
+    }
+    # tp == fp == fn: shares 1/2, not NaN; precision == recall: f1 equals them
+    even = gate_metrics(torch.tensor([0.9, 0.8, 0.1]), torch.tensor([True, False, True]))
+    assert (even.precision, even.recall, even.f1) == (0.5, 0.5, 0.5)
+    # something called harmful, nothing right: p = r = 0 and f1 0 (not NaN, not a division by zero)
+    wrong = gate_metrics(torch.tensor([0.9, 0.1]), torch.tensor([False, True]))
+    assert (wrong.precision, wrong.recall, wrong.f1) == (0.0, 0.0, 0.0)
+    # no harmful prompts: recall (and f1) NaN; nothing called harmful: precision (and f1) NaN
+    no_harmful = gate_metrics(torch.tensor([0.9, 0.1]), torch.tensor([False, False]), threshold=0.3)
+    assert math.isnan(no_harmful.recall) and math.isnan(no_harmful.f1) and no_harmful.threshold == 0.3
+    assert math.isnan(gate_metrics(torch.tensor([0.1]), torch.tensor([True])).f1)
+    one = gate_metrics(torch.tensor([0.7]), torch.tensor([True]))  # a single prompt is a set
+    assert (one.precision, one.recall, one.accuracy) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"^score_N, harmful_N: expected equal non-empty"):
+        gate_metrics(torch.tensor([]), torch.tensor([], dtype=torch.bool))
+
+
 def test_fit_errors_name_the_argument(train: Any) -> None:
     acts, y = train
     with pytest.raises(ValueError, match="y_N"):
@@ -169,6 +202,9 @@ def test_policy_boundaries() -> None:
             GatePolicy(**args)
     with pytest.raises(ValueError, match="score_N"):
         policy.alphas(torch.tensor([float("nan")]))
+    for value in (True, "0.5"):  # a bool is not a threshold; a string is refused by name, not a TypeError
+        with pytest.raises(ValueError, match=r"^t_low: expected a finite number"):
+            GatePolicy(t_low=value, t_high=0.8, alpha_pos=1.0, alpha_neg=1.0)  # type: ignore[arg-type]
 
 
 def test_row_vectors_and_global_vector(train: Any) -> None:
@@ -185,6 +221,31 @@ def test_row_vectors_and_global_vector(train: Any) -> None:
     assert torch.equal(row_vectors(torch.tensor([1, 2]), vectors_CD, g, "global"), torch.stack([g, g]))
     with pytest.raises(ValueError, match="category_N"):
         row_vectors(torch.tensor([4]), vectors_CD, g, "category")
+    # each category's own row decides whether it is usable (category 1 empty, 2 not)
+    first_empty = vectors_CD.clone()
+    first_empty[0] = 0.0
+    rows = row_vectors([1, 2], first_empty, g, "category")
+    assert torch.equal(rows, torch.stack([g, first_empty[1]]))
+    with pytest.raises(ValueError, match=r"^global_D: width"):
+        row_vectors(torch.tensor([1]), vectors_CD, g[:5], "category")
+    with pytest.raises(ValueError, match=r"^vector: expected 'category' or 'global'"):
+        row_vectors(torch.tensor([1]), vectors_CD, g, "nearest")  # type: ignore[arg-type]
+
+
+def test_global_vector_weights_and_bad_inputs() -> None:
+    vectors_CD = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 4.0]])
+    # a category without training rows weighs 0; weights need only a positive sum (here 1)
+    torch.testing.assert_close(global_vector(vectors_CD, torch.tensor([3, 0, 1])), torch.tensor([1.75, 1.0]))
+    torch.testing.assert_close(global_vector(vectors_CD, torch.tensor([1.0, 0.0, 0.0])), vectors_CD[0])
+    torch.testing.assert_close(global_vector(vectors_CD[:1]), vectors_CD[0])  # one category
+    for weights in (torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, 1.0])):
+        with pytest.raises(ValueError, match=r"^weights_C: expected 3 non-negative weights"):
+            global_vector(vectors_CD, weights)
+    with pytest.raises(ValueError, match=r"^vectors_CD: all category rows are zero"):
+        global_vector(vectors_CD, torch.zeros(3))
+    for bad in (vectors_CD[0], torch.zeros(0, 2)):
+        with pytest.raises(ValueError, match=r"^vectors_CD: expected \(C, D\), got shape"):
+            global_vector(bad)
 
 
 # ------------------------------------------------------------------------------------- save / load
@@ -292,7 +353,10 @@ def test_prompt_scores_and_per_row_edits_on_a_tiny_model(refusal_model: Any, ref
     policy = GatePolicy(t_low=mid, t_high=1.0, alpha_pos=0.0, alpha_neg=50.0)
     steering = GatedSteering(gate, policy, 0, vectors_CD, global_vector(vectors_CD), NAMES)
     resolved = RefusalVocabulary().resolve(refusal_tokenizer)
-    plain = first_token_decisions(refusal_model, refusal_tokenizer, TEXTS, resolved)
+    # Both passes batch the prompts alike (4 per forward): a row is bit-identical only to itself computed in
+    # a batch of the same shape (another batch size pads it differently, and the kernels may then block
+    # their sums differently: at one thread they do).
+    plain = first_token_decisions(refusal_model, refusal_tokenizer, TEXTS, resolved, batch_size=4)
     steered = first_token_decisions(
         refusal_model, refusal_tokenizer, TEXTS, resolved, edits=steering.edits(scores), batch_size=4
     )

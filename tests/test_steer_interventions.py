@@ -88,6 +88,36 @@ def test_steering_reaches_every_decode_step(model: Any) -> None:
     assert not torch.equal(steered[:, 1:], plain[:, 1:])
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+@pytest.mark.parametrize("left_pad", [0, 2], ids=["unpadded", "left_padded"])
+def test_every_call_marks_the_prompt_generated_boundary_at_the_prompt_length(
+    model: Any, use_cache: bool, left_pad: int
+) -> None:
+    """The first generated position is column P (the padded prompt length), in every call of ``generate``.
+
+    With the KV cache each decode call feeds one token: the first (column P) is generated, as is every later
+    one; without it each call feeds the whole sequence and columns >= P are generated. Unpadded, Hugging Face
+    drops the all-ones mask and the context comes from the cache length. Kills: ``>`` for ``>=`` at the
+    boundary, a prompt length fixed one column off, a wrong past length in cached decoding.
+    """
+    inputs = batch(left_pad=left_pad)
+    P, n_new = inputs["input_ids"].shape[1], 4
+    seen: list[StepContext] = []
+    with residual_hooks(model, {LAYER: lambda h, ctx: seen.append(ctx)}):
+        generate(model, inputs, use_cache=use_cache, n=n_new)
+    assert len(seen) == n_new  # the prefill, then one call per new token but the last
+    for step, ctx in enumerate(seen):
+        past = (0 if step == 0 else P + step - 1) if use_cache else 0
+        columns = torch.arange(past, P + step)
+        assert (ctx.past_length, ctx.prompt_length) == (past, P), step
+        assert ctx.generated_BT.tolist() == [(columns >= P).tolist()] * 2, step
+        real = torch.stack([torch.ones_like(columns, dtype=torch.bool), columns >= left_pad])
+        assert torch.equal(ctx.real_BT, real), step
+        assert torch.equal(ctx.prompt_BT, real & (columns < P)), step
+        index = torch.stack([columns, columns - left_pad])
+        assert torch.equal(ctx.token_index_BT[real], index[real]), step
+
+
 def test_a_log_likelihood_score_moves_at_large_alpha_at_every_position(model: Any) -> None:
     # a hook that steered only the last position would leave every earlier token's log-probability alone
     inputs = batch()

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from sae_refusal.llm.extraction import last_token_residuals, position_ids_from_mask
 from sae_refusal.llm.tokenize import pad_left
 from sae_refusal.testing.tiny import TINY_ARCHITECTURES, build_tiny_model, widen_model
+from sae_refusal.transfer import linear_map
 from sae_refusal.transfer.linear_map import (
     MAP_FILE,
     META_FILE,
@@ -59,6 +63,49 @@ def test_fit_without_centring_is_linear() -> None:
     torch.testing.assert_close(fitted.W_DE, W_DE, atol=1e-4, rtol=0)
 
 
+def test_fit_without_centring_is_least_squares_through_the_origin() -> None:
+    X_ND, Y_NE, _, _ = _affine_data()  # off-centre rows and an offset: centring would change W
+    fitted = fit_linear_map(X_ND, Y_NE, center=False, ridge=0.0)
+    expected = torch.linalg.lstsq(X_ND.double(), Y_NE.double()).solution.float()
+    torch.testing.assert_close(fitted.W_DE, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(fitted.b_E, torch.zeros(20))
+
+
+def test_the_fit_accumulates_over_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large fits run in row chunks: sums, Gram and cross products add up over all of them."""
+    X_ND, Y_NE, _, _ = _affine_data(n=50, noise=0.1)
+    whole = fit_linear_map(X_ND, Y_NE)
+    monkeypatch.setattr(linear_map, "_CHUNK_ROWS", 7)  # 8 chunks, the last one short
+    chunked = fit_linear_map(X_ND, Y_NE)
+    torch.testing.assert_close(chunked.W_DE, whole.W_DE, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.b_E, whole.b_E, atol=1e-5, rtol=1e-5)
+    assert chunked.metadata["train_fvu"] == pytest.approx(whole.metadata["train_fvu"], rel=1e-6)
+
+
+def test_the_means_are_accumulated_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 256 residual rows far from the origin (an offset of 1e7), summed one row-chunk at a time: a float32
+    # running sum (spacing 256 near 2.6e9) moves the intercept by ~5 (measured 3.9-5.9); float64 keeps it to
+    # the output's own float32 rounding (spacing 1 near 1e7; measured <= 0.13)
+    monkeypatch.setattr(linear_map, "_CHUNK_ROWS", 1)
+    g = torch.Generator().manual_seed(2)
+    X_ND = torch.randn(256, 3, generator=g)
+    Y_NE = X_ND @ torch.randn(3, 2, generator=g) + 1e7 + torch.randn(256, 2, generator=g)
+    fitted = fit_linear_map(X_ND, Y_NE, ridge=0.0)
+    with_intercept = torch.cat([X_ND.double(), torch.ones(256, 1, dtype=torch.float64)], dim=1)
+    reference = torch.linalg.lstsq(with_intercept, Y_NE.double()).solution
+    torch.testing.assert_close(fitted.b_E.double(), reference[-1], atol=1.0, rtol=0)
+
+
+def test_the_smallest_fits_work() -> None:
+    g = torch.Generator().manual_seed(4)
+    two = fit_linear_map(torch.randn(2, 3, generator=g), torch.randn(2, 2, generator=g), ridge=1e-3)
+    assert torch.isfinite(two.W_DE).all()  # two rows are enough with a ridge
+    x_N1 = torch.randn(20, 1, generator=g)
+    one_column = fit_linear_map(x_N1, 3.0 * x_N1 + 1.0, ridge=0.0)
+    torch.testing.assert_close(one_column.W_DE, torch.tensor([[3.0]]))
+    torch.testing.assert_close(one_column.b_E, torch.tensor([1.0]))
+
+
 def test_relative_ridge_is_scale_free() -> None:
     X_ND, Y_NE, _, _ = _affine_data(noise=0.5)
     ridge = 0.05
@@ -79,12 +126,18 @@ def test_call_and_direction() -> None:
     v_D = torch.randn(6, generator=g)
     torch.testing.assert_close(m.direction(v_D), v_D @ m.W_DE)  # no bias: a difference of two points
     torch.testing.assert_close(m.direction(v_D), m(v_D) - m(torch.zeros(6)))
-    with pytest.raises(ValueError, match="x_ND"):
+    with pytest.raises(ValueError, match=r"^x_ND must end in the map's input width 6, got shape \(3, 5\)$"):
         m(torch.zeros(3, 5))
-    with pytest.raises(ValueError, match="v_KD"):
+    with pytest.raises(ValueError, match=r"^v_KD must end in the map's input width 6, got shape \(5,\)$"):
         m.direction(torch.zeros(5))
     with pytest.raises(ValueError, match="b_E"):
         LinearMap(W_DE=torch.zeros(6, 4), b_E=torch.zeros(5))
+    with pytest.raises(ValueError, match=r"^W_DE must be 2-D \(d_in, d_out\), got shape \(6,\)$"):
+        LinearMap(W_DE=torch.zeros(6), b_E=torch.zeros(4))
+    assert m.direction(v_D.double()).dtype == torch.float64  # directions keep their dtype
+    double = LinearMap(W_DE=m.W_DE.double(), b_E=m.b_E.double())  # stored as float32, both tensors
+    assert double.W_DE.dtype == double.b_E.dtype == torch.float32
+    torch.testing.assert_close(double(x_BTD), m(x_BTD))
 
 
 def test_fit_quality_of_a_perfect_and_a_useless_map() -> None:
@@ -149,10 +202,69 @@ def test_bad_inputs_raise_naming_the_argument(case: str, argument: str) -> None:
         fit_linear_map(X_ND, Y_NE, ridge=ridge)
 
 
+@pytest.mark.parametrize(
+    ("x", "y", "kwargs", "message"),
+    [
+        ("ones", "y", {}, r"^X_ND has no variance \(all rows equal\)$"),
+        ("zeros", "y", {"center": False}, r"^X_ND has no variance \(all rows equal, or all zero\)$"),
+        ("x", "y", {"ridge": True}, r"^ridge must be a finite number >= 0, got True"),
+        ("x", "y", {"ridge": "1e-6"}, r"^ridge must be a finite number >= 0, got '1e-6'"),
+        ("constant_column", "y", {"ridge": 0.0}, r"^X_ND is rank-deficient .*; set ridge > 0"),
+        ("no_columns", "y", {}, r"^X_ND has zero columns$"),
+        ("x", "no_columns", {}, r"^Y_NE has zero columns$"),
+        ("bool", "y", {}, r"^X_ND must hold real numbers, got dtype torch.bool$"),
+        ("complex", "y", {}, r"^X_ND must hold real numbers, got dtype torch.complex64$"),
+        ("x", "bool", {}, r"^Y_NE must hold real numbers, got dtype torch.bool$"),
+        ("x", "short", {}, r"^Y_NE has 29 rows but X_ND has 30: the rows must be paired$"),
+        ("nan", "y", {}, r"^X_ND contains NaN or inf values$"),
+        ("x", "nan", {}, r"^Y_NE contains NaN or inf values$"),
+    ],
+)
+def test_bad_inputs_name_the_tensor_and_the_reason(x: str, y: str, kwargs: dict, message: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    X_ND, Y_NE = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
+    constant_column = X_ND.clone()
+    constant_column[:, 3] = 5.0  # zero once centred: an exactly zero pivot
+    xs = {
+        "x": X_ND,
+        "ones": torch.ones(30, 4),
+        "zeros": torch.zeros(30, 4),
+        "constant_column": constant_column,
+        "no_columns": torch.zeros(30, 0),
+        "bool": X_ND > 0,
+        "complex": X_ND.to(torch.complex64),
+        "nan": torch.where(X_ND > 2.0, math.nan, X_ND),
+    }
+    ys = {"y": Y_NE, "no_columns": torch.zeros(30, 0), "bool": Y_NE > 0, "short": Y_NE[:29]}
+    ys["nan"] = torch.cat([Y_NE[:-1], torch.full((1, 3), math.inf)])
+    with pytest.raises(ValueError, match=message):
+        fit_linear_map(xs[x], ys[y], **kwargs)
+
+
+def test_a_gram_matrix_singular_despite_the_ridge_says_raise_the_ridge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # with a ridge the system is positive definite in exact arithmetic; rounding can still break Cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (a, torch.tensor(1)))
+    X_ND, Y_NE, _, _ = _affine_data()
+    with pytest.raises(
+        ValueError, match=r"^X_ND's Gram matrix is numerically singular even with ridge=0.01; raise"
+    ):
+        fit_linear_map(X_ND, Y_NE, ridge=0.01)
+    with pytest.raises(ValueError, match=r"^X_ND is rank-deficient"):
+        fit_linear_map(X_ND, Y_NE, ridge=0.0)
+
+
 def test_underdetermined_fit_works_with_a_ridge() -> None:
     X_ND, Y_NE, _, _ = _affine_data(n=8)
     with pytest.raises(ValueError, match="underdetermined"):
         fit_linear_map(X_ND, Y_NE, ridge=0.0)
+    square = (
+        r"^X_ND has 12 rows for 12 columns: the fit is underdetermined; set ridge > 0 \(e\.g\. 1e-6\) or "
+        r"give more rows$"
+    )
+    with pytest.raises(ValueError, match=square):  # as many rows as columns is too few too
+        fit_linear_map(*_affine_data(n=12)[:2], ridge=0.0)
     fitted = fit_linear_map(X_ND, Y_NE, ridge=1e-6)
     assert torch.isfinite(fitted.W_DE).all() and map_fit_quality(fitted, X_ND, Y_NE)["r2"] > 0.999
 
@@ -169,6 +281,9 @@ def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
     assert loaded.metadata == fitted.metadata
     record = json.loads((folder / META_FILE).read_text())
     assert (record["d_in"], record["d_out"]) == (12, 20) and record["shapes"]["W_DE"] == [12, 20]
+    assert record["format"] == linear_map.FORMAT
+    with safe_open(str(folder / MAP_FILE), "pt") as tensors:
+        assert tensors.metadata() == {"format": linear_map.FORMAT}
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:
@@ -186,6 +301,27 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="metadata"):
         LinearMap(torch.randn(3, 2), torch.randn(2), metadata={"bad": object()}).save(tmp_path / "n")
     assert not (tmp_path / "n").exists()
+    good = LinearMap(torch.randn(3, 2), torch.randn(2)).save(tmp_path / "g")
+    tensor_path = good / MAP_FILE
+    for tensors, message in (
+        ({"W_DE": torch.zeros(3, 2)}, r" lacks tensor\(s\) \['b_E'\]$"),
+        (
+            {"W_DE": torch.zeros(3, 2), "b_E": torch.zeros(3)},
+            r": inconsistent shapes W_DE \(3, 2\) and b_E \(3,\)$",
+        ),
+        (
+            {"W_DE": torch.zeros(3), "b_E": torch.zeros(3)},
+            r": inconsistent shapes W_DE \(3,\) and b_E \(3,\)$",
+        ),
+    ):
+        save_file(tensors, str(tensor_path))
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tensor_path))}{message}"):
+            LinearMap.load(good)
+    tensor_path.write_bytes(b"not safetensors")
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(str(tensor_path))} is not a readable safetensors file"
+    ):
+        LinearMap.load(good)
 
 
 # ------------------------------------------------------------------------------------------------ widen_model

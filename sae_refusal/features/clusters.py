@@ -9,8 +9,9 @@ Three scikit-learn scores on the original dimensions (no projection):
 :func:`cluster_metrics` also scores ``n_permutations`` random shuffles of the labels (same class sizes, no
 structure) and reports their mean and standard deviation and a permutation p-value per metric:
 ``(1 + #shuffles scoring at least as well as the observed labels) / (1 + n_permutations)``, "as well" in each
-metric's own direction. Every label value is a class (filter out rows you do not want scored, e.g. negative
-"ambiguous" codes, before calling). All randomness comes from ``numpy.random.default_rng(seed)``.
+metric's own direction, a tie (equal up to rounding, :data:`TIE_RTOL`) included. Every label value is a class
+(filter out rows you do not want scored, e.g. negative "ambiguous" codes, before calling). All randomness
+comes from ``numpy.random.default_rng(seed)``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ __all__ = ["METRIC_NAMES", "ClusterReport", "ClusterScores", "cluster_metrics", 
 METRIC_NAMES: tuple[str, ...] = ("silhouette", "davies_bouldin", "calinski_harabasz")
 #: +1 where higher is better, -1 where lower is better.
 _DIRECTION: dict[str, int] = {"silhouette": 1, "davies_bouldin": -1, "calinski_harabasz": 1}
+#: A shuffle's score this close to the observed one is a tie, so it counts as at least as good. Scikit-learn's
+#: Euclidean distances (the ``|x|^2 + |y|^2 - 2 x.y`` expansion) err by about ``sqrt(eps)`` ~ 1e-8 relative
+#: on a distance near 0 (a singleton's distance to its own centroid), so one partition relabelled, or
+#: duplicate rows with their labels swapped, can score 1e-8 apart: rounding must not decide which ties count.
+TIE_RTOL, TIE_ATOL = 1e-6, 1e-9
 #: Up to this many rows the silhouette of every permutation reuses one precomputed distance matrix
 #: (N^2 float64: 200 MB at 5000 rows); above it each silhouette recomputes distances in chunks.
 _PRECOMPUTE_MAX_ROWS = 5000
@@ -66,7 +72,8 @@ class ClusterReport:
         permuted_mean: Mean scores over the label permutations (NaN when ``n_permutations == 0``).
         permuted_std: Population standard deviation (``ddof=0``) over the permutations (NaN when none).
         p_values: Per metric name: ``(1 + #permutations at least as good as observed) /
-            (1 + n_permutations)``, "good" in each metric's own direction (NaN when ``n_permutations == 0``).
+            (1 + n_permutations)``, "good" in each metric's own direction, ties up to rounding included
+            (NaN when ``n_permutations == 0``).
         n_permutations: Number of label permutations scored.
         n_rows: Rows scored (after any ``max_rows`` subsampling).
         n_classes: Distinct labels among the scored rows.
@@ -157,6 +164,13 @@ def cluster_scores(X_ND: Any, y_N: Any) -> ClusterScores:
     return _scores(X, y, None)
 
 
+def _at_least_as_good(score: float, observed: float, sign: int) -> bool:
+    """``score`` as good as ``observed`` (up to rounding) or better; ``sign`` +1: higher is better."""
+    return sign * score >= sign * observed or math.isclose(
+        score, observed, rel_tol=TIE_RTOL, abs_tol=TIE_ATOL
+    )
+
+
 def _stack(scores: list[ClusterScores], reduce: str) -> ClusterScores:
     if not scores:
         return ClusterScores(math.nan, math.nan, math.nan)
@@ -215,7 +229,7 @@ def cluster_metrics(
             continue
         obs = getattr(observed, name)
         sign = _DIRECTION[name]
-        as_good = sum(sign * getattr(s, name) >= sign * obs for s in permuted)
+        as_good = sum(_at_least_as_good(getattr(s, name), obs, sign) for s in permuted)
         p_values[name] = (1 + as_good) / (1 + n_permutations)
 
     return ClusterReport(
