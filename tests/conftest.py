@@ -25,6 +25,16 @@ from typing import Any
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+# `--help` texts the CLI keeps (sae_refusal.help_cache) go to a folder of this run, never the user's cache
+# (tests write only to temporary folders); subprocesses inherit it.
+if "SAE_REFUSAL_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["SAE_REFUSAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="sae-refusal-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SAE_REFUSAL_CACHE_DIR"], ignore_errors=True)
+
 import numpy as np
 import pytest
 import torch
