@@ -415,3 +415,25 @@ def test_fitted_map_between_models_of_different_widths_recovers_the_known_map() 
     quality = map_fit_quality(b_to_a, Y_NE, X_ND)
     assert quality["r2"] > 0.999 and quality["mean_cosine"] > 0.999
     torch.testing.assert_close(b_to_a(a_to_b(X_ND)), X_ND, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_duplicated_column_without_a_ridge_is_refused_whatever_the_rounding(seed: int) -> None:
+    """The Cholesky of a rank-deficient Gram can 'succeed' on a round-off pivot (about half of these seeds
+    did): that pivot is singular too, not a fit with an enormous W along the dependent direction."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    X[:, 5] = X[:, 2]
+    Y = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"rank-deficient .*set ridge > 0"):
+        fit_linear_map(X.float(), Y.float(), ridge=0.0)
+    fit_linear_map(X.float(), Y.float(), ridge=1e-6)  # the advice works
+
+
+def test_an_ill_conditioned_but_full_rank_fit_without_a_ridge_still_fits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 8, generator=gen)
+    X[:, 7] = X[:, 3] + 1e-3 * torch.randn(400, generator=gen)  # nearly, not exactly, dependent
+    W = torch.randn(8, 2, generator=gen)
+    fitted = fit_linear_map(X, X @ W, ridge=0.0)
+    assert torch.allclose(fitted(X), X @ W, atol=1e-3)

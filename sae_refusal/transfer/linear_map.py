@@ -17,7 +17,8 @@ Design notes:
 * **Cholesky, or a clear error.** ``G + lambda I`` is symmetric positive definite whenever ``ridge > 0`` and
   ``X`` varies at all; it is factored with ``torch.linalg.cholesky_ex`` and solved with ``cholesky_solve``.
   Without a ridge a rank-deficient ``X`` (a constant column, e.g. coordinates a model never uses, or
-  exactly dependent columns) makes the factorisation fail, and that is a ``ValueError`` asking for a ridge,
+  exactly dependent columns) makes the factorisation fail, or leaves a pivot at round-off level (squared,
+  below ``d_in * 1000 * eps64`` of the largest diagonal), and that is a ``ValueError`` asking for a ridge,
   not a silently enormous ``W``. An underdetermined fit (``N <= D``) is refused up front without a ridge.
 * **Directions vs points.** :meth:`LinearMap.__call__` maps points (activations, with the bias);
   :meth:`LinearMap.direction` maps differences of points (steering vectors, CAA/SAS directions, decoder
@@ -274,6 +275,13 @@ def fit_linear_map(
     lam = ridge * trace / d_in
     system_DD = gram_DD + lam * torch.eye(d_in, dtype=f64, device=device)
     chol_DD, info = torch.linalg.cholesky_ex(system_DD)
+    if int(info) == 0 and ridge == 0:
+        # Without a ridge, a dependent column can leave a pivot that is round-off, not zero: the factorisation
+        # "succeeds" and W is enormous along that direction. A squared pivot below the float64 round-off of
+        # the Gram (d_in * 1000 * eps relative to its largest diagonal) is singular.
+        pivot = float(chol_DD.diagonal().min()) ** 2 / float(system_DD.diagonal().max())
+        if pivot < d_in * 1e3 * torch.finfo(f64).eps:
+            info = torch.tensor(1)
     if int(info) != 0:
         hint = (
             "X_ND is rank-deficient (a constant or linearly dependent column); set ridge > 0 (e.g. 1e-6)"
