@@ -181,6 +181,7 @@ _ENV_NOT_CHECKED = {
     "TORCHINDUCTOR_CACHE_DIR",
     "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
     "MPLCONFIGDIR",
+    "PYTORCH_NVML_BASED_CUDA_CHECK",  # lightning.fabric sets it when first imported (now lazily, in a test)
     "KMP_DUPLICATE_LIB_OK",
     "KMP_INIT_AT_FORK",
     *_SEED_ENV,
