@@ -77,6 +77,8 @@ TESTS_OF: dict[str, list[str]] = {
     "steer/patching.py": ["tests/test_steer_patching.py"],
     "steer/generate.py": ["tests/test_steer_generate.py"],
     "steer/job.py": ["tests/test_steer_job.py"],
+    "steer/config.py": ["tests/test_steer_job.py", "tests/test_user_errors.py"],
+    "steer/positions.py": ["tests/test_steer_interventions.py", "tests/test_eval_interventions.py"],
     "steer/study.py": ["tests/test_steer_job.py"],
     # transfer/ (issue 23): pure pieces first, then everything the transfer job composes
     "transfer/compare.py": ["tests/test_transfer_compare.py"],

@@ -390,6 +390,7 @@ def test_a_split_with_a_large_mean_and_little_spread_still_gets_its_fvu(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("lightning_globals_restored")
 def test_split_and_class_fvu_under_ddp_sum_both_ranks(tmp_path: Path) -> None:
     """Two ``ddp_spawn`` ranks each validate half of the rows (12 of 24, every class on both): the logged
     FVUs must be those of the whole split, so every rank's sums are added before dividing."""
