@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -298,7 +297,7 @@ def test_cache_then_fit_then_test_from_checkpoint(
 def test_main_job_default_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's main job, shortened: built-in prompts, the refusal-token SmolLM2, layers 10 and 15."""
     monkeypatch.chdir(tmp_path)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     adapter = CONFIGS.parent / "checkpoints" / "refuse-smollm2"  # the config's path is relative to the root
     args = ["--trainer.max_epochs", "2", "--data.llm.adapter_path", str(adapter)]
     main(["fit", "--config", str(CONFIGS / "default.yaml"), *args])
