@@ -212,7 +212,11 @@ def test_an_sae_trained_by_sparsify_runs_in_features_and_latent_steering(
         log_to_wandb=False,
         lr_warmup_steps=1,
     )
-    Trainer(train, dataset, model).fit()
+    precision = torch.get_float32_matmul_precision()
+    try:
+        Trainer(train, dataset, model).fit()
+    finally:  # sparsify's trainer sets "high" (TF32) for the whole process
+        torch.set_float32_matmul_precision(precision)
     folder = tmp_path / "sparsify" / "tiny" / "layers.2"
     assert detect_format(folder) == "sparsify" and sae_metadata(folder)["layer"] == 2
     # their hookpoint layers.2 (the output of block 2) is the project's layer 2, token for token
