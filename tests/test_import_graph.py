@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sae_refusal"
 
@@ -106,3 +109,50 @@ def test_the_cycles_the_issue_named_are_gone_and_the_check_sees_lazy_imports() -
     # cli imports cli_lightning inside functions only: the graph still has that edge
     assert "sae_refusal.cli_lightning" in graph["sae_refusal.cli"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _lazy_packages() -> dict[str, tuple[set[tuple[str, str]], set[tuple[str, str]]]]:
+    """Package -> (its ``TYPE_CHECKING`` imports, its ``lazy_exports`` list), each as (module, name) pairs."""
+    found = {}
+    for path in PACKAGE.rglob("__init__.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        calls = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_exports"
+        ]
+        if not calls:
+            continue
+        listed = {
+            (module, name) for module, names in ast.literal_eval(calls[0].args[1]).items() for name in names
+        }
+        typed = {
+            (node.module or "", alias.name)
+            for block in tree.body
+            if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+            for node in block.body
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
+        found[_module_name(path)] = (typed, listed)
+    return found
+
+
+def test_lazy_exports_match_what_type_checkers_see_and_all_resolve() -> None:
+    packages = _lazy_packages()
+    assert {"sae_refusal.llm", "sae_refusal.activations", "sae_refusal.features", "sae_refusal.sae"} <= set(
+        packages
+    )
+    for package, (typed, listed) in packages.items():
+        assert typed == listed, (package, typed ^ listed)
+        module = importlib.import_module(package)
+        assert module.__all__ == sorted(name for _, name in listed)
+        for source, name in listed:
+            assert getattr(module, name) is getattr(importlib.import_module(source), name), (package, name)
+
+
+def test_a_name_exported_from_two_modules_is_refused() -> None:
+    from sae_refusal.lazy import lazy_exports
+
+    with pytest.raises(ValueError, match=r"pkg: 'x' is exported from pkg\.a and pkg\.b"):
+        lazy_exports("pkg", {"pkg.a": ("x",), "pkg.b": ("y", "x")})

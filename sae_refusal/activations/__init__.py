@@ -21,31 +21,21 @@ if TYPE_CHECKING:
     from sae_refusal.activations.config import CacheConfig as CacheConfig
     from sae_refusal.activations.datamodule import ActivationDataModule as ActivationDataModule
 
-_EXPORTS = {
-    "CacheConfig": "sae_refusal.activations.config",
-    "cached_activations": "sae_refusal.activations.build",
-    "ActivationCache": "sae_refusal.activations.cache",
-    "ActivationCacheWriter": "sae_refusal.activations.cache",
-    "CacheCorruptError": "sae_refusal.activations.cache",
-    "CacheError": "sae_refusal.activations.cache",
-    "CacheIdentity": "sae_refusal.activations.cache",
-    "CacheMismatchError": "sae_refusal.activations.cache",
-    "CacheNotFoundError": "sae_refusal.activations.cache",
-    "NonFiniteActivationsError": "sae_refusal.activations.cache",
-    "ActivationDataModule": "sae_refusal.activations.datamodule",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-__all__ = [
-    "ActivationCache",
-    "ActivationCacheWriter",
-    "ActivationDataModule",
-    "CacheConfig",
-    "CacheCorruptError",
-    "CacheError",
-    "CacheIdentity",
-    "CacheMismatchError",
-    "CacheNotFoundError",
-    "NonFiniteActivationsError",
-    "cached_activations",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "sae_refusal.activations.build": ("cached_activations",),
+        "sae_refusal.activations.cache": (
+            "ActivationCache",
+            "ActivationCacheWriter",
+            "CacheCorruptError",
+            "CacheError",
+            "CacheIdentity",
+            "CacheMismatchError",
+            "CacheNotFoundError",
+            "NonFiniteActivationsError",
+        ),
+        "sae_refusal.activations.config": ("CacheConfig",),
+        "sae_refusal.activations.datamodule": ("ActivationDataModule",),
+    },
+)

@@ -23,27 +23,12 @@ if TYPE_CHECKING:
     from sae_refusal.features.vectors import caa_vectors as caa_vectors
     from sae_refusal.features.vectors import sas_vectors as sas_vectors
 
-_EXPORTS = {
-    "CLASS_NAMES": "sae_refusal.features.analysis",
-    "FeatureAnalysis": "sae_refusal.features.analysis",
-    "FeatureAnalysisConfig": "sae_refusal.features.config",
-    "analyze_features": "sae_refusal.features.analysis",
-    "FeatureAnalysisCallback": "sae_refusal.features.callback",
-    "SASResult": "sae_refusal.features.vectors",
-    "SteeringVectors": "sae_refusal.features.vectors",
-    "caa_vectors": "sae_refusal.features.vectors",
-    "sas_vectors": "sae_refusal.features.vectors",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-__all__ = [
-    "CLASS_NAMES",
-    "FeatureAnalysis",
-    "FeatureAnalysisCallback",
-    "FeatureAnalysisConfig",
-    "SASResult",
-    "SteeringVectors",
-    "analyze_features",
-    "caa_vectors",
-    "sas_vectors",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "sae_refusal.features.analysis": ("CLASS_NAMES", "FeatureAnalysis", "analyze_features"),
+        "sae_refusal.features.callback": ("FeatureAnalysisCallback",),
+        "sae_refusal.features.config": ("FeatureAnalysisConfig",),
+        "sae_refusal.features.vectors": ("SASResult", "SteeringVectors", "caa_vectors", "sas_vectors"),
+    },
+)

@@ -26,40 +26,21 @@ if TYPE_CHECKING:
     from sae_refusal.sae.topk import TopKSAE as TopKSAE
     from sae_refusal.sae.topk import sparse_decode as sparse_decode
 
-_EXPORTS = {
-    "Contrastive": "sae_refusal.sae.architectures",
-    "L1": "sae_refusal.sae.architectures",
-    "SAEArchitecture": "sae_refusal.sae.architectures",
-    "TopK": "sae_refusal.sae.architectures",
-    "architecture_from_config": "sae_refusal.sae.architectures",
-    "SAEOutput": "sae_refusal.sae.base",
-    "SAE_REGISTRY": "sae_refusal.sae.base",
-    "SparseAutoencoder": "sae_refusal.sae.base",
-    "mean_norm_scale": "sae_refusal.sae.base",
-    "JumpReLUSAE": "sae_refusal.sae.jumprelu",
-    "find_sae_exports": "sae_refusal.sae.loading",
-    "load_sae": "sae_refusal.sae.loading",
-    "SAEModule": "sae_refusal.sae.module",
-    "ReLUSAE": "sae_refusal.sae.relu",
-    "TopKSAE": "sae_refusal.sae.topk",
-    "sparse_decode": "sae_refusal.sae.topk",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-__all__ = [
-    "L1",
-    "SAE_REGISTRY",
-    "Contrastive",
-    "ReLUSAE",
-    "SAEArchitecture",
-    "SAEModule",
-    "SAEOutput",
-    "SparseAutoencoder",
-    "TopK",
-    "TopKSAE",
-    "architecture_from_config",
-    "find_sae_exports",
-    "load_sae",
-    "mean_norm_scale",
-    "sparse_decode",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "sae_refusal.sae.architectures": (
+            "Contrastive",
+            "L1",
+            "SAEArchitecture",
+            "TopK",
+            "architecture_from_config",
+        ),
+        "sae_refusal.sae.base": ("SAEOutput", "SAE_REGISTRY", "SparseAutoencoder", "mean_norm_scale"),
+        "sae_refusal.sae.jumprelu": ("JumpReLUSAE",),
+        "sae_refusal.sae.loading": ("find_sae_exports", "load_sae"),
+        "sae_refusal.sae.module": ("SAEModule",),
+        "sae_refusal.sae.relu": ("ReLUSAE",),
+        "sae_refusal.sae.topk": ("TopKSAE", "sparse_decode"),
+    },
+)
