@@ -9,7 +9,6 @@ override is refused, and an eval job logs into a folder of its own.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from sae_refusal.ckpt_reuse import checkpoint_conflicts, find_last_checkpoint
 from sae_refusal.cli import SAERefusalCLI, _lightning_cli, activation_datamodule, main
@@ -26,6 +24,7 @@ from sae_refusal.sae import SAEModule, load_sae
 from sae_refusal.sae.architectures import L1, Contrastive, TopK, architecture_from_config
 from sae_refusal.sae.provenance import CHECKPOINT_KEY, check_checkpoint_matches_data
 from sae_refusal.testing import save_tiny_model
+from test_cache_identity import copy_with_new_weights
 from test_cli import tiny_config
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -160,17 +159,6 @@ def test_a_setting_the_checkpoint_overrides_is_refused(
     assert "model.init_args.architecture" in capsys.readouterr().err
 
 
-def _copy_with_other_weights(model_dir: Path, folder: Path) -> Path:
-    """The tiny model with one tensor scaled: same shape and name layout, other weights."""
-    shutil.copytree(model_dir, folder)
-    path = folder / "model.safetensors"
-    tensors = load_file(path)
-    name = sorted(tensors)[len(tensors) // 2]
-    tensors[name] = tensors[name] * 1.5
-    save_file(tensors, path, metadata={"format": "pt"})
-    return folder
-
-
 def test_a_checkpoint_is_refused_on_another_layer_model_or_width(
     tmp_path: Path,
     tiny_model_dir: Path,
@@ -186,7 +174,7 @@ def test_a_checkpoint_is_refused_on_another_layer_model_or_width(
     assert record["model_fingerprint"]["weights_hash"]
     validate = ["validate", "--config", str(run.config), "--ckpt_path", str(ckpt)]
     runs_before = sorted(p.name for p in run.log_dir.parent.iterdir())
-    other = _copy_with_other_weights(tiny_model_dir, tmp_path / "other-weights")
+    other = copy_with_new_weights(tiny_model_dir, tmp_path / "other-weights")
     wide = save_tiny_model(tmp_path / "wide", "llama", hidden_size=48)
     cases = {
         "1": (["--data.layer", "1"], "were trained at layer 2, data.layer serves 1"),

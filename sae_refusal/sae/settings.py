@@ -54,20 +54,27 @@ def _integer(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _require_at_least(
+    key: str, value: object, number: float | None, bound: float, *, strict: bool = False, note: str = ""
+) -> None:
+    """Raise naming ``key`` unless ``number`` (``value`` parsed, ``None`` if not a number) is >= ``bound``.
+
+    ``strict`` asks for > ``bound``; ``note`` follows the rule in the message.
+    """
+    if number is None or number < bound or (strict and number == bound):
+        raise ValueError(f"{key} must be {'>' if strict else '>='} {bound}{note}, got {value}")
+
+
 def check_module_settings(expansion_factor: object, seeds: Sequence[object] | None, lr: object) -> None:
     """``model.expansion_factor`` >= 1, ``model.seeds`` non-empty and distinct, ``model.lr`` > 0 and finite.
 
     Raises:
         ValueError: Naming the key, the rule and the value.
     """
-    factor = _integer(expansion_factor)
-    if factor is None or factor < 1:
-        raise ValueError(f"model.expansion_factor must be >= 1, got {expansion_factor}")
+    _require_at_least("model.expansion_factor", expansion_factor, _integer(expansion_factor), 1)
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ValueError(f"model.seeds must be a non-empty list of distinct seeds, got {list(seeds)}")
-    rate = _finite(lr)
-    if rate is None or rate <= 0:
-        raise ValueError(f"model.lr must be > 0, got {lr}")
+    _require_at_least("model.lr", lr, _finite(lr), 0, strict=True)
 
 
 def check_topk_settings(
@@ -87,15 +94,9 @@ def check_topk_settings(
     if active is None or active < 1 or (n_latents is not None and active > n_latents):
         rule = f"in [1, {n_latents}] (the latents)" if n_latents is not None else ">= 1"
         raise ValueError(f"model.architecture.k must be {rule}, got {k}")
-    dead = _integer(aux_k)
-    if dead is None or dead < 0:
-        raise ValueError(f"model.architecture.aux_k must be >= 0 (0 disables AuxK), got {aux_k}")
-    coef = _finite(aux_coef)
-    if coef is None or coef < 0:
-        raise ValueError(f"model.architecture.aux_coef must be >= 0, got {aux_coef}")
-    steps = _integer(dead_after_steps)
-    if steps is None or steps < 1:
-        raise ValueError(f"model.architecture.dead_after_steps must be >= 1, got {dead_after_steps}")
+    _require_at_least("model.architecture.aux_k", aux_k, _integer(aux_k), 0, note=" (0 disables AuxK)")
+    _require_at_least("model.architecture.aux_coef", aux_coef, _finite(aux_coef), 0)
+    _require_at_least("model.architecture.dead_after_steps", dead_after_steps, _integer(dead_after_steps), 1)
     if encoder_dtype not in ENCODER_DTYPE_NAMES:
         raise ValueError(
             f"model.architecture.encoder_dtype must be one of {list(ENCODER_DTYPE_NAMES)}, "
@@ -109,12 +110,10 @@ def check_l1_settings(l1_coef: object, init_decoder_norm: object) -> None:
     Raises:
         ValueError: Naming the ``model.architecture.*`` key and the value.
     """
-    coef = _finite(l1_coef)
-    if coef is None or coef < 0:
-        raise ValueError(f"model.architecture.l1_coef must be >= 0, got {l1_coef}")
-    norm = _finite(init_decoder_norm)
-    if norm is None or norm <= 0:
-        raise ValueError(f"model.architecture.init_decoder_norm must be > 0, got {init_decoder_norm}")
+    _require_at_least("model.architecture.l1_coef", l1_coef, _finite(l1_coef), 0)
+    _require_at_least(
+        "model.architecture.init_decoder_norm", init_decoder_norm, _finite(init_decoder_norm), 0, strict=True
+    )
 
 
 def check_contrastive_settings(supcon_weight: object, separation_weight: object, temperature: object) -> None:
@@ -124,9 +123,5 @@ def check_contrastive_settings(supcon_weight: object, separation_weight: object,
         ValueError: Naming the ``model.architecture.*`` key and the value.
     """
     for key, value in (("supcon_weight", supcon_weight), ("separation_weight", separation_weight)):
-        weight = _finite(value)
-        if weight is None or weight < 0:
-            raise ValueError(f"model.architecture.{key} must be >= 0, got {value}")
-    temp = _finite(temperature)
-    if temp is None or temp <= 0:
-        raise ValueError(f"model.architecture.temperature must be > 0, got {temperature}")
+        _require_at_least(f"model.architecture.{key}", value, _finite(value), 0)
+    _require_at_least("model.architecture.temperature", temperature, _finite(temperature), 0, strict=True)
