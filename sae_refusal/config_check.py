@@ -15,7 +15,7 @@ Imports only the standard library and PyYAML.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,15 +243,16 @@ def _settings(node: Any) -> dict[str, Any]:
 
 
 _SAE_MODULE = {"sae_refusal.sae.SAEModule", "sae_refusal.sae.module.SAEModule", "SAEModule"}
-_ARCHITECTURES = {
-    "topk": {"sae_refusal.sae.TopK", "sae_refusal.sae.architectures.TopK", "TopK"},
-    "l1": {"sae_refusal.sae.L1", "sae_refusal.sae.architectures.L1", "L1"},
-    "contrastive": {
-        "sae_refusal.sae.Contrastive",
-        "sae_refusal.sae.architectures.Contrastive",
-        "Contrastive",
-    },
-}
+
+
+def _architecture_name(class_path: Any) -> str | None:
+    """``TopK``, ``L1`` or ``Contrastive`` for a ``class_path`` naming one of them, else ``None``."""
+    from sae_refusal.sae.settings import ARCHITECTURE_ARGS
+
+    for name in ARCHITECTURE_ARGS:
+        if class_path in (f"sae_refusal.sae.{name}", f"sae_refusal.sae.architectures.{name}", name):
+            return name
+    return None
 
 
 def _typed(args: dict[str, Any], key: str, default: Any) -> Any:
@@ -276,28 +277,25 @@ def _check_architecture(node: Any) -> None:
 
     if not isinstance(node, dict):
         return
-    path, args = node.get("class_path"), _settings(node)
-    for name, paths in _ARCHITECTURES.items():
-        if path in paths:
-            short = {"topk": "TopK", "l1": "L1", "contrastive": "Contrastive"}[name]
-            accepted = sae_settings.ARCHITECTURE_ARGS[short]
-            _check_keys(args, accepted, "model.architecture", f"sae_refusal.sae.{short}")
-    if path in _ARCHITECTURES["topk"]:
-        sae_settings.check_topk_settings(
-            _typed(args, "k", 32),
-            _typed(args, "aux_k", 256),
-            _typed(args, "aux_coef", 1.0 / 32.0),
-            _typed(args, "dead_after_steps", 1000),
-            _typed(args, "encoder_dtype", "float32"),
-        )
-    elif path in _ARCHITECTURES["l1"]:
-        sae_settings.check_l1_settings(_typed(args, "l1_coef", 0.5), _typed(args, "init_decoder_norm", 0.1))
-    elif path in _ARCHITECTURES["contrastive"]:
-        sae_settings.check_contrastive_settings(
-            _typed(args, "supcon_weight", 0.1),
-            _typed(args, "separation_weight", 0.0),
-            _typed(args, "temperature", 0.1),
-        )
+    name = _architecture_name(node.get("class_path"))
+    if name is None:
+        return
+    args, defaults = _settings(node), sae_settings.ARCHITECTURE_ARGS[name]
+    _check_keys(args, list(defaults), "model.architecture", f"sae_refusal.sae.{name}")
+    checks: dict[str, tuple[Callable[..., None], tuple[str, ...]]] = {
+        "TopK": (
+            sae_settings.check_topk_settings,
+            ("k", "aux_k", "aux_coef", "dead_after_steps", "encoder_dtype"),
+        ),
+        "L1": (sae_settings.check_l1_settings, ("l1_coef", "init_decoder_norm")),
+        "Contrastive": (
+            sae_settings.check_contrastive_settings,
+            ("supcon_weight", "separation_weight", "temperature"),
+        ),
+    }
+    check, checked = checks[name]
+    check(*(_typed(args, key, defaults[key]) for key in checked))
+    if name == "Contrastive":
         _check_architecture(args.get("base"))
 
 
@@ -343,12 +341,12 @@ def preflight_fit(args: Sequence[str]) -> None:
     model = config.get("model")
     if isinstance(model, dict) and model.get("class_path") in _SAE_MODULE:
         module = _settings(model)
-        _check_keys(module, MODULE_ARGS, "model", "sae_refusal.sae.SAEModule")
+        _check_keys(module, list(MODULE_ARGS), "model", "sae_refusal.sae.SAEModule")
         seeds = module.get("seeds")
         check_module_settings(
-            _typed(module, "expansion_factor", 8),
+            _typed(module, "expansion_factor", MODULE_ARGS["expansion_factor"]),
             seeds if isinstance(seeds, list) else None,
-            _typed(module, "lr", 1e-3),
+            _typed(module, "lr", MODULE_ARGS["lr"]),
         )
         _check_architecture(module.get("architecture"))
     data = config.get("data")
@@ -381,10 +379,10 @@ def preflight_finetune(args: Sequence[str]) -> None:
     model = merged_config(args).get("model")
     if not isinstance(model, dict):
         return
-    _check_keys(model, FINETUNE_MODULE_ARGS, "model", "sae_refusal.finetune.module.RefusalSFTModule")
+    _check_keys(model, list(FINETUNE_MODULE_ARGS), "model", "sae_refusal.finetune.module.RefusalSFTModule")
     _build(LLMConfig, model.get("llm"), "model.llm")
     if isinstance(model.get("lora"), dict):
         _build(LoraSettings, model["lora"], "model.lora")
     check_finetune_settings(
-        _typed(model, "lr", 2e-4), _typed(model, "warmup_steps", 20), _typed(model, "decision_weight", 1.0)
+        *(_typed(model, key, FINETUNE_MODULE_ARGS[key]) for key in ("lr", "warmup_steps", "decision_weight"))
     )

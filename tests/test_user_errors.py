@@ -323,7 +323,7 @@ def test_finetune_settings_are_checked_before_lightning(
 
 
 def test_the_preflight_knows_the_arguments_each_class_takes() -> None:
-    """The light lists of accepted keys equal the signatures they stand for."""
+    """The light lists of accepted keys and their defaults equal the signatures they stand for."""
     import inspect
 
     from sae_refusal.activations.config import DATA_MODULE_ARGS
@@ -331,16 +331,21 @@ def test_the_preflight_knows_the_arguments_each_class_takes() -> None:
     from sae_refusal.finetune.config import FINETUNE_MODULE_ARGS
     from sae_refusal.finetune.module import RefusalSFTModule
     from sae_refusal.sae import L1, Contrastive, SAEModule, TopK
-    from sae_refusal.sae.settings import ARCHITECTURE_ARGS, MODULE_ARGS
+    from sae_refusal.sae.settings import ARCHITECTURE_ARGS, MODULE_ARGS, REQUIRED
 
-    def args_of(cls: type) -> tuple[str, ...]:
-        return tuple(n for n in inspect.signature(cls).parameters if n not in ("self", "args", "kwargs"))
+    def args_of(cls: type) -> dict[str, object]:
+        """Each argument with its default (``REQUIRED`` where it has none), in order."""
+        return {
+            name: REQUIRED if param.default is inspect.Parameter.empty else param.default
+            for name, param in inspect.signature(cls).parameters.items()
+            if name not in ("self", "args", "kwargs")
+        }
 
-    assert args_of(SAEModule) == MODULE_ARGS
-    assert args_of(ActivationDataModule) == DATA_MODULE_ARGS
-    assert args_of(RefusalSFTModule) == FINETUNE_MODULE_ARGS
+    assert list(args_of(SAEModule).items()) == list(MODULE_ARGS.items())
+    assert tuple(args_of(ActivationDataModule)) == DATA_MODULE_ARGS
+    assert list(args_of(RefusalSFTModule).items()) == list(FINETUNE_MODULE_ARGS.items())
     for cls in (TopK, L1, Contrastive):
-        assert args_of(cls) == ARCHITECTURE_ARGS[cls.__name__], cls
+        assert list(args_of(cls).items()) == list(ARCHITECTURE_ARGS[cls.__name__].items()), cls
 
 
 @pytest.mark.parametrize(

@@ -12,19 +12,20 @@ from dataclasses import dataclass, field
 
 __all__ = ["DEFAULT_LORA_TARGETS", "FINETUNE_MODULE_ARGS", "LoraSettings", "check_finetune_settings"]
 
-#: The arguments :class:`~sae_refusal.finetune.module.RefusalSFTModule` takes in a config (``model``); a test
-#: checks them against its signature.
-FINETUNE_MODULE_ARGS: tuple[str, ...] = (
-    "llm",
-    "refusal_tokens",
-    "token_init",
-    "lora",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-    "gradient_checkpointing",
-    "decision_weight",
-)
+#: The arguments :class:`~sae_refusal.finetune.module.RefusalSFTModule` takes in a config (``model``), each
+#: with its default; a test checks them against its signature. The finetune preflight takes a setting that
+#: a config leaves out from here.
+FINETUNE_MODULE_ARGS: dict[str, object] = {
+    "llm": None,
+    "refusal_tokens": None,
+    "token_init": "category_words",
+    "lora": None,
+    "lr": 2e-4,
+    "weight_decay": 0.0,
+    "warmup_steps": 20,
+    "gradient_checkpointing": False,
+    "decision_weight": 1.0,
+}
 
 #: Attention and MLP projections of Llama / Qwen2 / Mistral style decoder blocks.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (

@@ -11,32 +11,51 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Final
 
 __all__ = [
     "ARCHITECTURE_ARGS",
     "ENCODER_DTYPE_NAMES",
     "MODULE_ARGS",
+    "REQUIRED",
     "check_contrastive_settings",
     "check_l1_settings",
     "check_module_settings",
     "check_topk_settings",
 ]
 
-#: The arguments :class:`~sae_refusal.sae.module.SAEModule` takes in a config (``model.init_args``); a test
-#: checks them against its signature.
-MODULE_ARGS: tuple[str, ...] = (
-    "d_model",
-    "architecture",
-    "expansion_factor",
-    "seeds",
-    "lr",
-    "normalize_inputs",
-)
-#: The arguments of each architecture (``model.init_args.architecture.init_args``), checked the same way.
-ARCHITECTURE_ARGS: dict[str, tuple[str, ...]] = {
-    "TopK": ("k", "aux_k", "aux_coef", "dead_after_steps", "encoder_dtype"),
-    "L1": ("l1_coef", "init_decoder_norm"),
-    "Contrastive": ("base", "supcon_weight", "separation_weight", "temperature", "ambiguous_as_benign"),
+#: The default of an argument that has none (``d_model``, a contrastive SAE's ``base``).
+REQUIRED: Final = "<required>"
+
+#: The arguments :class:`~sae_refusal.sae.module.SAEModule` takes in a config (``model.init_args``), each
+#: with its default; a test checks them against its signature. The fit preflight takes a setting that a
+#: config leaves out from here.
+MODULE_ARGS: dict[str, object] = {
+    "d_model": REQUIRED,
+    "architecture": None,
+    "expansion_factor": 8,
+    "seeds": None,
+    "lr": 1e-3,
+    "normalize_inputs": True,
+}
+#: The arguments of each architecture (``model.init_args.architecture.init_args``) with their defaults,
+#: checked the same way.
+ARCHITECTURE_ARGS: dict[str, dict[str, object]] = {
+    "TopK": {
+        "k": 32,
+        "aux_k": 256,
+        "aux_coef": 1.0 / 32.0,
+        "dead_after_steps": 1000,
+        "encoder_dtype": "float32",
+    },
+    "L1": {"l1_coef": 0.5, "init_decoder_norm": 0.1},
+    "Contrastive": {
+        "base": REQUIRED,
+        "supcon_weight": 0.1,
+        "separation_weight": 0.0,
+        "temperature": 0.1,
+        "ambiguous_as_benign": True,
+    },
 }
 #: ``model.architecture.encoder_dtype`` values of a TopK SAE.
 ENCODER_DTYPE_NAMES: tuple[str, ...] = ("bfloat16", "float32")
