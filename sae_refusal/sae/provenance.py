@@ -54,13 +54,6 @@ def served_by(datamodule: Any) -> dict[str, Any]:
     return served
 
 
-def _resolved(served: dict[str, Any], key: str) -> dict[str, Any]:
-    out = dict(served)
-    if callable(out.get(key)):
-        out[key] = out[key]()
-    return out
-
-
 def check_exports_match_data(
     metadata: Mapping[str, Mapping[str, Any]],
     datamodule: Any,
@@ -123,8 +116,7 @@ def check_checkpoint_matches_data(
     hparams = checkpoint.get("hyper_parameters") or {}
     if recorded.get("d_model") is None and hparams.get("d_model") is not None:
         recorded["d_model"] = hparams["d_model"]
-    served = _resolved(served_by(datamodule), "d_model")
-    problems = provenance_mismatches(recorded, served, DATA_KEYS, made="trained")
+    problems = provenance_mismatches(recorded, served_by(datamodule), DATA_KEYS, made="trained")
     if problems:
         raise ArtifactError(
             f"--ckpt_path {ckpt}: the checkpoint's SAEs were {'; and '.join(problems)}. Evaluate it with the "
