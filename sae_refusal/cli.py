@@ -627,7 +627,11 @@ def package_logging(level: int = logging.INFO) -> Iterator[None]:
 
 
 #: Examples of each command's top-level config keys (for the message about an empty config file).
-_CONFIG_SECTIONS = {"steer": "llm, sets, study, out_dir", "eval": "llm, sets, intervention, out_dir"}
+_CONFIG_SECTIONS = {
+    "steer": "llm, sets, study, out_dir",
+    "eval": "llm, sets, intervention, out_dir",
+    "transfer": "source, target, data, out_dir",
+}
 
 
 def help_producer(command: str, rest: Sequence[str]) -> Callable[[], None]:
@@ -657,8 +661,7 @@ def _dispatch(args: list[str]) -> None:
     from sae_refusal.help_cache import HEAVY_COMMANDS, cached_help, wants_help
 
     # every config file is read before anything heavy is imported: a bad one is named at once
-    sections = _CONFIG_SECTIONS.get(args[0], "source, target, data, out_dir" if args[0] == "transfer" else "")
-    check_config_files(args[1:], sections or "trainer, model, data")
+    check_config_files(args[1:], _CONFIG_SECTIONS.get(args[0], "trainer, model, data"))
     if args[0] in (*LIGHTNING_COMMANDS, "cache") and not wants_help(args[1:]):
         from sae_refusal.config_check import preflight_fit
 
