@@ -38,24 +38,19 @@ from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
 from sae_refusal.errors import ArtifactError
+from sae_refusal.sae.files import non_finite_tensor
 
 __all__ = [
     "SASResult",
     "SteeringVectors",
     "caa_vectors",
     "class_means",
-    "non_finite_tensor",
     "require_nonzero",
     "sas_vectors",
 ]
 
 VECTORS_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
-
-
-def non_finite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor holding inf or nan, else ``None``."""
-    return next((k for k, v in tensors.items() if not bool(torch.isfinite(v).all())), None)
 
 
 def require_nonzero(vector: torch.Tensor, what: str, allow: str) -> None:

@@ -29,6 +29,7 @@ from sae_refusal.jsonfile import read_json_object
 __all__ = [
     "SHA256_KEY",
     "check_finite",
+    "non_finite_tensor",
     "read_config",
     "read_tensors",
     "verify_sha256",
@@ -40,20 +41,27 @@ __all__ = [
 SHA256_KEY = "sha256"
 
 
+def non_finite_tensor(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding inf or nan, else ``None``."""
+    return next((name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())), None)
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     """Refuse tensors holding inf or nan.
 
     Raises:
         ArtifactError: Naming ``path``, the first such tensor and how many of its values are not finite.
     """
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            kinds = [k for k, f in (("nan", torch.isnan), ("inf", torch.isinf)) if bool(f(tensor).any())]
-            raise ArtifactError(
-                f"{path}: tensor {name!r} holds {bad} non-finite value(s) ({'/'.join(kinds)}) of "
-                f"{tensor.numel()}; the SAE is unusable (retrain it, or export it again from good weights)"
-            )
+    name = non_finite_tensor(tensors)
+    if name is None:
+        return
+    tensor = tensors[name]
+    bad = int((~torch.isfinite(tensor)).sum())
+    kinds = [k for k, f in (("nan", torch.isnan), ("inf", torch.isinf)) if bool(f(tensor).any())]
+    raise ArtifactError(
+        f"{path}: tensor {name!r} holds {bad} non-finite value(s) ({'/'.join(kinds)}) of "
+        f"{tensor.numel()}; the SAE is unusable (retrain it, or export it again from good weights)"
+    )
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
