@@ -96,6 +96,8 @@ def test_the_known_optimum_is_found() -> None:
         "objective": "min over_refusal s.t. harmful_refusal >= floor (validation)",
         "tie_break": TIE_BREAK,
         "floor": 1.0,
+        "act_on": "all",
+        "do_no_harm": {"tolerance": None, "groups": {}},
         "value": rates,
         "n_steered": 8,
         "grid": {
@@ -248,6 +250,126 @@ def check_against_brute_force(
     )
     assert [(p.rates.over_refusal, p.rates.harmful_refusal) for p in result.front] == front
     assert result.chosen in result.front
+
+
+def noisy_table(seed: int) -> tuple[OutcomeTable, torch.Tensor, list[str | None]]:
+    """A random table with some non-monotone cells (a strong push can move a row off its refusal token), and
+    three harm groups over the harmful rows."""
+    table, scores = random_table(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    flips = torch.rand(table.refused_NA.shape, generator=gen) < 0.12
+    flips[:, table.alpha_index(0.0)] = False
+    refused = table.refused_NA ^ flips
+    groups: list[str | None] = [("a", "b", "c")[i % 3] if h else None for i, h in enumerate(table.harmful_N)]
+    return OutcomeTable(table.alphas_A, refused, table.harmful_N), scores, groups
+
+
+def brute_force_no_harm(
+    table: OutcomeTable,
+    scores: torch.Tensor,
+    groups: list[str | None],
+    tolerance: float,
+    act_on: str,
+    tune_mid: bool = False,
+) -> list[tuple[PolicyPoint, bool]]:
+    """Every policy with its rates and whether it does no harm, computed row by row without prefix sums."""
+    r0 = table.refused_NA[:, table.alpha_index(0.0)]
+    alphas = table.alphas_A.tolist()
+    grid_t = threshold_candidates(scores)
+    out = []
+    for i, j in itertools.combinations_with_replacement(range(len(grid_t)), 2):
+        for a_neg, a_pos in itertools.product(
+            [-a for a in reversed(alphas) if a <= 0], [a for a in alphas if a >= 0]
+        ):
+            policy = GatePolicy(grid_t[i], grid_t[j], a_pos, a_neg, 0.0, act_on=act_on)  # type: ignore[arg-type]
+            alpha_N = policy.alphas(scores, r0)
+            refused = torch.stack(
+                [table.refused_NA[n, alphas.index(float(a))] for n, a in enumerate(alpha_N)]
+            )
+            ok = True
+            for name in ("a", "b", "c"):
+                rows = [n for n, g in enumerate(groups) if g == name]
+                ok &= float(refused[rows].float().mean()) >= float(r0[rows].float().mean()) - tolerance - 1e-9
+            harmful = table.harmful_N
+            rates = Rates.of(
+                int(refused[~harmful].sum()), int(refused[harmful].sum()), table.n_benign, table.n_harmful
+            )
+            out.append((PolicyPoint(policy, rates, int((alpha_N != 0).sum())), ok))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("tolerance", [0.0, 0.34])
+@pytest.mark.parametrize(
+    ("act_on", "tune_mid"), [("all", False), ("disagreement", False), ("disagreement", True)]
+)
+def test_do_no_harm_and_disagreement_equal_brute_force(
+    seed: int, tolerance: float, act_on: str, tune_mid: bool
+) -> None:
+    """Per-group non-inferiority and the disagreement rule, searched with prefix sums, against every policy
+    scored one by one. Kills: a group held to the pooled rate, the tolerance's sign, a disagreement policy
+    that steers refused rows up (or counts them as steered), infeasible policies on the front."""
+    table, scores, groups = noisy_table(seed)
+    floor = 0.3
+    points = brute_force_no_harm(table, scores, groups, tolerance, act_on, tune_mid)
+    feasible = [p for p, ok in points if ok and p.rates.harmful_refusal >= floor]
+    best = min(
+        enumerate(feasible),
+        key=lambda ip: (
+            ip[1].rates.over_refusal,
+            -ip[1].rates.harmful_refusal,
+            ip[1].n_steered,
+            strength(ip[1]),
+            ip[0],
+        ),
+    )[1]
+    result = tune_policy(
+        table,
+        scores,
+        floor=floor,
+        act_on=act_on,
+        harm_groups=groups,
+        tolerance=tolerance,  # type: ignore[arg-type]
+    )
+    assert result.policy == best.policy and result.chosen == best
+    assert result.harm_groups == {"a": 2, "b": 2, "c": 2} and result.tolerance == tolerance
+    rates = {(p.rates.over_refusal, p.rates.harmful_refusal) for p, ok in points if ok}
+    front = sorted(
+        (o, h) for o, h in rates if not any(o2 <= o and h2 >= h and (o2, h2) != (o, h) for o2, h2 in rates)
+    )
+    assert [(p.rates.over_refusal, p.rates.harmful_refusal) for p in result.front] == front
+    # the chosen policy's own per-group rates hold the constraint
+    per_group = tuning.harm_group_rates(table, tuning.policy_columns(table, scores, result.policy), groups)
+    assert all(r["policy"] >= r["unsteered"] - tolerance - 1e-9 for r in per_group.values())
+
+
+def test_do_no_harm_binds_where_the_pooled_floor_does_not() -> None:
+    """Two harm groups: steering everything down except one group's rows wins pooled harmful refusal but
+    loses the other group's refusal; do no harm forbids it. Kills: groups ignored."""
+    alphas = torch.tensor([-1.0, 0.0, 1.0])
+    # rows: harmful a (refused unsteered, lost at -1), harmful b x2 (answered unsteered, refused at +1),
+    # benign (refused unsteered, answered at -1)
+    refused = torch.tensor([[0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1]]).bool()
+    harmful = torch.tensor([True, True, True, False])
+    table = OutcomeTable(alphas, refused, harmful)
+    scores = torch.tensor([0.2, 0.9, 0.9, 0.2])  # the gate calls harmful row a benign
+    free = tune_policy(table, scores, floor=0.6)
+    assert free.chosen.rates.over_refusal == 0.0  # a's refusal is given up
+    held = tune_policy(table, scores, floor=0.6, harm_groups=["a", "b", "b", None], tolerance=0.0)
+    assert held.chosen.rates.over_refusal == 1.0 and held.chosen.rates.harmful_refusal == 1.0
+    with pytest.raises(ValueError, match="harm_groups: group 'x' holds rows that are not harmful"):
+        tune_policy(table, scores, floor=0.6, harm_groups=["a", "b", "b", "x"])
+    with pytest.raises(ValueError, match="harm_groups: expected one group name"):
+        tune_policy(table, scores, floor=0.6, harm_groups=["a"])
+    with pytest.raises(ValueError, match="tolerance"):
+        tune_policy(table, scores, floor=0.6, harm_groups=["a", "b", "b", None], tolerance=-0.1)
+    # a refused only unsteered (a strong push moves it off its token), b refused only at +1, one score for all:
+    # the floor needs +1, which loses a
+    lost = OutcomeTable(alphas, torch.tensor([[0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 0]]).bool(), harmful)
+    same = torch.full((4,), 0.5)
+    assert tune_policy(lost, same, floor=0.6).chosen.rates.harmful_refusal == 2 / 3
+    with pytest.raises(ValueError, match="floor: .*without losing more than the tolerance"):
+        tune_policy(lost, same, floor=0.6, harm_groups=["a", "b", "b", None], tolerance=0.0)
 
 
 def test_the_front_spans_every_over_refusal_count_from_no_harmful_refusal() -> None:

@@ -46,15 +46,17 @@ from sae_refusal.llm.loading import load_model_and_tokenizer, model_fingerprint
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
 from sae_refusal.progress import RatePrinter, Stage
 from sae_refusal.steer.config import SteerJobConfig, StudySettings
-from sae_refusal.steer.gates import (
-    DistanceGate,
-    GatedSteering,
-    ProbeGate,
-    RefusalTokenGate,
-    gate_metrics,
-    global_vector,
+from sae_refusal.steer.framing import framings, is_jailbreak_framed
+from sae_refusal.steer.gate_sae import train_gate_sae
+from sae_refusal.steer.gate_study import (
+    compose_category_table,
+    do_no_harm_report,
+    fit_gates,
+    harm_group_masks,
+    misrouted,
 )
-from sae_refusal.steer.scoring import JUDGES
+from sae_refusal.steer.gates import GatedSteering, GateScores, gate_metrics, global_vector
+from sae_refusal.steer.scoring import JUDGES, first_token_decisions, residual_rows
 from sae_refusal.steer.sets import build_steer_sets, is_harmful
 from sae_refusal.steer.study import (
     caa_by_category,
@@ -68,6 +70,7 @@ from sae_refusal.steer.tuning import (
     build_outcome_table,
     evaluate_policy,
     policy_columns,
+    table_decisions,
     tune_policy,
     unconditional_curve,
 )
@@ -158,6 +161,302 @@ def _table(
     )
     log.debug("table %s: %.1f s", split, time.perf_counter() - start)
     return table
+
+
+def _decisions(model: Any, tokenizer: Any, resolved: Any, prompts: list[Prompt], cfg: SteerJobConfig) -> Any:
+    return first_token_decisions(
+        model,
+        tokenizer,
+        _texts(prompts),
+        resolved,
+        batch_size=cfg.study.batch_size,
+        chat_template=cfg.chat_template,
+        system_prompt=cfg.system_prompt,
+        judge=cfg.study.judge,
+    )
+
+
+def _gate_stage(
+    cfg: SteerJobConfig,
+    model: Any,
+    tokenizer: Any,
+    resolved: Any,
+    sets: Any,
+    tables: dict[str, OutcomeTable],
+    layer: int,
+    vectors_CD: Tensor,
+    global_D: Tensor,
+    class_names: list[str],
+    short: dict[str, str],
+    fingerprint: dict[str, Any],
+    harmful_train: list[Prompt],
+    benign_train: list[Prompt],
+    val_prompts: list[Prompt],
+    test_prompts: list[Prompt],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Fit, calibrate, tune (do no harm) and report every gate (:mod:`sae_refusal.steer.gate_study`)."""
+    study = cfg.study
+    kw: dict[str, Any] = dict(chat_template=cfg.chat_template, system_prompt=cfg.system_prompt)
+    prompts = {"val": val_prompts, "test": test_prompts}
+    gate_layers = sorted({*(study.gate_layers or study.layers), layer})
+    train_prompts = harmful_train + benign_train
+    model_only = [True] * len(train_prompts)
+    for name in sets.splits["train"]:
+        if name not in (cfg.sets.harmful_source, cfg.sets.benign_source):
+            extra = sets.get("train", name)
+            train_prompts, model_only = train_prompts + extra, model_only + [False] * len(extra)
+    facts: dict[str, Any] = {
+        "gate_train_sets": sorted({p.source for p in train_prompts}),
+        "gate_layers": gate_layers,
+    }
+    acts: dict[str, dict[int, Tensor]] = {}
+    with Stage("steer", f"gate residuals at layers {gate_layers}"):
+        acts["train"] = last_token_acts(model, tokenizer, _texts(train_prompts), gate_layers, **kw)
+        for split in ("val", "test"):
+            acts[split] = last_token_acts(model, tokenizer, _texts(prompts[split]), gate_layers, **kw)
+    with Stage("steer", "unsteered first tokens (refusal-token gate)"):
+        decisions = {split: _decisions(model, tokenizer, resolved, prompts[split], cfg) for split in prompts}
+    y_train = _class_codes(train_prompts, class_names, short)
+    harmful = {split: tables[split].harmful_N for split in prompts}
+    sae = sae_path = None
+    if any(kind in ("probe_sae", "head") for kind in study.gates):
+        with Stage("steer", f"SAE at layer {layer} on {len(train_prompts)} train residuals"):
+            device = next(model.parameters()).device
+            sae, sae_report = train_gate_sae(
+                acts["train"][layer],
+                n_latents=study.gate_sae_latents,
+                k=study.gate_sae_k,
+                steps=study.gate_sae_steps,
+                seed=cfg.sets.seed,
+                device=device,
+            )
+            sae_path = str(Path(cfg.out_dir) / "gate_sae")
+            facts["gate_sae"] = {**sae_report, "layer": layer, "path": sae_path}
+            print(
+                f"  SAE: FVU {sae_report['fvu']:.3f}, L0 {sae_report['l0']:.1f}, "
+                f"dead {sae_report['dead_share']:.2f}"
+            )
+    with Stage("steer", f"fit gates {study.gates}"):
+        gates = fit_gates(
+            study.gates,
+            acts=acts,
+            y_train=y_train,
+            model_only_train=torch.tensor(model_only),
+            harmful=harmful,
+            decisions=decisions,
+            categories=list(resolved.categories),
+            class_names=class_names,
+            layer=layer,
+            gate_layers=gate_layers,
+            probe_C=study.probe_C,
+            calibration=study.calibration,
+            ensemble_members=study.ensemble_members,
+            ensemble_rule=study.ensemble_rule,
+            sae=sae,
+            sae_path=sae_path,
+        )
+    category_refused: dict[str, dict[tuple[int, float], Tensor]] = {}
+    positive = [a for a in tables["val"].alphas_A.tolist() if a > 0]
+    if study.category_vectors:
+        with Stage("steer", f"category passes ({len(class_names) - 1} vectors x alphas {positive})"):
+            for split in prompts:
+                category_refused[split] = {}
+                for code in range(1, len(class_names)):
+                    for alpha in positive:
+                        category_refused[split][(code, alpha)] = first_token_decisions(
+                            model,
+                            tokenizer,
+                            _texts(prompts[split]),
+                            resolved,
+                            edits=residual_rows(layer, vectors_CD[code - 1], alpha),
+                            batch_size=study.batch_size,
+                            judge=study.judge,
+                            **kw,
+                        ).refused_N
+    framed = {split: torch.tensor([is_jailbreak_framed(p.text) for p in prompts[split]]) for split in prompts}
+    masks = {
+        split: harm_group_masks(
+            tables[split].groups,
+            harmful[split],
+            [
+                None if p.category is None else short.get(str(p.category), str(p.category))
+                for p in prompts[split]
+            ],
+            framed[split],
+            cfg.sets.harmful_source,
+        )
+        for split in prompts
+    }
+    facts["harm_groups"] = {split: {k: int(v.sum()) for k, v in m.items()} for split, m in masks.items()}
+    facts["framed"] = {split: int(f.sum()) for split, f in framed.items()}
+    val_unsteered = table_decisions(tables["val"])
+    floor = min(1.0, float(val_unsteered[harmful["val"]].float().mean()) + study.floor_gain)
+    facts["floor"] = floor
+    gates_out: dict[str, Any] = {}
+    bundles: dict[str, GatedSteering] = {}
+    test_tables: dict[str, OutcomeTable] = {}
+    modes = ["global", *(["category_pos"] if study.category_vectors else [])]
+    for kind, one in gates.items():
+        for mode in modes:
+            name = kind if mode == "global" else f"{kind}+category"
+            if mode == "category_pos" and one.gate.class_names is None:
+                continue
+            split_tables = {
+                split: tables[split]
+                if mode == "global"
+                else compose_category_table(
+                    tables[split], category_refused[split], one.scores[split].category_N
+                )
+                for split in prompts
+            }
+            try:
+                result = tune_policy(
+                    split_tables["val"],
+                    one.scores["val"].score_N,
+                    floor=floor,
+                    vector=mode,  # type: ignore[arg-type]
+                    act_on=study.act_on,  # type: ignore[arg-type]
+                    harm_groups=masks["val"] if study.do_no_harm else None,
+                    tolerance=study.tolerance,
+                )
+            except ValueError as err:
+                gates_out[name] = {"error": str(err), "facts": one.facts}
+                print(f"  {name}: no policy reaches the floor {floor:.3f} on validation ({err})")
+                continue
+            test_table, test_scores = split_tables["test"], one.scores["test"].score_N
+            test_point = evaluate_policy(test_table, test_scores, result.policy)
+            column_N = policy_columns(test_table, test_scores, result.policy)
+            test_front = [evaluate_policy(test_table, test_scores, p.policy) for p in result.front]
+            gates_out[name] = {
+                "policy": asdict(result.policy),
+                "val": _flat(result.chosen),
+                "test": _flat(test_point),
+                "test_per_set": _per_set_rates(test_table, column_N),
+                "do_no_harm_test": do_no_harm_report(
+                    test_table,
+                    column_N,
+                    masks["test"],
+                    tolerance=study.tolerance,
+                    n_boot=study.n_boot,
+                    seed=0,
+                ),
+                "front_test": [_flat(p) for p in test_front],
+                "harmful_call_test": asdict(gate_metrics(test_scores, harmful["test"])),
+                "facts": one.facts,
+            }
+            gates_out[name]["do_no_harm_holds"] = all(
+                r["passes"] for r in gates_out[name]["do_no_harm_test"].values()
+            )
+            test_tables[name] = test_table
+            bundles[name] = GatedSteering(
+                one.gate,
+                result.policy,
+                layer,
+                vectors_CD,
+                global_D,
+                class_names,
+                provenance=result.provenance(sets=sets.manifest(), model_fingerprint=fingerprint),
+                judge=study.judge,
+            )
+    tuned = {k: v for k, v in gates_out.items() if "val" in v}
+    if tuned:
+        best = min(
+            tuned, key=lambda k: (tuned[k]["val"]["over_refusal"], -tuned[k]["val"]["harmful_refusal"])
+        )
+        facts["best_gate"] = best
+        facts["misrouted"] = _misrouted_examples(
+            cfg,
+            model,
+            tokenizer,
+            resolved,
+            sets,
+            test_tables[best],
+            test_prompts,
+            gates,
+            best,
+            bundles[best],
+            framed["test"],
+        )
+    facts["sae"] = sae
+    return gates_out, bundles, facts
+
+
+def _misrouted_examples(
+    cfg: SteerJobConfig,
+    model: Any,
+    tokenizer: Any,
+    resolved: Any,
+    sets: Any,
+    table: OutcomeTable,
+    prompts: list[Prompt],
+    gates: dict[str, Any],
+    best: str,
+    bundle: GatedSteering,
+    framed_N: Tensor,
+) -> dict[str, Any]:
+    """The best gate's misrouted harmful test prompts per set, grouped by framing, with their first tokens."""
+    one = gates[best.split("+")[0]]
+    scores = one.scores["test"]
+    column_N = policy_columns(table, scores.score_N, bundle.policy)
+    lost = misrouted(
+        table, column_N, scores.score_N, bundle.policy.t_high, table.groups, sets.names("harmful")
+    )
+    out: dict[str, Any] = {}
+    names = list(resolved.class_names)
+    for set_name, rows in lost.items():
+        keep = rows[: cfg.study.misrouted_examples * 4]
+        examples: list[dict[str, Any]] = []
+        if keep:
+            texts = [prompts[i].text for i in keep]
+            sub = GateScores(
+                scores.score_N[keep],
+                scores.category_N[keep],
+                None if scores.refused_N is None else scores.refused_N[keep],
+            )
+            if bundle.policy.act_on == "disagreement":
+                sub = sub._replace(refused_N=table_decisions(table)[keep])
+            base = _decisions(model, tokenizer, resolved, [prompts[i] for i in keep], cfg)
+            steered = first_token_decisions(
+                model,
+                tokenizer,
+                texts,
+                resolved,
+                edits=bundle.edits(sub),
+                batch_size=cfg.study.batch_size,
+                chat_template=cfg.chat_template,
+                system_prompt=cfg.system_prompt,
+                judge=cfg.study.judge,
+            )
+            for j, i in enumerate(keep):
+                found = framings(prompts[i].text)
+                examples.append(
+                    {
+                        "framing": "+".join(found) if found else "plain",
+                        "score": round(float(scores.score_N[i]), 3),
+                        "unsteered": _token_name(int(base.top_class_N[j]), names),
+                        "gated": _token_name(int(steered.top_class_N[j]), names),
+                        "excerpt": " ".join(prompts[i].text.split())[:110],
+                    }
+                )
+        by_framing: dict[str, int] = {}
+        for i in rows:
+            found = framings(prompts[i].text)
+            key = "+".join(found) if found else "plain"
+            by_framing[key] = by_framing.get(key, 0) + 1
+        n_set = sum(1 for g in table.groups if g == set_name)
+        n_framed = sum(1 for i, g in enumerate(table.groups) if g == set_name and bool(framed_N[i]))
+        out[set_name] = {
+            "n": n_set,
+            "n_framed": n_framed,
+            "misrouted": len(rows),
+            "by_framing": dict(sorted(by_framing.items(), key=lambda kv: -kv[1])),
+            "examples": sorted(examples, key=lambda e: e["framing"])[: cfg.study.misrouted_examples],
+        }
+    return out
+
+
+def _token_name(code: int, names: list[str]) -> str:
+    return "other" if code < 0 else names[code]
 
 
 def run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
@@ -283,65 +582,24 @@ def _run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
             ),
         }
 
-    gates_out: dict[str, Any] = {}
-    fitted: dict[str, GatedSteering] = {}
-    needs_residuals = any(g in ("probe", "distance") for g in study.gates)
-    residuals: dict[str, Tensor] = {}
-    if needs_residuals:
-        train_prompts = harmful_train + benign_train
-        for name in sets.splits["train"]:
-            if name not in (cfg.sets.harmful_source, cfg.sets.benign_source):
-                train_prompts = train_prompts + sets.get("train", name)
-        with Stage("steer", f"gate residuals at layer {layer}"):
-            residuals["train"] = last_token_acts(model, tokenizer, _texts(train_prompts), [layer], **kw)[
-                layer
-            ]
-            residuals["val"] = last_token_acts(model, tokenizer, _texts(val_prompts), [layer], **kw)[layer]
-            residuals["test"] = last_token_acts(model, tokenizer, _texts(test_prompts), [layer], **kw)[layer]
-        y_train = _class_codes(train_prompts, class_names, short)
-    val_unsteered = tables["val"].refused_NA[:, tables["val"].alpha_index(0.0)]
-    floor = min(1.0, float(val_unsteered[tables["val"].harmful_N].float().mean()) + study.floor_gain)
-    for kind in study.gates:
-        with Stage("steer", f"gate {kind}"):
-            scores: dict[str, Tensor] = {}
-            gate: Any
-            if kind == "refusal_token":
-                gate = RefusalTokenGate(class_names)
-                for split, table in tables.items():  # the unsteered column is the gate's own reading
-                    scores[split] = table.refused_NA[:, table.alpha_index(0.0)].float()
-            else:
-                fit = ProbeGate.fit if kind == "probe" else DistanceGate.fit
-                gate = fit(residuals["train"], y_train, class_names, layer=layer)
-                for split in tables:
-                    scores[split] = gate.score(residuals[split]).score_N
-            try:
-                result = tune_policy(tables["val"], scores["val"], floor=floor, vector="global")
-            except ValueError as err:
-                gates_out[kind] = {"error": str(err)}
-                print(f"  {kind}: no policy reaches the floor {floor:.3f} on validation ({err})")
-                continue
-            test_point = evaluate_policy(tables["test"], scores["test"], result.policy)
-            test_front = [evaluate_policy(tables["test"], scores["test"], p.policy) for p in result.front]
-            harmful_test = tables["test"].harmful_N
-            gates_out[kind] = {
-                "policy": asdict(result.policy),
-                "val": _flat(result.chosen),
-                "test": _flat(test_point),
-                "test_per_set": _per_set_rates(
-                    tables["test"], policy_columns(tables["test"], scores["test"], result.policy)
-                ),
-                "front_test": [_flat(p) for p in test_front],
-                "harmful_call_test": asdict(gate_metrics(scores["test"], harmful_test)),
-            }
-            fitted[kind] = GatedSteering(
-                gate,
-                result.policy,
-                layer,
-                vectors_CD,
-                global_D,
-                class_names,
-                provenance=result.provenance(sets=sets.manifest(), model_fingerprint=fingerprint),
-            )
+    gates_out, fitted, gate_facts = _gate_stage(
+        cfg,
+        model,
+        tokenizer,
+        resolved,
+        sets,
+        tables,
+        layer,
+        vectors_CD,
+        global_D,
+        class_names,
+        short,
+        fingerprint,
+        harmful_train,
+        benign_train,
+        val_prompts,
+        test_prompts,
+    )
 
     unconditional = {
         split: [{"alpha": p.alpha, **asdict(p.rates)} for p in unconditional_curve(tables[split])]
@@ -375,7 +633,8 @@ def _run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
         "layer_selection": {
             str(lay): {str(a): t.tolist() for a, t in by_alpha.items()} for lay, by_alpha in selection.items()
         },
-        "floor": floor,
+        "floor": gate_facts["floor"],
+        "gate_study": {k: v for k, v in gate_facts.items() if k not in ("sae", "floor")},
         "unsteered": unsteered,
         "unconditional": unconditional,
         "gates": gates_out,
@@ -396,6 +655,8 @@ def _run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
                 "global_D": "tables.safetensors",
             },
         ).save(out.tmp / "vectors")
+        if gate_facts.get("sae") is not None:
+            gate_facts["sae"].save(out.tmp / "gate_sae", metadata={"layer": layer, **gate_facts["gate_sae"]})
         for kind, steering in fitted.items():
             steering.save(out.tmp / "gates" / kind)
         tensors = {"global_D": global_D.contiguous(), "pooled_D": pooled_D.contiguous()}
@@ -481,24 +742,112 @@ def render_report(metrics: dict[str, Any]) -> str:
     ]
     for p in metrics["unconditional"]["test"]:
         lines.append(f"| {p['alpha']} | {p['over_refusal']:.3f} | {p['harmful_refusal']:.3f} |")
-    lines += [
+    lines += _gate_report(metrics)
+    return "\n".join(lines) + "\n"
+
+
+def _gate_report(metrics: dict[str, Any]) -> list[str]:
+    """The gates' part of ``report.md``: pooled rates, do no harm per set, framed slice, misrouted prompts."""
+    study = metrics.get("gate_study", {})
+    settings = metrics["config"]["study"]
+    unsteered = next(p for p in metrics["unconditional"]["test"] if p["alpha"] == 0.0)
+    lines = [
         "",
         f"## Conditional steering (tuned on validation, floor {metrics['floor']:.3f}; test)",
         "",
-        "| gate | policy | over-refusal | harmful refusal | harmful-call precision / recall |",
-        "|---|---|---|---|---|",
+        "Objective: least validation over-refusal with harmful refusal >= the floor"
+        + (
+            f" and do no harm (no harm group loses more than {settings['tolerance']} of its unsteered "
+            "refusal)"
+            if settings.get("do_no_harm")
+            else ""
+        )
+        + f"; rows steered: {settings.get('act_on', 'all')}; calibration: {settings.get('calibration')}. "
+        f"Gates fitted on the train splits of {', '.join(study.get('gate_train_sets', []))}.",
+        "",
+        "| gate | policy | over-refusal | harmful refusal | val AUC / test AUC | do no harm (test) "
+        "| rows steered |",
+        "|---|---|---|---|---|---|---|",
+        f"| unsteered | | {unsteered['over_refusal']:.3f} | {unsteered['harmful_refusal']:.3f} | | | 0 |",
     ]
     for kind, out in metrics["gates"].items():
+        facts = out.get("facts", {})
+        aucs = f"{facts.get('auc_val', float('nan')):.3f} / {facts.get('auc_test', float('nan')):.3f}"
         if "test" not in out:
-            lines.append(f"| {kind} | {out['error']} | | | |")
+            lines.append(f"| {kind} | {out['error']} | | | {aucs} | | |")
             continue
-        t, p, call = out["test"], out["policy"], out["harmful_call_test"]
+        t, p = out["test"], out["policy"]
         policy = f"t {p['t_low']:.3f}/{p['t_high']:.3f}, +{p['alpha_pos']} / -{p['alpha_neg']}"
+        failed = [g for g, r in out["do_no_harm_test"].items() if not r["passes"]]
+        harm = "holds" if not failed else "fails: " + ", ".join(failed)
         lines.append(
-            f"| {kind} | {policy} | {t['over_refusal']:.3f} | {t['harmful_refusal']:.3f} | "
-            f"{call['precision']:.2f} / {call['recall']:.2f} |"
+            f"| {kind} | {policy} | {t['over_refusal']:.3f} | {t['harmful_refusal']:.3f} | {aucs} | {harm} | "
+            f"{t['n_steered']} |"
         )
-    return "\n".join(lines) + "\n"
+    tuned = {k: v for k, v in metrics["gates"].items() if "do_no_harm_test" in v}
+    if tuned:
+        groups = list(next(iter(tuned.values()))["do_no_harm_test"])
+        lines += [
+            "",
+            "### Do no harm per harmful set (test): refusal, gated - unsteered [paired 95% bootstrap CI]",
+            "",
+            "| gate | " + " | ".join(groups) + " |",
+            "|---" * (len(groups) + 1) + "|",
+        ]
+        first = next(iter(tuned.values()))["do_no_harm_test"]
+        lines.append(
+            "| unsteered | "
+            + " | ".join(f"{first[g]['unsteered']:.3f} (n {first[g]['n']})" for g in groups)
+            + " |"
+        )
+        for kind, out in tuned.items():
+            cells = []
+            for g in groups:
+                r = out["do_no_harm_test"].get(g)
+                if r is None:
+                    cells.append("")
+                    continue
+                mark = "" if r["passes"] else " **x**"
+                cells.append(
+                    f"{r['gated']:.3f}, {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]{mark}"
+                )
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "`jailbreak_framed`: harmful prompts whose text has jailbreak framing (role play, hypothetical, "
+            "instruction override, long preamble; `sae_refusal.steer.framing`), across sets. **x**: do no "
+            "harm fails (gated < unsteered - tolerance, or the CI lies wholly below 0).",
+        ]
+    best = study.get("best_gate")
+    if best:
+        lines += [
+            "",
+            f"### Why it fails: the best gate on validation (`{best}`), its misrouted harmful test prompts",
+            "",
+            "Harmful prompts the gate scored below `t_high` that the gated model does not refuse, per set, "
+            "grouped by framing, with examples (score, first token unsteered -> gated, excerpt).",
+        ]
+        for name, r in study.get("misrouted", {}).items():
+            framing = ", ".join(f"{k} {v}" for k, v in r["by_framing"].items()) or "-"
+            lines += [
+                "",
+                f"**{name}**: {r['misrouted']} of {r['n']} misrouted ({r['n_framed']} framed in the set); "
+                f"by framing: {framing}",
+                "",
+            ]
+            for e in r["examples"]:
+                excerpt = e["excerpt"].replace("|", "/")
+                lines.append(
+                    f"- [{e['framing']}] {e['score']:.3f}, {e['unsteered']} -> {e['gated']}: {excerpt}"
+                )
+    sae = study.get("gate_sae")
+    if sae:
+        lines += [
+            "",
+            f"Study SAE (layer {sae['layer']}, TopK k {sae['k']}, {sae['n_latents']} latents, "
+            f"{sae['steps']} steps on {sae['n_rows']} train residuals): FVU {sae['fvu']:.3f}, dead share {sae['dead_share']:.2f}.",
+        ]
+    return lines
 
 
 def _plot(metrics: dict[str, Any], path: Path) -> None:

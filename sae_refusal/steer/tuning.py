@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_refusal.llm.refusal_tokens import ResolvedRefusalTokens
-from sae_refusal.steer.gates import GatePolicy, VectorMode
+from sae_refusal.steer.gates.policy import ActOn, GatePolicy, VectorMode
 from sae_refusal.steer.interventions import Positions
 from sae_refusal.steer.scoring import first_token_decisions, residual_rows
 
@@ -48,7 +48,10 @@ __all__ = [
     "Rates",
     "TuningResult",
     "build_outcome_table",
+    "effective_table",
     "evaluate_policy",
+    "harm_group_rates",
+    "table_decisions",
     "threshold_candidates",
     "tune_policy",
     "unconditional_curve",
@@ -284,8 +287,82 @@ def _check_scores(table: OutcomeTable, score_N: Tensor) -> Tensor:
     return score
 
 
+def table_decisions(table: OutcomeTable) -> Tensor:
+    """The model's own unsteered decision per row (the table's alpha-0 column)."""
+    return table.refused_NA[:, table.alpha_index(0.0)]
+
+
+def effective_table(table: OutcomeTable, act_on: ActOn) -> OutcomeTable:
+    """The table as a policy acting on ``act_on`` rows sees it.
+
+    ``"disagreement"``: a refused row under a positive alpha and an answered row under a negative alpha are
+    not steered (see :class:`GatePolicy`), so those cells read the unsteered column.
+    """
+    if act_on == "all":
+        return table
+    if act_on != "disagreement":
+        raise ValueError(f"act_on: expected 'all' or 'disagreement', got {act_on!r}")
+    r0_N = table_decisions(table)
+    sign_A = torch.sign(table.alphas_A)
+    skipped_NA = (r0_N[:, None] & (sign_A > 0)[None]) | (~r0_N[:, None] & (sign_A < 0)[None])
+    refused = torch.where(skipped_NA, r0_N[:, None].expand_as(table.refused_NA), table.refused_NA)
+    return OutcomeTable(table.alphas_A, refused, table.harmful_N, table.groups, dict(table.meta))
+
+
+HarmGroups = Sequence[str | None] | Mapping[str, Tensor]
+
+
+def _harm_groups(table: OutcomeTable, harm_groups: HarmGroups | None) -> dict[str, Tensor]:
+    """Name -> row mask of each harm group, checked against the table.
+
+    ``harm_groups`` is one group name (or ``None``) per row, or a mapping name -> bool row mask (a row may
+    then sit in several groups, e.g. its set and a jailbreak-framing slice).
+    """
+    if harm_groups is None:
+        return {}
+    n_rows = table.refused_NA.shape[0]
+    if isinstance(harm_groups, Mapping):
+        masks = {str(k): torch.as_tensor(v).bool().cpu() for k, v in harm_groups.items()}
+        for name, mask in masks.items():
+            if mask.shape != (n_rows,):
+                raise ValueError(
+                    f"harm_groups[{name!r}]: expected a ({n_rows},) row mask, got {tuple(mask.shape)}"
+                )
+    else:
+        if isinstance(harm_groups, str) or len(harm_groups) != n_rows:
+            raise ValueError(f"harm_groups: expected one group name (or None) per table row ({n_rows})")
+        masks = {
+            name: torch.tensor([g == name for g in harm_groups])
+            for name in dict.fromkeys(harm_groups)
+            if name is not None
+        }
+    for name, mask in masks.items():
+        if bool((mask & ~table.harmful_N).any()):
+            raise ValueError(f"harm_groups: group {name!r} holds rows that are not harmful")
+    return {name: mask for name, mask in masks.items() if bool(mask.any())}
+
+
+def harm_group_rates(
+    table: OutcomeTable, column_N: Tensor, harm_groups: HarmGroups
+) -> dict[str, dict[str, float | int]]:
+    """Per harm group: unsteered and policy refusal shares (``column_N``: each row's table column)."""
+    rows = torch.arange(column_N.shape[0])
+    refused_N = table.refused_NA[rows, column_N]
+    r0_N = table_decisions(table)
+    return {
+        name: {
+            "n": int(mask.sum()),
+            "unsteered": float(r0_N[mask].float().mean()),
+            "policy": float(refused_N[mask].float().mean()),
+        }
+        for name, mask in _harm_groups(table, harm_groups).items()
+    }
+
+
 def policy_columns(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) -> Tensor:
     """The table column (alpha) ``policy`` gives each row scored ``score_N``.
+
+    With ``policy.act_on="disagreement"`` the model's decisions are the table's alpha-0 column.
 
     Raises:
         ValueError: Naming ``alpha_pos`` / ``alpha_neg`` / ``alpha_mid`` if one is not in the grid.
@@ -299,6 +376,9 @@ def policy_columns(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) -> 
     column_N = torch.full(score.shape, columns["mid"], dtype=torch.long)
     column_N[score >= policy.t_high] = columns["pos"]
     column_N[score < policy.t_low] = columns["neg"]
+    if policy.act_on == "disagreement":
+        alpha_N = policy.alphas(score, table_decisions(table))
+        column_N[alpha_N == 0] = table.alpha_index(0.0)
     return column_N
 
 
@@ -309,7 +389,8 @@ def evaluate_policy(table: OutcomeTable, score_N: Tensor, policy: GatePolicy) ->
         ValueError: Naming ``alpha_pos`` / ``alpha_neg`` / ``alpha_mid`` if one is not in the grid.
     """
     column_N = policy_columns(table, score_N, policy)
-    alpha_N = policy.alphas(_check_scores(table, score_N))
+    refused0 = table_decisions(table) if policy.act_on == "disagreement" else None
+    alpha_N = policy.alphas(_check_scores(table, score_N), refused0)
     refused_N = table.refused_NA[torch.arange(column_N.shape[0]), column_N]
     harmful = table.harmful_N
     rates = Rates.of(
@@ -365,6 +446,9 @@ class TuningResult:
         n_policies: Policies searched.
         table_sizes: Rows per set name in the table.
         table_meta: The table's build facts.
+        act_on: Which rows the policies steer (``all`` / ``disagreement``).
+        tolerance: Do-no-harm tolerance per harm group (``None``: no groups were held to it).
+        harm_groups: Rows per harm group (empty: none).
     """
 
     policy: GatePolicy
@@ -378,6 +462,9 @@ class TuningResult:
     n_policies: int
     table_sizes: dict[str, int]
     table_meta: dict[str, Any]
+    act_on: str = "all"
+    tolerance: float | None = None
+    harm_groups: dict[str, int] = field(default_factory=dict)
 
     def provenance(
         self, *, sets: Mapping[str, Any] | None = None, model_fingerprint: Mapping[str, Any] | None = None
@@ -389,10 +476,17 @@ class TuningResult:
             model_fingerprint: The steered model's fingerprint
                 (:func:`~sae_refusal.llm.loading.model_fingerprint`), if known.
         """
+        objective = "min over_refusal s.t. harmful_refusal >= floor (validation)"
+        if self.harm_groups:
+            objective += (
+                f" and, per harm group, refusal >= its unsteered rate - {self.tolerance} (do no harm)"
+            )
         return {
-            "objective": "min over_refusal s.t. harmful_refusal >= floor (validation)",
+            "objective": objective,
             "tie_break": TIE_BREAK,
             "floor": self.floor,
+            "act_on": self.act_on,
+            "do_no_harm": {"tolerance": self.tolerance, "groups": dict(self.harm_groups)},
             "value": asdict(self.chosen.rates),
             "n_steered": self.chosen.n_steered,
             "grid": {
@@ -416,6 +510,9 @@ def tune_policy(
     thresholds: Sequence[float] | None = None,
     max_thresholds: int = 64,
     tune_alpha_mid: bool = False,
+    act_on: ActOn = "all",
+    harm_groups: HarmGroups | None = None,
+    tolerance: float = 0.02,
 ) -> TuningResult:
     """Grid-search thresholds and alphas on a VALIDATION outcome table (see the module notes).
 
@@ -431,14 +528,28 @@ def tune_policy(
         thresholds: Threshold grid in ``[0, 1]``; ``None``: from the scores.
         max_thresholds: Cap on the candidates taken from the scores.
         tune_alpha_mid: Also search the middle band's alpha.
+        act_on: ``"all"`` rows or only those where the gate disagrees with the model's unsteered decision
+            (the table's alpha-0 column; see :class:`GatePolicy`).
+        harm_groups: Do no harm: the harmful set of each row (``None`` for rows not held to it, e.g.
+            benign ones), or a mapping name -> row mask (overlapping groups allowed). A policy is feasible
+            only if no group loses more than ``tolerance`` of its unsteered refusal rate on the table
+            (non-inferiority per set, on top of the pooled floor).
+        tolerance: Largest loss of refusal share per harm group, in ``[0, 1]``.
 
     Raises:
         ValueError: On a ``floor`` outside ``[0, 1]`` or one that no policy reaches (naming ``floor``), bad
-            thresholds, or scores that do not fit the table.
+            thresholds, ``harm_groups`` or ``tolerance``, or scores that do not fit the table.
     """
     if isinstance(floor, bool) or not 0.0 <= float(floor) <= 1.0:
         raise ValueError(f"floor: expected a share in [0, 1], got {floor!r}")
+    if isinstance(tolerance, bool) or not 0.0 <= float(tolerance) <= 1.0:
+        raise ValueError(f"tolerance: expected a share in [0, 1], got {tolerance!r}")
+    if act_on not in ("all", "disagreement"):
+        raise ValueError(f"act_on: expected 'all' or 'disagreement', got {act_on!r}")
     score = _check_scores(table, score_N)
+    table = effective_table(table, act_on)
+    groups_by_name = _harm_groups(table, harm_groups)
+    group_masks_GN = list(groups_by_name.values())
     if thresholds is None:
         grid_t = threshold_candidates(score, max_thresholds)
     else:
@@ -457,6 +568,27 @@ def tune_policy(
     zeros = torch.zeros(1, alphas.numel(), dtype=torch.long)
     cum_h_KA = torch.cat([zeros, (refused * harmful[:, None]).cumsum(0)])  # (N + 1, A)
     cum_b_KA = torch.cat([zeros, (refused * ~harmful[:, None]).cumsum(0)])
+    zero_column = table.alpha_index(0.0)
+    # rows the model refuses unsteered, as a prefix count (a disagreement policy steers only some rows)
+    cum_r0_K = torch.cat([torch.zeros(1, dtype=torch.long), refused[:, zero_column].cumsum(0)])
+    cum_g_GKA = (
+        torch.stack(
+            [torch.cat([zeros, (refused * mask[order][:, None]).cumsum(0)]) for mask in group_masks_GN]
+        )
+        if group_masks_GN
+        else torch.zeros(0, n_rows + 1, alphas.numel(), dtype=torch.long)
+    )
+    need_g_G = torch.tensor(
+        [
+            math.ceil(
+                (float(table.refused_NA[mask, zero_column].float().mean()) - float(tolerance))
+                * int(mask.sum())
+                - 1e-9
+            )
+            for mask in group_masks_GN
+        ],
+        dtype=torch.long,
+    )
     k_T = torch.searchsorted(sorted_score, torch.tensor(grid_t, dtype=torch.float32), side="left")
     low_idx, high_idx = torch.triu_indices(len(grid_t), len(grid_t))  # pairs t_low <= t_high, t_low order
     kl_S, kh_S = k_T[low_idx], k_T[high_idx]
@@ -497,17 +629,33 @@ def tune_policy(
             )
 
         harm_CR, over_CR = refusals(cum_h_KA), refusals(cum_b_KA)
-        steered_CR = (
-            kl * (alphas[tri_neg] != 0)
-            + (kh - kl) * (alphas[tri_mid] != 0)
-            + (n_rows - kh) * (alphas[tri_pos] != 0)
-        )
+        if act_on == "all":
+            steered_CR = (
+                kl * (alphas[tri_neg] != 0)
+                + (kh - kl) * (alphas[tri_mid] != 0)
+                + (n_rows - kh) * (alphas[tri_pos] != 0)
+            )
+        else:  # only refused rows move down, only answered rows move up
+            r_low, r_mid = cum_r0_K[kl], cum_r0_K[kh] - cum_r0_K[kl]
+            a_high = (n_rows - kh) - (cum_r0_K[n_rows] - cum_r0_K[kh])
+            mid = alphas[tri_mid]
+            steered_CR = (
+                r_low * (alphas[tri_neg] != 0)
+                + r_mid * (mid < 0)
+                + ((kh - kl) - r_mid) * (mid > 0)
+                + a_high * (alphas[tri_pos] != 0)
+            )
         index_CR = (start + torch.arange(kl.shape[0]))[:, None] * n_triples + torch.arange(n_triples)
         key_CR = (
             (harm_CR * span_steer + (n_rows - steered_CR)) * span_rank + (n_triples - 1 - strength_rank_R)
         ) * span_index + (n_policies - 1 - index_CR)
-        best_key_B.scatter_reduce_(0, over_CR.flatten(), key_CR.flatten(), reduce="amax")
-        feasible = harm_CR >= need_h
+        no_harm_CR = torch.ones_like(harm_CR, dtype=torch.bool)
+        for g in range(need_g_G.numel()):
+            no_harm_CR &= refusals(cum_g_GKA[g]) >= need_g_G[g]
+        best_key_B.scatter_reduce_(
+            0, over_CR.flatten(), torch.where(no_harm_CR, key_CR, -1).flatten(), reduce="amax"
+        )
+        feasible = (harm_CR >= need_h) & no_harm_CR
         if bool(feasible.any()):
             over_min = int(over_CR[feasible].min())
             if over_min <= chosen_over:
@@ -516,8 +664,9 @@ def tune_policy(
                     chosen_over, chosen_key = over_min, key
     if chosen_key < 0:
         best_harm = int(best_key_B.max() // (span_index * span_rank * span_steer))
+        held = " without losing more than the tolerance on any harm group" if need_g_G.numel() else ""
         raise ValueError(
-            f"floor: no policy in the grid refuses >= {floor} of the {n_h} harmful validation prompts; "
+            f"floor: no policy in the grid refuses >= {floor} of the {n_h} harmful validation prompts{held}; "
             f"the best refuses {best_harm / n_h:.4f}"
         )
 
@@ -531,6 +680,7 @@ def tune_policy(
             alpha_neg=float(-alphas[tri_neg[triple]]) + 0.0,
             alpha_mid=float(alphas[tri_mid[triple]]),
             vector=vector,
+            act_on=act_on,
         )
 
     chosen = evaluate_policy(table, score, decode(chosen_key))
@@ -556,4 +706,7 @@ def tune_policy(
         n_policies=n_policies,
         table_sizes=table.group_sizes(),
         table_meta=dict(table.meta),
+        act_on=act_on,
+        tolerance=float(tolerance) if group_masks_GN else None,
+        harm_groups={name: int(mask.sum()) for name, mask in groups_by_name.items()},
     )

@@ -28,16 +28,27 @@ TRAIN-split activations):
   (``mode="classifier"``, the label index meaning harmful set by ``harmful_label``) or a chat model whose
   next-token logits of two answers (``"unsafe"`` / ``"safe"``) after ``prompt_format`` give the score
   (``mode="chat"``). It names no category.
+* :class:`MultiLayerProbeGate` (:mod:`.multilayer`): a :class:`ProbeGate` on the concatenated last-token
+  residuals of several layers (one early-exit pass); :attr:`layer` is the deepest of them.
+* :class:`CalibratedGate` (:mod:`.calibrated`): any gate with its score mapped through a monotone
+  calibration (Platt or isotonic) fitted on VALIDATION scores, so thresholds read as probabilities.
+* :class:`EnsembleGate` (:mod:`.ensemble`): member gates combined by a rule for disagreement (weighted
+  ``"mean"``, ``"all"`` = min, ``"any"`` = max); category of the first member naming one.
+
+Gates that hold gates (calibrated, ensemble) save them nested (:mod:`.nested`).
 
 The design notes live with the code they describe: category codes in :mod:`.base`, the global vector in
 :mod:`.policy`, the two passes and the artifact in :mod:`.steering`.
 """
 
 from sae_refusal.steer.gates.base import Gate, GateScores
+from sae_refusal.steer.gates.calibrated import CalibratedGate
 from sae_refusal.steer.gates.distance import DistanceGate
+from sae_refusal.steer.gates.ensemble import EnsembleGate
 from sae_refusal.steer.gates.guard import GuardGate
 from sae_refusal.steer.gates.head import HeadGate
 from sae_refusal.steer.gates.metrics import GateMetrics, gate_metrics
+from sae_refusal.steer.gates.multilayer import MultiLayerProbeGate
 from sae_refusal.steer.gates.policy import GatePolicy, global_vector, row_vectors
 from sae_refusal.steer.gates.policy import VectorMode as VectorMode
 from sae_refusal.steer.gates.probe import ProbeGate
@@ -49,7 +60,9 @@ from sae_refusal.steer.gates.steering import GATE_LOADERS as GATE_LOADERS
 __all__ = [
     "GATE_FILE",
     "GATE_TENSORS_FILE",
+    "CalibratedGate",
     "DistanceGate",
+    "EnsembleGate",
     "Gate",
     "GateMetrics",
     "GatePolicy",
@@ -57,6 +70,7 @@ __all__ = [
     "GatedSteering",
     "GuardGate",
     "HeadGate",
+    "MultiLayerProbeGate",
     "ProbeGate",
     "RefusalTokenGate",
     "gate_metrics",

@@ -26,10 +26,14 @@ class GateScores(NamedTuple):
             ``class_names``), or 0 where it names none (a ``[respond]`` decision of the refusal-token gate,
             a guard model). Residual gates always name their most likely category, also for prompts they
             score benign, so a benign row can be steered away from the category it resembles.
+        refused_N: The unsteered model's own decision per prompt (bool: it refuses), where known; a policy
+            that acts only where gate and model disagree (``act_on="disagreement"``) needs it.
+            :meth:`~sae_refusal.steer.gates.GatedSteering.score_prompts` fills it when its policy does.
     """
 
     score_N: Tensor
     category_N: Tensor
+    refused_N: Tensor | None = None
 
 
 def _scores(score_N: Tensor, category_N: Tensor) -> GateScores:

@@ -5,6 +5,17 @@ benign-looking ones ``-alpha_neg`` (less over-refusal) and the unsure middle ban
 untouched). With ``vector="category"`` a row steers along its category's CAA vector; rows whose category is 0
 (or whose category vector is all zero) fall back to the global vector (:func:`row_vectors`).
 
+**Which rows a policy touches** (``act_on``). ``"all"``: every row gets its band's alpha. ``"disagreement"``:
+only rows where the gate and the model's own unsteered decision disagree are steered: a row the model already
+refuses is never pushed further toward refusal, a row it already answers is never pushed further away. Those
+pushes cannot change the refusal decision (the model already made it); they only cost edits (first-token KL,
+perplexity of the answers). The rates of a policy are (almost) the same either way; the edits are far fewer.
+
+**Vector modes.** ``"global"``: one vector for every row. ``"category"``: each row along its gate category's
+vector (either sign). ``"category_pos"`` (the published refusal-token method): rows steered toward refusal
+(alpha > 0) go along their predicted category's vector, rows steered away (alpha < 0, toward ``[respond]``)
+along the global vector.
+
 **The global vector** (``vector="global"``, and the fallback above) is either the CAA of all harmful rows
 pooled vs benign or the plain mean of the category rows: :func:`global_vector` gives both (the pooled CAA is
 the count-weighted mean of the category rows, so ``weights_C = counts`` reproduces it exactly).
@@ -20,7 +31,11 @@ import torch
 from torch import Tensor
 
 #: How a row's steering vector is chosen: its gate category's CAA vector, or one global vector for all.
-VectorMode = Literal["category", "global"]
+VectorMode = Literal["category", "global", "category_pos"]
+#: Which rows a policy steers: all, or only where the gate disagrees with the model's own decision.
+ActOn = Literal["all", "disagreement"]
+VECTOR_MODES: tuple[str, ...] = ("category", "global", "category_pos")
+ACT_ON: tuple[str, ...] = ("all", "disagreement")
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,10 @@ class GatePolicy:
         alpha_neg: Strength (>= 0) subtracted for benign-looking prompts.
         alpha_mid: Signed strength for the unsure band (0: leave them alone).
         vector: ``"category"``: the row's gate category CAA vector (category 0 or an all-zero row: the
-            global vector); ``"global"``: the global vector for every row (see :func:`global_vector`).
+            global vector); ``"global"``: the global vector for every row (see :func:`global_vector`);
+            ``"category_pos"``: the category vector for rows steered toward refusal, the global one otherwise.
+        act_on: ``"all"`` rows, or only rows where the gate's call and the model's unsteered decision
+            disagree (``"disagreement"``; see the module notes).
     """
 
     t_low: float
@@ -47,6 +65,7 @@ class GatePolicy:
     alpha_neg: float
     alpha_mid: float = 0.0
     vector: VectorMode = "category"
+    act_on: ActOn = "all"
 
     def __post_init__(self) -> None:
         for key in ("t_low", "t_high", "alpha_pos", "alpha_neg", "alpha_mid"):
@@ -62,17 +81,36 @@ class GatePolicy:
                 raise ValueError(
                     f"{key}: a magnitude >= 0 (the sign is the policy's), got {getattr(self, key)}"
                 )
-        if self.vector not in ("category", "global"):
-            raise ValueError(f"vector: expected 'category' or 'global', got {self.vector!r}")
+        if self.vector not in VECTOR_MODES:
+            raise ValueError(f"vector: expected one of {list(VECTOR_MODES)}, got {self.vector!r}")
+        if self.act_on not in ACT_ON:
+            raise ValueError(f"act_on: expected one of {list(ACT_ON)}, got {self.act_on!r}")
 
-    def alphas(self, score_N: Tensor) -> Tensor:
-        """Signed alpha per prompt (float32)."""
+    def alphas(self, score_N: Tensor, refused_N: Tensor | None = None) -> Tensor:
+        """Signed alpha per prompt (float32).
+
+        Args:
+            score_N: The gate's scores.
+            refused_N: The model's own unsteered decisions; required with ``act_on="disagreement"``.
+
+        Raises:
+            ValueError: On bad scores, or ``act_on="disagreement"`` without ``refused_N`` of the same length.
+        """
         score_N = torch.as_tensor(score_N).detach().cpu().float()
         if score_N.ndim != 1 or not bool(torch.isfinite(score_N).all()):
             raise ValueError(f"score_N: expected finite (N,) scores, got shape {tuple(score_N.shape)}")
         alpha_N = torch.full(score_N.shape, float(self.alpha_mid), dtype=torch.float32)
         alpha_N[score_N >= torch.tensor(self.t_high, dtype=torch.float32)] = float(self.alpha_pos)
         alpha_N[score_N < torch.tensor(self.t_low, dtype=torch.float32)] = -float(self.alpha_neg)
+        if self.act_on == "disagreement":
+            if refused_N is None:
+                raise ValueError("refused_N: act_on='disagreement' needs the model's own decision per row")
+            refused = torch.as_tensor(refused_N).detach().cpu().bool()
+            if refused.shape != score_N.shape:
+                raise ValueError(
+                    f"refused_N: expected shape {tuple(score_N.shape)}, got {tuple(refused.shape)}"
+                )
+            alpha_N[(refused & (alpha_N > 0)) | (~refused & (alpha_N < 0))] = 0.0
         return alpha_N
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,8 +138,18 @@ def global_vector(vectors_CD: Tensor, weights_C: Tensor | None = None) -> Tensor
     return ((weights[:, None] * vectors_CD.double()).sum(0) / weights.sum()).float()
 
 
-def row_vectors(category_N: Tensor, vectors_CD: Tensor, global_D: Tensor, mode: VectorMode) -> Tensor:
-    """Each prompt's steering vector ``(N, D)``: its category's row, or the global vector (see GatePolicy)."""
+def row_vectors(
+    category_N: Tensor,
+    vectors_CD: Tensor,
+    global_D: Tensor,
+    mode: VectorMode,
+    alpha_N: Tensor | None = None,
+) -> Tensor:
+    """Each prompt's steering vector ``(N, D)``: its category's row, or the global vector (see GatePolicy).
+
+    ``mode="category_pos"`` needs ``alpha_N`` (the rows' signed alphas): only rows with a positive alpha take
+    their category's vector.
+    """
     category_N = torch.as_tensor(category_N, dtype=torch.long)
     n_categories = vectors_CD.shape[0]
     if category_N.ndim != 1 or (
@@ -113,10 +161,14 @@ def row_vectors(category_N: Tensor, vectors_CD: Tensor, global_D: Tensor, mode: 
     out_ND = global_D.float().expand(category_N.shape[0], -1).clone()
     if mode == "global":
         return out_ND
-    if mode != "category":
-        raise ValueError(f"vector: expected 'category' or 'global', got {mode!r}")
+    if mode not in ("category", "category_pos"):
+        raise ValueError(f"vector: expected one of {list(VECTOR_MODES)}, got {mode!r}")
     usable_C = (vectors_CD != 0).any(dim=1)
     padded_KD = torch.cat([global_D[None].float(), vectors_CD.float()])
     use_N = (category_N > 0) & usable_C[(category_N - 1).clamp_min(0)]
+    if mode == "category_pos":
+        if alpha_N is None or torch.as_tensor(alpha_N).shape != category_N.shape:
+            raise ValueError("alpha_N: vector='category_pos' needs one signed alpha per row")
+        use_N = use_N & (torch.as_tensor(alpha_N) > 0)
     out_ND[use_N] = padded_KD[category_N[use_N]]
     return out_ND

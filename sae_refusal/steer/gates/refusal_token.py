@@ -18,7 +18,7 @@ from sae_refusal.categories import resolve_category
 from sae_refusal.llm.refusal_tokens import RefusalVocabulary
 from sae_refusal.sae.base import SparseAutoencoder
 from sae_refusal.steer.gates.base import GateScores, _check_class_names, _scores
-from sae_refusal.steer.scoring import first_token_decisions
+from sae_refusal.steer.scoring import FirstTokenDecisions, first_token_decisions
 
 
 def _category_code(category: str | None, class_names: Sequence[str]) -> int:
@@ -103,8 +103,13 @@ class RefusalTokenGate:
             system_prompt=system_prompt,
             respond_bias=self.respond_bias,
         )
-        code_K = torch.tensor([_category_code(c, self._class_names) for c in resolved.categories])
-        respond = resolved.categories.index(None)
+        return self.scores_from(decisions, resolved.categories)
+
+    def scores_from(self, decisions: FirstTokenDecisions, categories: Sequence[str | None]) -> GateScores:
+        """The gate's scores from an unsteered decision pass already run (``categories``: the classes' CoCoNot
+        categories, ``None`` for respond, as ``ResolvedRefusalTokens.categories``)."""
+        code_K = torch.tensor([_category_code(c, self._class_names) for c in categories])
+        respond = list(categories).index(None)
         if self.graded:
             score_N = 1.0 - decisions.probs_NC[:, respond]
         else:

@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,14 @@ from sae_refusal.atomic import AtomicFolder
 from sae_refusal.llm.layers import d_model as model_width
 from sae_refusal.llm.layers import num_layers
 from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.steer.config import JUDGES
 from sae_refusal.steer.gates.base import Gate, GateScores, _check_class_names, _check_layer
+from sae_refusal.steer.gates.calibrated import CalibratedGate
 from sae_refusal.steer.gates.distance import DistanceGate
+from sae_refusal.steer.gates.ensemble import EnsembleGate
 from sae_refusal.steer.gates.guard import GuardGate
 from sae_refusal.steer.gates.head import HeadGate
+from sae_refusal.steer.gates.multilayer import MultiLayerProbeGate
 from sae_refusal.steer.gates.policy import GatePolicy, row_vectors
 from sae_refusal.steer.gates.probe import ProbeGate
 from sae_refusal.steer.gates.refusal_token import RefusalTokenGate
@@ -42,6 +47,8 @@ from sae_refusal.steer.scoring import RowEdits, residual_rows
 GATE_FILE = "gate.json"
 GATE_TENSORS_FILE = "gate.safetensors"
 _FORMAT = "sae_refusal.gate/1"
+#: Keyword arguments of ``score_prompts`` that the decision pass of a disagreement policy also takes.
+_DECISION_OPTIONS = ("batch_size", "max_length", "chat_template", "system_prompt")
 
 
 _GateLoader = Callable[[Mapping[str, Any], Mapping[str, Tensor], SparseAutoencoder | None], Gate]
@@ -53,7 +60,11 @@ GATE_LOADERS: dict[str, _GateLoader] = {
     DistanceGate.kind: DistanceGate.from_saved,
     RefusalTokenGate.kind: RefusalTokenGate.from_saved,
     GuardGate.kind: GuardGate.from_saved,
+    MultiLayerProbeGate.kind: MultiLayerProbeGate.from_saved,
 }
+# Gates that hold gates rebuild them through this registry, bound here (importing it there is a cycle).
+GATE_LOADERS[CalibratedGate.kind] = partial(CalibratedGate.from_saved, loaders=GATE_LOADERS)
+GATE_LOADERS[EnsembleGate.kind] = partial(EnsembleGate.from_saved, loaders=GATE_LOADERS)
 
 
 @dataclass
@@ -69,6 +80,9 @@ class GatedSteering:
         class_names: Class names ``0..C`` of the vectors (must match the gate's when it has some).
         positions: Where the steering acts (see :func:`~sae_refusal.steer.interventions.position_mask`).
         provenance: JSON facts on how the policy was chosen (:meth:`TuningResult.provenance`).
+        judge: How the model's own unsteered decision is read for ``policy.act_on="disagreement"``
+            (``emitted`` or ``restricted``, as in :func:`~sae_refusal.steer.scoring.first_token_decisions`);
+            the tuning tables' reading.
     """
 
     gate: Gate
@@ -79,9 +93,12 @@ class GatedSteering:
     class_names: Sequence[str]
     positions: Positions = "all"
     provenance: dict[str, Any] = field(default_factory=dict)
+    judge: str = "emitted"
 
     def __post_init__(self) -> None:
         _check_layer(self.layer)
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge: expected one of {list(JUDGES)}, got {self.judge!r}")
         check_positions(self.positions)
         self.class_names = _check_class_names(self.class_names)
         if self.vectors_CD.ndim != 2 or self.vectors_CD.shape[0] != len(self.class_names) - 1:
@@ -129,13 +146,29 @@ class GatedSteering:
     def score_prompts(
         self, model: nn.Module, tokenizer: Any, texts: Sequence[str], **kwargs: Any
     ) -> GateScores:
-        """The gate's scores of ``texts`` (keyword arguments go to :meth:`Gate.score_prompts`)."""
-        return self.gate.score_prompts(model, tokenizer, texts, **kwargs)
+        """The gate's scores of ``texts`` (keyword arguments go to :meth:`Gate.score_prompts`).
+
+        With ``policy.act_on="disagreement"`` the model's own unsteered decisions are added
+        (``refused_N``: one first-token pass read with :attr:`judge`) unless the gate already gave them.
+        """
+        scores = self.gate.score_prompts(model, tokenizer, texts, **kwargs)
+        if self.policy.act_on == "disagreement" and scores.refused_N is None:
+            from sae_refusal.llm.refusal_tokens import RefusalVocabulary
+            from sae_refusal.steer.scoring import first_token_decisions
+
+            resolved = RefusalVocabulary.detect(tokenizer).resolve(tokenizer)
+            options = {k: v for k, v in kwargs.items() if k in _DECISION_OPTIONS and v is not None}
+            decisions = first_token_decisions(model, tokenizer, texts, resolved, judge=self.judge, **options)
+            scores = scores._replace(refused_N=decisions.refused_N.cpu())
+        return scores
 
     def plan(self, scores: GateScores) -> tuple[Tensor, Tensor]:
         """``(vectors_ND, alpha_N)``: each prompt's vector and signed alpha."""
-        alpha_N = self.policy.alphas(scores.score_N)
-        return row_vectors(scores.category_N, self.vectors_CD, self.global_D, self.policy.vector), alpha_N
+        alpha_N = self.policy.alphas(scores.score_N, scores.refused_N)
+        vectors_ND = row_vectors(
+            scores.category_N, self.vectors_CD, self.global_D, self.policy.vector, alpha_N=alpha_N
+        )
+        return vectors_ND, alpha_N
 
     def edits(self, scores: GateScores) -> RowEdits:
         """Per-row edits for :func:`~sae_refusal.steer.scoring.first_token_decisions` (``edits=``)."""
@@ -156,6 +189,7 @@ class GatedSteering:
                 "d_model": self.d_model,
                 "positions": self.positions,
                 "class_names": list(self.class_names),
+                "judge": self.judge,
             },
             "provenance": self.provenance,
         }
@@ -205,6 +239,7 @@ def load_gate(
         class_names=steering["class_names"],
         positions=steering.get("positions", "all"),
         provenance=dict(record.get("provenance", {})),
+        judge=steering.get("judge", "emitted"),
     )
     if int(steering["d_model"]) != bundle.d_model:
         raise ValueError(
