@@ -148,7 +148,10 @@ def test_an_existing_out_dir_is_refused_before_anything_runs(tmp_path: Path) -> 
     assert (tmp_path / "study" / "keep.txt").read_text() == "mine"
 
 
-STEER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "lightning_configs" / "steer").glob("*.yaml"))
+STEER_DIR = Path(__file__).resolve().parents[1] / "lightning_configs" / "steer"
+#: Overlays added as the last --config of a study config (they hold no model or sets of their own).
+STEER_OVERLAYS = ("full_sets.yaml",)
+STEER_CONFIGS = sorted(p for p in STEER_DIR.glob("*.yaml") if p.name not in STEER_OVERLAYS)
 
 
 @pytest.mark.parametrize("path", STEER_CONFIGS, ids=lambda p: p.name)
@@ -160,6 +163,19 @@ def test_every_steer_config_parses_into_a_job_config(path: Path) -> None:
     assert isinstance(cfg, SteerJobConfig)
     assert cfg.study.layer == 18 and cfg.llm.adapter_path == "checkpoints/refuse-smollm2"
     assert cfg.sets.model_prompts.sources and cfg.sets.max_per_set
+
+
+@pytest.mark.parametrize("overlay", STEER_OVERLAYS)
+def test_every_steer_overlay_parses_on_top_of_the_study_config(overlay: str) -> None:
+    from sae_refusal.cli import job_config, steer_parser
+    from sae_refusal.steer.job import SteerJobConfig
+
+    base = STEER_DIR / "refuse_smollm2.yaml"
+    cfg = job_config(
+        steer_parser(), ["--config", str(base), "--config", str(STEER_DIR / overlay)], SteerJobConfig
+    )
+    assert cfg.sets.max_per_set is None and cfg.study.batch_size == 64  # the overlay's settings win
+    assert cfg.llm.adapter_path == "checkpoints/refuse-smollm2"  # the rest is the study config's
 
 
 def test_bad_study_settings_name_the_key() -> None:

@@ -363,12 +363,12 @@ def test_do_no_harm_binds_where_the_pooled_floor_does_not() -> None:
         tune_policy(table, scores, floor=0.6, harm_groups=["a"])
     with pytest.raises(ValueError, match="tolerance"):
         tune_policy(table, scores, floor=0.6, harm_groups=["a", "b", "b", None], tolerance=-0.1)
-    # a refused only unsteered (a strong push moves it off its token), b refused only at +1, one score for all:
-    # the floor needs +1, which loses a
+    # a refused only unsteered (a strong push moves it off its token), b refused only at +1, one score for
+    # all: the floor needs +1, which loses a
     lost = OutcomeTable(alphas, torch.tensor([[0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 0]]).bool(), harmful)
     same = torch.full((4,), 0.5)
     assert tune_policy(lost, same, floor=0.6).chosen.rates.harmful_refusal == 2 / 3
-    with pytest.raises(ValueError, match="floor: .*without losing more than the tolerance"):
+    with pytest.raises(ValueError, match=r"floor: .*without losing more than the tolerance"):
         tune_policy(lost, same, floor=0.6, harm_groups=["a", "b", "b", None], tolerance=0.0)
 
 

@@ -14,10 +14,12 @@ Stages (each prints its time; the sweeps print prompts/s and an ETA):
 4. **Outcome tables.** Every validation and test prompt's decision under each alpha of ``sweep_alphas``
    along the global vector (one pass per alpha; alpha 0 is the unsteered model). Unconditional steering and
    every gate's policy are read from these tables, so no gate reruns the model.
-5. **Gates** (``study.gates``), fitted on TRAIN splits (the model's sources and the external sets' own train
-   splits), tuned on VALIDATION tables (least over-refusal subject to the harmful-refusal floor: the
-   unsteered validation rate + ``floor_gain``), evaluated on TEST: chosen policy, Pareto front on test,
-   precision / recall of the harmful call.
+5. **Gates** (``study.gates``; :mod:`sae_refusal.steer.gate_study`), fitted on TRAIN splits (the model's
+   sources and the external sets' own train splits), calibrated and tuned on VALIDATION tables (least
+   over-refusal subject to the harmful-refusal floor, the unsteered validation rate + ``floor_gain``, and
+   to do no harm per harmful set), evaluated on TEST: chosen policy, Pareto front on test, per-set paired
+   differences against unsteered with bootstrap CIs, the jailbreak-framed slice, precision / recall of the
+   harmful call, and the best gate's misrouted harmful prompts.
 6. **Report**: ``metrics.json``, ``report.md``, ``pareto.png``, TensorBoard scalars; the vectors
    (``vectors/``), each tuned gate (``gates/<kind>/``) and the outcome tables (``tables.safetensors``).
 
@@ -845,7 +847,8 @@ def _gate_report(metrics: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Study SAE (layer {sae['layer']}, TopK k {sae['k']}, {sae['n_latents']} latents, "
-            f"{sae['steps']} steps on {sae['n_rows']} train residuals): FVU {sae['fvu']:.3f}, dead share {sae['dead_share']:.2f}.",
+            f"{sae['steps']} steps on {sae['n_rows']} train residuals): FVU {sae['fvu']:.3f}, "
+            f"dead share {sae['dead_share']:.2f}.",
         ]
     return lines
 
