@@ -311,18 +311,19 @@ def test_compose_category_table_reads_the_category_passes_for_positive_alphas() 
         (2, 2.0): bools(0, 1, 0, 0, 0),  # rows 1, 4 -> T, F
         (3, 1.0): bools(0, 0, 0, 0, 0),  # a category no row has: unused
     }
+    snapshot = table.refused_NA.clone()  # the table may share the tensor given to it
     out = compose_category_table(table, passes, category_N)
     assert out.refused_NA[:, 2].int().tolist() == [0, 0, 1, 1, 0]  # row 2 (category 0) keeps the global cell
     assert out.refused_NA[:, 3].int().tolist() == [1, 1, 1, 0, 0]
-    assert torch.equal(out.refused_NA[:, :2], refused[:, :2])  # alpha <= 0: the global table
-    assert torch.equal(table.refused_NA, refused)  # the input is left as it was
+    assert torch.equal(out.refused_NA[:, :2], snapshot[:, :2])  # alpha <= 0: the global table
+    assert torch.equal(table.refused_NA, snapshot)  # the input is left as it was
     assert torch.equal(out.harmful_N, harmful) and out.groups == table.groups
     assert torch.equal(out.alphas_A, table.alphas_A)
     missing = {k: v for k, v in passes.items() if k != (2, 2.0)}
     with pytest.raises(ValueError, match=r"^category_refused"):
         compose_category_table(table, missing, category_N)
     # no row names a category: nothing to read, nothing missing
-    assert torch.equal(compose_category_table(table, {}, torch.zeros(5)).refused_NA, refused)
+    assert torch.equal(compose_category_table(table, {}, torch.zeros(5)).refused_NA, snapshot)
 
 
 def harm_table() -> tuple[OutcomeTable, Tensor, dict[str, Tensor]]:
@@ -389,6 +390,27 @@ def test_do_no_harm_report_by_hand() -> None:
     ]
 
 
+def test_do_no_harm_report_reads_each_rows_column_and_bootstraps_like_bootstrap_mean() -> None:
+    gen = torch.Generator().manual_seed(0)
+    refused = torch.rand(80, 5, generator=gen) < 0.5
+    harmful = torch.arange(80) < 60
+    table = OutcomeTable(torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]), refused, harmful)
+    column_N = torch.randint(0, 5, (80,), generator=gen)
+    masks = {"all": harmful, "half": harmful & (torch.arange(80) % 2 == 0)}
+    report = do_no_harm_report(table, column_N, masks, tolerance=0.02, n_boot=300, seed=5)
+    gated_N = refused[torch.arange(80), column_N].double().numpy()
+    base_N = refused[:, 2].double().numpy()
+    for name, mask in masks.items():
+        m = mask.numpy()
+        boot = bootstrap_mean(gated_N[m] - base_N[m], n_boot=300, seed=5)
+        got = report[name]
+        assert got["gated"] == pytest.approx(gated_N[m].mean()) and got["unsteered"] == pytest.approx(
+            base_N[m].mean()
+        )
+        assert got["diff"] == pytest.approx(boot.value) and got["ci"] == [boot.low, boot.high]
+        assert got["passes"] is bool(got["gated"] >= got["unsteered"] - 0.02 and boot.high >= 0)
+
+
 def test_do_no_harm_tolerance_and_interval_both_decide() -> None:
     table, column_N, masks = harm_table()
     strict = do_no_harm_report(table, column_N, masks, tolerance=0.05, n_boot=500, seed=7)
@@ -443,11 +465,14 @@ def test_gate_sae_fits_sparse_data_without_touching_the_global_rng() -> None:
     before = torch.get_rng_state()
     sae, report = train_gate_sae(x, n_latents=256, k=4, steps=300, batch_size=64, seed=0)
     assert torch.equal(torch.get_rng_state(), before)
-    assert report["fvu"] < 0.3 and report["l0"] == 4.0
+    # FVU < 0.3 as asked, and far below it: the untrained SAE (encoder = decoder^T, bias at the mean) already
+    # reaches 0.29 on these rows, 300 steps reach about 0.002
+    assert report["fvu"] < 0.05 and report["l0"] == 4.0
     assert report["n_rows"] == 384 and report["n_latents"] == 256 and report["k"] == 4
     with torch.no_grad():
         out = sae(x)
     assert float(out.fvu) == pytest.approx(report["fvu"], rel=1e-5)  # the report is of the returned SAE
+    assert float(out.l0) == report["l0"]
     assert not sae.training and all(p.device.type == "cpu" for p in sae.parameters())
 
 
@@ -464,7 +489,7 @@ def test_gate_sae_is_seeded() -> None:
 @pytest.mark.parametrize(
     ("key", "kwargs"),
     [
-        ("acts_ND", {"acts_ND": torch.zeros(1, 8)}),
+        ("acts_ND", {"acts_ND": torch.randn(1, 8)}),
         ("acts_ND", {"acts_ND": torch.zeros(8)}),
         ("acts_ND", {"acts_ND": torch.full((4, 8), math.nan)}),
         ("n_latents", {"n_latents": 0}),

@@ -166,7 +166,7 @@ class GatedSteering:
         """``(vectors_ND, alpha_N)``: each prompt's vector and signed alpha."""
         alpha_N = self.policy.alphas(scores.score_N, scores.refused_N)
         vectors_ND = row_vectors(
-            scores.category_N, self.vectors_CD, self.global_D, self.policy.vector, alpha_N=self.policy.alphas(scores.score_N, torch.zeros_like(scores.score_N))
+            scores.category_N, self.vectors_CD, self.global_D, self.policy.vector, alpha_N=alpha_N
         )
         return vectors_ND, alpha_N
 
