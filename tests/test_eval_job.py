@@ -194,7 +194,8 @@ def test_a_gate_column_steers_per_item(study: dict[str, Any]) -> None:
     )
     records = _records(out)
     assert all("gate_score" in r["extra"] and "alpha" in r["extra"] for r in records)
-    assert load_metrics(out)["intervention"]["gate_kind"] == gates[0]
+    # the study calibrates every gate (study.calibration: platt): the label names the wrapper and the gate
+    assert load_metrics(out)["intervention"]["gate_kind"] == f"calibrated({gates[0]})"
     caps = _records(out, "capability.jsonl")
     assert all("gate_score" in c for c in caps)
 

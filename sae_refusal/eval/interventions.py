@@ -308,6 +308,7 @@ def load_intervention(
         record["sae_files"] = _files_hash(sae_path)
     if cfg.kind == "gate":
         from sae_refusal.steer.gates import load_gate
+        from sae_refusal.steer.gates.nested import gate_label
 
         gate_path = Path(str(cfg.gate))
         if not gate_path.is_dir():
@@ -327,7 +328,7 @@ def load_intervention(
             gate_files=_files_hash(gate_path),
             layer=bundle.layer,
             policy=bundle.policy.to_dict(),
-            gate_kind=bundle.gate.kind,
+            gate_kind=gate_label(bundle.gate),
         )
         return loaded
     folder = Path(str(cfg.vectors))

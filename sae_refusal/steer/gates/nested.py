@@ -70,3 +70,14 @@ def load_nested(
         raise ValueError(f"{key}.kind: unknown gate {kind!r} (known: {sorted(loaders)})")
     own = {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
     return loaders[kind](config, own, sae)
+
+
+def gate_label(gate: Any) -> str:
+    """A gate's kind with the gates it holds: ``calibrated(probe)``, ``ensemble(calibrated(probe), ...)``."""
+    inner = getattr(gate, "inner", None)
+    members = getattr(gate, "members", None)
+    if inner is not None:
+        return f"{gate.kind}({gate_label(inner)})"
+    if members:
+        return f"{gate.kind}({', '.join(gate_label(m) for m in members)})"
+    return str(gate.kind)
