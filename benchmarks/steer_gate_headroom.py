@@ -9,7 +9,13 @@ its prompt sets from the recorded config, and reports:
 * each residual gate's **ROC AUC** of the harmful call on the test prompts (its scores recomputed from the
   saved gate on the test prompts' residuals), and the refusal-token gate's from the table's alpha-0 column.
 
-No steering pass runs: outcomes come from the saved tables. Prints one JSON line at the end.
+* with the run's **do-no-harm** settings (``study.do_no_harm``, ``tolerance``, ``act_on``; harm groups as the
+  study builds them): the oracle under the same constraints, and **noisy oracles** (score = sigmoid of the
+  label's sign times ``--separation`` plus standard normal noise, several draws): what validation-tuned policy
+  a gate of a given test AUC reaches on test, i.e. how good a call the bar needs.
+
+No steering pass runs: outcomes come from the saved tables (``--aucs`` also loads the model to recompute the
+residual gates' test AUC). Prints one JSON line at the end.
 
     python benchmarks/steer_gate_headroom.py --run runs/steer/refuse_smollm2
 """
@@ -25,8 +31,11 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
+from sae_refusal.categories import CATEGORY_SHORT_NAMES
 from sae_refusal.cli import config_from_namespace, steer_parser
 from sae_refusal.llm.loading import load_model_and_tokenizer
+from sae_refusal.steer.framing import is_jailbreak_framed
+from sae_refusal.steer.gate_study import harm_group_masks
 from sae_refusal.steer.gates import load_gate
 from sae_refusal.steer.job import SteerJobConfig
 from sae_refusal.steer.sets import build_steer_sets, is_harmful
@@ -34,10 +43,20 @@ from sae_refusal.steer.study import last_token_acts
 from sae_refusal.steer.tuning import OutcomeTable, evaluate_policy, tune_policy
 
 
+def _short_category(category: object) -> str | None:
+    """The study's short category name (``safety``, ...) of a CoCoNot category, as the job names groups."""
+    if category is None:
+        return None
+    return CATEGORY_SHORT_NAMES.get(str(category), str(category))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a `sae-refusal steer` output folder")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--aucs", action="store_true", help="recompute residual gates' AUC (loads the model)")
+    parser.add_argument("--separation", default="0.5,1,1.5,2,3", help="noisy-oracle label separations")
+    parser.add_argument("--draws", type=int, default=5, help="noisy-oracle draws per separation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -70,7 +89,76 @@ def main() -> None:
     aucs["refusal_token"] = float(
         roc_auc_score(harmful_test, tables["test"].refused_NA[:, zero].float().numpy())
     )
-    residual_gates = [k for k in ("probe", "distance") if (run / "gates" / k).is_dir()]
+    study = recorded.get("study", {})
+    constraints: dict[str, object] = {}
+    noisy: list[dict[str, float]] = []
+    if study.get("do_no_harm"):
+        masks = {}
+        for split in ("val", "test"):
+            rows = prompts[split]
+            masks[split] = harm_group_masks(
+                tables[split].groups,
+                tables[split].harmful_N,
+                [_short_category(p.category) for p in rows],
+                torch.tensor([is_jailbreak_framed(p.text) for p in rows]),
+                cfg.sets.harmful_source,
+            )
+        constraints = dict(
+            act_on=study.get("act_on", "all"),
+            harm_groups=masks["val"],
+            tolerance=float(study.get("tolerance", 0.02)),
+        )
+        held = tune_policy(tables["val"], oracle["val"], floor=floor, vector="global", **constraints)  # type: ignore[arg-type]
+        held_test = evaluate_policy(tables["test"], oracle["test"], held.policy)
+        print(f"oracle gate under do no harm, test: {held_test.rates}", flush=True)
+        generator = torch.Generator().manual_seed(0)
+        for separation in [float(x) for x in args.separation.split(",")]:
+            for draw in range(args.draws):
+                scores = {}
+                for split in ("val", "test"):
+                    sign = oracle[split] * 2 - 1
+                    noise = torch.randn(sign.shape, generator=generator)
+                    scores[split] = torch.sigmoid(separation * sign + noise)
+                try:
+                    tuned_noisy = tune_policy(
+                        tables["val"],
+                        scores["val"],
+                        floor=floor,
+                        vector="global",
+                        **constraints,  # type: ignore[arg-type]
+                    )
+                except ValueError:
+                    noisy.append({"separation": separation, "draw": draw, "auc_test": float("nan")})
+                    continue
+                point = evaluate_policy(tables["test"], scores["test"], tuned_noisy.policy)
+                noisy.append(
+                    {
+                        "separation": separation,
+                        "draw": draw,
+                        "auc_test": float(
+                            roc_auc_score(tables["test"].harmful_N.numpy(), scores["test"].numpy())
+                        ),
+                        "over_refusal": point.rates.over_refusal,
+                        "harmful_refusal": point.rates.harmful_refusal,
+                    }
+                )
+            last = [n for n in noisy if n["separation"] == separation and "over_refusal" in n]
+            if last:
+                print(
+                    f"noisy oracle, separation {separation}: test AUC "
+                    f"{sum(n['auc_test'] for n in last) / len(last):.3f}, over-refusal "
+                    f"{sum(n['over_refusal'] for n in last) / len(last):.3f}, harmful refusal "
+                    f"{sum(n['harmful_refusal'] for n in last) / len(last):.3f} (mean of {len(last)} draws)",
+                    flush=True,
+                )
+        constraints = {
+            "oracle_test": {
+                "over_refusal": held_test.rates.over_refusal,
+                "harmful_refusal": held_test.rates.harmful_refusal,
+            },
+            "policy": held.policy.to_dict(),
+        }
+    residual_gates = [k for k in ("probe", "distance") if (run / "gates" / k).is_dir()] if args.aucs else []
     if residual_gates:
         model, tokenizer = load_model_and_tokenizer(cfg.llm)
         model.eval()
@@ -97,6 +185,8 @@ def main() -> None:
             if "test" in g
         },
         "auc_test": aucs,
+        "do_no_harm_oracle": constraints,
+        "noisy_oracles": noisy,
         "wall_s": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(record))
