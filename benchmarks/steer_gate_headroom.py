@@ -158,7 +158,8 @@ def main() -> None:
             },
             "policy": held.policy.to_dict(),
         }
-    residual_gates = [k for k in ("probe", "distance") if (run / "gates" / k).is_dir()] if args.aucs else []
+    kinds = ("probe", "distance")  # single-layer residual gates: scored on the test residuals here
+    residual_gates = [k for k in kinds if (run / "gates" / k).is_dir()] if args.aucs else []
     if residual_gates:
         model, tokenizer = load_model_and_tokenizer(cfg.llm)
         model.eval()
@@ -169,7 +170,16 @@ def main() -> None:
             steering = load_gate(run / "gates" / kind)
             scores = steering.gate.score(acts).score_N  # type: ignore[attr-defined]
             aucs[kind] = float(roc_auc_score(harmful_test, scores.numpy()))
-            print(f"{kind}: test AUC {aucs[kind]:.3f}", flush=True)
+            # where the call matters: among prompts the model refuses (down-steering must spare harmful ones)
+            # and among those it answers (up-steering must spare benign ones)
+            r0 = tables["test"].refused_NA[:, zero].numpy()
+            for name, rows in (("refused", r0), ("answered", ~r0)):
+                aucs[f"{kind}/{name}"] = float(roc_auc_score(harmful_test[rows], scores.numpy()[rows]))
+            print(
+                f"{kind}: test AUC {aucs[kind]:.3f}; among refused {aucs[f'{kind}/refused']:.3f} "
+                f"(n {int(r0.sum())}), among answered {aucs[f'{kind}/answered']:.3f} (n {int((~r0).sum())})",
+                flush=True,
+            )
     record = {
         "run": str(run),
         "layer": metrics["layer"],
