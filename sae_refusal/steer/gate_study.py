@@ -51,6 +51,7 @@ from sae_refusal.steer.tuning import OutcomeTable, table_decisions
 
 __all__ = [
     "FittedGate",
+    "GateInputs",
     "compose_category_table",
     "do_no_harm_report",
     "fit_gates",
@@ -63,6 +64,40 @@ __all__ = [
 _SPLITS = ("val", "test")
 
 
+@dataclass(frozen=True)
+class GateInputs:
+    """What every gate is fitted and scored from (the study's residuals, labels and decisions).
+
+    Attributes:
+        acts: ``{split: {layer: acts_ND}}`` for ``train``, ``val``, ``test`` (the steering layer and
+            ``gate_layers``).
+        y_train: Class codes of the train rows (0 benign, ``1..C`` harmful categories).
+        model_only_train: Train rows from the model's own sources (for ``probe_model_only``).
+        harmful: ``{split: harmful_N}`` for val / test.
+        decisions: ``{split: FirstTokenDecisions}`` unsteered, for val / test (the refusal-token gate).
+        categories: The refusal classes' categories (``None`` for respond).
+        class_names: The vectors' class names.
+        layer: Steering layer.
+        gate_layers: Layers of the multi-layer probe.
+        probe_C: Candidate inverse L2 strengths of the probes, chosen by validation AUC.
+        sae: The study's SAE at ``layer`` (for ``probe_sae`` and ``head``).
+        sae_path: Where it is saved (recorded in the gates).
+    """
+
+    acts: Mapping[str, Mapping[int, Tensor]]
+    y_train: Tensor
+    model_only_train: Tensor
+    harmful: Mapping[str, Tensor]
+    decisions: Mapping[str, Any]
+    categories: Sequence[str | None]
+    class_names: Sequence[str]
+    layer: int
+    gate_layers: Sequence[int]
+    probe_C: Sequence[float]
+    sae: Any = None
+    sae_path: str | None = None
+
+
 @dataclass
 class FittedGate:
     """One fitted (and calibrated) gate and its scores on the validation and test rows."""
@@ -73,21 +108,13 @@ class FittedGate:
 
 
 def roc_auc(score_N: Tensor, harmful_N: Tensor) -> float:
-    """ROC AUC of ``score_N`` for the harmful label (ties count half); NaN without both classes."""
-    score = torch.as_tensor(score_N).double()
+    """ROC AUC of ``score_N`` for the harmful label (scikit-learn, ties count half); NaN with one class."""
+    from sklearn.metrics import roc_auc_score
+
     harmful = torch.as_tensor(harmful_N).bool()
-    n_pos, n_neg = int(harmful.sum()), int((~harmful).sum())
-    if n_pos == 0 or n_neg == 0:
+    if bool(harmful.all()) or not bool(harmful.any()):
         return math.nan
-    order = torch.argsort(score)
-    ranks = torch.empty_like(score)
-    sorted_score = score[order]
-    # average ranks over ties
-    _, inverse, counts = torch.unique_consecutive(sorted_score, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    mean_rank = ends - (counts.double() - 1) / 2
-    ranks[order] = mean_rank[inverse]
-    return float((ranks[harmful].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(harmful.numpy(), torch.as_tensor(score_N).double().numpy()))
 
 
 def harm_group_masks(
@@ -175,67 +202,31 @@ def _y(codes: Tensor, keep: Tensor) -> Tensor:
 
 def fit_gates(
     kinds: Sequence[str],
+    inputs: GateInputs,
     *,
-    acts: Mapping[str, Mapping[int, Tensor]],
-    y_train: Tensor,
-    model_only_train: Tensor,
-    harmful: Mapping[str, Tensor],
-    decisions: Mapping[str, Any],
-    categories: Sequence[str | None],
-    class_names: Sequence[str],
-    layer: int,
-    gate_layers: Sequence[int],
-    probe_C: Sequence[float],
     calibration: str | None,
     ensemble_members: Sequence[str],
     ensemble_rule: str,
-    sae: Any = None,
-    sae_path: str | None = None,
 ) -> dict[str, FittedGate]:
     """Fit, calibrate and score every gate of ``kinds`` (see the module notes).
 
     Args:
         kinds: Gate kinds, in report order.
-        acts: ``{split: {layer: acts_ND}}`` for ``train``, ``val``, ``test`` (the steering layer and
-            ``gate_layers``).
-        y_train: Class codes of the train rows (0 benign, ``1..C`` harmful categories).
-        model_only_train: Train rows from the model's own sources (for ``probe_model_only``).
-        harmful: ``{split: harmful_N}`` for val / test.
-        decisions: ``{split: FirstTokenDecisions}`` unsteered, for val / test (the refusal-token gate).
-        categories: The refusal classes' categories (``None`` for respond).
-        class_names: The vectors' class names.
-        layer: Steering layer.
-        gate_layers: Layers of the multi-layer probe.
-        probe_C: Candidate inverse L2 strengths of the probes, chosen by validation AUC.
+        inputs: The residuals, labels and decisions they are fitted and scored from.
         calibration: ``platt``, ``isotonic`` or ``None``.
         ensemble_members: Kinds combined by the ensemble (fitted here if not in ``kinds``).
         ensemble_rule: The ensemble's rule (``mean``, ``all``, ``any``).
-        sae: The study's SAE at ``layer`` (for ``probe_sae`` and ``head``).
-        sae_path: Where it is saved (recorded in the gates).
 
     Raises:
-        ValueError: On an unknown kind, or an SAE gate without ``sae``.
+        ValueError: On an unknown kind, or an SAE gate without ``inputs.sae``.
     """
+    harmful = inputs.harmful
     fitted: dict[str, FittedGate] = {}
     needed = list(dict.fromkeys([*kinds, *(ensemble_members if "ensemble" in kinds else [])]))
     for kind in needed:
         if kind == "ensemble":
             continue
-        fitted[kind] = _fit_one(
-            kind,
-            acts=acts,
-            y_train=y_train,
-            model_only_train=model_only_train,
-            harmful=harmful,
-            decisions=decisions,
-            categories=categories,
-            class_names=class_names,
-            layer=layer,
-            gate_layers=gate_layers,
-            probe_C=probe_C,
-            sae=sae,
-            sae_path=sae_path,
-        )
+        fitted[kind] = _fit_one(kind, inputs)
         if calibration is not None:
             fitted[kind] = _calibrate(fitted[kind], harmful["val"], calibration)
     if "ensemble" in kinds:
@@ -272,31 +263,19 @@ def _best_C(
     return best[2], best[1], aucs
 
 
-def _fit_one(
-    kind: str,
-    *,
-    acts: Mapping[str, Mapping[int, Tensor]],
-    y_train: Tensor,
-    model_only_train: Tensor,
-    harmful: Mapping[str, Tensor],
-    decisions: Mapping[str, Any],
-    categories: Sequence[str | None],
-    class_names: Sequence[str],
-    layer: int,
-    gate_layers: Sequence[int],
-    probe_C: Sequence[float],
-    sae: Any,
-    sae_path: str | None,
-) -> FittedGate:
+def _fit_one(kind: str, inputs: GateInputs) -> FittedGate:
+    acts, harmful, layer, class_names = inputs.acts, inputs.harmful, inputs.layer, inputs.class_names
+    y_train, sae, sae_path, probe_C = inputs.y_train, inputs.sae, inputs.sae_path, inputs.probe_C
     train = acts["train"]
     facts: dict[str, Any] = {"kind": kind}
     gate: Any
     if kind == "refusal_token":
         gate = RefusalTokenGate(class_names, graded=True)
-        scores = {split: gate.scores_from(decisions[split], categories) for split in _SPLITS}
+        scores = {split: gate.scores_from(inputs.decisions[split], inputs.categories) for split in _SPLITS}
         return FittedGate(gate, scores, {**facts, "train_rows": 0})
     if kind in ("probe", "probe_model_only", "probe_sae"):
-        keep = model_only_train if kind == "probe_model_only" else torch.ones_like(model_only_train)
+        only = inputs.model_only_train
+        keep = only if kind == "probe_model_only" else torch.ones_like(only)
         y = _y(y_train, keep)
         use_sae = sae if kind == "probe_sae" else None
         if kind == "probe_sae" and sae is None:
@@ -313,7 +292,7 @@ def _fit_one(
         scores = {split: gate.score(acts[split][layer]) for split in _SPLITS}
         return FittedGate(gate, scores, facts)
     if kind == "probe_multilayer":
-        layers = sorted({*gate_layers})
+        layers = sorted({*inputs.gate_layers})
         gate, C, aucs = _best_C(
             lambda C: MultiLayerProbeGate.fit(train, y_train, class_names, layers=layers, C=C),
             acts["val"],

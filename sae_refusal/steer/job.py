@@ -51,6 +51,7 @@ from sae_refusal.steer.config import SteerJobConfig, StudySettings
 from sae_refusal.steer.framing import framings, is_jailbreak_framed
 from sae_refusal.steer.gate_sae import train_gate_sae
 from sae_refusal.steer.gate_study import (
+    GateInputs,
     compose_category_table,
     do_no_harm_report,
     fit_gates,
@@ -239,8 +240,7 @@ def _gate_stage(
                 f"dead {sae_report['dead_share']:.2f}"
             )
     with Stage("steer", f"fit gates {study.gates}"):
-        gates = fit_gates(
-            study.gates,
+        inputs = GateInputs(
             acts=acts,
             y_train=y_train,
             model_only_train=torch.tensor(model_only),
@@ -251,11 +251,15 @@ def _gate_stage(
             layer=layer,
             gate_layers=gate_layers,
             probe_C=study.probe_C,
+            sae=sae,
+            sae_path=sae_path,
+        )
+        gates = fit_gates(
+            study.gates,
+            inputs,
             calibration=study.calibration,
             ensemble_members=study.ensemble_members,
             ensemble_rule=study.ensemble_rule,
-            sae=sae,
-            sae_path=sae_path,
         )
     category_refused: dict[str, dict[tuple[int, float], Tensor]] = {}
     positive = [a for a in tables["val"].alphas_A.tolist() if a > 0]
