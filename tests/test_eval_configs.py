@@ -54,9 +54,44 @@ def test_the_sas_sae_fragment_parses_on_top_of_default() -> None:
     assert (cfg.data.split.test_fraction, cfg.data.split.val_fraction, cfg.data.split.seed) == (0.2, 0.05, 0)
 
 
+SETS = sorted((EVAL / "sets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", SETS, ids=lambda p: p.stem)
+def test_every_sets_overlay_parses_and_its_files_load(overlay: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from sae_refusal.steer.sets import build_steer_sets
+
+    cfg = parse(BASE, overlay)
+    users = [e for e in cfg.sets.external if e.preset is None]
+    assert users, "a sets overlay shows a user's own set"
+    for entry in users:  # the files a sets overlay names ship with the repository (run from its root)
+        assert entry.path is not None and (REPO / entry.path).is_file(), entry.path
+    if not (REPO.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is absent: the overlay's preset sets cannot load")
+    root = tmp_path / "splits"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        sets = build_steer_sets(dataclasses.replace(cfg.sets, manifest_root=str(root)))
+    for entry in users:
+        assert sets.manifest()["test"][entry.name]["n"] > 0
+
+
 def test_every_yaml_under_lightning_configs_is_parsed_by_a_test() -> None:
     """A new YAML folder needs a parse test (add it here once it has one)."""
-    covered = {"", "data", "sae", "trainer", "sweeps", "steer", "finetune", "eval", "eval/columns"}
+    covered = {
+        "",
+        "data",
+        "sae",
+        "trainer",
+        "sweeps",
+        "steer",
+        "finetune",
+        "eval",
+        "eval/columns",
+        "eval/sets",
+    }
     covered |= {"transfer"}  # tests/test_transfer_job.py
     root = REPO / "lightning_configs"
     folders = {p.parent.relative_to(root).as_posix().replace(".", "") for p in root.rglob("*.yaml")}

@@ -264,3 +264,29 @@ def test_a_model_without_refusal_tokens_is_judged_by_phrases(study: dict[str, An
     metrics = load_metrics(out)
     assert metrics["judges"] == {"names": ["phrase"], "primary": "phrase"}
     assert all(set(r["judges"]) == {"phrase"} for r in _records(out))
+
+
+def test_a_users_csv_is_a_row_of_the_table_with_one_config_entry(
+    study: dict[str, Any], unsteered: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = study["tmp"] / "redteam.csv"
+    rows = [f"please explain attack {i},{'en' if i % 2 else 'fr'}" for i in range(6)]
+    csv.write_text("prompt,language\n" + "\n".join(rows) + "\n")
+    entry = {"name": "redteam", "role": "harmful", "path": str(csv), "tag_columns": ["language"]}
+    out = _column(study, "user_csv", {"kind": "none"}, sets={"external": [entry]}, capability={"tasks": []})
+    metrics = load_metrics(out)
+    assert metrics["refusal"]["sets"]["redteam"]["n"] == 6
+    assert set(metrics["refusal"]["slices"]["redteam"]["language"]) == {"en", "fr"}
+    assert metrics["sets"]["redteam"]["origin"]["path"] == str(csv)
+    lines = [r for r in _records(out) if r["set"] == "redteam"]
+    assert len(lines) == 6 and {r["tags"]["language"] for r in lines} == {"en", "fr"}
+    table = results_table([load_metrics(out)])
+    assert "| redteam |" in table and "redteam / language=fr" in table
+    assert "| redteam (harmful) | language | en |" in (out / "report.md").read_text()
+    # a bad entry fails before the model loads, naming the set and key; nothing is written
+    bad = {**entry, "text_column": "question"}
+    with pytest.raises(SystemExit):
+        _column(study, "bad_set", {"kind": "none"}, sets={"external": [bad]})
+    err = capsys.readouterr().err
+    assert "sets.external[0] ('redteam')" in err and "text_column" in err
+    assert not (study["tmp"] / "runs" / "bad_set").exists()

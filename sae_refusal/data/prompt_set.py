@@ -49,6 +49,8 @@ class Prompt:
         source: Name of the source the prompt was loaded from.
         split: ``"train"``, ``"val"``, ``"test"`` or ``None`` before a split manifest is applied.
         response: A reference answer when the source has one (CoCoNot contrast ``chosen``, UltraChat).
+        tags: ``(column, value)`` pairs of the source's tag columns (``adversarial``, ``language``, ...): the
+            slices a report breaks rates down by. Not part of :meth:`PromptSet.content_hash`.
     """
 
     id: str
@@ -59,17 +61,28 @@ class Prompt:
     source: str = ""
     split: str | None = None
     response: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict."""
+        """Plain JSON-serialisable dict (``tags`` as an object, left out when there are none)."""
         row = asdict(self)
         row["label"] = str(self.label)
+        if self.tags:
+            row["tags"] = dict(self.tags)
+        else:
+            del row["tags"]
         return row
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Prompt:
         """Inverse of :meth:`to_json`."""
-        return cls(**{**row, "label": Label(row["label"])})
+        tags = tuple((str(k), str(v)) for k, v in dict(row.get("tags") or {}).items())
+        return cls(**{**row, "label": Label(row["label"]), "tags": tags})
+
+    @property
+    def tag_dict(self) -> dict[str, str]:
+        """``tags`` as a dict (column -> value)."""
+        return dict(self.tags)
 
 
 def category_problem(prompt: Prompt) -> str | None:

@@ -52,6 +52,9 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".parquet")
 #: Pseudo-column holding the file stem of each local row (e.g. the MMLU subject file).
 FILE_COLUMN = "_file"
 
+#: Tag value of a row whose tag column is empty.
+MISSING_TAG = "(missing)"
+
 
 @dataclass
 class PromptSourceConfig:
@@ -82,6 +85,9 @@ class PromptSourceConfig:
         csv_header: Whether CSV files start with a header row.
         csv_columns: Column names for CSV files; required when ``csv_header`` is false, and replace the
             header row when it is true.
+        tag_columns: Columns kept as tags on each prompt (``adversarial``, ``language``, ...; dotted paths
+            work): the slices an eval report breaks refusal down by. An empty cell gets the tag value
+            ``"(missing)"``.
         strip_quotes: Remove one pair of double quotes wrapping a whole message. CoCoNot wraps every
             "Humanizing requests" prompt, and almost nothing else, in quotes: a surface cue a classifier or
             fine-tune learns instead of the category (on by default in the CoCoNot presets).
@@ -106,6 +112,7 @@ class PromptSourceConfig:
     limit: int | None = None
     csv_header: bool = True
     csv_columns: list[str] | None = None
+    tag_columns: list[str] | None = None
     strip_quotes: bool = False
 
     def __post_init__(self) -> None:
@@ -470,6 +477,7 @@ def load_source(cfg: PromptSourceConfig, data_root: str | Path | None = None) ->
             ("subcategory_column", cfg.subcategory_column),
             ("response_column", cfg.response_column),
             *((f"where[{col!r}]", col) for col in (cfg.where or {})),
+            *((f"tag_columns[{i}]", col) for i, col in enumerate(cfg.tag_columns or [])),
         ]
         for key, column in column_keys:
             if column is not None:
@@ -571,6 +579,7 @@ def _table_prompts(
                 if match:
                     subcategory = match.group(1) if regex.groups else match.group(0)
         response = _as_text(_lookup(row, cfg.response_column)) if cfg.response_column else None
+        tags = tuple((col, _as_text(_lookup(row, col)) or MISSING_TAG) for col in (cfg.tag_columns or []))
         yield Prompt(
             id=prompt_id,
             text=text,
@@ -579,6 +588,7 @@ def _table_prompts(
             subcategory=subcategory,
             source=cfg.name,
             response=response,
+            tags=tags,
         )
 
 
@@ -809,6 +819,7 @@ def preset(name: str, *, local: bool | None = None, **overrides: Any) -> PromptS
 __all__ = [
     "FILE_COLUMN",
     "LOCAL_PRESETS",
+    "MISSING_TAG",
     "PRESETS",
     "SUPPORTED_SUFFIXES",
     "PromptSetConfig",

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sae_refusal.data.prompt_set import Prompt
+from sae_refusal.data.sources import MISSING_TAG
 from sae_refusal.eval.interventions import ItemPlan
 from sae_refusal.eval.judges import Judge, JudgeInput, Judgement, Verdict, agreement
 from sae_refusal.eval.stats import Estimate, bootstrap_group_mean, bootstrap_mean
@@ -51,6 +52,7 @@ class ItemRecord:
         first_token: The first generated token, special tokens kept (``None``: nothing generated).
         judges: Judge name -> ``{"verdict", "detail"}``.
         extra: Per-item intervention facts (alpha, gate score).
+        tags: The prompt's tag values (tag column -> value): the slices of the report.
     """
 
     id: str
@@ -63,6 +65,7 @@ class ItemRecord:
     first_token: str | None
     judges: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON dict (one JSONL line)."""
@@ -170,6 +173,7 @@ def generate_items(
                 first_token=firsts[i],
                 judges={j: verdicts[j][i].to_json() for j in verdicts},
                 extra=plan.item_record(i),
+                tags=prompt.tag_dict,
             )
         )
     return records
@@ -185,6 +189,24 @@ def _row(est: Estimate, n_failed: int) -> dict[str, Any]:
     return {**est.to_json(), "n_failed": n_failed}
 
 
+def _slices(
+    rows: Sequence[ItemRecord], judge: str, *, n_boot: int, seed: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Refusal per tag value of one set's items (tag column -> value -> row), values sorted."""
+    columns = list(dict.fromkeys(c for r in rows for c in r.tags))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for c_index, column in enumerate(columns):
+        groups: dict[str, list[ItemRecord]] = {}
+        for r in rows:
+            groups.setdefault(r.tags.get(column, MISSING_TAG), []).append(r)
+        out[column] = {}
+        for v_index, (value, v_rows) in enumerate(sorted(groups.items())):
+            values, failed = _values(v_rows, judge)
+            est = bootstrap_mean(values, n_boot=n_boot, seed=seed + 10 * c_index + v_index)
+            out[column][value] = _row(est, failed)
+    return out
+
+
 def summarise(
     records: Sequence[ItemRecord], judge: str, *, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
@@ -197,7 +219,8 @@ def summarise(
         seed: Bootstrap seed.
 
     Returns:
-        ``{"judge", "sets": {name: row}, "categories": {set: {category: row}}, "blocks": {role: row},
+        ``{"judge", "sets": {name: row}, "categories": {set: {category: row}}, "slices": {set: {tag column:
+        {value: row}}}, "blocks": {role: row},
         "by_judge": {judge: {set: row}}, "agreement": [...], "n_failed": {judge: count}}``; a row is
         ``{"value", "low", "high", "n", "n_failed", "role"}`` (rates are the share refused).
     """
@@ -208,7 +231,14 @@ def summarise(
     judges = sorted({j for r in records for j in r.judges})
     if records and judge not in judges:
         raise ValueError(f"judges.primary: {judge!r} did not judge these items (judges: {judges})")
-    out: dict[str, Any] = {"judge": judge, "sets": {}, "categories": {}, "blocks": {}, "by_judge": {}}
+    out: dict[str, Any] = {
+        "judge": judge,
+        "sets": {},
+        "categories": {},
+        "slices": {},
+        "blocks": {},
+        "by_judge": {},
+    }
     block_values: dict[str, dict[str, np.ndarray]] = {}
     block_failed: dict[str, int] = {}
     for k, (name, rows) in enumerate(by_set.items()):
@@ -236,6 +266,9 @@ def summarise(
             if macro:
                 cat_rows["macro average"] = _row(bootstrap_group_mean(macro, n_boot=n_boot, seed=seed), 0)
             out["categories"][name] = cat_rows
+        slices = _slices(rows, judge, n_boot=n_boot, seed=seed + 2000 + 100 * k)
+        if slices:
+            out["slices"][name] = slices
     for role, groups in block_values.items():
         est = bootstrap_group_mean(groups, n_boot=n_boot, seed=seed)
         out["blocks"][role] = {**_row(est, block_failed[role]), "sets": sorted(groups)}

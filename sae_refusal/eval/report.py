@@ -84,6 +84,20 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         if block:
             lines.append(f"| **average over sets** | {cell(block)} |" + " |" * len(other))
         lines.append("")
+    if refusal.get("slices"):
+        lines += [
+            "## Slices (refusal per tag value; lower is better for over-refusal sets, higher for harmful)",
+            "",
+            "| set | tag | value | rate [95% CI] n |",
+            "|---|---|---|---|",
+        ]
+        for name, by_column in refusal["slices"].items():
+            for column, by_value in by_column.items():
+                for value, row in by_value.items():
+                    lines.append(
+                        f"| {name} ({refusal['sets'][name]['role']}) | {column} | {value} | {cell(row)} |"
+                    )
+        lines.append("")
     if metrics.get("capability"):
         lines += [
             "## Capability (intervention applied at every position)",

@@ -2,10 +2,11 @@
 
 ``sae-refusal eval-table runs/eval/unsteered runs/eval/caa ... [--out table.md]`` reads each folder's
 ``metrics.json`` (one command per column wrote them) and prints a Markdown table: the over-refusal block
-(every over-refusal / benign set, then the block average), the harmful-refusal block (every harmful set,
-CoCoNot's categories, then the block average) and the capability block. A cell is the value, its 95% CI and
-the item count; ``-`` where a job did not measure that row. Columns must agree on the model's prompt sets
-(same set names and item hashes) unless ``allow_mixed``; otherwise the rows would compare different items.
+(every over-refusal / benign set with its tag slices, then the block average), the harmful-refusal block
+(every harmful set, CoCoNot's categories and its tag slices, then the block average) and the capability
+block. A cell is the value, its 95% CI and the item count; ``-`` where a job did not measure that row.
+Columns must agree on the model's prompt sets (same set names and item hashes) unless ``allow_mixed``;
+otherwise the rows would compare different items.
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ def results_table(
                     f"&nbsp;&nbsp;{set_name} / {category}",
                     [r["refusal"]["categories"].get(set_name, {}).get(category) for r in runs],
                 )
+            slices = [r["refusal"].get("slices", {}).get(set_name, {}) for r in runs]
+            for column in dict.fromkeys(c for s in slices for c in s):
+                for value in dict.fromkeys(v for s in slices for v in s.get(column, {})):
+                    add(
+                        f"&nbsp;&nbsp;{set_name} / {column}={value}",
+                        [s.get(column, {}).get(value) for s in slices],
+                    )
         add(f"*{title.split(' (')[0]} average*", [r["refusal"]["blocks"].get(role) for r in runs])
 
     block(("over_refusal", "benign"), "over_refusal", "over-refusal (lower is better)")

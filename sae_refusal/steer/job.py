@@ -481,11 +481,11 @@ def _run_steer_job(cfg: SteerJobConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     job_start = time.perf_counter()
     study = cfg.study
-    with Stage("steer", "load model and prompt sets"):
+    with Stage("steer", "load prompt sets and model"):
+        sets = build_steer_sets(cfg.sets)  # first: a bad set spec fails before the model loads
         model, tokenizer = load_model_and_tokenizer(cfg.llm)
         model.eval()
         resolved = RefusalVocabulary().resolve(tokenizer)
-        sets = build_steer_sets(cfg.sets)
         fingerprint = model_fingerprint(cfg.llm, model)
     categories = [c for c in resolved.categories if c is not None]
     short = {str(c): name for c, name in zip(resolved.categories, resolved.class_names, strict=True) if c}

@@ -263,6 +263,10 @@ def _run_transfer_job(cfg: TransferJobConfig) -> dict[str, Any]:
 
     out_dir = Path(cfg.out_dir)
     check_columns(cfg)
+    if cfg.eval is not None:  # a bad set spec fails here, before any model loads
+        from sae_refusal.steer.sets import build_steer_sets
+
+        build_steer_sets(cfg.eval.sets)
     _check_sae_provenance(cfg.source, "source", cfg.data)
     _check_sae_provenance(cfg.target, "target", cfg.data)
     start = time.perf_counter()
