@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -125,6 +126,29 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         with tmp.open("w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling of ``path`` for any writer (``torch.save``, a GGUF writer), then moved onto it.
+
+    The block writes the yielded path; when it ends without an exception the file is fsynced and renamed
+    onto ``path`` (replacing a file there), otherwise it is removed and ``path`` is left as it was.
+
+    Raises:
+        FileNotFoundError: If the block wrote nothing at the yielded path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        yield tmp
+        with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:

@@ -18,6 +18,8 @@ subcommands where Lightning has none are dispatched here first:
 * ``eval``: one eval job (:mod:`sae_refusal.eval.job`): refusal, over-refusal and capability of a model under
   one saved intervention, with per-item records; ``eval-table`` tabulates several jobs (one column each).
 * ``export``: the project's SAE exports in sparsify's or SAELens' own layout (:mod:`sae_refusal.sae.formats`).
+* ``export-vectors``: one steering vector as lm-eval-harness's steer file or a llama.cpp control vector
+  (:mod:`sae_refusal.steer.exchange`).
 * ``transfer``: model A's SAE, vectors and gates applied to model B, side by side with A
   (:mod:`sae_refusal.transfer.job`).
 
@@ -354,8 +356,11 @@ def export_command(args: Sequence[str]) -> None:
         description="Write the project's SAE exports in sparsify's or SAELens' own on-disk layout (one "
         "folder per seed, then per hookpoint: OUT/seed0/layers.21/ or "
         "OUT/seed0/blocks.21.hook_resid_post/), with the input scale folded into the weights so the exported "
-        "SAE computes the same codes and reconstruction on raw activations; provenance (model, layer, seed, "
-        "k) goes into the library's own fields.",
+        "SAE computes the same codes and reconstruction on raw activations; what the library has fields for "
+        "goes into them (SAELens: model_name as a hub id, hook_name, model_adapter), the project's full "
+        "provenance (model, layer, seed, k; paths relative to the export folder) where the library ignores "
+        "it quietly (SAELens: cfg.json metadata.sae_refusal; sparsify: sae_refusal_provenance.json beside "
+        "cfg.json).",
     )
     parser.add_argument(
         "--sae_dir", required=True, help="an SAE export folder, or a folder of seed{n}/ exports"
@@ -387,6 +392,7 @@ def _export_job(known: argparse.Namespace) -> None:
 
     from sae_refusal.atomic import AtomicFolder
     from sae_refusal.llm.hashing import file_sha256
+    from sae_refusal.provenance import is_local_path
     from sae_refusal.sae.formats import export_sae, sae_metadata
     from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
     from sae_refusal.sae.loading import find_sae_exports, load_any_sae, load_sae
@@ -396,6 +402,7 @@ def _export_job(known: argparse.Namespace) -> None:
         folders = find_sae_exports(known.sae_dir)
     except FileNotFoundError as err:
         raise UserError(f"--sae_dir: {err}") from err
+    hub = None if is_local_path(known.sae_dir) else known.sae_dir.rstrip("/")  # not the hub cache's path
     lines = []
     with AtomicFolder(out, replace=False, key="--out") as atomic:
         for name, folder in folders.items():
@@ -408,7 +415,11 @@ def _export_job(known: argparse.Namespace) -> None:
                 **{k: v for k, v in meta.items() if k != "format"},
                 "hookpoint": hookpoint,
                 "hook_name": hookpoint,
-                "exported_from": str(folder),
+                # a local folder is recorded relative to the export (its writer makes it so; the atomic
+                # temporary is a sibling of --out, so the relative path is the same after the rename)
+                "exported_from": (
+                    str(folder) if hub is None else hub if len(folders) == 1 else f"{hub}/{name}"
+                ),
                 "exported_from_sha256": {
                     f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file()
                 },
@@ -426,6 +437,14 @@ def _export_job(known: argparse.Namespace) -> None:
         atomic.commit()
     print(f"[export] wrote {len(folders)} SAE(s) in {known.format} format to {out}")
     print("\n".join(lines))
+
+
+def export_vectors_command(args: Sequence[str]) -> None:
+    """``sae-refusal export-vectors --vectors DIR --format lm-eval|gguf-control-vector --category C --alpha A
+    --out FILE``: one steering vector for lm-eval-harness or llama.cpp (:mod:`sae_refusal.steer.exchange`)."""
+    from sae_refusal.steer.exchange import run_export_command
+
+    run_export_command(args)
 
 
 def finetune_command(args: Sequence[str]) -> None:
@@ -577,6 +596,7 @@ PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "eval": (eval_command, "Refusal, over-refusal and capability under one intervention (a table column)."),
     "eval-table": (eval_table_command, "The results table across eval job folders."),
     "export": (export_command, "Write SAE exports in sparsify's or SAELens' own format (scale folded in)."),
+    "export-vectors": (export_vectors_command, "Write a steering vector for lm-eval-harness or llama.cpp."),
     "transfer": (transfer_command, "A model's SAE, vectors and gates applied to another model, side by side"),
 }
 

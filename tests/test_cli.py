@@ -20,8 +20,10 @@ from sae_refusal.activations import ActivationDataModule
 from sae_refusal.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, SAERefusalCLI, main
 from sae_refusal.errors import ArtifactError
 from sae_refusal.eval.interventions import InterventionConfig, load_intervention
+from sae_refusal.features import SteeringVectors
 from sae_refusal.llm import LLMConfig, model_fingerprint
 from sae_refusal.sae import SAEModule, TopKSAE, load_sae
+from sae_refusal.sae.formats import sae_metadata
 from sae_refusal.testing import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,14 +60,23 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[st
     except SystemExit as exit_:
         assert exit_.code == 0
     out = capsys.readouterr().out
-    # eval-table reads finished job folders and export SAE folders, not a config
-    expected = {"eval-table": "folders", "export": "--sae_dir"}.get(command, "--config")
+    # eval-table reads job folders, export SAE folders and export-vectors a vectors folder, not a config
+    expected = {"eval-table": "folders", "export": "--sae_dir", "export-vectors": "--vectors"}.get(
+        command, "--config"
+    )
     assert expected in out
 
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["--version"], ["cache", "--help"], ["features", "--help"], ["export", "--help"]],
+    [
+        ["--help"],
+        ["--version"],
+        ["cache", "--help"],
+        ["features", "--help"],
+        ["export", "--help"],
+        ["export-vectors", "--help"],
+    ],
     ids=" ".join,
 )
 def test_light_commands_import_neither_lightning_nor_torch(args: list[str]) -> None:
@@ -331,7 +342,7 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
     # an eval column on other weights refuses them (they used to record a model name only)
     own = model_fingerprint(LLMConfig(name_or_path=str(tiny_model_dir)))
     for vectors in (out / "seed0", log_dir / "features" / "epoch2" / "seed1"):
-        meta = json.loads((vectors / "vectors.json").read_text())["metadata"]
+        meta = SteeringVectors.load(vectors).metadata  # the file holds the model's path relative to it
         assert (meta["model_fingerprint"], meta["layer"], meta["d_model"]) == (own, 2, 32)
     column = InterventionConfig(kind="residual", vectors=str(out / "seed0"), category="safety")
     other = {**own, "weights_hash": "f" * 64}
@@ -368,7 +379,7 @@ def test_features_callback_and_standalone_subcommand_give_the_same_numbers(
         main(["features", "--config", str(config_path), "--sae_dir", str(tmp_path / "run")])
     assert "no cfg.json" in capsys.readouterr().err
     assert not (tmp_path / "never_written").exists() and not (tmp_path / "features").exists()
-    meta = json.loads((log_dir / "sae" / "seed0" / "cfg.json").read_text())["metadata"]
+    meta = sae_metadata(log_dir / "sae" / "seed0")  # cfg.json holds the model's path relative to the export
     assert (meta["layer"], meta["epoch"], meta["model"]) == (2, 2, str(tiny_model_dir))
     assert report["metadata"]["epoch"] == 2 and report["metadata"]["global_step"] == meta["global_step"]
     capsys.readouterr()

@@ -710,6 +710,10 @@ def analyze(argv: Sequence[str], produced_config: dict[str, Command]) -> Analysi
         parsed = first_parse(sub, args)
         result.inputs.append(("--sae_dir", parsed.namespace.sae_dir))
         result.folders.append(parsed.namespace.out)
+    elif sub == "export-vectors":
+        parsed = first_parse(sub, args)
+        result.inputs.append(("--vectors", parsed.namespace.vectors))
+        result.leaves += [parsed.namespace.out, f"{parsed.namespace.out}.json"]
     elif sub == "eval-table":
         parsed = first_parse(sub, args)
         result.inputs += [("folders", f) for f in parsed.namespace.folders]
@@ -1052,7 +1056,9 @@ def test_the_command_extraction_finds_the_documented_commands() -> None:
         for c in commands
         if c.where.startswith(README) and c.argv[1:2] == ("eval",) and len(c.argv) > 2
     ]
-    loop = [a for a in readme_eval if "--out_dir" in a]  # the `for c in ...; do` block
+    own = [a for a in readme_eval if "lightning_configs/eval/sets/my_prompts.yaml" in a]  # "your own prompts"
+    assert [a[a.index("--out_dir") + 1] for a in own] == ["runs/eval/my_prompts/unsteered"]
+    loop = [a for a in readme_eval if "--out_dir" in a and a not in own]  # the `for c in ...; do` block
     assert [a[a.index("--out_dir") + 1].rsplit("/", 1)[1] for a in loop] == [
         "unsteered",
         "caa",

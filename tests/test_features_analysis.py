@@ -27,6 +27,7 @@ from sae_refusal.features import (
 )
 from sae_refusal.features.analysis import class_codes
 from sae_refusal.features.clusters import cluster_metrics
+from sae_refusal.provenance import resolve_paths
 from sae_refusal.sae import SAEModule, TopK, TopKSAE, load_sae
 
 D = 12
@@ -196,7 +197,14 @@ def test_callback_runs_at_due_epochs_only_and_logs_to_tensorboard(tmp_path: Path
     ]  # every 2nd + last
     report = json.loads((log_dir / "features" / "epoch2" / "report.json").read_text())
     assert report["metadata"]["epoch"] == 2
-    assert report["metadata"]["sae_paths"]["seed1"] == str(log_dir / "sae" / "seed1")
+    # the SAE's export, relative to the report's folder (no path of this machine), back in place when read
+    assert report["metadata"]["sae_paths"]["seed1"] == "../../sae/seed1"
+    resolved = resolve_paths(report["metadata"], log_dir / "features" / "epoch2")
+    assert resolved["sae_paths"]["seed1"] == str(log_dir / "sae" / "seed1")
+    raw = json.loads((log_dir / "features" / "epoch2" / "seed1" / "vectors.json").read_text())
+    assert raw["metadata"]["sae"]["path"] == "../../../sae/seed1"
+    vectors = SteeringVectors.load(log_dir / "features" / "epoch2" / "seed1")
+    assert vectors.metadata["sae"]["path"] == str(log_dir / "sae" / "seed1")
     # each vector artifact names the epoch and optimiser step of its weights: 140 train rows in batches
     # of 35 = 4 steps per epoch, so 8 after epoch 1 (the second) and 12 after epoch 2
     for epoch, step in ((1, 8), (2, 12)):

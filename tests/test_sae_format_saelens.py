@@ -8,6 +8,8 @@ jumprelu). The ``interop`` tests check the same against the real library when ``
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,14 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_refusal.llm.config import SMOLLM2_HUB_ID
 from sae_refusal.sae import ReLUSAE, SparseAutoencoder, TopKSAE, load_sae
 from sae_refusal.sae.formats.saelens import (
+    ADAPTER_FIELD,
     PROVENANCE_KEY,
     SAELENS_VERSION,
     SAELENS_WEIGHTS,
     is_saelens_folder,
     load_saelens,
     read_saelens_metadata,
+    saelens_model_name,
     save_saelens,
 )
 from sae_refusal.sae.jumprelu import JumpReLUSAE
@@ -157,6 +162,73 @@ def test_metadata_fields_and_provenance(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         save_saelens(make_sae("topk"), tmp_path / "bad", metadata={"x": object()})
     assert not (tmp_path / "bad").exists()
+
+
+def _model_names(tmp_path: Path) -> dict[str, tuple[str | None, str | None]]:
+    """What the project may record as ``model`` -> the ``model_name`` SAELens gets (a hub id)."""
+    named = tmp_path / "finetuned-copy"  # save_pretrained of a hub model keeps its id
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.1-8B-Instruct"}))
+    local = tmp_path / "my-model"  # trained here: config.json names a path, not a hub id
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "/scratch/ckpt/last"}))
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    return {
+        "alias": ("smollm2", SMOLLM2_HUB_ID),
+        "hub id": ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+        "folder of a hub model": (str(named), "meta-llama/Llama-3.1-8B-Instruct"),
+        "folder of a local model": (str(local), "my-model"),
+        "folder without config": (str(tmp_path), tmp_path.name),
+        "gguf file": (str(gguf), "SmolLM2-135M-Instruct.Q4_1"),
+        "path of another machine": ("/nowhere/models/other-model", "other-model"),
+        "none": (None, None),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "alias",
+        "hub id",
+        "folder of a hub model",
+        "folder of a local model",
+        "folder without config",
+        "gguf file",
+        "path of another machine",
+        "none",
+    ],
+)
+def test_saelens_model_name_is_a_hub_id(case: str, tmp_path: Path) -> None:
+    model, expected = _model_names(tmp_path)[case]
+    assert saelens_model_name(model) == expected
+
+
+def test_export_names_the_hub_id_and_the_adapter_beside_it(tmp_path: Path) -> None:
+    adapter = tmp_path / "finetune" / "artifact"
+    adapter.mkdir(parents=True)
+    given = {"model": "smollm2", "layer": 3, "seed": 0, "adapter_path": str(adapter)}
+    folder = save_saelens(make_sae("topk"), tmp_path / "export" / "blocks.3.hook_resid_post", metadata=given)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    meta = cfg["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # what TransformerLens loads
+    assert meta[ADAPTER_FIELD] == "../../finetune/artifact"  # its own field, relative to the export
+    assert "model_from_pretrained_kwargs" not in meta  # SAELens passes those to the model loader
+    assert meta[PROVENANCE_KEY]["model"] == "smollm2"  # the project's own name, for its checks
+    read = read_saelens_metadata(folder)
+    assert read["model"] == "smollm2" and read["adapter_path"] == read[ADAPTER_FIELD] == str(adapter)
+    base = save_saelens(make_sae("topk"), tmp_path / "base", metadata={"model": "org/m", "layer": 3})
+    assert ADAPTER_FIELD not in json.loads((base / "cfg.json").read_text())["metadata"]  # no adapter: none
+
+    # an export written before: the alias as model_name, an absolute path of another machine
+    meta["model_name"] = "smollm2"
+    del meta[ADAPTER_FIELD]
+    meta[PROVENANCE_KEY]["adapter_path"] = "/old/machine/finetune/artifact"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    sae, x = make_sae("topk"), raw_inputs()
+    assert_same_outputs(load_sae(folder), sae, x)
+    read = read_saelens_metadata(folder)
+    assert read["model"] == "smollm2" and read["adapter_path"] == "/old/machine/finetune/artifact"
 
 
 def test_project_save_and_load_sae_round_trip_jumprelu(tmp_path: Path) -> None:
@@ -411,6 +483,31 @@ def test_saelens_loads_our_export_with_the_same_outputs(sae_lens: Any, arch: str
         torch.testing.assert_close(z_theirs, sae.encode(x), atol=ATOL, rtol=0)
         torch.testing.assert_close(theirs.decode(z_theirs), sae.decode(sae.encode(x)), atol=ATOL, rtol=0)
         torch.testing.assert_close(theirs(x), sae(x).recon_BD, atol=ATOL, rtol=0)
+
+
+@pytest.mark.interop
+def test_saelens_loads_our_export_without_a_word(
+    sae_lens: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No warning, log line or print about the provenance block, the adapter or the model name."""
+    adapter = tmp_path / "artifact"
+    adapter.mkdir()
+    given = {"model": "smollm2", "layer": 3, "seed": 4, "adapter_path": str(adapter)}
+    folder = save_saelens(
+        make_sae("jumprelu"), tmp_path / "export" / "blocks.3.hook_resid_post", metadata=given
+    )
+    caplog.set_level(logging.DEBUG)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    printed = capfd.readouterr()
+    assert (printed.out, printed.err) == ("", "")
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert theirs.cfg.metadata.model_name == SMOLLM2_HUB_ID
+    assert theirs.cfg.metadata[ADAPTER_FIELD] == "../../artifact"
+    assert theirs.cfg.metadata[PROVENANCE_KEY]["seed"] == 4
 
 
 @pytest.mark.interop

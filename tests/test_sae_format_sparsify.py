@@ -12,7 +12,9 @@ import importlib
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -22,8 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_refusal.errors import ArtifactError
 from sae_refusal.sae import ReLUSAE, TopKSAE
 from sae_refusal.sae.formats.sparsify import (
+    PROVENANCE_FILE,
     SPARSIFY_WEIGHTS,
     is_sparsify_folder,
     load_sparsify,
@@ -97,8 +101,8 @@ def test_round_trip_same_codes_and_reconstruction(trained_sae: TopKSAE, export: 
 
 def test_cfg_json_and_metadata(trained_sae: TopKSAE, export: Path) -> None:
     cfg = json.loads((export / "cfg.json").read_text())
-    assert {k: cfg[k] for k in SPARSIFY_FIELDS} == SPARSIFY_FIELDS
-    assert cfg["sae_refusal"] == {
+    assert cfg == SPARSIFY_FIELDS  # nothing else: sparsify's loader logs every other key
+    assert json.loads((export / PROVENANCE_FILE).read_text()) == {
         "architecture": "topk",
         "model": "tiny",
         "layer": 7,
@@ -132,6 +136,20 @@ def test_metadata_hookpoint_kept_and_own_export_not_sparsify(trained_sae: TopKSA
     (tmp_path / "junk" / "cfg.json").write_text("{not json")
     (tmp_path / "junk" / SPARSIFY_WEIGHTS).write_bytes(b"\x00")
     assert not is_sparsify_folder(tmp_path / "junk")
+
+
+def test_an_older_export_with_the_block_in_cfg_json_is_still_read(export: Path) -> None:
+    block = json.loads((export / PROVENANCE_FILE).read_text())
+    cfg = json.loads((export / "cfg.json").read_text())
+    # as written before the sidecar: the block inside cfg.json
+    (export / "cfg.json").write_text(json.dumps({**cfg, "sae_refusal": block}))
+    (export / PROVENANCE_FILE).unlink()
+    meta = read_sparsify_metadata(export)
+    assert (meta["model"], meta["layer"], meta["seed"], meta["sha256"]) == ("tiny", 7, 0, block["sha256"])
+    assert isinstance(load_sparsify(export), TopKSAE)
+    _edit_tensors(lambda t: t["b_dec"].add_(1.0))(export)
+    with pytest.raises(ArtifactError, match=r"sha256 differs from the one recorded in .*cfg\.json"):
+        load_sparsify(export)  # its sha256 is still checked
 
 
 def test_relu_sae_refused(tmp_path: Path) -> None:
@@ -258,6 +276,28 @@ def test_sparsify_reads_our_export(sparse_coder: ModuleType, trained_sae: TopKSA
                 their_acts_K.sort().values, our_acts_K.sort().values, atol=1e-5, rtol=0
             )
         torch.testing.assert_close(out.sae_out, trained_sae(x_BD).recon_BD, atol=1e-5, rtol=0)
+
+
+@pytest.mark.interop
+def test_sparsify_loads_our_export_without_a_word(
+    sparse_coder: ModuleType,
+    export: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """sparsify's loader logs "Dropping extra args {...}" for any cfg.json key it has no field for."""
+    caplog.set_level(logging.DEBUG)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coder = sparse_coder.SparseCoder.load_from_disk(export)
+    printed = capfd.readouterr()
+    assert (printed.out, printed.err) == ("", "")
+    assert [str(w.message) for w in caught] == []
+    assert [m for r in caplog.records if "extra args" in (m := r.getMessage())] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert (coder.d_in, coder.num_latents, coder.cfg.k) == (D, F, K)
+    assert read_sparsify_metadata(export)["model"] == "tiny"  # the provenance is ours to read still
 
 
 @pytest.mark.interop

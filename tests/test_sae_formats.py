@@ -132,6 +132,10 @@ def test_a_hub_id_downloads_only_its_hookpoint(tmp_path: Path, monkeypatch: pyte
     )
     with pytest.raises(FileNotFoundError, match=r"has no folder 'layers\.9'"):
         resolve_sae_path("EleutherAI/sae-tiny-16x/layers.9")
+    # exported again from the hub: the provenance names the hub id, not the download cache's folder
+    main(["export", "--sae_dir", "EleutherAI/sae-tiny-16x/layers.2", "--format", "saelens", "--out", "again"])
+    again = sae_metadata(tmp_path / "again" / "layers.2" / "blocks.2.hook_resid_post")
+    assert again["exported_from"] == "EleutherAI/sae-tiny-16x/layers.2" and again["layer"] == 2
 
 
 def test_a_hub_failure_and_a_missing_local_folder_are_named(

@@ -297,3 +297,33 @@ def test_steered_answer_changed_compares_tokens() -> None:
     assert not SteeredAnswer("p", same, same).changed
     other = Answer(" [Requests with safety concerns]", 7, "hi", stopped=True, decision="safety")
     assert SteeredAnswer("p", same, other).changed
+
+
+def test_generate_command_engine_flag(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--engine`` reaches the dispatcher for both runs; hf and fast print the same answers."""
+    from sae_refusal.llm import engine as engine_module
+
+    seen: list[str] = []
+    real = engine_module.generate
+
+    def recording(*args: Any, engine: str = "auto", **kwargs: Any) -> Any:
+        seen.append(engine)
+        return real(*args, engine=engine, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate", recording)
+    config = write_config(tmp_path, tiny_model_dir)
+    vectors = save_vectors(tmp_path / "vectors")
+    args = ["generate", "--config", str(config), "--vectors", str(vectors), "--category", "safety"]
+    args += ["--alpha", "8", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max_new_tokens", "6"]
+    reports = {}
+    for engine in ("hf", "fast", None):
+        main([*args, *(["--engine", engine] if engine else [])])
+        reports[engine] = capsys.readouterr().out
+    assert seen == ["hf", "hf", "fast", "fast", "auto", "auto"]  # unsteered and steered runs
+    assert reports["fast"] == reports["hf"] == reports[None]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--engine", "turbo"])
+    assert exit_.value.code == 2
+    assert "--engine" in capsys.readouterr().err

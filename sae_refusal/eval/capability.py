@@ -75,11 +75,11 @@ from sae_refusal.llm.batched import (
     _accepts_logits_to_keep,
     _eval_mode,
     check_positive,
-    generate,
     iter_padded_batches,
     resolve_pad_id,
     stop_token_ids,
 )
+from sae_refusal.llm.engine import generate
 from sae_refusal.llm.extraction import position_ids_from_mask
 from sae_refusal.llm.layers import input_device
 from sae_refusal.llm.tokenize import default_max_length, encode_prompts
@@ -466,10 +466,11 @@ def gsm8k(
     max_length: int | None = None,
     around: BatchContext | None = None,
     progress: bool = False,
+    engine: str = "auto",
 ) -> list[ItemScore]:
     """GSM8K exact match: greedy generation after :func:`gsm8k_prompt`, final number vs the reference.
 
-    Generation runs with :func:`sae_refusal.llm.batched.generate` (``around`` wraps prefill and every decode
+    Generation runs with :func:`sae_refusal.llm.engine.generate` (``around`` wraps prefill and every decode
     step), stops at the tokenizer's EOS, and is cut at the first :data:`GSM8K_STOP` string.
 
     Args:
@@ -484,6 +485,7 @@ def gsm8k(
             ``max_new_tokens``.
         around: ``around(item_indices)`` -> the context around each batch's ``generate``.
         progress: Show a progress bar.
+        engine: Generation engine: ``hf``, ``fast`` or ``auto`` (``generation.engine``).
 
     Returns:
         One :class:`ItemScore` per item: ``value`` 1.0 on exact match; ``extra`` ``output`` (the cut
@@ -515,6 +517,7 @@ def gsm8k(
             stop_ids=stops,
             batch_size=batch_size,
             around=shifted,
+            engine=engine,
         )
         outputs += [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations]
     out: list[ItemScore] = []

@@ -189,6 +189,7 @@ def run_capability(
             batch_size=cfg.batch_size,
             around=plan.around,
             progress=True,
+            engine=ctx.cfg.generation.engine,
         )
         out["GSM8K exact match"] = _row([s.value for s in scores], ctx, 2, k_shot=cfg.gsm8k_k_shot)
         records += _records("gsm8k", scores, plan, name)

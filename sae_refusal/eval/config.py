@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sae_refusal.llm.config import LLMConfig
+from sae_refusal.llm.config import GENERATION_ENGINES, LLMConfig
 from sae_refusal.steer.positions import Positions, check_positions
 from sae_refusal.steer.sets import SetsConfig
 
@@ -40,7 +40,8 @@ class InterventionConfig:
         kind: ``none``, ``residual``, ``latent``, ``ablation`` or ``gate`` (see the module notes).
         name: Column label; default derived from the other fields (e.g. ``residual caa global -1``).
         vectors: Folder of a steering-vector artifact (``vectors.json``: written by the feature callback or
-            ``sae-refusal steer``) or of a gate (``gate.json``). Not used by ``none`` / ``gate``.
+            ``sae-refusal steer``) or of a gate (``gate.json``), or a file of another tool (an lm-eval steer
+            ``.pt``, a control vector ``.gguf``; see ``vectors_format``). Not used by ``none`` / ``gate``.
         space: ``caa`` or ``sas_decoded`` (residual, ablation), ``sas`` (latent).
         category: A category class name of the artifact (``safety``, ...) or ``global``.
         alpha: Signed strength (residual / latent); the removed share for ablation (1 = all of it).
@@ -52,6 +53,12 @@ class InterventionConfig:
         allow_other_model: Apply an artifact recorded for another model (transfer experiments).
         allow_zero_vector: Run a column whose vector is all zeros (by default an error: it steers nothing).
         verify_sae: Check the SAE's tensor file against the sha256 its ``cfg.json`` records.
+        vectors_format: What ``vectors`` is: ``auto`` (a folder is a project artifact, a ``.gguf`` file a
+            llama.cpp / repeng control vector, a ``.pt`` / ``.pth`` file an lm-eval steer file or a
+            steering-vectors ``layer_activations`` file, told apart by content), ``project``, ``lm-eval``,
+            ``steering-vectors`` or ``gguf-control-vector``. A file gives the vector of ``layer`` (needed when
+            it holds several) as the file's own edit at ``alpha`` 1; ``space`` / ``category`` do not apply
+            (:mod:`sae_refusal.steer.exchange`).
     """
 
     kind: str = "none"
@@ -68,6 +75,7 @@ class InterventionConfig:
     allow_other_model: bool = False
     allow_zero_vector: bool = False
     verify_sae: bool = True
+    vectors_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in INTERVENTION_KINDS:
@@ -90,6 +98,11 @@ class InterventionConfig:
             )
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"intervention.layer: must be >= 0, got {self.layer}")
+        formats = ("auto", "project", "lm-eval", "steering-vectors", "gguf-control-vector")
+        if self.vectors_format not in formats:
+            raise ValueError(
+                f"intervention.vectors_format: expected one of {list(formats)}, got {self.vectors_format!r}"
+            )
         try:
             check_positions(self.positions)
         except ValueError as err:
@@ -127,16 +140,28 @@ class GenerationSettings:
         max_new_tokens: Most tokens per answer (the phrase judge reads these).
         batch_size: Prompts per ``generate`` call.
         max_length: Most prompt tokens kept (longer prompts lose their beginning).
+        engine: How every generation of the job runs (refusal sets, the alpha sweep, GSM8K; the eval jobs a
+            transfer job runs too): ``hf`` (Hugging Face ``generate``), ``fast`` (static KV cache, decode step
+            replayed as one CUDA graph on CUDA; every intervention kind, per-row gates included) or ``auto``
+            (``fast`` on CUDA, ``hf`` elsewhere, and ``hf`` where the fast engine cannot reproduce
+            ``generate``). Same greedy tokens up to floating-point rounding (:mod:`sae_refusal.llm.engine`).
+            The steer job has no such setting: it generates nothing (it scores first tokens with one
+            forward per batch).
     """
 
     max_new_tokens: int = 64
     batch_size: int = 32
     max_length: int = 1024
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         for key in ("max_new_tokens", "batch_size", "max_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"generation.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.engine not in GENERATION_ENGINES:
+            raise ValueError(
+                f"generation.engine: expected one of {', '.join(GENERATION_ENGINES)}, got {self.engine!r}"
+            )
 
 
 @dataclass

@@ -108,5 +108,6 @@ def refusal_stage(
         batch_size=cfg.generation.batch_size,
         max_length=cfg.generation.max_length,
         progress=RatePrinter(f"generate ({label or loaded.name})"),
+        engine=cfg.generation.engine,
         **ctx.chat,
     )

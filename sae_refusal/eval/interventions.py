@@ -19,7 +19,10 @@ An :class:`InterventionConfig` names a kind and the artifacts it reads:
 ``vectors`` may also be a gate folder: its recorded category vectors and global vector are used, so an
 unconditional column steers along exactly the vector the gates steer along. ``category: global`` takes that
 recorded global vector, else the plain mean of the category rows
-(:func:`~sae_refusal.steer.gates.global_vector`).
+(:func:`~sae_refusal.steer.gates.global_vector`). For ``residual`` / ``ablation``, ``vectors`` may also be a
+file of another tool (an lm-eval steer ``.pt``, a llama.cpp / repeng control vector ``.gguf``, a
+steering-vectors ``.pt``; ``vectors_format``): the vector of ``layer`` is the file's own edit at alpha 1
+(:func:`sae_refusal.steer.exchange.file_vector`), its ``<file>.json`` sidecar's fingerprint checked as above.
 
 **Per item.** :meth:`LoadedIntervention.plan` takes the user messages of the items a scorer will run
 (prompts of a refusal set, MMLU questions, ...) and returns an :class:`ItemPlan` whose ``around(indices)``
@@ -270,6 +273,45 @@ def _category_vector(vectors: _Vectors, cfg: InterventionConfig) -> Tensor:
     return rows_CD[names.index(cfg.category)]
 
 
+def _load_file_column(
+    cfg: InterventionConfig, loaded: LoadedIntervention, fingerprint: dict[str, Any] | None
+) -> LoadedIntervention:
+    """A ``residual`` / ``ablation`` column whose ``vectors`` is a file of another tool
+    (:func:`sae_refusal.steer.exchange.file_vector`); its sidecar's fingerprint is checked like a folder's."""
+    from sae_refusal.features.vectors import require_nonzero
+    from sae_refusal.steer.exchange import file_vector
+
+    path = Path(str(cfg.vectors))
+    found = file_vector(path, loaded.model, kind=cfg.kind, layer=cfg.layer, vectors_format=cfg.vectors_format)
+    _check_fingerprint(found.fingerprint, fingerprint, "intervention.vectors", cfg.allow_other_model)
+    if found.fingerprint is None and fingerprint is not None and not cfg.allow_other_model:
+        log.warning(
+            "intervention.vectors: %s (%s) records no model fingerprint (no %s.json beside it); it cannot be "
+            "checked to come from the evaluated model %r",
+            path,
+            found.format,
+            path.name,
+            fingerprint.get("model"),
+        )
+    if not cfg.allow_zero_vector:
+        require_nonzero(
+            found.vector,
+            f"intervention.vectors: the layer-{found.layer} vector of {path}",
+            "intervention.allow_zero_vector: true",
+        )
+    loaded.layer, loaded.vector = found.layer, found.vector.float()
+    loaded.record.update(
+        vectors_files={path.name: found.file_sha256},
+        vectors_format=found.format,
+        layer=found.layer,
+        file_layers=list(found.file_layers),
+        vector_norm=float(found.vector.norm()),
+        artifact_fingerprint=found.fingerprint,
+        **({"file_notes": list(found.notes)} if found.notes else {}),
+    )
+    return loaded
+
+
 def load_intervention(
     cfg: InterventionConfig, model: nn.Module, *, fingerprint: dict[str, Any] | None = None
 ) -> LoadedIntervention:
@@ -332,6 +374,10 @@ def load_intervention(
         )
         return loaded
     folder = Path(str(cfg.vectors))
+    from sae_refusal.steer.exchange import is_vectors_file
+
+    if is_vectors_file(folder, cfg.vectors_format):  # an lm-eval / llama.cpp / steering-vectors file
+        return _load_file_column(cfg, loaded, fingerprint)
     if not folder.is_dir():
         raise FileNotFoundError(f"intervention.vectors: {folder} is not a folder")
     vectors = _read_vectors(folder)

@@ -92,6 +92,7 @@ def generate_items(
     chat_template: str | None = None,
     system_prompt: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    engine: str = "auto",
 ) -> list[ItemRecord]:
     """Answer each prompt with the intervention applied and judge each answer.
 
@@ -110,13 +111,17 @@ def generate_items(
         chat_template: Template overriding the tokenizer's.
         system_prompt: Optional system message.
         progress: ``progress(done, total)`` after each batch of generation.
+        engine: Generation engine, ``hf``, ``fast`` or ``auto`` (``generation.engine``;
+            :func:`sae_refusal.llm.engine.generate`).
 
     Raises:
-        ValueError: When the lengths of ``prompts``, ``set_names`` and the plan differ.
+        ValueError: When the lengths of ``prompts``, ``set_names`` and the plan differ, or on an unknown
+            engine.
     """
     from sae_refusal.data.chat import format_prompts
     from sae_refusal.eval.refusal_tokens import chat_stop_ids
-    from sae_refusal.llm.batched import generate, resolve_pad_id
+    from sae_refusal.llm.batched import resolve_pad_id
+    from sae_refusal.llm.engine import generate
     from sae_refusal.llm.tokenize import encode_prompts
 
     if len(set_names) != len(prompts) or int(plan.alpha_N.shape[0]) != len(prompts):
@@ -149,6 +154,7 @@ def generate_items(
         batch_size=batch_size,
         around=counted,
         sort_by_length=True,
+        engine=engine,
     )
     if progress is not None:
         progress(len(prompts), len(prompts))

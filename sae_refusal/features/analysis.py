@@ -57,6 +57,7 @@ from sae_refusal.features.consensus import consensus_features, mean_and_spread
 from sae_refusal.features.heads import HeadReport, fit_sklearn_head, fit_torch_head
 from sae_refusal.features.plots import ProjectionPlot, write_projection_plots
 from sae_refusal.features.vectors import SteeringVectors, caa_vectors, sas_vectors
+from sae_refusal.provenance import relative_paths
 from sae_refusal.sae.base import SparseAutoencoder
 
 __all__ = [
@@ -380,7 +381,8 @@ def analyze_features(
         out.mkdir(parents=True, exist_ok=True)
         for name, vec in vectors.items():
             vec.save(out / name)
-        atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False))
+        written = {**report, "metadata": relative_paths(report["metadata"], out)}  # paths relative to out
+        atomic_write_text(out / "report.json", json.dumps(written, indent=2, allow_nan=False))
     return FeatureAnalysis(report=report, vectors=vectors, plots=plots)
 
 

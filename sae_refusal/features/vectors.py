@@ -19,7 +19,9 @@ negative code (ambiguous prompts) take part in nothing here.
 ``sas_decoded_CD`` when an SAE was used; row ``c - 1`` belongs to category ``c``) and ``vectors.json`` (class
 names, layer, model, ``model_fingerprint`` (weights and adapter), ``d_model``, SAE id and seed, ``tau``,
 ``top_k``, set sizes, and the ``epoch`` and ``global_step`` of the SAE weights the vectors came from, ``None``
-when unknown), written atomically. Non-finite vectors are refused on save and on load (naming the file and
+when unknown), written atomically; local paths in it (model folder, adapter, the SAE's export) are written
+relative to the artifact's folder and read back resolved (:func:`sae_refusal.provenance.relative_paths`).
+Non-finite vectors are refused on save and on load (naming the file and
 the tensor). Consumers (eval columns, ``sae-refusal generate``) compare :meth:`SteeringVectors.recorded` with
 the model they steer (:func:`sae_refusal.provenance.provenance_mismatches`) and refuse an all-zero vector
 (:func:`require_nonzero`) unless told to allow it.
@@ -38,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_refusal.atomic import AtomicFolder
 from sae_refusal.errors import ArtifactError
+from sae_refusal.provenance import relative_paths, resolve_paths
 from sae_refusal.sae.files import non_finite_tensor
 
 __all__ = [
@@ -252,7 +255,8 @@ class SteeringVectors:
             raise ArtifactError(
                 f"{Path(folder) / VECTORS_FILE}: tensor {bad!r} holds inf/nan; nothing written"
             )
-        record = {"class_names": self.class_names, "tensors": sorted(tensors), "metadata": self.metadata}
+        metadata = relative_paths(self.metadata, folder)  # names no path of this machine
+        record = {"class_names": self.class_names, "tensors": sorted(tensors), "metadata": metadata}
         text = json.dumps(record, indent=2)  # fails before anything is written if metadata is not JSON
         with AtomicFolder(folder) as out:
             save_file(tensors, str(out.tmp / VECTORS_FILE), metadata={"format": "sae_refusal.vectors/1"})
@@ -291,5 +295,5 @@ class SteeringVectors:
             caa_CD=tensors["caa_CD"],
             sas_CF=tensors.get("sas_CF"),
             sas_decoded_CD=tensors.get("sas_decoded_CD"),
-            metadata=dict(record.get("metadata", {})),
+            metadata=resolve_paths(dict(record.get("metadata", {})), folder),
         )

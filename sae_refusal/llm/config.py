@@ -13,10 +13,12 @@ from dataclasses import dataclass
 __all__ = [
     "DEFAULT_MAX_LENGTH_CAP",
     "DTYPE_NAMES",
+    "GENERATION_ENGINES",
     "OVERFLOW_POLICIES",
     "QUANTIZATIONS",
     "SMOLLM2_ALIAS",
     "SMOLLM2_GGUF_FILE",
+    "SMOLLM2_HUB_ID",
     "LLMConfig",
     "check_max_length",
 ]
@@ -25,6 +27,8 @@ __all__ = [
 SMOLLM2_ALIAS = "smollm2"
 #: File name of that GGUF inside the package folder.
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The hub id of the model the alias names (a quantised copy of it), as other tools name it.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: Accepted :attr:`LLMConfig.dtype` values.
 DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 #: Accepted :attr:`LLMConfig.quantization` values.
@@ -35,6 +39,9 @@ DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 OVERFLOW_POLICIES: tuple[str, ...] = ("truncate_left", "error")
 #: Upper bound of the default token budget (the model's context, capped here).
 DEFAULT_MAX_LENGTH_CAP = 4096
+#: Generation engines (:mod:`sae_refusal.llm.engine`): Hugging Face ``generate``, the static-cache /
+#: CUDA-graph generator, or ``auto`` (fast on CUDA, else hf).
+GENERATION_ENGINES: tuple[str, ...] = ("hf", "fast", "auto")
 
 
 @dataclass

@@ -22,13 +22,21 @@ Design notes:
   same tensor object), so rows or calls with nothing to do are bit-identical to the unhooked model.
 * **Cleanup.** Hooks are removed when the ``with`` block exits, also after an exception (including the
   :class:`StopForward` a reading hook raises to end the forward early).
+* **Static decode steps.** A static generator (:class:`~sae_refusal.llm.fast_generate.StaticGenerator`)
+  registers a :class:`StaticStep` for the model while it runs a batch (:func:`static_step`). The prefill's
+  context still comes from its 2-D mask; a decode step's comes from the generator's fixed buffers (no mask
+  to read, no host synchronisation), and every context carries the step as ``ctx.static``. Batch rows past
+  ``static.rows`` (copies of the first row that fill a small batch up to the generator's fixed size) never
+  reach a hook function: it sees the real rows only. A function that may be captured in a CUDA graph says
+  so with a ``static_key`` attribute (see :class:`StaticStep` for its rules); one without it still gets the
+  right context in a static step, and the generator runs that batch's decode steps without a graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,11 +46,13 @@ from sae_refusal.llm.layers import decoder_layers, validate_layers
 
 __all__ = [
     "ResidualFn",
+    "StaticStep",
     "StepContext",
     "StopForward",
     "block_hidden",
     "decoder_stack",
     "residual_hooks",
+    "static_step",
     "with_block_hidden",
 ]
 
@@ -60,8 +70,11 @@ class StepContext:
         token_index_BT: Index of each token among its row's real tokens (0 = the row's first real prompt
             token, whatever the padding); meaningless on padding.
         generated_BT: True on tokens after the prompt (decode steps of ``generate``).
-        past_length: Number of positions already in the KV cache before this call.
+        past_length: Number of positions already in the KV cache before this call (in a decode step
+            replayed from a CUDA graph: the value of the step that was captured).
         prompt_length: Padded prompt length (columns) fixed by the first forward of the ``with`` block.
+        static: The :class:`StaticStep` of a static generator's forward call, else ``None``: the function
+            then runs in a fixed-shape step that may be captured (see :class:`StaticStep`).
     """
 
     real_BT: Tensor
@@ -69,11 +82,146 @@ class StepContext:
     generated_BT: Tensor
     past_length: int
     prompt_length: int
+    static: StaticStep | None = None
 
     @property
     def prompt_BT(self) -> Tensor:
         """True on real prompt tokens."""
         return self.real_BT & ~self.generated_BT
+
+    def first_rows(self, n_rows: int) -> StepContext:
+        """The context of the first ``n_rows`` rows."""
+        return replace(
+            self,
+            real_BT=self.real_BT[:n_rows],
+            token_index_BT=self.token_index_BT[:n_rows],
+            generated_BT=self.generated_BT[:n_rows],
+        )
+
+
+class StaticStep:
+    """A static generator's forward calls as the project's hooks see them (``ctx.static``).
+
+    The generator runs each batch as one eager prefill, then fixed-shape decode steps that it may capture
+    once as a CUDA graph and replay for later batches. A hook function that may be captured declares a
+    ``static_key`` attribute: a hashable value naming every Python-level choice that shapes what it computes
+    (e.g. ``("residual", positions)``); ``None`` means "not capturable". When ``ctx.static`` is set, such a
+    function must:
+
+    * do no host synchronisation and no data-dependent shapes or branches on tensor values, and return a
+      tensor (``None`` only when that follows from its ``static_key``);
+    * take every tensor that may change between batches (vectors, alphas, latent indices, on the hidden
+      states' device) through :meth:`hold`, called in the same order in every call of the batch: the
+      prefill copies the value into a fixed-address slot and the decode steps read the slot, so a graph
+      captured for an earlier batch reads this batch's values. Tensors used as they are (an SAE's weights)
+      must keep their address: put the object itself in ``static_key``.
+
+    Two batches whose prefills give the same :attr:`signature` (the hooked layers, each function's type and
+    ``static_key``, the held shapes, the number of real rows) share one captured decode step.
+
+    Attributes:
+        rows: Real rows of the current batch (later rows are fill rows no hook function sees).
+        prefill: True during the batch's prefill, False in its decode steps.
+        capturable: False when a function without a ``static_key`` ran in this batch's prefill.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.prefill = True
+        self.capturable = True
+        self._decode_context: StepContext | None = None
+        self._signature: list[Hashable] = []
+        self._order: list[tuple[Any, ...]] = []
+        self._slots: dict[tuple[Any, ...], Tensor] = {}
+        self._cursor = 0
+
+    def start_batch(self, rows: int) -> None:
+        """Before a batch's prefill: ``rows`` real rows."""
+        self.rows, self.prefill, self.capturable = rows, True, True
+        self._signature, self._order, self._cursor = [("rows", rows)], [], 0
+
+    def start_decode(self, context: StepContext) -> None:
+        """Before a decode step (eager or captured): the context every hook of the step gets."""
+        self.prefill, self._cursor = False, 0
+        self._decode_context = replace(context, static=self)
+
+    @property
+    def decode_context(self) -> StepContext:
+        """The current decode step's context (set by :meth:`start_decode`)."""
+        if self._decode_context is None:
+            raise RuntimeError("StaticStep: no decode step has started")
+        return self._decode_context
+
+    @property
+    def signature(self) -> tuple[Hashable, ...]:
+        """What the last prefill ran: equal signatures can replay one captured decode step."""
+        return tuple(self._signature)
+
+    @property
+    def held(self) -> tuple[Tensor, ...]:
+        """The slots the current batch's prefill filled, in hold order."""
+        return tuple(self._slots[key] for key in self._order)
+
+    def enter(self, layer: int, fn: Any) -> None:
+        """Record that ``fn`` runs at ``layer`` (prefill only; called by :func:`residual_hooks`)."""
+        if not self.prefill:
+            return
+        key = getattr(fn, "static_key", None)
+        if key is None:
+            self.capturable = False
+        self._signature.append((layer, type(fn).__qualname__, key))
+
+    def hold(self, make: Callable[[], Tensor]) -> Tensor:
+        """A batch tensor at a fixed address: ``make()`` copied into a slot in the prefill, the slot after.
+
+        Args:
+            make: Builds the tensor (called in the prefill only).
+
+        Returns:
+            The slot (same values as ``make()``); the same slot for every batch with the same shapes.
+
+        Raises:
+            RuntimeError: If a decode step holds more tensors than the prefill did.
+        """
+        if self.prefill:
+            value = make()
+            key = (len(self._order), tuple(value.shape), value.dtype, value.device)
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = torch.empty(key[1], dtype=value.dtype, device=value.device)
+            slot.copy_(value)
+            self._order.append(key)
+            self._signature.append(("hold", *key[1:]))
+            return slot
+        if self._cursor >= len(self._order):
+            raise RuntimeError("StaticStep.hold: a decode step held more tensors than its prefill")
+        slot = self._slots[self._order[self._cursor]]
+        self._cursor += 1
+        return slot
+
+
+_STATIC_STEPS: dict[int, StaticStep] = {}
+
+
+@contextmanager
+def static_step(model: nn.Module, step: StaticStep) -> Iterator[StaticStep]:
+    """Within the block, the project's hooks on ``model`` take their contexts from ``step``.
+
+    Args:
+        model: The model a static generator runs.
+        step: The generator's :class:`StaticStep`.
+
+    Raises:
+        RuntimeError: If another static step is active on the same model.
+    """
+    key = id(decoder_stack(model))
+    if key in _STATIC_STEPS:
+        raise RuntimeError("static_step: another static generator is running this model")
+    _STATIC_STEPS[key] = step
+    try:
+        yield step
+    finally:
+        del _STATIC_STEPS[key]
 
 
 #: ``fn(hidden_BTD, ctx)`` -> the new hidden states (same shape and dtype), or ``None`` to leave them alone.
@@ -146,7 +294,13 @@ class _Tracker:
         self.prompt_length: int | None = None
         self.context: StepContext | None = None
 
-    def pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        static = _STATIC_STEPS.get(id(module))
+        if static is not None and not static.prefill:  # a fixed-shape decode step: the generator's buffers
+            self.context = static.decode_context
+            if self.prompt_length is None:
+                self.prompt_length = self.context.prompt_length
+            return
         found = _new_tokens(args, kwargs)
         if found is None:  # nothing to learn from this call; block hooks fall back to "all real"
             self.context = None
@@ -167,7 +321,7 @@ class _Tracker:
             token_index_BT = (past + torch.arange(n_new, device=device)).expand(n_rows, n_new)
         columns_T = past + torch.arange(n_new, device=device)
         generated_BT = (columns_T >= self.prompt_length).expand(n_rows, n_new)
-        self.context = StepContext(real_BT, token_index_BT, generated_BT, past, self.prompt_length)
+        self.context = StepContext(real_BT, token_index_BT, generated_BT, past, self.prompt_length, static)
 
     def context_for(self, hidden_BTD: Tensor) -> StepContext:
         ctx = self.context
@@ -181,12 +335,11 @@ class _Tracker:
             return StepContext(ones, index, torch.zeros_like(ones), past, past + n_new)
         if ctx.real_BT.device != hidden_BTD.device:  # a model split over devices
             device = hidden_BTD.device
-            return StepContext(
-                ctx.real_BT.to(device),
-                ctx.token_index_BT.to(device),
-                ctx.generated_BT.to(device),
-                ctx.past_length,
-                ctx.prompt_length,
+            return replace(
+                ctx,
+                real_BT=ctx.real_BT.to(device),
+                token_index_BT=ctx.token_index_BT.to(device),
+                generated_BT=ctx.generated_BT.to(device),
             )
         return ctx
 
@@ -215,24 +368,37 @@ def residual_hooks(model: nn.Module, fns: Mapping[int, ResidualFn]) -> Iterator[
         by_layer[layer] = fn
     tracker = _Tracker()
 
-    def make_hook(fn: ResidualFn) -> Callable[[nn.Module, Any, Any], Any]:
+    def make_hook(layer: int, fn: ResidualFn) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             hidden_BTD = block_hidden(output)
-            new = fn(hidden_BTD, tracker.context_for(hidden_BTD))
-            if new is None or new is hidden_BTD:
+            ctx = tracker.context_for(hidden_BTD)
+            static = ctx.static
+            if static is not None:
+                static.enter(layer, fn)
+            if static is None or static.rows >= hidden_BTD.shape[0]:
+                seen_BTD, new = hidden_BTD, fn(hidden_BTD, ctx)
+            else:  # a static generator's fill rows: the function sees the real rows only
+                seen_BTD = hidden_BTD[: static.rows]
+                new = fn(seen_BTD, ctx.first_rows(static.rows))
+            if new is None or new is seen_BTD:
                 return None
-            if new.shape != hidden_BTD.shape:
+            if new.shape != seen_BTD.shape:
                 raise ValueError(
                     f"a residual hook returned shape {tuple(new.shape)} for hidden states "
-                    f"{tuple(hidden_BTD.shape)}"
+                    f"{tuple(seen_BTD.shape)}"
                 )
-            return with_block_hidden(output, new.to(hidden_BTD.dtype))
+            new = new.to(hidden_BTD.dtype)
+            if seen_BTD is not hidden_BTD:
+                new = torch.cat([new, hidden_BTD[seen_BTD.shape[0] :]])
+            return with_block_hidden(output, new)
 
         return hook
 
     handles = [decoder_stack(model).register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
     try:
-        handles += [blocks[layer].register_forward_hook(make_hook(fn)) for layer, fn in by_layer.items()]
+        handles += [
+            blocks[layer].register_forward_hook(make_hook(layer, fn)) for layer, fn in by_layer.items()
+        ]
         yield
     except StopForward:
         pass

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.provenance import relative_paths
 from sae_refusal.sae.files import SHA256_KEY, write_tensors
 
 __all__ = [
@@ -174,7 +175,10 @@ class SparseAutoencoder(nn.Module):
 
         Args:
             folder: Export folder (replaced if it exists).
-            metadata: JSON-serialisable facts to keep beside the config (model, layer, seed, training).
+            metadata: JSON-serialisable facts to keep beside the config (model, layer, seed, training). Its
+                local paths (model folder, adapter...) are written relative to ``folder``
+                (:func:`~sae_refusal.provenance.relative_paths`; read back by
+                :func:`~sae_refusal.sae.formats.sae_metadata`), so the export names no path of this machine.
 
         Raises:
             ArtifactError: If a parameter or buffer holds inf / nan (nothing is written).
@@ -184,7 +188,7 @@ class SparseAutoencoder(nn.Module):
             "architecture": self.architecture,
             **self.config(),
             "input_scale": float(self.input_scale),
-            "metadata": metadata or {},
+            "metadata": relative_paths(metadata or {}, folder),
         }
         json.dumps(record)  # fails before anything is written if metadata is not JSON
         with AtomicFolder(folder) as out:

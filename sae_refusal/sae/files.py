@@ -2,8 +2,9 @@
 
 Every SAE writer (the project's :meth:`~sae_refusal.sae.base.SparseAutoencoder.save`, the sparsify and
 SAELens exports of :mod:`sae_refusal.sae.formats`) writes its tensors through :func:`write_tensors` and
-records the returned sha256 in its ``cfg.json`` (the project's under ``"sha256"``, the libraries' inside the
-project's provenance block, which the libraries ignore); every reader reads through :func:`read_tensors`
+records the returned sha256 (the project's ``cfg.json`` under ``"sha256"``; the libraries' in the project's
+provenance block, which the libraries leave alone: SAELens' ``cfg.json`` ``metadata["sae_refusal"]``,
+sparsify's ``sae_refusal_provenance.json`` sidecar); every reader reads through :func:`read_tensors`
 and :func:`verify_sha256`. So:
 
 * an empty, truncated or garbled tensor file is an :class:`~sae_refusal.errors.ArtifactError` naming it;

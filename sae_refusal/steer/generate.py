@@ -11,11 +11,12 @@ the artifact's layer (:class:`~sae_refusal.steer.interventions.ResidualSteering`
 
 Design notes:
 
-* **One generation loop.** Both runs go through :func:`sae_refusal.llm.batched.generate` (the loop under
-  ``generate_texts``; token ids are kept so the first token can be shown, special tokens included) with
-  ``around(indices)`` entering an :class:`~sae_refusal.steer.interventions.Intervention` per batch: the edit
-  acts on the prefill and on every cached decode step. Greedy decoding, so alpha 0 gives the unsteered
-  answer bit for bit (an idle hook leaves the hidden states untouched).
+* **One generation loop.** Both runs go through :func:`sae_refusal.llm.engine.generate` (``--engine``:
+  Hugging Face ``generate``, the static-cache / CUDA-graph generator, or ``auto``, fast on CUDA; token ids
+  are kept so the first token can be shown, special tokens included) with ``around(indices)`` entering an
+  :class:`~sae_refusal.steer.interventions.Intervention` per batch: the edit acts on the prefill and on
+  every cached decode step. Greedy decoding, so alpha 0 gives the unsteered answer bit for bit (an idle
+  hook leaves the hidden states untouched).
 * **Checks before weights.** The vector (folder, category, space), the layer (``--layer`` against the
   artifact's), the width and the model (the artifact's recorded weights fingerprint, adapter included,
   against ``data.llm``'s; ``--allow_other_model`` to steer another model on purpose; an artifact written
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sae_refusal.errors import ArtifactError
+from sae_refusal.llm.config import GENERATION_ENGINES
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -144,6 +146,7 @@ def steered_answers(
     stop_ids: Sequence[int] | None = None,
     refusal_tokens: ResolvedRefusalTokens | None = None,
     max_length: int | None = None,
+    engine: str = "auto",
 ) -> list[SteeredAnswer]:
     """Greedy answers to ``prompts`` without and with an intervention (prefill and every decode step).
 
@@ -163,21 +166,24 @@ def steered_answers(
         refusal_tokens: The refusal tokens bound to ``tokenizer``, to name each first token's decision.
         max_length: Most prompt tokens kept (longer prompts lose their beginning); ``None`` leaves room for
             the answer within the model's context.
+        engine: Generation engine: ``hf``, ``fast`` or ``auto`` (:func:`sae_refusal.llm.engine.generate`).
 
     Returns:
         One :class:`SteeredAnswer` per prompt, in input order.
 
     Raises:
-        ValueError: On a non-positive ``max_new_tokens`` / ``batch_size``, an empty prompt, or an edit at a
-            layer the model does not have.
+        ValueError: On a non-positive ``max_new_tokens`` / ``batch_size``, an empty prompt, an edit at a
+            layer the model does not have, or an unknown engine.
     """
     from sae_refusal.data.chat import format_prompts
-    from sae_refusal.llm.batched import check_positive, generate, resolve_pad_id, stop_token_ids
+    from sae_refusal.llm.batched import check_positive, resolve_pad_id, stop_token_ids
+    from sae_refusal.llm.engine import check_engine, generate
     from sae_refusal.llm.tokenize import default_max_length, encode_prompts
     from sae_refusal.steer.interventions import Intervention
 
     check_positive("max_new_tokens", max_new_tokens)
     check_positive("batch_size", batch_size)
+    check_engine(engine)
     if not prompts:
         return []
     edits = edits_by_layer
@@ -198,6 +204,7 @@ def steered_answers(
         "pad_id": resolve_pad_id(tokenizer),
         "stop_ids": stop_token_ids(model, tokenizer) if stop_ids is None else list(stop_ids),
         "batch_size": batch_size,
+        "engine": engine,
     }
     unsteered = generate(model, encoded.input_ids, **options)
     steered = generate(model, encoded.input_ids, around=around, **options)
@@ -284,6 +291,14 @@ def generate_parser(with_config: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="most tokens per answer (64)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (8)")
     parser.add_argument(
+        "--engine",
+        choices=GENERATION_ENGINES,
+        default="auto",
+        help="generation engine: hf (Hugging Face generate), fast (static KV cache, the decode step replayed "
+        "as a CUDA graph on CUDA) or auto (default: fast on CUDA, hf elsewhere); same greedy tokens up to "
+        "floating-point rounding",
+    )
+    parser.add_argument(
         "--prompt",
         required=True,
         action="append",
@@ -326,6 +341,7 @@ class GenerateRequest:
     fit_args: list[str]
     allow_other_model: bool = False
     allow_zero_vector: bool = False
+    engine: str = "auto"
 
 
 def parse_request(args: Sequence[str]) -> GenerateRequest:
@@ -362,6 +378,7 @@ def parse_request(args: Sequence[str]) -> GenerateRequest:
         fit_args=rest,
         allow_other_model=bool(known.allow_other_model),
         allow_zero_vector=bool(known.allow_zero_vector),
+        engine=str(known.engine),
     )
 
 
@@ -563,6 +580,7 @@ def run_generate(
         chat_template=chat_template,
         system_prompt=system_prompt,
         refusal_tokens=_refusal_tokens(tokenizer),
+        engine=request.engine,
     )
     adapter = f" + {llm.adapter_path}" if llm.adapter_path else ""
     print_fn(

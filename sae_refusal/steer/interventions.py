@@ -15,11 +15,19 @@ Design notes:
   the row's real tokens is >= k). Padding is never edited.
 * **SAE latents keep the error term.** ``x' = dec(f(enc(x))) + (x - dec(enc(x)))``, so an edit ``f`` that
   changes nothing changes nothing, whatever the SAE's reconstruction error.
+* **Static generation.** Every intervention here has a ``static_key`` and follows the rules of
+  :class:`~sae_refusal.llm.hooks.StaticStep`, so the fast engine (:mod:`sae_refusal.llm.engine`) can capture
+  its decode steps as one CUDA graph: when ``ctx.static`` is set, the per-batch tensors (vectors, alphas,
+  latent indices) go through ``ctx.static.hold`` and the edit is a ``torch.where`` over every position
+  (untouched positions keep their very values) instead of an early return or a gather of the edited ones.
+  The prefill of a latent edit still gathers the edited positions (the arithmetic of the unsteered path); a
+  captured decode step encodes every row, which equals the gathered rows up to floating-point rounding
+  where some rows of a step are not edited.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import ExitStack
 
 import torch
@@ -86,6 +94,16 @@ class _RowEdit:
     def where_BT(self, ctx: StepContext, active_B: Tensor) -> Tensor:
         return position_mask(ctx, self.positions) & active_B[:, None]
 
+    @staticmethod
+    def held(ctx: StepContext, make: Callable[[], Tensor]) -> Tensor:
+        """``make()``, through ``ctx.static.hold`` in a static generator's step (fixed address)."""
+        return make() if ctx.static is None else ctx.static.hold(make)
+
+    @property
+    def static_key(self) -> Hashable:
+        """What a captured decode step bakes in besides the held tensors (see ``StaticStep``)."""
+        return (type(self).__name__, self.positions)
+
 
 class ResidualSteering(_RowEdit):
     """``a <- a + alpha * v`` on the residual stream after the block (CAA steering).
@@ -113,7 +131,7 @@ class ResidualSteering(_RowEdit):
             vector = vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         self.vector = vector
 
-    def __call__(self, hidden_BTD: Tensor, ctx: StepContext) -> Tensor | None:
+    def _delta_BD(self, hidden_BTD: Tensor) -> Tensor:
         n_rows, device = hidden_BTD.shape[0], hidden_BTD.device
         vector = self.vector.to(device)
         if vector.shape[-1] != hidden_BTD.shape[-1]:
@@ -121,10 +139,12 @@ class ResidualSteering(_RowEdit):
         v_BD = vector.expand(n_rows, -1) if vector.ndim == 1 else vector
         if v_BD.shape[0] != n_rows:
             raise ValueError(f"vector: {v_BD.shape[0]} rows for a batch of {n_rows}")
-        alpha_B = self.alpha_B(n_rows, device)
-        delta_BD = alpha_B[:, None] * v_BD
+        return self.alpha_B(n_rows, device)[:, None] * v_BD
+
+    def __call__(self, hidden_BTD: Tensor, ctx: StepContext) -> Tensor | None:
+        delta_BD = self.held(ctx, lambda: self._delta_BD(hidden_BTD))
         where_BT = self.where_BT(ctx, (delta_BD != 0).any(dim=1))
-        if not bool(where_BT.any()):
+        if ctx.static is None and not bool(where_BT.any()):
             return None
         steered = hidden_BTD + delta_BD[:, None, :].to(hidden_BTD.dtype)
         return torch.where(where_BT[..., None], steered, hidden_BTD)
@@ -139,29 +159,46 @@ class _LatentEdit(_RowEdit):
         super().__init__(alpha, positions)
         self.sae = sae
 
-    def _edit(self, z_NF: Tensor, rows_N: Tensor, alpha_B: Tensor) -> Tensor:
+    def _edit(self, z_NF: Tensor, rows_N: Tensor, alpha_B: Tensor, edit: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _edit_tensor(self, n_rows: int, device: torch.device) -> Tensor:
+        """The per-batch tensor :meth:`_edit` reads (a latent vector, latent indices), on ``device``."""
         raise NotImplementedError
 
     def _active_B(self, alpha_B: Tensor) -> Tensor:
         return alpha_B != 0
 
+    @property
+    def static_key(self) -> Hashable:
+        """Also the SAE itself: a captured step reads its weights where they are."""
+        return (type(self).__name__, self.positions, self.sae)
+
+    def _apply(self, x_ND: Tensor, rows_N: Tensor, alpha_B: Tensor, edit: Tensor) -> Tensor:
+        z_NF = self.sae.encode(x_ND)
+        recon_ND = self.sae.decode(z_NF)
+        return self.sae.decode(self._edit(z_NF, rows_N, alpha_B, edit)) + (x_ND - recon_ND)
+
     def __call__(self, hidden_BTD: Tensor, ctx: StepContext) -> Tensor | None:
-        n_rows, device = hidden_BTD.shape[0], hidden_BTD.device
-        if hidden_BTD.shape[-1] != self.sae.d_model:
-            raise ValueError(
-                f"the SAE's width {self.sae.d_model} != the model's width {hidden_BTD.shape[-1]}"
-            )
-        alpha_B = self.alpha_B(n_rows, device)
+        n_rows, n_cols, width = hidden_BTD.shape
+        device = hidden_BTD.device
+        if width != self.sae.d_model:
+            raise ValueError(f"the SAE's width {self.sae.d_model} != the model's width {width}")
+        alpha_B = self.held(ctx, lambda: self.alpha_B(n_rows, device))
+        edit = self.held(ctx, lambda: self._edit_tensor(n_rows, device))
         where_BT = self.where_BT(ctx, self._active_B(alpha_B))
+        if self.sae.W_dec_FD.device != device:  # an SAE loaded on the CPU, a model on a GPU: follow the layer
+            self.sae.to(device)
+        if ctx.static is not None and not ctx.static.prefill:  # capturable: every position, then a where
+            rows_N = torch.arange(n_rows, device=device).repeat_interleave(n_cols)
+            x_ND = hidden_BTD.reshape(n_rows * n_cols, width).float()
+            edited_BTD = self._apply(x_ND, rows_N, alpha_B, edit).reshape(hidden_BTD.shape)
+            return torch.where(where_BT[..., None], edited_BTD.to(hidden_BTD.dtype), hidden_BTD)
         if not bool(where_BT.any()):
             return None
         rows_N, cols_N = where_BT.nonzero(as_tuple=True)
         x_ND = hidden_BTD[rows_N, cols_N].float()
-        if self.sae.W_dec_FD.device != device:  # an SAE loaded on the CPU, a model on a GPU: follow the layer
-            self.sae.to(device)
-        z_NF = self.sae.encode(x_ND)
-        recon_ND = self.sae.decode(z_NF)
-        edited_ND = self.sae.decode(self._edit(z_NF, rows_N, alpha_B)) + (x_ND - recon_ND)
+        edited_ND = self._apply(x_ND, rows_N, alpha_B, edit)
         out = hidden_BTD.clone()
         out[rows_N, cols_N] = edited_ND.to(hidden_BTD.dtype)
         return out
@@ -194,9 +231,17 @@ class LatentSteering(_LatentEdit):
         self.vector = vector.detach().float()
         self.clamp = clamp
 
-    def _edit(self, z_NF: Tensor, rows_N: Tensor, alpha_B: Tensor) -> Tensor:
-        vector = self.vector.to(z_NF.device)
-        v_NF = vector.expand(rows_N.shape[0], -1) if vector.ndim == 1 else vector[rows_N]
+    @property
+    def static_key(self) -> Hashable:
+        return (type(self).__name__, self.positions, self.sae, self.clamp)
+
+    def _edit_tensor(self, n_rows: int, device: torch.device) -> Tensor:
+        if self.vector.ndim == 2 and self.vector.shape[0] != n_rows:
+            raise ValueError(f"vector: {self.vector.shape[0]} rows for a batch of {n_rows}")
+        return self.vector.to(device)
+
+    def _edit(self, z_NF: Tensor, rows_N: Tensor, alpha_B: Tensor, edit: Tensor) -> Tensor:
+        v_NF = edit.expand(rows_N.shape[0], -1) if edit.ndim == 1 else edit[rows_N]
         edited = z_NF + alpha_B[rows_N, None] * v_NF
         return edited.clamp_min(0.0) if self.clamp else edited
 
@@ -224,9 +269,12 @@ class LatentAblation(_LatentEdit):
             raise ValueError(f"latents: indices must lie in [0, {sae.n_latents - 1}]")
         self.latents = index
 
-    def _edit(self, z_NF: Tensor, rows_N: Tensor, alpha_B: Tensor) -> Tensor:
+    def _edit_tensor(self, n_rows: int, device: torch.device) -> Tensor:
+        return self.latents.to(device)
+
+    def _edit(self, z_NF: Tensor, rows_N: Tensor, alpha_B: Tensor, edit: Tensor) -> Tensor:
         keep_NF = torch.ones_like(z_NF)
-        keep_NF[:, self.latents.to(z_NF.device)] = 1.0 - alpha_B[rows_N, None]
+        keep_NF[:, edit] = 1.0 - alpha_B[rows_N, None]
         return z_NF * keep_NF
 
 
@@ -253,11 +301,15 @@ class DirectionAblation(_RowEdit):
 
     def __call__(self, hidden_BTD: Tensor, ctx: StepContext) -> Tensor | None:
         n_rows, device = hidden_BTD.shape[0], hidden_BTD.device
-        direction = self.direction.to(device)
-        d_BD = direction.expand(n_rows, -1) if direction.ndim == 1 else direction
-        alpha_B = self.alpha_B(n_rows, device)
+
+        def rows_BD() -> Tensor:
+            direction = self.direction.to(device)
+            return direction.expand(n_rows, -1) if direction.ndim == 1 else direction
+
+        d_BD = self.held(ctx, rows_BD)
+        alpha_B = self.held(ctx, lambda: self.alpha_B(n_rows, device))
         where_BT = self.where_BT(ctx, alpha_B != 0)
-        if not bool(where_BT.any()):
+        if ctx.static is None and not bool(where_BT.any()):
             return None
         x = hidden_BTD.float()
         coef_BT = torch.einsum("btd,bd->bt", x, d_BD) * alpha_B[:, None]
@@ -270,6 +322,12 @@ class _Chain:
 
     def __init__(self, fns: list[ResidualFn]) -> None:
         self.fns = fns
+
+    @property
+    def static_key(self) -> Hashable:
+        """The functions' keys; ``None`` (not capturable) when one of them has none."""
+        keys = [getattr(fn, "static_key", None) for fn in self.fns]
+        return None if any(key is None for key in keys) else tuple(keys)
 
     def __call__(self, hidden_BTD: Tensor, ctx: StepContext) -> Tensor | None:
         current, changed = hidden_BTD, False

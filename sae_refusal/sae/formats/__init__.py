@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_refusal.errors import ArtifactError
+from sae_refusal.provenance import resolve_paths
 from sae_refusal.sae.base import SparseAutoencoder
 from sae_refusal.sae.files import read_config
 
@@ -82,7 +83,9 @@ def sae_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
     A project export gives its ``cfg.json`` ``metadata``; a foreign one its library's fields, with ``layer``
     from the hookpoint name (the library's field, else the folder's name) when that names a block output, and
-    the project's own provenance block where the export was written by :func:`export_sae`.
+    the project's own provenance block where the export was written by :func:`export_sae`. Paths recorded
+    relative to the export folder (``model``, ``adapter_path``, ``exported_from``...: see
+    :func:`~sae_refusal.provenance.relative_paths`) come back joined to ``folder``.
 
     Raises:
         ArtifactError: If ``cfg.json`` does not parse, or the hookpoint is one the library defines that is not
@@ -95,7 +98,7 @@ def sae_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     fmt = detect_format(folder)
     if fmt == "sae_refusal":
         meta = read_config(folder / "cfg.json").get("metadata", {})
-        return {**(meta if isinstance(meta, dict) else {}), "format": fmt}
+        return {**resolve_paths(meta if isinstance(meta, dict) else {}, folder), "format": fmt}
     if fmt == "sparsify":
         from sae_refusal.sae.formats.sparsify import read_sparsify_metadata
 

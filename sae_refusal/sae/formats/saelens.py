@@ -8,7 +8,8 @@ against sae-lens 6.54.12, :data:`SAELENS_VERSION`)::
                               "normalize_activations": "none", "reshape_activations": "none",
                               ["k": k, "rescale_acts_by_decoder_norm": false,]          (topk only)
                               "metadata": {"sae_lens_version": "6.54.12", "sae_lens_training_version": null,
-                                           "model_name": ..., "hook_name": "blocks.{l}.hook_resid_post", ...,
+                                           "model_name": <hub id>, "hook_name": "blocks.{l}.hook_resid_post",
+                                           ["model_adapter": "../<artifact folder>",] ...,
                                            "sae_refusal": {provenance}}}
     sae_weights.safetensors  W_enc (D, F), b_enc (F,), W_dec (F, D), b_dec (D,)
                              [+ threshold (F,) for jumprelu]
@@ -29,13 +30,19 @@ Design notes:
   activations, and ``z W_dec' + b_dec' = (z W_dec + b_dec) / s``: the same raw-space reconstruction.
   ``normalize_activations`` is therefore ``"none"``. A TopK SAE trained with ``encoder_dtype="bfloat16"``
   is exported in float32 (its top-k may then differ on near ties).
-* **Metadata** goes into SAELens' own fields (``model_name`` from ``model``, ``hook_name`` given or made from
-  ``layer`` as ``blocks.{layer}.hook_resid_post``, and any other SAELens metadata field the caller names:
-  ``context_size``, ``prepend_bos``, ``dataset_path``...), and the project's full provenance (the caller's
-  metadata, the architecture, its config, the folded scale) under ``metadata["sae_refusal"]``: SAELens keeps
-  unknown metadata keys as attributes of its ``SAEMetadata`` (and writes them back on ``save_model``), so its
-  loader tolerates it. ``metadata.sae_lens_version`` is written so that SAELens reads the file as a 6.x config
-  (without it, its pre-6.0 conversion keeps only a fixed list of metadata keys).
+* **Metadata** goes into SAELens' own fields (``model_name``: the hub id of the model, see
+  :func:`saelens_model_name`; ``hook_name`` given or made from ``layer`` as
+  ``blocks.{layer}.hook_resid_post``, and any other SAELens metadata field the caller names:
+  ``context_size``, ``prepend_bos``, ``dataset_path``...), the refusal-token adapter the SAE's activations
+  were read with under ``metadata["model_adapter"]`` (the artifact folder relative to the export folder;
+  absent for the base model; not in ``model_from_pretrained_kwargs``, which SAELens passes to the model
+  loader and warns about), and the project's full provenance (the caller's metadata, the architecture, its
+  config, the folded scale) under ``metadata["sae_refusal"]``, its paths relative to the export folder
+  (:func:`~sae_refusal.provenance.relative_paths`). SAELens keeps unknown metadata keys as attributes of its
+  ``SAEMetadata`` (and writes them back on ``save_model``) without a word, so its loader stays quiet
+  (checked by the ``interop`` tests). ``metadata.sae_lens_version`` is written so that SAELens reads the
+  file as a 6.x config (without it, its pre-6.0 conversion keeps only a fixed list of metadata keys).
+  Exports written before ``model_name`` was the hub id (``"smollm2"``, a local path) load as they are.
 * **Reading folds what the project's modules cannot express as such**, exactly, in float64:
   ``apply_b_dec_to_input`` false (the project's encoders always subtract ``b_dec``) becomes ``b_enc' = b_enc +
   b_dec @ W_enc``; ``rescale_acts_by_decoder_norm`` (topk) becomes SAELens' own ``fold_W_dec_norm`` (``W_enc``
@@ -67,6 +74,8 @@ from typing import Any
 import torch
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.llm.config import SMOLLM2_ALIAS, SMOLLM2_HUB_ID
+from sae_refusal.provenance import is_local_path, relative_paths, resolve_paths
 from sae_refusal.sae.base import SparseAutoencoder
 from sae_refusal.sae.files import SHA256_KEY, read_config, read_tensors, verify_sha256, write_tensors
 from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
@@ -75,6 +84,7 @@ from sae_refusal.sae.relu import ReLUSAE
 from sae_refusal.sae.topk import TopKSAE
 
 __all__ = [
+    "ADAPTER_FIELD",
     "PROVENANCE_KEY",
     "SAELENS_CONFIG",
     "SAELENS_VERSION",
@@ -82,6 +92,7 @@ __all__ = [
     "is_saelens_folder",
     "load_saelens",
     "read_saelens_metadata",
+    "saelens_model_name",
     "save_saelens",
 ]
 
@@ -93,6 +104,11 @@ SAELENS_CONFIG = "cfg.json"
 PROVENANCE_KEY = "sae_refusal"
 #: The SAELens release whose layout :func:`save_saelens` writes (and was verified against).
 SAELENS_VERSION = "6.54.12"
+#: ``cfg.json`` ``metadata`` key naming the refusal-token adapter (artifact folder) applied on top of
+#: ``model_name``, relative to the export folder; absent when the SAE was trained on the base model.
+ADAPTER_FIELD = "model_adapter"
+#: A hub id: ``owner/name``.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: SAELens architecture -> the project's SAE class computing the same codes.
 _CLASS_OF: dict[str, type[SparseAutoencoder]] = {
@@ -148,18 +164,62 @@ def is_saelens_folder(folder: Path) -> bool:
         return False
 
 
-def _export_metadata(sae: SparseAutoencoder, metadata: dict[str, Any], s: float) -> dict[str, Any]:
-    """SAELens' ``metadata`` block: its own fields from ``metadata``, and the project's provenance."""
+def saelens_model_name(model: Any) -> str | None:
+    """SAELens' ``model_name`` for the model the project loaded as ``model`` (its ``name_or_path``): a hub id.
+
+    SAELens and TransformerLens load the model by this name, so it is the hub id of the weights, never the
+    project's alias or a path of the machine the SAE was trained on:
+
+    * the ``smollm2`` alias: :data:`~sae_refusal.llm.config.SMOLLM2_HUB_ID` (the alias loads a quantised
+      copy of it);
+    * a hub id (``owner/name``, not a local path): itself;
+    * a local model folder: the ``_name_or_path`` its ``config.json`` records when that is a hub id (what
+      ``save_pretrained`` of a hub model keeps), else the folder's name;
+    * a ``.gguf`` file, or a local path that is not there any more (an export made elsewhere): its name
+      (without ``.gguf``).
+
+    Returns:
+        The name, or ``None`` when ``model`` is ``None``.
+    """
+    if model is None:
+        return None
+    name = str(model)
+    if name == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID
+    if not is_local_path(name):
+        return name if _HUB_ID.match(name) else Path(name).name.removesuffix(".gguf") or name
+    path = Path(name).expanduser()
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):  # unreadable: the folder's name below
+            recorded = None
+        if isinstance(recorded, str) and _HUB_ID.match(recorded) and not is_local_path(recorded):
+            return recorded
+    return Path(os.path.abspath(path)).name.removesuffix(".gguf")
+
+
+def _export_metadata(
+    sae: SparseAutoencoder, metadata: dict[str, Any], s: float, folder: Path
+) -> dict[str, Any]:
+    """SAELens' ``metadata`` block: its own fields from ``metadata``, and the project's provenance (its paths
+    relative to ``folder``, the export folder)."""
     hook_name = metadata.get("hook_name")
     layer = metadata.get("layer")
     if hook_name is None and isinstance(layer, int) and not isinstance(layer, bool):
         hook_name = hookpoint_for_layer(layer, "saelens")
+    model_name = metadata.get("model_name")
     block: dict[str, Any] = {
         "sae_lens_version": SAELENS_VERSION,
         "sae_lens_training_version": None,  # not trained with SAELens
-        "model_name": metadata.get("model_name", metadata.get("model")),
+        "model_name": model_name if model_name is not None else saelens_model_name(metadata.get("model")),
         "hook_name": hook_name,
     }
+    metadata = relative_paths(metadata, folder)
+    adapter = metadata.get("adapter_path")
+    if adapter is not None:
+        block[ADAPTER_FIELD] = adapter  # its own field: model_from_pretrained_kwargs go to the model loader
     for key in _METADATA_FIELDS:
         if key not in block and metadata.get(key) is not None:
             block[key] = metadata[key]
@@ -184,10 +244,12 @@ def save_saelens(
         sae: A :class:`TopKSAE` (-> ``"topk"``), :class:`ReLUSAE` (-> ``"standard"``) or :class:`JumpReLUSAE`
             (-> ``"jumprelu"``).
         folder: The folder to write (replaced if it exists).
-        metadata: JSON-serialisable provenance (``model``, ``layer``, ``hook_name``, ``seed``, ...). ``model``
-            (or ``model_name``) and ``hook_name`` (else ``blocks.{layer}.hook_resid_post``) fill SAELens'
-            ``model_name`` / ``hook_name``, other SAELens metadata fields given are copied, and all of it is
-            kept under ``metadata["sae_refusal"]``.
+        metadata: JSON-serialisable provenance (``model``, ``layer``, ``hook_name``, ``seed``,
+            ``adapter_path``...). ``model_name`` (else the hub id of ``model``, :func:`saelens_model_name`),
+            ``hook_name`` (else ``blocks.{layer}.hook_resid_post``) and ``adapter_path`` fill SAELens'
+            ``model_name`` / ``hook_name`` / ``model_adapter``, other SAELens metadata fields given are
+            copied, and all of it is kept under ``metadata["sae_refusal"]`` (local paths relative to
+            ``folder``).
 
     Returns:
         The written folder.
@@ -208,7 +270,7 @@ def save_saelens(
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": _export_metadata(sae, dict(metadata or {}), s),
+        "metadata": _export_metadata(sae, dict(metadata or {}), s, Path(folder)),
     }
     if isinstance(sae, TopKSAE):
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
@@ -461,7 +523,9 @@ def read_saelens_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
         ``"saelens5"``), ``"model"`` (SAELens' ``model_name``), ``"hook_name"``, ``"k"`` (topk, else
         ``None``), ``"d_in"``, ``"d_sae"``, ``"sae_lens_version"``, the other SAELens metadata fields that
         are set (``context_size``, ``hook_layer``...), and, for a folder the project wrote, its provenance
-        block (``layer``, ``seed``, ``architecture``, ``input_scale_folded``, ...) on top.
+        block (``layer``, ``seed``, ``architecture``, ``input_scale_folded``, ``model`` as the project named
+        it, ...) on top, its folder-relative paths resolved against ``folder``
+        (:func:`~sae_refusal.provenance.resolve_paths`; older exports' absolute paths as they are).
 
     Raises:
         FileNotFoundError: If ``cfg.json`` is missing.
@@ -488,4 +552,4 @@ def read_saelens_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
         d_sae=cfg.get("d_sae"),
         sae_lens_version=meta.get("sae_lens_version"),
     )
-    return {**facts, **provenance, "format": "saelens"}
+    return resolve_paths({**facts, **provenance, "format": "saelens"}, folder)

@@ -3,9 +3,9 @@
 Layout (one folder per hookpoint, named as sparsify names it, e.g. ``layers.15/``)::
 
     cfg.json          SparseCoderConfig fields (activation, expansion_factor, normalize_decoder,
-                      num_latents, k, multi_topk, skip_connection, transcode) + "d_in";
-                      here also "sae_refusal": {provenance}
+                      num_latents, k, multi_topk, skip_connection, transcode) + "d_in", nothing else
     sae.safetensors   encoder.weight (F, D), encoder.bias (F,), W_dec (F, D), b_dec (D,) [+ W_skip (D, D)]
+    sae_refusal_provenance.json  the project's provenance (the project's only; sparsify never reads it)
 
 sparsify computes, on the activations ``x`` it was trained on::
 
@@ -29,8 +29,12 @@ Design notes:
   file and the field, rather than loaded approximately. ``multi_topk`` (a training-loss option) is accepted.
   A loaded SAE has ``input_scale`` 1 and the weights as stored (float32).
 * **Provenance** (model, layer, hookpoint, seed, architecture, the folded scale, and the ``sha256`` of
-  ``sae.safetensors``, verified on load) goes into ``cfg.json`` under the extra key ``"sae_refusal"``;
-  sparsify's ``SparseCoderConfig.from_dict(..., drop_extra_fields=True)`` ignores it.
+  ``sae.safetensors``, verified on load) goes into the sidecar :data:`PROVENANCE_FILE`, its paths relative
+  to the export folder (:func:`~sae_refusal.provenance.relative_paths`), not into ``cfg.json``: sparsify
+  1.3.3's ``SparseCoder.load_from_disk`` pops ``d_in`` and reads the rest with simple-parsing's
+  ``from_dict(..., drop_extra_fields=True)``, which logs ``Dropping extra args {...}`` (the whole block) for
+  any other key on every load. Exports written before kept the block in ``cfg.json`` under
+  ``"sae_refusal"``; they are still read (the sidecar wins when both exist).
   :func:`read_sparsify_metadata` returns it with the format facts. Tensors are read and written through
   :mod:`sae_refusal.sae.files` (an empty or garbled file, or inf / nan, is refused naming file and tensor).
 * Written atomically (:class:`~sae_refusal.atomic.AtomicFolder`), tensors float32 and contiguous.
@@ -48,11 +52,13 @@ import torch
 from safetensors import safe_open
 
 from sae_refusal.atomic import AtomicFolder
+from sae_refusal.provenance import relative_paths, resolve_paths
 from sae_refusal.sae.base import SparseAutoencoder
 from sae_refusal.sae.files import SHA256_KEY, read_config, read_tensors, verify_sha256, write_tensors
 from sae_refusal.sae.topk import TopKSAE
 
 __all__ = [
+    "PROVENANCE_FILE",
     "PROVENANCE_KEY",
     "SPARSIFY_CONFIG",
     "SPARSIFY_WEIGHTS",
@@ -66,7 +72,9 @@ __all__ = [
 SPARSIFY_WEIGHTS = "sae.safetensors"
 #: Config file of a sparsify hookpoint folder.
 SPARSIFY_CONFIG = "cfg.json"
-#: ``cfg.json`` key of the project's provenance block.
+#: Sidecar file of the project's provenance block (beside ``cfg.json``, which sparsify reads whole).
+PROVENANCE_FILE = "sae_refusal_provenance.json"
+#: ``cfg.json`` key of the project's provenance block in exports written before :data:`PROVENANCE_FILE`.
 PROVENANCE_KEY = "sae_refusal"
 #: The tensors a plain TopK sparse coder stores.
 _KEYS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
@@ -104,8 +112,9 @@ def save_sparsify(
         sae: The SAE; only :class:`TopKSAE` has a sparsify equivalent.
         folder: The hookpoint folder to write (replaced if it exists); sparsify names it after the hookpoint,
             e.g. ``layers.15`` (:func:`~sae_refusal.sae.formats.hookpoints.hookpoint_for_layer`).
-        metadata: JSON-serialisable provenance (model, layer, hookpoint, seed, architecture, ...), kept under
-            ``cfg.json``'s ``"sae_refusal"`` key beside the SAE's architecture and folded input scale.
+        metadata: JSON-serialisable provenance (model, layer, hookpoint, seed, architecture, ...), kept in
+            :data:`PROVENANCE_FILE` beside the SAE's architecture and folded input scale, local paths
+            relative to ``folder``.
 
     Returns:
         The written folder.
@@ -124,7 +133,7 @@ def save_sparsify(
     if not math.isfinite(s) or s <= 0.0:
         raise ValueError(f"input_scale: must be finite and > 0 to fold into the weights, got {s}")
     d_model, n_latents = sae.d_model, sae.n_latents
-    provenance: dict[str, Any] = {"architecture": sae.architecture, **(metadata or {})}
+    provenance = relative_paths({"architecture": sae.architecture, **(metadata or {})}, folder)
     provenance["input_scale_folded"] = s
     provenance.pop(SHA256_KEY, None)  # a re-export's source's own; this export's is added when written
     cfg = {
@@ -137,10 +146,9 @@ def save_sparsify(
         "skip_connection": False,
         "transcode": False,
         "d_in": d_model,
-        PROVENANCE_KEY: provenance,
     }
     try:
-        json.dumps(cfg)
+        json.dumps(provenance)
     except (TypeError, ValueError) as err:
         raise ValueError(f"metadata: not JSON-serialisable ({err})") from err
     with torch.no_grad():
@@ -156,7 +164,26 @@ def save_sparsify(
             SPARSIFY_WEIGHTS: write_tensors(tensors, out.tmp / SPARSIFY_WEIGHTS, label=label)
         }
         (out.tmp / SPARSIFY_CONFIG).write_text(json.dumps(cfg, indent=2))
+        (out.tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         return out.commit()
+
+
+def _provenance(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The project's provenance block of a sparsify folder as written (paths not resolved), else ``{}``.
+
+    :data:`PROVENANCE_FILE` when present, else ``cfg.json``'s ``"sae_refusal"`` entry (older exports).
+
+    Raises:
+        ArtifactError: If :data:`PROVENANCE_FILE` does not parse or is not a JSON object.
+        ValueError: If the block is not an object (naming the file and field).
+    """
+    sidecar = folder / PROVENANCE_FILE
+    if sidecar.is_file():
+        return read_config(sidecar)
+    block = cfg.get(PROVENANCE_KEY, {})
+    if not isinstance(block, dict):
+        raise ValueError(f"{folder / SPARSIFY_CONFIG}: field {PROVENANCE_KEY!r} must be an object")
+    return block
 
 
 def _read_cfg(folder: Path) -> dict[str, Any]:
@@ -226,9 +253,10 @@ def load_sparsify(
     if k > n_latents:
         raise ValueError(f"{cfg_path}: field 'k' ({k}) exceeds num_latents ({n_latents})")
 
-    block = cfg.get(PROVENANCE_KEY)
-    if verify and isinstance(block, dict):
-        verify_sha256(folder, block.get(SHA256_KEY), cfg_path)
+    if verify:
+        sidecar = folder / PROVENANCE_FILE
+        block = _provenance(folder, cfg)
+        verify_sha256(folder, block.get(SHA256_KEY), sidecar if sidecar.is_file() else cfg_path)
     tensors = read_tensors(weights)
     if "W_skip" in tensors:
         raise ValueError(f"{weights}: holds 'W_skip' (a skip connection); the project's TopK SAE has none")
@@ -267,20 +295,20 @@ def read_sparsify_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """The provenance and format facts of a sparsify folder.
 
     Returns:
-        The ``"sae_refusal"`` block of ``cfg.json`` (empty for a folder the project did not write), plus
-        ``"format": "sparsify"``, ``"k"`` and ``"d_in"`` from the config, and ``"hookpoint"``: the block's own
-        when it has one, else the folder's name (sparsify names hookpoint folders after the hookpoint).
+        The provenance block (:data:`PROVENANCE_FILE`, or ``cfg.json``'s ``"sae_refusal"`` entry in older
+        exports; empty for a folder the project did not write) with its folder-relative paths resolved
+        against ``folder`` (:func:`~sae_refusal.provenance.resolve_paths`), plus ``"format": "sparsify"``,
+        ``"k"`` and ``"d_in"`` from the config, and ``"hookpoint"``: the block's own when it has one, else the
+        folder's name (sparsify names hookpoint folders after the hookpoint).
 
     Raises:
         FileNotFoundError: If ``cfg.json`` is missing.
+        ArtifactError: If ``cfg.json`` or :data:`PROVENANCE_FILE` does not parse.
         ValueError: If ``cfg.json`` is not a sparsify config or its ``"sae_refusal"`` entry is not an object.
     """
     folder = Path(folder)
     cfg = _read_cfg(folder)
-    block = cfg.get(PROVENANCE_KEY, {})
-    if not isinstance(block, dict):
-        raise ValueError(f"{folder / SPARSIFY_CONFIG}: field {PROVENANCE_KEY!r} must be an object")
-    meta = dict(block)
+    meta = resolve_paths(_provenance(folder, cfg), folder)
     meta.setdefault("hookpoint", folder.name)
     meta.update(format="sparsify", k=cfg.get("k"), d_in=cfg["d_in"])
     return meta
