@@ -288,6 +288,10 @@ def _check_architecture(node: Any) -> None:
             ("k", "aux_k", "aux_coef", "dead_after_steps", "encoder_dtype"),
         ),
         "L1": (sae_settings.check_l1_settings, ("l1_coef", "init_decoder_norm")),
+        "JumpReLU": (
+            sae_settings.check_jumprelu_settings,
+            ("l0_coef", "bandwidth", "init_threshold", "init_decoder_norm"),
+        ),
         "Contrastive": (
             sae_settings.check_contrastive_settings,
             ("supcon_weight", "separation_weight", "temperature"),

@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from sae_refusal.sae.base import SAEOutput as SAEOutput
     from sae_refusal.sae.base import SparseAutoencoder as SparseAutoencoder
     from sae_refusal.sae.base import mean_norm_scale as mean_norm_scale
+    from sae_refusal.sae.batchtopk import BatchTopK as BatchTopK
+    from sae_refusal.sae.batchtopk import BatchTopKSAE as BatchTopKSAE
+    from sae_refusal.sae.batchtopk import MatryoshkaBatchTopK as MatryoshkaBatchTopK
+    from sae_refusal.sae.batchtopk import MatryoshkaBatchTopKSAE as MatryoshkaBatchTopKSAE
     from sae_refusal.sae.jumprelu import JumpReLUSAE as JumpReLUSAE
+    from sae_refusal.sae.jumprelu_train import JumpReLU as JumpReLU
+    from sae_refusal.sae.jumprelu_train import TrainableJumpReLUSAE as TrainableJumpReLUSAE
     from sae_refusal.sae.loading import find_sae_exports as find_sae_exports
     from sae_refusal.sae.loading import load_sae as load_sae
     from sae_refusal.sae.module import SAEModule as SAEModule
@@ -37,7 +43,14 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "architecture_from_config",
         ),
         "sae_refusal.sae.base": ("SAEOutput", "SAE_REGISTRY", "SparseAutoencoder", "mean_norm_scale"),
+        "sae_refusal.sae.batchtopk": (
+            "BatchTopK",
+            "BatchTopKSAE",
+            "MatryoshkaBatchTopK",
+            "MatryoshkaBatchTopKSAE",
+        ),
         "sae_refusal.sae.jumprelu": ("JumpReLUSAE",),
+        "sae_refusal.sae.jumprelu_train": ("JumpReLU", "TrainableJumpReLUSAE"),
         "sae_refusal.sae.loading": ("find_sae_exports", "load_sae"),
         "sae_refusal.sae.module": ("SAEModule",),
         "sae_refusal.sae.relu": ("ReLUSAE",),

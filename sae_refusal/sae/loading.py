@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 # the architectures register themselves in SAE_REGISTRY when imported
+import sae_refusal.sae.batchtopk
 import sae_refusal.sae.jumprelu
+import sae_refusal.sae.jumprelu_train
 import sae_refusal.sae.relu
 import sae_refusal.sae.topk  # noqa: F401
 from sae_refusal.errors import ArtifactError

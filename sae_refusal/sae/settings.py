@@ -19,6 +19,7 @@ __all__ = [
     "MODULE_ARGS",
     "REQUIRED",
     "check_contrastive_settings",
+    "check_jumprelu_settings",
     "check_l1_settings",
     "check_module_settings",
     "check_topk_settings",
@@ -49,6 +50,7 @@ ARCHITECTURE_ARGS: dict[str, dict[str, object]] = {
         "encoder_dtype": "float32",
     },
     "L1": {"l1_coef": 0.5, "init_decoder_norm": 0.1},
+    "JumpReLU": {"l0_coef": 1.0, "bandwidth": 0.001, "init_threshold": 0.001, "init_decoder_norm": 0.1},
     "Contrastive": {
         "base": REQUIRED,
         "supcon_weight": 0.1,
@@ -133,6 +135,23 @@ def check_l1_settings(l1_coef: object, init_decoder_norm: object) -> None:
     _require_at_least(
         "model.architecture.init_decoder_norm", init_decoder_norm, _finite(init_decoder_norm), 0, strict=True
     )
+
+
+def check_jumprelu_settings(
+    l0_coef: object, bandwidth: object, init_threshold: object, init_decoder_norm: object
+) -> None:
+    """A JumpReLU SAE's ``l0_coef`` >= 0 and ``bandwidth``, ``init_threshold``, ``init_decoder_norm`` > 0.
+
+    Raises:
+        ValueError: Naming the ``model.architecture.*`` key and the value.
+    """
+    _require_at_least("model.architecture.l0_coef", l0_coef, _finite(l0_coef), 0)
+    for key, value in (
+        ("bandwidth", bandwidth),
+        ("init_threshold", init_threshold),
+        ("init_decoder_norm", init_decoder_norm),
+    ):
+        _require_at_least(f"model.architecture.{key}", value, _finite(value), 0, strict=True)
 
 
 def check_contrastive_settings(supcon_weight: object, separation_weight: object, temperature: object) -> None:
