@@ -36,7 +36,12 @@ def arch_configs(k: int, n_latents: int) -> dict[str, dict[str, Any]]:
         },
         "batchtopk": {"class_path": "sae_refusal.sae.BatchTopK", "init_args": {"k": k}},
         "matryoshka": {"class_path": "sae_refusal.sae.MatryoshkaBatchTopK", "init_args": {"k": k}},
-        "jumprelu": {"class_path": "sae_refusal.sae.JumpReLU", "init_args": {}},
+        # JumpReLU's defaults (threshold 0.001, bandwidth 0.001, SAELens') leave every latent on within a few
+        # thousand steps: Adam moves log(threshold) by about lr per step; 0.3 / 0.05 suit unit-scale inputs
+        "jumprelu": {
+            "class_path": "sae_refusal.sae.JumpReLU",
+            "init_args": {"init_threshold": 0.3, "bandwidth": 0.05, "l0_coef": 1.0},
+        },
         "l1": {"class_path": "sae_refusal.sae.L1", "init_args": {"l1_coef": 1.0}},
     }
 
