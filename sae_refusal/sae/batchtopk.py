@@ -52,6 +52,7 @@ from torch import nn
 from sae_refusal.sae.architectures import SAEArchitecture
 from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, fvu_of
 from sae_refusal.sae.settings import check_topk_settings
+from sae_refusal.sae.topk import DeadLatentCounter
 
 __all__ = [
     "BatchTopK",
@@ -109,7 +110,7 @@ def prefix_sizes(prefix_fractions: Sequence[float], n_latents: int) -> list[int]
     return sizes
 
 
-class BatchTopKSAE(SparseAutoencoder):
+class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
     """BatchTopK sparse autoencoder with AuxK and an inference threshold (see the module docstring).
 
     Args:
@@ -170,17 +171,6 @@ class BatchTopKSAE(SparseAutoencoder):
             "dead_after_steps": self.dead_after_steps,
             "threshold_momentum": self.threshold_momentum,
         }
-
-    @property
-    def dead_F(self) -> torch.Tensor:
-        """Latents that have not fired for ``dead_after_steps`` training steps."""
-        return self.steps_since_fired_F >= self.dead_after_steps
-
-    @torch.no_grad()
-    def update_firing(self, fired_F: torch.Tensor) -> None:
-        """Count one training step: reset the latents that fired, age the others."""
-        self.steps_since_fired_F += 1
-        self.steps_since_fired_F[fired_F] = 0
 
     def _pre(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Pre-activations of normalised inputs."""
@@ -367,10 +357,13 @@ class BatchTopK(SAEArchitecture):
         self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
         self.threshold_momentum = threshold_momentum
 
-    def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:
+    def _check(self, n_latents: int) -> None:
         check_batchtopk_settings(
             self.k, self.aux_k, self.aux_coef, self.dead_after_steps, self.threshold_momentum, n_latents
         )
+
+    def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:
+        self._check(n_latents)
         return BatchTopKSAE(
             d_model,
             n_latents,
@@ -383,7 +376,7 @@ class BatchTopK(SAEArchitecture):
         )
 
 
-class MatryoshkaBatchTopK(SAEArchitecture):
+class MatryoshkaBatchTopK(BatchTopK):
     """Matryoshka-BatchTopK SAE (see :class:`MatryoshkaBatchTopKSAE`).
 
     The prefixes are fractions of the width, because the width (``expansion_factor * d_model``) is only known
@@ -404,21 +397,16 @@ class MatryoshkaBatchTopK(SAEArchitecture):
         dead_after_steps: int = 1000,
         threshold_momentum: float = 0.99,
     ):
-        check_batchtopk_settings(k, aux_k, aux_coef, dead_after_steps, threshold_momentum)
+        super().__init__(k, aux_k, aux_coef, dead_after_steps, threshold_momentum)
         fractions = [
             float(f) if isinstance(f, int | float) and not isinstance(f, bool) else f
             for f in prefix_fractions
         ]
         prefix_sizes(fractions, 1 << 20)  # the shape of the list; sizes are checked again at build
-        self.k = k
         self.prefix_fractions = fractions
-        self.aux_k, self.aux_coef, self.dead_after_steps = aux_k, aux_coef, dead_after_steps
-        self.threshold_momentum = threshold_momentum
 
     def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:
-        check_batchtopk_settings(
-            self.k, self.aux_k, self.aux_coef, self.dead_after_steps, self.threshold_momentum, n_latents
-        )
+        self._check(n_latents)
         return MatryoshkaBatchTopKSAE(
             d_model,
             n_latents,

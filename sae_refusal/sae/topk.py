@@ -51,7 +51,7 @@ from torch import nn
 
 from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, fvu_of
 
-__all__ = ["ENCODER_DTYPES", "TopKSAE", "rows_grad", "sparse_decode"]
+__all__ = ["ENCODER_DTYPES", "DeadLatentCounter", "TopKSAE", "rows_grad", "sparse_decode"]
 
 #: ``encoder_dtype`` name -> dtype of the encoder's dense product.
 ENCODER_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -346,7 +346,29 @@ class _TopKEncode(torch.autograd.Function):
         return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
-class TopKSAE(SparseAutoencoder):
+class DeadLatentCounter:
+    """Dead-latent bookkeeping of the AuxK SAEs (:class:`TopKSAE`, BatchTopK).
+
+    A latent is dead once it has not fired for ``dead_after_steps`` training steps; the SAE registers the
+    ``steps_since_fired_F`` buffer.
+    """
+
+    steps_since_fired_F: torch.Tensor
+    dead_after_steps: int
+
+    @property
+    def dead_F(self) -> torch.Tensor:
+        """Latents that have not fired for ``dead_after_steps`` training steps."""
+        return self.steps_since_fired_F >= self.dead_after_steps
+
+    @torch.no_grad()
+    def update_firing(self, fired_F: torch.Tensor) -> None:
+        """Count one training step: reset the latents that fired, age the others."""
+        self.steps_since_fired_F += 1
+        self.steps_since_fired_F[fired_F] = 0
+
+
+class TopKSAE(DeadLatentCounter, SparseAutoencoder):
     """TopK sparse autoencoder with AuxK.
 
     Args:
@@ -429,17 +451,6 @@ class TopKSAE(SparseAutoencoder):
         """Drop each decoder row's gradient component along the row (one compiled kernel on CUDA)."""
         if self.W_dec_FD.grad is not None:
             _fused("remove_parallel", _remove_parallel_, self.W_dec_FD.detach(), self.W_dec_FD.grad)
-
-    @property
-    def dead_F(self) -> torch.Tensor:
-        """Latents that have not fired for ``dead_after_steps`` training steps."""
-        return self.steps_since_fired_F >= self.dead_after_steps
-
-    @torch.no_grad()
-    def update_firing(self, fired_F: torch.Tensor) -> None:
-        """Count one training step: reset the latents that fired, age the others."""
-        self.steps_since_fired_F += 1
-        self.steps_since_fired_F[fired_F] = 0
 
     def encode_sparse(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(values_BK, indices_BK)`` of the active latents (normalised space)."""
