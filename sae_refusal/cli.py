@@ -9,6 +9,8 @@ subcommands where Lightning has none are dispatched here first:
   that ``fit`` takes (only its ``data`` section matters), then print what was cached.
 * ``features``: the feature analysis (:mod:`sae_refusal.features`) of saved SAE exports on the activation
   cache a fit config describes, with that config's ``FeatureAnalysisCallback`` settings.
+* ``sae-eval``: SAEBench-style metrics of saved SAE exports (:mod:`sae_refusal.sae_eval`): core metrics,
+  k-sparse probing, absorption on the categories, cross-seed stability; same inputs as ``features``.
 * ``generate``: greedy answers to prompts without and with a steering vector of a ``features`` artifact
   (:mod:`sae_refusal.steer.generate`), the model read from the config's ``data.llm``.
 * ``finetune``: the refusal-token SFT recipe (``RefusalSFTModule`` + ``SFTDataModule``), ending with a
@@ -349,6 +351,13 @@ def _standalone_analysis(
     return analyze_features(datamodule.splits, saes, config, out_dir=out, metadata=metadata)
 
 
+def sae_eval_command(args: Sequence[str]) -> None:
+    """``sae-refusal sae-eval --config fit.yaml --sae_dir DIR [--out DIR]`` (:mod:`sae_refusal.sae_eval`)."""
+    from sae_refusal.sae_eval.command import run_sae_eval_command
+
+    run_sae_eval_command(args, build_cli=_lightning_cli)
+
+
 def export_command(args: Sequence[str]) -> None:
     """``sae-refusal export --sae_dir <run>/sae --format sparsify|saelens --out DIR [--hookpoint NAME]``."""
     parser = argparse.ArgumentParser(
@@ -591,6 +600,7 @@ PROJECT_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "cache": (cache_command, "Write the split manifest and cache last-token activations (no training)."),
     "finetune": (finetune_command, "Fine-tune a chat model to emit refusal tokens; report and export it."),
     "features": (features_command, "Steering vectors, heads, cluster metrics, plots from saved SAEs."),
+    "sae-eval": (sae_eval_command, "SAEBench-style SAE metrics: core, probing, absorption, stability."),
     "generate": (generate_command, "Answers to prompts without and with a steering vector, side by side."),
     "steer": (steer_command, "Steering study: vectors, specificity, conditional vs unconditional steering."),
     "eval": (eval_command, "Refusal, over-refusal and capability under one intervention (a table column)."),

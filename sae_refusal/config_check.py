@@ -245,12 +245,23 @@ def _settings(node: Any) -> dict[str, Any]:
 _SAE_MODULE = {"sae_refusal.sae.SAEModule", "sae_refusal.sae.module.SAEModule", "SAEModule"}
 
 
+#: The module defining each architecture outside :mod:`sae_refusal.sae.architectures` (a config may name
+#: the class by its full path, as ``--print_config`` writes it).
+_ARCHITECTURE_HOMES = {
+    "BatchTopK": "sae_refusal.sae.batchtopk",
+    "MatryoshkaBatchTopK": "sae_refusal.sae.batchtopk",
+    "JumpReLU": "sae_refusal.sae.jumprelu_train",
+}
+
+
 def _architecture_name(class_path: Any) -> str | None:
-    """``TopK``, ``L1`` or ``Contrastive`` for a ``class_path`` naming one of them, else ``None``."""
+    """The architecture (a key of ``ARCHITECTURE_ARGS``: ``TopK``, ``BatchTopK``, ...) a ``class_path``
+    names, else ``None``."""
     from sae_refusal.sae.settings import ARCHITECTURE_ARGS
 
     for name in ARCHITECTURE_ARGS:
-        if class_path in (f"sae_refusal.sae.{name}", f"sae_refusal.sae.architectures.{name}", name):
+        home = _ARCHITECTURE_HOMES.get(name, "sae_refusal.sae.architectures")
+        if class_path in (f"sae_refusal.sae.{name}", f"{home}.{name}", name):
             return name
     return None
 
@@ -259,6 +270,8 @@ def _typed(args: dict[str, Any], key: str, default: Any) -> Any:
     """``args[key]`` when it has the default's type (a wrong type is the parser's to report), else the
     default."""
     value = args.get(key, default)
+    if isinstance(default, tuple):  # a list setting (a tuple default, a YAML list): its check reads it
+        return value if isinstance(value, list | tuple) else default
     number = (int, float) if isinstance(default, float) else type(default)
     if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, number):
         return default
@@ -292,6 +305,14 @@ def _check_architecture(node: Any) -> None:
             sae_settings.check_jumprelu_settings,
             ("l0_coef", "bandwidth", "init_threshold", "init_decoder_norm"),
         ),
+        "BatchTopK": (
+            sae_settings.check_batchtopk_settings,
+            ("k", "aux_k", "aux_coef", "dead_after_steps", "threshold_momentum"),
+        ),
+        "MatryoshkaBatchTopK": (
+            sae_settings.check_batchtopk_settings,
+            ("k", "aux_k", "aux_coef", "dead_after_steps", "threshold_momentum"),
+        ),
         "Contrastive": (
             sae_settings.check_contrastive_settings,
             ("supcon_weight", "separation_weight", "temperature"),
@@ -299,6 +320,8 @@ def _check_architecture(node: Any) -> None:
     }
     check, checked = checks[name]
     check(*(_typed(args, key, defaults[key]) for key in checked))
+    if name == "MatryoshkaBatchTopK":
+        sae_settings.check_prefix_fractions(_typed(args, "prefix_fractions", defaults["prefix_fractions"]))
     if name == "Contrastive":
         _check_architecture(args.get("base"))
 

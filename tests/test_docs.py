@@ -686,7 +686,7 @@ def analyze(argv: Sequence[str], produced_config: dict[str, Command]) -> Analysi
             result.inputs.append(("--ckpt_path", section.ckpt_path))
         if sub == "fit":
             result.leaves += fit_outputs(section)
-    elif sub in ("cache", "features", "generate"):
+    elif sub in ("cache", "features", "generate", "sae-eval"):
         parsed = None if sub == "cache" else first_parse(sub, args)
         fit_args = (args[1:] if args[:1] == ["fit"] else args) if parsed is None else fit_part(parsed)
         namespace = config_parser().parse_args(fit_args)
@@ -694,7 +694,7 @@ def analyze(argv: Sequence[str], produced_config: dict[str, Command]) -> Analysi
         result.inputs += list(_walk_keys(namespace.as_dict(), set(ANY_INPUT_FIELDS)))
         if sub == "cache":
             result.folders.append(datamodule.cache.root)
-        elif sub == "features":
+        elif sub in ("features", "sae-eval"):
             assert parsed is not None
             sae_dir, out = parsed.namespace.sae_dir, parsed.namespace.out
             result.inputs.append(("--sae_dir", sae_dir))
@@ -702,7 +702,8 @@ def analyze(argv: Sequence[str], produced_config: dict[str, Command]) -> Analysi
             assert out or not hub, (
                 f"--out: needed, --sae_dir {sae_dir} is no local run folder to write beside"
             )
-            result.folders.append(out or f"{Path(sae_dir).parent}/features/standalone")
+            default = "features/standalone" if sub == "features" else "sae_eval"
+            result.folders.append(out or f"{Path(sae_dir).parent}/{default}")
         else:
             assert parsed is not None
             result.inputs.append(("--vectors", parsed.namespace.vectors))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,18 +175,40 @@ def test_matryoshka_loss_is_the_sum_of_the_prefix_mses() -> None:
     torch.testing.assert_close(out.recon_BD, (z @ sae.W_dec_FD + sae.b_dec_D) / 1.3)
 
 
-def test_matryoshka_prefixes_reconstruct_and_are_ordered() -> None:
-    gen = torch.Generator().manual_seed(3)
-    data, held_out = sparse_data(4096, gen), sparse_data(1024, gen)
-    matryoshka = MatryoshkaBatchTopKSAE(16, 64, k=4, prefixes=[8, 16, 64], aux_k=16, dead_after_steps=50)
+def common_and_rare_data(n: int, gen: torch.Generator, dictionary: torch.Tensor) -> torch.Tensor:
+    """Rows of ``dictionary``'s 48 directions: 8 common ones (p 0.3, magnitude 2-4) carrying most of the
+    variance, 40 rare ones (p 0.03, magnitude 1-2); what a small first prefix can capture and 8 arbitrary
+    latents cannot."""
+    freq = torch.cat([torch.full((8,), 0.3), torch.full((40,), 0.03)])
+    scale = torch.cat([torch.full((8,), 2.0), torch.full((40,), 1.0)])
+    mask = torch.rand(n, 48, generator=gen) < freq
+    return (mask * scale * (1.0 + torch.rand(n, 48, generator=gen))) @ dictionary
+
+
+def unit_dictionary(gen: torch.Generator) -> torch.Tensor:
+    dictionary = torch.randn(48, 16, generator=gen)
+    return dictionary / dictionary.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matryoshka_prefixes_reconstruct_and_are_ordered(seed: int) -> None:
+    """On every seed (data, weights and batches; the global RNG is not used) the first 8 latents of a
+    Matryoshka SAE are a usable small SAE (FVU well below 1 on held-out rows), each prefix adds to the
+    reconstruction, and the first 8 latents of a plain BatchTopK SAE from the same start are far worse."""
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = unit_dictionary(gen)
+    data, held_out = common_and_rare_data(4096, gen, dictionary), common_and_rare_data(1024, gen, dictionary)
+    matryoshka = MatryoshkaBatchTopKSAE(
+        16, 64, k=4, prefixes=[8, 16, 64], aux_k=16, dead_after_steps=50, generator=gen
+    )
     plain = BatchTopKSAE(16, 64, k=4, aux_k=16, dead_after_steps=50)
     plain.load_state_dict(matryoshka.state_dict())  # the same start
-    train(matryoshka, data, steps=300)
-    train(plain, data, steps=300)
+    train(matryoshka, data, steps=300, seed=seed)
+    train(plain, data, steps=300, seed=seed)
     with torch.no_grad():
         out = matryoshka(held_out)
         fvus = [out.parts[f"fvu_prefix{m}"].item() for m in (8, 16, 64)]
-        assert all(f < 1.0 for f in fvus), fvus
+        assert fvus[0] < 0.5, fvus  # seeds 0-9: 0.15-0.30
         assert fvus[0] >= fvus[1] >= fvus[2], fvus  # each prefix adds to the reconstruction
         assert fvus[2] == pytest.approx(out.fvu.item())
         # the first 8 latents of the plain SAE are an arbitrary 8: as a small SAE they do much worse
@@ -193,7 +216,31 @@ def test_matryoshka_prefixes_reconstruct_and_are_ordered() -> None:
         xs = held_out * plain.input_scale
         recon = z[:, :8] @ plain.W_dec_FD[:8] + plain.b_dec_D
         plain_first = ((recon - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()).item()
-    assert fvus[0] < plain_first, (fvus[0], plain_first)
+        assert plain(held_out).fvu.item() < 0.3  # the plain SAE itself reconstructs
+    assert fvus[0] < plain_first - 0.3, (fvus[0], plain_first)  # seeds 0-9: 0.82-1.0
+
+
+def test_matryoshka_eval_l0_stays_near_k_after_longer_training() -> None:
+    """The inference threshold keeps held-out eval-mode L0 within 10% of ``k`` after 1500 steps at the shipped
+    momentum (measured: 4.0-4.2 for k 4 over 300-8000 steps, as BatchTopK's)."""
+    gen = torch.Generator().manual_seed(5)
+    dictionary = unit_dictionary(gen)
+    data, held_out = common_and_rare_data(4096, gen, dictionary), common_and_rare_data(2048, gen, dictionary)
+    sae = MatryoshkaBatchTopKSAE(
+        16,
+        64,
+        k=4,
+        prefixes=[4, 16, 64],
+        aux_k=16,
+        dead_after_steps=50,
+        threshold_momentum=0.99,
+        generator=gen,
+    )
+    train(sae, data, steps=1500, seed=5)
+    with torch.no_grad():
+        l0 = (sae.encode(held_out) > 0).sum(-1).float()
+    assert abs(l0.mean().item() - 4.0) <= 0.4, l0.mean().item()
+    assert l0.min() < l0.max()  # variable per row
 
 
 @pytest.mark.parametrize("cls", [BatchTopKSAE, MatryoshkaBatchTopKSAE])
@@ -302,3 +349,116 @@ def test_fit_with_the_fragment_exports_a_thresholded_sae(
     if cls is MatryoshkaBatchTopKSAE:
         assert sae.config()["prefixes"] == [4, 16, 64]
         assert {"val/seed0/fvu_prefix4", "train/seed0/mse_prefix16"} <= scalars
+
+
+def test_the_fit_preflight_knows_the_batchtopk_settings() -> None:
+    """``ARCHITECTURE_ARGS`` lists each class's arguments and defaults, and the shipped fragments pass."""
+    import inspect
+
+    from sae_refusal.config_check import preflight_fit
+    from sae_refusal.sae.settings import ARCHITECTURE_ARGS
+
+    for cls in (BatchTopK, MatryoshkaBatchTopK):
+        signature = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+        assert list(signature.items()) == list(ARCHITECTURE_ARGS[cls.__name__].items()), cls
+    for fragment in ("batchtopk", "matryoshka"):
+        preflight_fit(
+            ["--config", str(CONFIGS / "default.yaml"), "--config", str(CONFIGS / "sae" / f"{fragment}.yaml")]
+        )
+
+
+#: (fragment, flag's key under architecture.init_args, value, the message; the constructor's too)
+BAD_PREFLIGHT = [
+    ("batchtopk", "k", "0", "model.architecture.k must be >= 1, got 0"),
+    (
+        "batchtopk",
+        "threshold_momentum",
+        "1.5",
+        "model.architecture.threshold_momentum must be in [0, 1), got 1.5",
+    ),
+    ("batchtopk", "aux_k", "-1", "model.architecture.aux_k must be >= 0 (0 disables AuxK), got -1"),
+    ("batchtopk", "dead_after_steps", "0", "model.architecture.dead_after_steps must be >= 1, got 0"),
+    ("matryoshka", "k", "-2", "model.architecture.k must be >= 1, got -2"),
+    (
+        "matryoshka",
+        "threshold_momentum",
+        "-0.1",
+        "model.architecture.threshold_momentum must be in [0, 1), got -0.1",
+    ),
+    (
+        "matryoshka",
+        "prefix_fractions",
+        "[0.5, 0.25, 1.0]",
+        "model.architecture.prefix_fractions must be strictly increasing, got [0.5, 0.25, 1.0]",
+    ),
+    (
+        "matryoshka",
+        "prefix_fractions",
+        "[0.25, 0.5]",
+        "model.architecture.prefix_fractions must end with 1.0 (the full dictionary), got [0.25, 0.5]",
+    ),
+    (
+        "matryoshka",
+        "prefix_fractions",
+        "[0.0, 1.0]",
+        "model.architecture.prefix_fractions must be a non-empty list of fractions in (0, 1], got [0.0, 1.0]",
+    ),
+    (
+        "matryoshka",
+        "prefix_fractions",
+        "[]",
+        "model.architecture.prefix_fractions must be a non-empty list of fractions in (0, 1], got []",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fragment", "key", "value", "message"), BAD_PREFLIGHT)
+@pytest.mark.parametrize("full_path", [False, True], ids=["short_path", "module_path"])
+def test_the_fit_preflight_refuses_a_bad_batchtopk_setting_naming_its_key(
+    fragment: str, key: str, value: str, message: str, full_path: bool, tmp_path: Path
+) -> None:
+    """Before Lightning is imported, with the message the constructor gives, whichever class path the config
+    names (``sae_refusal.sae.BatchTopK`` or the defining module's)."""
+    import yaml
+
+    from sae_refusal.config_check import preflight_fit
+
+    config = yaml.safe_load((CONFIGS / "sae" / f"{fragment}.yaml").read_text())
+    if full_path:
+        node = config["model"]["init_args"]["architecture"]
+        node["class_path"] = node["class_path"].replace("sae_refusal.sae.", "sae_refusal.sae.batchtopk.")
+    layered = tmp_path / "fragment.yaml"
+    layered.write_text(yaml.safe_dump(config))
+    args = ["--config", str(CONFIGS / "default.yaml"), "--config", str(layered)]
+    preflight_fit(args)
+    flag = f"--model.init_args.architecture.init_args.{key}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        preflight_fit([*args, flag, value])
+    cls = MatryoshkaBatchTopK if fragment == "matryoshka" else BatchTopK
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**{key: yaml.safe_load(value)})
+
+
+def test_a_bad_batchtopk_setting_is_the_first_line_of_fit(
+    tmp_path: Path, tiny_model_dir: Path, prompt_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli import tiny_config
+    from tests.test_user_errors import run_main
+
+    config = tiny_config(tmp_path, tiny_model_dir, prompt_file)
+    flag = "--model.init_args.architecture.init_args.prefix_fractions"
+    lines = run_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--config",
+            str(CONFIGS / "sae" / "matryoshka.yaml"),
+            flag,
+            "[0.5, 0.25, 1]",
+        ],
+        capsys,
+    )
+    expected = "model.architecture.prefix_fractions must be strictly increasing, got [0.5, 0.25, 1]"
+    assert lines[0] == f"sae-refusal: error: {expected}", lines
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ falls back to loading ``sparsify.sparse_coder`` without it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.machinery
@@ -14,6 +15,7 @@ import importlib.util
 import json
 import logging
 import sys
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_refusal.errors import ArtifactError
-from sae_refusal.sae import ReLUSAE, TopKSAE
+from sae_refusal.sae import ReLUSAE, SparseAutoencoder, TopKSAE
+from sae_refusal.sae.batchtopk import BatchTopKSAE, MatryoshkaBatchTopKSAE
 from sae_refusal.sae.formats.sparsify import (
     PROVENANCE_FILE,
     SPARSIFY_WEIGHTS,
@@ -34,6 +37,8 @@ from sae_refusal.sae.formats.sparsify import (
     read_sparsify_metadata,
     save_sparsify,
 )
+from sae_refusal.sae.jumprelu import JumpReLUSAE
+from sae_refusal.sae.jumprelu_train import TrainableJumpReLUSAE
 
 D, F, K, SCALE = 16, 64, 4, 0.37
 SPARSIFY_FIELDS = {
@@ -155,6 +160,27 @@ def test_an_older_export_with_the_block_in_cfg_json_is_still_read(export: Path) 
 def test_relu_sae_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ReLUSAE.*relu_l1.*SAELens"):
         save_sparsify(ReLUSAE(D, F), tmp_path / "layers.0")
+    assert not (tmp_path / "layers.0").exists()
+
+
+#: The project's SAEs sparsify has no equivalent of (its coders keep each row's k largest codes).
+NO_SPARSIFY_EQUIVALENT: dict[str, Callable[[], SparseAutoencoder]] = {
+    "batchtopk": lambda: BatchTopKSAE(D, F, K),
+    "matryoshka_batchtopk": lambda: MatryoshkaBatchTopKSAE(D, F, K, prefixes=[16, F]),
+    "jumprelu_trained": lambda: TrainableJumpReLUSAE(D, F),
+    "jumprelu": lambda: JumpReLUSAE(D, F),
+}
+
+
+@pytest.mark.parametrize("arch", list(NO_SPARSIFY_EQUIVALENT))
+def test_batchtopk_matryoshka_and_jumprelu_saes_refused(arch: str, tmp_path: Path) -> None:
+    sae = NO_SPARSIFY_EQUIVALENT[arch]()
+    if isinstance(sae, BatchTopKSAE):
+        sae.threshold.fill_(0.3)  # even with its inference threshold set (a JumpReLU SAE, in effect)
+    sae.eval()
+    match = rf"sparsify has no equivalent of a {type(sae).__name__} \(architecture '{arch}'\)"
+    with pytest.raises(ValueError, match=match):
+        save_sparsify(sae, tmp_path / "layers.0")
     assert not (tmp_path / "layers.0").exists()
 
 
@@ -319,3 +345,14 @@ def test_load_sparsify_reads_their_save(sparse_coder: ModuleType, tmp_path: Path
         acts_BK, idx_BK, _ = coder.encode(x_BD)
         torch.testing.assert_close(sae.encode(x_BD), _dense(acts_BK, idx_BK), atol=1e-5, rtol=0)
         torch.testing.assert_close(sae(x_BD).recon_BD, coder.decode(acts_BK, idx_BK), atol=1e-5, rtol=0)
+
+
+@pytest.mark.interop
+def test_sparsify_has_no_batchtopk_jumprelu_or_matryoshka_coder(sparse_coder: ModuleType) -> None:
+    """Why save_sparsify refuses those SAEs: sparsify's coder config offers per-row TopK and GroupMax only."""
+    config = importlib.import_module("sparsify.config")
+    hints = typing.get_type_hints(config.SparseCoderConfig)
+    assert set(typing.get_args(hints["activation"])) == {"topk", "groupmax"}
+    names = {f.name for f in dataclasses.fields(config.SparseCoderConfig)}
+    assert not {n for n in names if any(w in n for w in ("threshold", "jump", "matryoshka", "batch"))}
+    assert "k" in names and "multi_topk" in names  # the fields it has: a per-row k

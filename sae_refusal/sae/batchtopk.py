@@ -21,7 +21,10 @@ positive* activation of the batch (the ``k*B``-th largest value, when positive),
 
 Thresholding at the batch's own ``m`` keeps exactly its ``k*B`` entries, so on rows like the training ones
 eval-mode L0 is about ``k``. An SAE whose threshold was never set (``theta < 0``, e.g. Lightning's sanity
-validation before the first step) uses the batch top-k in eval mode too.
+validation before the first step) uses the batch top-k in eval mode too. Under DDP each rank selects within
+its own batch, and ``m`` is the mean of the ranks' smallest kept activations (``aux_energy_reducer``), so
+every rank keeps the same ``theta`` and rank zero's export and checkpoints hold the estimate of the whole
+global batch.
 
 AuxK is TopK's (:mod:`sae_refusal.sae.topk`): latents that have not fired for ``dead_after_steps`` training
 steps are dead; the ``aux_k`` largest (ReLU'd) pre-activations among them per row reconstruct the residual
@@ -51,7 +54,7 @@ from torch import nn
 
 from sae_refusal.sae.architectures import SAEArchitecture
 from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, fvu_of
-from sae_refusal.sae.settings import check_topk_settings
+from sae_refusal.sae.settings import check_batchtopk_settings, check_prefix_fractions
 from sae_refusal.sae.topk import DeadLatentCounter
 
 __all__ = [
@@ -64,49 +67,16 @@ __all__ = [
 ]
 
 
-def check_batchtopk_settings(
-    k: object,
-    aux_k: object,
-    aux_coef: object,
-    dead_after_steps: object,
-    threshold_momentum: object,
-    n_latents: int | None = None,
-) -> None:
-    """A BatchTopK SAE's settings (TopK's rules, and ``threshold_momentum`` in ``[0, 1)``).
-
-    Raises:
-        ValueError: Naming the ``model.architecture.*`` key, the rule and the value.
-    """
-    check_topk_settings(k, aux_k, aux_coef, dead_after_steps, "float32", n_latents)
-    if (
-        not isinstance(threshold_momentum, int | float)
-        or isinstance(threshold_momentum, bool)
-        or not 0.0 <= float(threshold_momentum) < 1.0
-    ):
-        raise ValueError(f"model.architecture.threshold_momentum must be in [0, 1), got {threshold_momentum}")
-
-
 def prefix_sizes(prefix_fractions: Sequence[float], n_latents: int) -> list[int]:
     """Prefix sizes ``m_p = round(f_p * n_latents)`` of a Matryoshka SAE.
 
     Raises:
         ValueError: Naming ``model.architecture.prefix_fractions`` unless the fractions are in ``(0, 1]``,
-            end with ``1.0`` and give strictly increasing sizes >= 1.
+            strictly increasing, end with ``1.0`` and give strictly increasing sizes >= 1
+            (:func:`~sae_refusal.sae.settings.check_prefix_fractions`).
     """
-    key = "model.architecture.prefix_fractions"
-    fractions = list(prefix_fractions)
-    if not fractions or any(
-        not isinstance(f, int | float) or isinstance(f, bool) or not 0.0 < float(f) <= 1.0 for f in fractions
-    ):
-        raise ValueError(f"{key} must be a non-empty list of fractions in (0, 1], got {fractions}")
-    if float(fractions[-1]) != 1.0:
-        raise ValueError(f"{key} must end with 1.0 (the full dictionary), got {fractions}")
-    sizes = [round(float(f) * n_latents) for f in fractions]
-    if sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(sizes)):
-        raise ValueError(
-            f"{key} must give strictly increasing prefix sizes >= 1 of the {n_latents} latents, got {sizes} "
-            f"from {fractions}"
-        )
+    sizes = check_prefix_fractions(prefix_fractions, n_latents)
+    assert sizes is not None  # the width is given
     return sizes
 
 
@@ -124,8 +94,10 @@ class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
         generator: RNG of the initial weights (the global RNG is never touched).
 
     Attributes:
-        aux_energy_reducer: As :class:`~sae_refusal.sae.topk.TopKSAE`'s (DDP: the AuxK normaliser's mean over
-            ranks); a plain attribute, not in :meth:`config`.
+        aux_energy_reducer: As :class:`~sae_refusal.sae.topk.TopKSAE`'s (DDP: the mean over ranks, set by
+            :class:`~sae_refusal.sae.module.SAEModule` for the fit); used for the AuxK normaliser and for the
+            threshold's statistic (the ranks' mean smallest kept activation, so the ``threshold`` buffer stays
+            the same on every rank); a plain attribute, not in :meth:`config`.
 
     Raises:
         ValueError: On a setting out of range (naming its ``model.architecture.*`` key).
@@ -184,11 +156,21 @@ class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
 
     @torch.no_grad()
     def _update_threshold(self, z_BF: torch.Tensor) -> None:
-        """EMA of the smallest kept positive activation (see the module docstring)."""
+        """EMA of the smallest kept positive activation (see the module docstring).
+
+        Under DDP (``aux_energy_reducer`` set) the statistic is the mean over the ranks that kept a positive
+        activation, so every rank applies the same update and keeps the same threshold; a batch without one
+        leaves the threshold as it is.
+        """
         positive = z_BF[z_BF > 0]
-        if positive.numel() == 0:
+        found = z_BF.new_tensor(float(positive.numel() > 0))
+        # (smallest * found, found): the reduction below is a collective, so every rank calls it
+        stat = torch.stack([positive.min() if positive.numel() else z_BF.new_zeros(()), found])
+        if self.aux_energy_reducer is not None:
+            stat = self.aux_energy_reducer(stat)
+        if float(stat[1]) <= 0:
             return
-        smallest = positive.min().to(self.threshold.dtype)
+        smallest = (stat[0] / stat[1]).to(self.threshold.dtype)
         if float(self.threshold) < 0:
             self.threshold.copy_(smallest)
         else:
@@ -402,7 +384,7 @@ class MatryoshkaBatchTopK(BatchTopK):
             float(f) if isinstance(f, int | float) and not isinstance(f, bool) else f
             for f in prefix_fractions
         ]
-        prefix_sizes(fractions, 1 << 20)  # the shape of the list; sizes are checked again at build
+        check_prefix_fractions(fractions)  # the sizes are checked at build, when the width is known
         self.prefix_fractions = fractions
 
     def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:

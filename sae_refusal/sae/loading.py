@@ -88,35 +88,41 @@ def load_project_sae(
                 f"{tuple(expected[name].shape)}: the config does not describe these weights"
             )
     sae.load_state_dict(tensors)
-    return sae.to(device)
+    return sae.to(device).eval()
 
 
 def load_any_sae(
     folder: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
 ) -> SparseAutoencoder:
-    """Load a local SAE folder of any format as a project module (foreign ones with ``input_scale`` 1).
+    """Load a local SAE folder of any format as a project module (foreign ones with ``input_scale`` 1), in
+    eval mode: a loaded SAE is used for inference (a BatchTopK SAE in training mode would select over the
+    batch it is given and move its threshold; :mod:`sae_refusal.sae.batchtopk`).
 
     Raises:
         FileNotFoundError: If the folder holds no SAE of a known format (naming what it lacks).
         ArtifactError, ValueError: See :func:`load_project_sae` and the format's loader.
     """
     fmt = detect_format(folder)
+    sae: SparseAutoencoder
     if fmt == "sparsify":
         from sae_refusal.sae.formats.sparsify import load_sparsify
 
-        return load_sparsify(folder, device=device, verify=verify)
-    if fmt == "saelens":
+        sae = load_sparsify(folder, device=device, verify=verify)
+    elif fmt == "saelens":
         from sae_refusal.sae.formats.saelens import load_saelens
 
-        return load_saelens(folder, device=device, verify=verify)
-    return load_project_sae(folder, device=device, verify=verify)
+        sae = load_saelens(folder, device=device, verify=verify)
+    else:
+        sae = load_project_sae(folder, device=device, verify=verify)
+    return sae.eval()
 
 
 def load_sae(
     folder: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify: bool = True
 ) -> SparseAutoencoder:
-    """Load an SAE (no Lightning needed): a project export (``cfg.json`` says which architecture), a sparsify
-    or SAELens folder (:mod:`sae_refusal.sae.formats`), or a hub id ``owner/repo[/hookpoint]`` of one.
+    """Load an SAE (no Lightning needed), in eval mode: a project export (``cfg.json`` says which
+    architecture), a sparsify or SAELens folder (:mod:`sae_refusal.sae.formats`), or a hub id
+    ``owner/repo[/hookpoint]`` of one.
 
     Args:
         folder: A local folder or a hub id (kept a string until resolved: ``hf://`` survives).

@@ -10,7 +10,8 @@ At the start of fit (once; a resumed run keeps the stored values) the input scal
 split so that the mean activation norm is ``sqrt(d_model)``, and every seed's decoder bias starts at the
 (normalised) mean activation. Metrics per seed go to ``{stage}/seed{n}/...``: ``mse``, ``fvu``, ``l0``,
 ``loss``, the architecture's terms (``aux``, ``l1``, ``supcon``, ``separation``), ``dead_fraction`` per epoch,
-and per class FVU (benign, ambiguous and each harmful category) on validation and test. Validation and test
+``shrinkage`` (validation and test: the split's mean of ``||x_hat|| / ||x||``) and per class FVU (benign,
+ambiguous and each harmful category) on validation and test. Validation and test
 ``fvu`` is computed once over the whole split (sum of squared errors / total variance about the split's mean),
 never averaged over batches (a 1-row batch has no variance); the per-step training ``fvu`` divides by the
 squared distance to the training mean for the same reason.
@@ -308,6 +309,9 @@ class SAEModule(L.LightningModule):
         classes_B = class_names_of_batch(batch["label"], batch["category"])
         for name, sae in self.named_saes():
             _, out, metrics = self._seed_loss(name, sae, batch, stage)
+            # shrinkage: mean over rows of ||x_hat|| / ||x|| (raw space; 1 = none), SAEBench's l2_ratio
+            norm_B = batch["acts"].float().norm(dim=-1).clamp_min(1e-12)
+            metrics["shrinkage"] = (out.recon_BD.detach().float().norm(dim=-1) / norm_B).mean()
             if name not in self._class_sums:
                 self._class_sums[name] = self._new_sums()
             sums = self._class_sums[name]

@@ -9,6 +9,7 @@ in a second with the same message. Each message names the config key (``model.lr
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Final
@@ -18,10 +19,12 @@ __all__ = [
     "ENCODER_DTYPE_NAMES",
     "MODULE_ARGS",
     "REQUIRED",
+    "check_batchtopk_settings",
     "check_contrastive_settings",
     "check_jumprelu_settings",
     "check_l1_settings",
     "check_module_settings",
+    "check_prefix_fractions",
     "check_topk_settings",
 ]
 
@@ -51,6 +54,21 @@ ARCHITECTURE_ARGS: dict[str, dict[str, object]] = {
     },
     "L1": {"l1_coef": 0.5, "init_decoder_norm": 0.1},
     "JumpReLU": {"l0_coef": 1.0, "bandwidth": 0.001, "init_threshold": 0.001, "init_decoder_norm": 0.1},
+    "BatchTopK": {
+        "k": 32,
+        "aux_k": 256,
+        "aux_coef": 1.0 / 32.0,
+        "dead_after_steps": 1000,
+        "threshold_momentum": 0.99,
+    },
+    "MatryoshkaBatchTopK": {
+        "k": 32,
+        "prefix_fractions": (0.0625, 0.25, 1.0),
+        "aux_k": 256,
+        "aux_coef": 1.0 / 32.0,
+        "dead_after_steps": 1000,
+        "threshold_momentum": 0.99,
+    },
     "Contrastive": {
         "base": REQUIRED,
         "supcon_weight": 0.1,
@@ -123,6 +141,59 @@ def check_topk_settings(
             f"model.architecture.encoder_dtype must be one of {list(ENCODER_DTYPE_NAMES)}, "
             f"got {encoder_dtype!r}"
         )
+
+
+def check_batchtopk_settings(
+    k: object,
+    aux_k: object,
+    aux_coef: object,
+    dead_after_steps: object,
+    threshold_momentum: object,
+    n_latents: int | None = None,
+) -> None:
+    """A BatchTopK SAE's settings (TopK's rules, and ``threshold_momentum`` in ``[0, 1)``).
+
+    Raises:
+        ValueError: Naming the ``model.architecture.*`` key, the rule and the value.
+    """
+    check_topk_settings(k, aux_k, aux_coef, dead_after_steps, "float32", n_latents)
+    momentum = _finite(threshold_momentum)
+    if momentum is None or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"model.architecture.threshold_momentum must be in [0, 1), got {threshold_momentum}")
+
+
+def check_prefix_fractions(prefix_fractions: object, n_latents: int | None = None) -> list[int] | None:
+    """A Matryoshka SAE's ``prefix_fractions``: a non-empty list of fractions in ``(0, 1]`` ending with
+    ``1.0``; with the width known, the prefix sizes ``round(f * n_latents)`` they give, strictly increasing
+    and >= 1.
+
+    Returns:
+        The prefix sizes when ``n_latents`` is given, else ``None``.
+
+    Raises:
+        ValueError: Naming ``model.architecture.prefix_fractions``, the rule and the value.
+    """
+    key = "model.architecture.prefix_fractions"
+    if isinstance(prefix_fractions, str | bytes) or not isinstance(prefix_fractions, Sequence):
+        raise ValueError(f"{key} must be a non-empty list of fractions in (0, 1], got {prefix_fractions!r}")
+    fractions = list(prefix_fractions)
+    parsed = [_finite(f) for f in fractions]
+    numbers = [f for f in parsed if f is not None and 0.0 < f <= 1.0]
+    if not fractions or len(numbers) != len(fractions):
+        raise ValueError(f"{key} must be a non-empty list of fractions in (0, 1], got {fractions}")
+    if numbers[-1] != 1.0:
+        raise ValueError(f"{key} must end with 1.0 (the full dictionary), got {fractions}")
+    if any(b <= a for a, b in itertools.pairwise(numbers)):
+        raise ValueError(f"{key} must be strictly increasing, got {fractions}")
+    if n_latents is None:
+        return None
+    sizes = [round(f * n_latents) for f in numbers]
+    if sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(sizes)):
+        raise ValueError(
+            f"{key} must give strictly increasing prefix sizes >= 1 of the {n_latents} latents, got {sizes} "
+            f"from {fractions}"
+        )
+    return sizes
 
 
 def check_l1_settings(l1_coef: object, init_decoder_norm: object) -> None:

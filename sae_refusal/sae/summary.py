@@ -33,6 +33,7 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("train FVU", "train/{seed}/fvu", "{:.3f}"),
     ("val L0", "val/{seed}/l0", "{:.1f}"),
     ("dead", "train/{seed}/dead_fraction", "{:.1%}"),
+    ("shrinkage", "val/{seed}/shrinkage", "{:.3f}"),
     ("loss recovered", "val/{seed}/splice/loss_recovered", "{:.3f}"),
     ("KL", "val/{seed}/splice/kl", "{:.3f}"),
     ("head acc", "features/{seed}/head/accuracy", "{:.3f}"),

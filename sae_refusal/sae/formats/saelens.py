@@ -14,6 +14,29 @@ against sae-lens 6.54.12, :data:`SAELENS_VERSION`)::
     sae_weights.safetensors  W_enc (D, F), b_enc (F,), W_dec (F, D), b_dec (D,)
                              [+ threshold (F,) for jumprelu]
 
+BatchTopK and Matryoshka-BatchTopK are training architectures in SAELens (``BatchTopKTrainingSAE``,
+``MatryoshkaBatchTopKTrainingSAE``, registered for training only: ``SAE.load_from_disk`` of their folder
+fails, ``TrainingSAE.load_from_disk`` reads it). Its ``save_inference_model`` writes them as a ``jumprelu``
+SAE: every latent's ``threshold`` is the scalar ``topk_threshold`` (the EMA of the smallest kept activation),
+the decoder norms folded in when ``rescale_acts_by_decoder_norm``, and ``metadata.training_architecture``
+(``"batchtopk"`` / ``"matryoshka_batchtopk"``) with ``training_architecture_details`` (``k``,
+``topk_threshold_lr``, ``matryoshka_widths``, ...) recording what it was. :func:`save_saelens` writes the
+project's :class:`~sae_refusal.sae.batchtopk.BatchTopKSAE` and
+:class:`~sae_refusal.sae.batchtopk.MatryoshkaBatchTopKSAE` the same way (eval-mode codes
+``ReLU(pre) * (pre > threshold)`` are SAELens' JumpReLU ones; ``topk_threshold_lr = 1 - threshold_momentum``),
+and a :class:`~sae_refusal.sae.jumprelu_train.TrainableJumpReLUSAE` as ``jumprelu`` with
+``threshold = exp(log_threshold)``. SAELens' training folder (``save_model`` of a BatchTopK training SAE)::
+
+    cfg.json                 {"architecture": "batchtopk" | "matryoshka_batchtopk", "k": k (a float there),
+                              "topk_threshold_lr": lr, "rescale_acts_by_decoder_norm": bool,
+                              ["matryoshka_widths": [m_1, ..., d_sae],] ..., "metadata": {...}}
+    sae_weights.safetensors  W_enc, b_enc, W_dec, b_dec, topk_threshold () float64
+
+computes ``ReLU(pre)`` kept at its ``k * B`` largest entries over the batch (``pre`` times the decoder row
+norms, and the codes divided by them before decoding, when ``rescale_acts_by_decoder_norm``), in training and
+eval mode alike; its inference export thresholds at ``topk_threshold``. :func:`load_saelens` reads it as the
+project's class: the same batch top-k in training mode, the same thresholded codes in eval mode.
+
 SAELens computes (``apply_b_dec_to_input`` true, ``normalize_activations`` "none")::
 
     pre = (x - b_dec) @ W_enc + b_enc
@@ -52,7 +75,20 @@ Design notes:
 * **Reading is otherwise strict**: an architecture without a project equivalent (``gated``, ``abstopk``,
   transcoders...), ``normalize_activations`` other than ``"none"``, missing, unexpected or misshapen tensors
   are refused with a ``ValueError`` naming the file and the field. ``reshape_activations: "hook_z"`` is
-  accepted (the SAE then takes the flattened ``n_heads * d_head`` input).
+  accepted (the SAE then takes the flattened ``n_heads * d_head`` input). A BatchTopK training folder's
+  ``k`` must be a whole number (the project keeps ``k * B`` entries of a batch of ``B``), its
+  ``topk_threshold_lr`` in ``(0, 1]`` and its ``matryoshka_widths`` increasing (SAELens appends ``d_sae``
+  when the last is smaller; so does the reader).
+* **Which class a ``jumprelu`` folder gives**: a :class:`BatchTopKSAE` / :class:`MatryoshkaBatchTopKSAE`
+  when the project's provenance block says the export was one (its config rebuilt from the block's
+  ``sae_config``), or, for SAELens' own inference export, when ``metadata.training_architecture`` is
+  ``batchtopk`` / ``matryoshka_batchtopk`` (``k``, ``threshold_momentum = 1 - topk_threshold_lr`` and the
+  prefixes from ``training_architecture_details``; the other training settings are the class defaults) -
+  provided every latent's threshold is the same number and the config builds; otherwise, and for every other
+  ``jumprelu`` folder (a :class:`TrainableJumpReLUSAE` export included: its inference form), the plain
+  :class:`JumpReLUSAE`. The codes are SAELens' either way. Every loaded SAE is returned in eval mode (a
+  SAELens folder is an inference SAE; a BatchTopK SAE then uses its threshold; ``.train()`` gives the batch
+  top-k).
 * **SAELens 5 configs** (flat: ``activation_fn_str`` / ``activation_fn_kwargs {"k"}``, ``hook_name`` or
   ``hook_point``, ``hook_layer``, ``model_name``, no ``sae_lens_version`` >= 6) are read like SAELens 6's own
   ``handle_pre_6_0_config`` reads them; an activation other than ``relu`` / ``topk`` is refused.
@@ -64,6 +100,7 @@ Design notes:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -77,6 +114,7 @@ from sae_refusal.atomic import AtomicFolder
 from sae_refusal.llm.config import SMOLLM2_ALIAS, SMOLLM2_HUB_ID
 from sae_refusal.provenance import is_local_path, relative_paths, resolve_paths
 from sae_refusal.sae.base import SparseAutoencoder
+from sae_refusal.sae.batchtopk import BatchTopKSAE, MatryoshkaBatchTopKSAE
 from sae_refusal.sae.files import SHA256_KEY, read_config, read_tensors, verify_sha256, write_tensors
 from sae_refusal.sae.formats.hookpoints import hookpoint_for_layer
 from sae_refusal.sae.jumprelu import JumpReLUSAE
@@ -116,6 +154,19 @@ _CLASS_OF: dict[str, type[SparseAutoencoder]] = {
     "topk": TopKSAE,
     "jumprelu": JumpReLUSAE,
 }
+#: SAELens training-only architectures (a training folder: ``save_model`` of its training SAE) -> the
+#: project's class; both are written for inference as ``jumprelu`` (their ``topk_threshold`` per latent).
+_TRAINING_CLASS_OF: dict[str, type[BatchTopKSAE]] = {
+    "batchtopk": BatchTopKSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+}
+#: The project's classes -> the SAELens architecture each is exported as (the first match wins).
+_EXPORTED_AS: tuple[tuple[type[SparseAutoencoder], str], ...] = (
+    (TopKSAE, "topk"),
+    (ReLUSAE, "standard"),
+    (JumpReLUSAE, "jumprelu"),  # TrainableJumpReLUSAE too: threshold = exp(log_threshold)
+    (BatchTopKSAE, "jumprelu"),  # MatryoshkaBatchTopKSAE too: SAELens' save_inference_model of them
+)
 #: SAELens' metadata fields (its ``LLM_METADATA_KEYS``) copied from the caller's metadata on export.
 _METADATA_FIELDS = (
     "model_name",
@@ -140,13 +191,33 @@ _V5_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_in
 
 
 def _saelens_architecture(sae: SparseAutoencoder) -> str:
-    for name, cls in _CLASS_OF.items():
+    for cls, name in _EXPORTED_AS:
         if isinstance(sae, cls):
             return name
     raise ValueError(
         f"SAELens has no equivalent of a {type(sae).__name__} (architecture {sae.architecture!r}); "
-        f"exportable: {', '.join(f'{cls.__name__} -> {name!r}' for name, cls in _CLASS_OF.items())}"
+        f"exportable: {', '.join(f'{cls.__name__} -> {name!r}' for cls, name in _EXPORTED_AS)}"
     )
+
+
+def _batchtopk_threshold(sae: BatchTopKSAE) -> float:
+    """The inference threshold SAELens' ``jumprelu`` gets for every latent; refused while it is unset."""
+    theta = float(sae.threshold)
+    if not theta >= 0.0:
+        raise ValueError(
+            f"threshold: this {type(sae).__name__}'s inference threshold was never set ({theta} < 0; "
+            "training estimates it), so its codes depend on the batch and SAELens' 'jumprelu' (a fixed "
+            "threshold per latent) cannot hold it; train it first (or set its threshold buffer)"
+        )
+    return theta
+
+
+def _training_metadata(sae: BatchTopKSAE) -> dict[str, Any]:
+    """``training_architecture`` and its details, as SAELens' ``save_inference_model`` records them."""
+    details: dict[str, Any] = {"k": sae.k, "topk_threshold_lr": 1.0 - sae.threshold_momentum}
+    if isinstance(sae, MatryoshkaBatchTopKSAE):
+        details["matryoshka_widths"] = list(sae.prefixes)
+    return {"training_architecture": sae.architecture, "training_architecture_details": details}
 
 
 def is_saelens_folder(folder: Path) -> bool:
@@ -223,6 +294,8 @@ def _export_metadata(
     for key in _METADATA_FIELDS:
         if key not in block and metadata.get(key) is not None:
             block[key] = metadata[key]
+    if isinstance(sae, BatchTopKSAE):
+        block.update(_training_metadata(sae))
     block[PROVENANCE_KEY] = {
         "architecture": sae.architecture,
         **{k: v for k, v in metadata.items() if k != SHA256_KEY},  # a re-export's source's own sha256s
@@ -241,8 +314,11 @@ def save_saelens(
     folder computes the same codes and reconstruction on raw activations as ``sae``.
 
     Args:
-        sae: A :class:`TopKSAE` (-> ``"topk"``), :class:`ReLUSAE` (-> ``"standard"``) or :class:`JumpReLUSAE`
-            (-> ``"jumprelu"``).
+        sae: A :class:`TopKSAE` (-> ``"topk"``), :class:`ReLUSAE` (-> ``"standard"``), :class:`JumpReLUSAE`
+            or :class:`~sae_refusal.sae.jumprelu_train.TrainableJumpReLUSAE` (-> ``"jumprelu"``), or a
+            :class:`BatchTopKSAE` / :class:`MatryoshkaBatchTopKSAE` (-> ``"jumprelu"`` with its threshold for
+            every latent, as SAELens' ``save_inference_model`` writes them; module notes). Eval-mode codes
+            are what SAELens computes.
         folder: The folder to write (replaced if it exists).
         metadata: JSON-serialisable provenance (``model``, ``layer``, ``hook_name``, ``seed``,
             ``adapter_path``...). ``model_name`` (else the hub id of ``model``, :func:`saelens_model_name`),
@@ -255,10 +331,12 @@ def save_saelens(
         The written folder.
 
     Raises:
-        ValueError: If the SAE's class has no SAELens equivalent (naming it), its input scale is not finite
-            and positive, ``metadata['layer']`` is negative, or ``metadata`` is not JSON-serialisable.
+        ValueError: If the SAE's class has no SAELens equivalent (naming it), a BatchTopK SAE's threshold
+            was never set, its input scale is not finite and positive, ``metadata['layer']`` is negative,
+            or ``metadata`` is not JSON-serialisable.
     """
     architecture = _saelens_architecture(sae)
+    theta = _batchtopk_threshold(sae) if isinstance(sae, BatchTopKSAE) else None
     s = float(sae.input_scale)
     if not math.isfinite(s) or s <= 0.0:
         raise ValueError(f"input_scale: must be finite and > 0 to fold into the weights, got {s}")
@@ -281,7 +359,7 @@ def save_saelens(
         raise ValueError(f"metadata: not JSON-serialisable ({err})") from err
 
     with torch.no_grad():
-        if isinstance(sae, TopKSAE):
+        if isinstance(sae, (TopKSAE, BatchTopKSAE)):
             W_enc_DF, b_enc_F = sae.W_enc_FD.T, sae.b_enc_F
         elif isinstance(sae, (ReLUSAE, JumpReLUSAE)):
             W_enc_DF, b_enc_F = sae.W_enc_DF, sae.b_enc_F
@@ -293,6 +371,8 @@ def save_saelens(
         }
         if isinstance(sae, JumpReLUSAE):
             tensors["threshold"] = sae.threshold_F.detach().double()
+        elif theta is not None:  # the threshold is in the pre-activations' space: unchanged by the fold
+            tensors["threshold"] = torch.full((sae.n_latents,), theta, dtype=torch.float64)
     with AtomicFolder(folder) as out:
         label = Path(folder) / SAELENS_WEIGHTS
         digest = write_tensors(tensors, out.tmp / SAELENS_WEIGHTS, label=label)
@@ -363,13 +443,62 @@ def _positive_int(cfg: dict[str, Any], field: str, cfg_path: Path) -> int:
     return value
 
 
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number (SAELens' BatchTopK ``k`` is a float), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value)
+
+
+def _batchtopk_settings(source: dict[str, Any], architecture: str, d_sae: int, where: str) -> dict[str, Any]:
+    """The project's BatchTopK settings (``k``, ``threshold_momentum``, Matryoshka ``prefixes``) from
+    SAELens' fields in ``source`` (a training ``cfg.json``, or an inference export's
+    ``training_architecture_details``).
+
+    Raises:
+        ValueError: Naming ``where`` (the file and the field's prefix) and the field.
+    """
+    k = _whole_number(source.get("k"))
+    if k is None or not 1 <= k <= d_sae:
+        raise ValueError(
+            f"{where}'k' must be a whole number in [1, {d_sae}] (the project's BatchTopK keeps k * B "
+            f"entries of a batch of B), got {source.get('k')!r}"
+        )
+    settings: dict[str, Any] = {"k": k}
+    lr = source.get("topk_threshold_lr")
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0.0 < float(lr) <= 1.0:
+            raise ValueError(f"{where}'topk_threshold_lr' must be in (0, 1], got {lr!r}")
+        settings["threshold_momentum"] = 1.0 - float(lr)  # theta <- (1 - lr) theta + lr m
+    if architecture == "matryoshka_batchtopk":
+        raw = source.get("matryoshka_widths")
+        widths = [_whole_number(w) for w in raw] if isinstance(raw, list) else [None]
+        if widths and widths[-1] is not None and widths[-1] < d_sae:
+            widths.append(d_sae)  # SAELens adds the full width as the last level (with a warning)
+        if (
+            not widths
+            or any(w is None or w < 1 for w in widths)
+            or any(b <= a for a, b in itertools.pairwise(w or 0 for w in widths))
+            or widths[-1] != d_sae
+        ):
+            raise ValueError(
+                f"{where}'matryoshka_widths' must be increasing widths >= 1 up to d_sae ({d_sae}), "
+                f"got {raw!r}"
+            )
+        settings["prefixes"] = widths
+    return settings
+
+
 def _check_cfg(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, int, int]:
     """``(architecture, d_in, d_sae)`` of a config the project's SAEs compute exactly, else ValueError."""
     architecture = cfg["architecture"]
-    if architecture not in _CLASS_OF:
+    if architecture not in _CLASS_OF and architecture not in _TRAINING_CLASS_OF:
+        known = {**_CLASS_OF, **_TRAINING_CLASS_OF}
         raise ValueError(
             f"{cfg_path}: field 'architecture' is {architecture!r}; only "
-            f"{', '.join(f'{name!r} ({cls.__name__})' for name, cls in _CLASS_OF.items())} map to the "
+            f"{', '.join(f'{name!r} ({cls.__name__})' for name, cls in known.items())} map to the "
             "project's SAEs"
         )
     if cfg["layout"] == "saelens5":
@@ -406,7 +535,17 @@ def _check_cfg(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, int, int]:
         k = _positive_int(cfg, "k", cfg_path)
         if k > d_sae:
             raise ValueError(f"{cfg_path}: field 'k' ({k}) exceeds d_sae ({d_sae})")
+    if architecture in _TRAINING_CLASS_OF:
+        _batchtopk_settings(cfg, architecture, d_sae, f"{cfg_path}: field ")
     return architecture, d_in, d_sae
+
+
+def _rescales_by_decoder_norm(cfg: dict[str, Any], architecture: str) -> bool:
+    """Whether SAELens scales the codes by the decoder row norms (SAELens' defaults when the field is absent:
+    false for an inference ``topk``, true for a BatchTopK training config)."""
+    if architecture == "topk":
+        return bool(cfg.get("rescale_acts_by_decoder_norm", False))
+    return architecture in _TRAINING_CLASS_OF and bool(cfg.get("rescale_acts_by_decoder_norm", True))
 
 
 def _read_tensors(
@@ -417,6 +556,8 @@ def _read_tensors(
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if architecture == "jumprelu":
         expected["threshold"] = (d_sae,)
+    if architecture in _TRAINING_CLASS_OF:
+        expected["topk_threshold"] = ()  # a float64 scalar
     missing = [key for key in expected if key not in tensors]
     if missing:
         raise ValueError(
@@ -460,16 +601,19 @@ def load_saelens(
             wrote records none).
 
     Returns:
-        A :class:`TopKSAE` (``topk``), :class:`ReLUSAE` (``standard``) or :class:`JumpReLUSAE` (``jumprelu``)
-        with ``input_scale`` 1 and float32 weights, computing SAELens' codes and reconstruction.
+        A :class:`TopKSAE` (``topk``), :class:`ReLUSAE` (``standard``), :class:`JumpReLUSAE` (``jumprelu``),
+        or a :class:`BatchTopKSAE` / :class:`MatryoshkaBatchTopKSAE` (SAELens' BatchTopK training folders,
+        and ``jumprelu`` folders recorded as one: module notes), in eval mode, with ``input_scale`` 1 and
+        float32 weights, computing SAELens' codes and reconstruction.
 
     Raises:
         FileNotFoundError: If ``cfg.json`` or ``sae_weights.safetensors`` is missing.
         ArtifactError: If ``cfg.json`` does not parse, or the weights file is empty, unreadable, altered
             (sha256) or holds inf / nan (naming the file and the tensor).
         ValueError: Naming the file and field, for an architecture without a project equivalent, a
-            normalisation other than ``"none"``, a bad ``d_in`` / ``d_sae`` / ``k``, or tensors that are
-            missing, unexpected or misshapen.
+            normalisation other than ``"none"``, a bad ``d_in`` / ``d_sae`` / ``k`` / ``topk_threshold_lr`` /
+            ``matryoshka_widths``, or tensors that are missing, unexpected, misshapen or (``topk_threshold``)
+            negative.
     """
     folder = Path(folder)
     cfg_path, weights = folder / SAELENS_CONFIG, folder / SAELENS_WEIGHTS
@@ -483,8 +627,9 @@ def load_saelens(
     t = _read_tensors(weights, cfg, architecture, d_in, d_sae)
     if not cfg.get("apply_b_dec_to_input", True):  # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + b_enc'
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
-    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+    if _rescales_by_decoder_norm(cfg, architecture):
         # SAELens: TopK(pre * |W_dec_f|), decoded as (z / |W_dec_f|) @ W_dec: its fold_W_dec_norm, exactly
+        # (BatchTopK: its threshold is in those units already, so it stays as it is)
         norm_F = t["W_dec"].norm(dim=1).clamp_min(1e-12)
         t["W_enc"] = t["W_enc"] * norm_F
         t["b_enc"] = t["b_enc"] * norm_F
@@ -503,16 +648,74 @@ def load_saelens(
             relu.W_enc_DF.copy_(t["W_enc"])
             relu.b_enc_F.copy_(t["b_enc"])
             sae = relu
+        elif architecture in _TRAINING_CLASS_OF:
+            if float(t["topk_threshold"]) < 0:
+                raise ValueError(
+                    f"{weights}: tensor 'topk_threshold' is {float(t['topk_threshold'])} < 0 (SAELens' "
+                    "estimate starts at 0 and averages positive activations; the project reads < 0 as unset)"
+                )
+            sae = _batchtopk(
+                _TRAINING_CLASS_OF[architecture],
+                dict(d_model=d_in, n_latents=d_sae, **_batchtopk_settings(cfg, architecture, d_sae, "")),
+                t,
+                t["topk_threshold"],
+            )
         else:
-            jump = JumpReLUSAE(d_in, d_sae)
-            jump.W_enc_DF.copy_(t["W_enc"])
-            jump.b_enc_F.copy_(t["b_enc"])
-            jump.threshold_F.copy_(t["threshold"])
-            sae = jump
+            sae = _jumprelu_as_recorded(cfg["metadata"], provenance, d_in, d_sae, t)
         sae.W_dec_FD.copy_(t["W_dec"])
         sae.b_dec_D.copy_(t["b_dec"])
         sae.input_scale.fill_(1.0)
-    return sae.to(device)
+    return sae.to(device).eval()
+
+
+def _batchtopk(
+    cls: type[BatchTopKSAE], config: dict[str, Any], t: dict[str, torch.Tensor], threshold: torch.Tensor
+) -> BatchTopKSAE:
+    """A ``cls`` built from ``config`` with the encoder of ``t`` and the scalar threshold ``threshold``."""
+    sae = cls(**config)
+    sae.W_enc_FD.copy_(t["W_enc"].T)
+    sae.b_enc_F.copy_(t["b_enc"])
+    sae.threshold.copy_(threshold)
+    return sae
+
+
+def _jumprelu_as_recorded(
+    metadata: dict[str, Any], provenance: Any, d_in: int, d_sae: int, t: dict[str, torch.Tensor]
+) -> SparseAutoencoder:
+    """The SAE a ``jumprelu`` folder holds: a BatchTopK one where the project's provenance or SAELens'
+    ``training_architecture`` says so and every latent has the same threshold, else a plain JumpReLU SAE."""
+    threshold_F = t["threshold"]
+    config: dict[str, Any] | None = None
+    cls: type[BatchTopKSAE] | None = None
+    recorded = provenance.get("architecture") if isinstance(provenance, dict) else None
+    if recorded is not None:  # the project's own export: its class and config, as they were
+        cls = _TRAINING_CLASS_OF.get(recorded)
+        if cls is not None and isinstance(provenance.get("sae_config"), dict):
+            config = dict(provenance["sae_config"])
+    else:  # SAELens' save_inference_model of its BatchTopK training SAEs
+        cls = _TRAINING_CLASS_OF.get(str(metadata.get("training_architecture")))
+        details = metadata.get("training_architecture_details")
+        if cls is not None and isinstance(details, dict):
+            try:
+                settings = _batchtopk_settings(details, cls.architecture, d_sae, "")
+            except ValueError:  # not settings the project's class takes: the plain JumpReLU SAE below
+                settings = None
+            if settings is not None:
+                config = {"d_model": d_in, "n_latents": d_sae, **settings}
+    uniform = bool((threshold_F == threshold_F[0]).all()) and float(threshold_F[0]) >= 0.0
+    if cls is not None and config is not None and uniform:
+        try:
+            sae = _batchtopk(cls, config, t, threshold_F[0])
+        except (TypeError, ValueError):  # a config that does not build: the plain JumpReLU SAE below
+            pass
+        else:
+            if (sae.d_model, sae.n_latents) == (d_in, d_sae):
+                return sae
+    jump = JumpReLUSAE(d_in, d_sae)
+    jump.W_enc_DF.copy_(t["W_enc"])
+    jump.b_enc_F.copy_(t["b_enc"])
+    jump.threshold_F.copy_(threshold_F)
+    return jump
 
 
 def read_saelens_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -547,7 +750,7 @@ def read_saelens_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
         saelens_layout=cfg["layout"],
         model=meta.get("model_name"),
         hook_name=meta.get("hook_name"),
-        k=cfg.get("k") if cfg["architecture"] == "topk" else None,
+        k=cfg.get("k") if cfg["architecture"] in ("topk", *_TRAINING_CLASS_OF) else None,
         d_in=cfg.get("d_in"),
         d_sae=cfg.get("d_sae"),
         sae_lens_version=meta.get("sae_lens_version"),

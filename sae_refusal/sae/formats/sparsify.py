@@ -24,6 +24,10 @@ Design notes:
   the same raw-space reconstruction. The exported decoder rows therefore have norm ``1 / s``, not 1;
   ``normalize_decoder`` is still written ``true`` (sparsify's default, and how the SAE was trained) and only
   matters if sparsify's trainer fine-tunes the export (it would rescale the rows).
+* **Only TopK.** sparsify 1.3.3's ``SparseCoderConfig.activation`` is ``"topk"`` or ``"groupmax"``; it has
+  no BatchTopK (batch-level selection, inference threshold), JumpReLU or Matryoshka coder, so
+  :func:`save_sparsify` refuses those (and ReLU) SAEs naming the class; SAELens holds them
+  (:mod:`sae_refusal.sae.formats.saelens`).
 * **Reading is strict.** Anything that the project's TopK SAE cannot compute exactly (``groupmax``, a skip
   connection, a transcoder, missing, extra or misshapen tensors) is refused with a ``ValueError`` naming the
   file and the field, rather than loaded approximately. ``multi_topk`` (a training-loss option) is accepted.
@@ -120,14 +124,17 @@ def save_sparsify(
         The written folder.
 
     Raises:
-        ValueError: If ``sae`` is not a TopK SAE, its input scale is not finite and positive, or ``metadata``
-            is not JSON-serialisable.
+        ValueError: If ``sae`` is not a TopK SAE (sparsify has no equivalent of the others: BatchTopK,
+            Matryoshka, JumpReLU, ReLU), its input scale is not finite and positive, or ``metadata`` is not
+            JSON-serialisable.
         ArtifactError: If a weight holds inf / nan (nothing is written).
     """
     if not isinstance(sae, TopKSAE):
         raise ValueError(
-            f"sparsify stores TopK SAEs only; a {type(sae).__name__} (architecture {sae.architecture!r}) "
-            "cannot be exported to it (its formats: the project's own export, SAELens)"
+            f"sparsify has no equivalent of a {type(sae).__name__} (architecture {sae.architecture!r}): its "
+            "SparseCoder keeps the k largest codes of each row ('topk'; or 'groupmax'), with no batch-level "
+            "top-k, threshold (BatchTopK, JumpReLU) or Matryoshka prefixes, so only a TopKSAE can be "
+            "exported to it (this SAE's formats: the project's own export, SAELens)"
         )
     s = float(sae.input_scale)
     if not math.isfinite(s) or s <= 0.0:

@@ -1,0 +1,55 @@
+"""Smoke test of ``benchmarks/sae_arch_speed.py`` (every architecture steps, TopK is the baseline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sae_arch_speed.py"
+TINY = ["--device", "cpu", "--d-model", "16", "--expansion", "4", "--k", "4", "--batch", "64"]
+TINY += ["--steps", "2", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_sae_arch_speed", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_every_architecture_is_timed_against_topk(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    record = bench.main([*TINY, "--archs", "matryoshka,batchtopk,jumprelu,l1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    results = record["results"]
+    assert list(results) == ["topk", "matryoshka", "batchtopk", "jumprelu", "l1"]  # the baseline first
+    for name, row in results.items():
+        assert row["status"] == "ok", name
+        assert row["samples_per_s"] > 0 and row["step_ms_median"] > 0
+        assert row["speed_vs_topk"] == pytest.approx(row["samples_per_s"] / results["topk"]["samples_per_s"])
+    assert results["topk"]["speed_vs_topk"] == 1.0
+    # the TopK family keeps k latents per row (on average, for the batch-level ones) in eval mode
+    assert results["topk"]["eval_l0"] == pytest.approx(4.0)
+
+
+def test_an_unknown_architecture_is_named(bench: ModuleType) -> None:
+    with pytest.raises(ValueError, match=r"--archs: unknown architecture 'gated'"):
+        bench.main([*TINY, "--archs", "topk,gated"])
