@@ -5,7 +5,7 @@
 # first fit (or reused: `sae-refusal cache` with base.yaml fills it for both layers).
 #   bash benchmarks/sae_compare.sh                  # everything, into runs/sae_compare
 #   ARCHS="topk l1" LAYERS=21 bash benchmarks/sae_compare.sh
-#   EXTRA="--data.llm.device cuda --trainer.accelerator gpu" bash benchmarks/sae_compare.sh   # on a GPU
+#   EXTRA="--trainer.accelerator gpu" bash benchmarks/sae_compare.sh   # fit options (sae-eval reads the fit's config)
 set -euo pipefail
 E=lightning_configs/experiments/sae_compare
 ROOT=${ROOT:-runs/sae_compare}
@@ -28,7 +28,7 @@ for layer in $LAYERS; do
     echo "$((SECONDS - start))" >"$out/fit_seconds.txt"
     v=$out/tensorboard/version_0
     echo "== layer $layer $arch: sae-eval"
-    sae-refusal sae-eval --config "$v/config.yaml" --sae_dir "$v/sae" --out "$out/sae_eval" "${extra[@]}"
+    sae-refusal sae-eval --config "$v/config.yaml" --sae_dir "$v/sae" --out "$out/sae_eval"
   done
 done
 python benchmarks/sae_compare_table.py --root "$ROOT" --out docs/figures/sae_compare.png

@@ -138,6 +138,25 @@ def test_topk_metrics_are_skipped_with_a_reason_when_undefined() -> None:
     assert result.report["across_seeds"]["summary"]["sparse_topk_silhouette"]["n"] == 0
 
 
+def test_a_collapsed_sae_gets_its_report_not_an_error(tmp_path: Path) -> None:
+    """Every latent dead on the held-out rows (a fit whose sparsity penalty won): the cluster metrics of its
+    codes are undefined, said so with the reason, and nothing is drawn for them; the rest of the report
+    (head, vectors, the residual's metrics) is written."""
+    from sae_refusal.sae.jumprelu import JumpReLUSAE
+
+    dead = JumpReLUSAE(D, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dead.threshold_F.fill_(1e6)  # no pre-activation reaches it
+    config = dataclasses.replace(FAST, n_permutations=0)
+    result = analyze_features(splits(), {"seed0": dead}, config, out_dir=tmp_path)
+    seed = result.report["seeds"]["seed0"]
+    assert seed["clusters_full"] is None
+    assert seed["clusters_full_skipped"] == "the codes are constant on the selected features"
+    assert "seed0_sparse_full_pca" not in result.plots and "residual_pca" in result.plots
+    assert result.report["residual"]["clusters"]["silhouette"] is not None
+    assert (tmp_path / "report.json").is_file()
+
+
 def test_analysis_is_deterministic_and_config_errors_name_the_key(tmp_path: Path) -> None:
     sae = {"seed0": TopKSAE(D, 24, k=3, generator=torch.Generator().manual_seed(0))}
     a = analyze_features(splits(), sae, FAST).report

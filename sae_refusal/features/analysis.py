@@ -25,7 +25,8 @@ features" as this set: the latents the sparse classifier picks, chosen on the fi
 metrics and projections of the SAE codes are computed twice on the held-out rows and named so:
 ``sparse_full`` (every latent) and ``sparse_topk`` (only the selected latents' columns). Per seed the
 report holds ``clusters_full``, ``clusters_topk`` (null, with the reason in ``clusters_topk_skipped``, when
-the metrics are undefined there: no selected latent, or codes constant on those columns), ``topk_features``
+the metrics are undefined there: no selected latent, or codes constant on those columns; likewise
+``clusters_full`` / ``clusters_full_skipped`` for an SAE whose every latent is silent), ``topk_features``
 and ``topk_source``; across seeds ``summary`` holds ``sparse_full_{metric}`` and ``sparse_topk_{metric}``
 (``sparse_{metric}``, the old name of ``sparse_full_{metric}``, is kept in the report for readers of old
 keys but not logged). The residual stream has no selected features: its metrics (``residual.clusters``) use
@@ -329,6 +330,8 @@ def analyze_features(
         topk_features = sorted({f for fs in selected[name].values() for f in fs})
         Z_eval_topk = Z_eval[:, topk_features]
         clusters_topk, topk_skipped = selected_cluster_report(Z_eval_topk, y_eval, config)
+        # an SAE whose every latent is dead on these rows (a collapsed fit) gets its report, not an error
+        clusters_full, full_skipped = selected_cluster_report(Z_eval, y_eval, config)
         seed_reports[name] = {
             "sas": {
                 "n_features": {cat: len(sas.features(c)) for c, cat in enumerate(categories, start=1)},
@@ -337,14 +340,17 @@ def analyze_features(
                 "decoded_cosine": _cosine_matrix(decoded_CD),
             },
             "head": head.to_dict(),
-            "clusters_full": clusters(Z_eval),
+            "clusters_full": clusters_full,
             "topk_source": config.consensus_source,
             "topk_features": topk_features,
             "clusters_topk": clusters_topk,
         }
         if topk_skipped is not None:
             seed_reports[name]["clusters_topk_skipped"] = topk_skipped
-        draw(Z_eval, f"{name}_sparse_full", f"{name} SAE codes, all {Z_eval.shape[1]} latents")
+        if full_skipped is not None:
+            seed_reports[name]["clusters_full_skipped"] = full_skipped
+        else:
+            draw(Z_eval, f"{name}_sparse_full", f"{name} SAE codes, all {Z_eval.shape[1]} latents")
         if len(topk_features) >= 2 and clusters_topk is not None:
             draw(
                 Z_eval_topk,
