@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--layers", default="12,21")
     parser.add_argument("--l1", default="0.5,1,2,4,8", help="L1 coefficients, comma separated ('' = none)")
     parser.add_argument("--jumprelu", default="0.5,1,2,4,8", help="JumpReLU l0_coef values ('' = none)")
+    parser.add_argument("--jr_init_threshold", type=float, default=0.3, help="JumpReLU init_threshold")
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -62,7 +63,9 @@ def main() -> None:
             arch = (
                 L1(l1_coef=coef, init_decoder_norm=0.1)
                 if arch_name == "l1"
-                else JumpReLU(l0_coef=coef, bandwidth=0.05, init_threshold=0.3, init_decoder_norm=0.1)
+                else JumpReLU(
+                    l0_coef=coef, bandwidth=0.05, init_threshold=args.jr_init_threshold, init_decoder_norm=0.1
+                )
             )
             sae = arch.build(d, args.expansion * d, gen).to(args.device)
             t0 = time.perf_counter()
@@ -80,6 +83,7 @@ def main() -> None:
                 "layer": layer,
                 "arch": arch_name,
                 "coef": coef,
+                "init_threshold": args.jr_init_threshold if arch_name == "jumprelu" else None,
                 "val_l0": float((z != 0).sum(-1).float().mean()),
                 "val_fvu": float(out.fvu),
                 "steps": steps,
