@@ -26,6 +26,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,14 @@ def main() -> None:
                     cache.load(layer)
 
             row: dict[str, Any] = {"dtype": dtype, "mib": round(n_bytes / 2**20, 1)}
-            for name, fn in [
-                ("open_none", lambda f=folder: ActivationCache.open(f, verify="none")),
-                ("open_size", lambda f=folder: ActivationCache.open(f, verify="size")),
+            timed: list[tuple[str, Callable[[], object]]] = [
+                ("open_none", partial(ActivationCache.open, folder, verify="none")),
+                ("open_size", partial(ActivationCache.open, folder, verify="size")),
                 ("sha256_only", sha256_all),
-                ("open_hash", lambda f=folder: ActivationCache.open(f, verify="hash")),
+                ("open_hash", partial(ActivationCache.open, folder, verify="hash")),
                 ("load", load_all),
-            ]:
+            ]
+            for name, fn in timed:
                 row[f"{name}_s"] = round(best_of(args.repeats, fn), 4)
             row["open_hash_over_load"] = round(row["open_hash_s"] / row["load_s"], 2)
             results.append(row)

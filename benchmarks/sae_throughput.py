@@ -465,7 +465,7 @@ def import_sparsify() -> tuple[Any, Any, Any, str]:
         init = Path(sparsify.__path__[0]) / "__init__.py"
         for line in init.read_text().splitlines():  # its __version__ line only
             if line.startswith("__version__"):
-                sparsify.__version__ = line.split("=", 1)[1].strip().strip("\"'")
+                setattr(sparsify, "__version__", line.split("=", 1)[1].strip().strip("\"'"))  # noqa: B010
     coder = importlib.import_module("sparsify.sparse_coder")
     config = importlib.import_module("sparsify.config")
     sign_sgd = importlib.import_module("sparsify.sign_sgd")

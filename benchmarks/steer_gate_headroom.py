@@ -173,8 +173,8 @@ def main() -> None:
             # where the call matters: among prompts the model refuses (down-steering must spare harmful ones)
             # and among those it answers (up-steering must spare benign ones)
             r0 = tables["test"].refused_NA[:, zero].numpy()
-            for name, rows in (("refused", r0), ("answered", ~r0)):
-                aucs[f"{kind}/{name}"] = float(roc_auc_score(harmful_test[rows], scores.numpy()[rows]))
+            for name, subset in (("refused", r0), ("answered", ~r0)):
+                aucs[f"{kind}/{name}"] = float(roc_auc_score(harmful_test[subset], scores.numpy()[subset]))
             print(
                 f"{kind}: test AUC {aucs[kind]:.3f}; among refused {aucs[f'{kind}/refused']:.3f} "
                 f"(n {int(r0.sum())}), among answered {aucs[f'{kind}/answered']:.3f} (n {int((~r0).sum())})",

@@ -303,7 +303,15 @@ def _check_architecture(node: Any) -> None:
         "L1": (sae_settings.check_l1_settings, ("l1_coef", "init_decoder_norm")),
         "JumpReLU": (
             sae_settings.check_jumprelu_settings,
-            ("l0_coef", "bandwidth", "init_threshold", "init_decoder_norm"),
+            (
+                "l0_coef",
+                "bandwidth",
+                "init_threshold",
+                "init_decoder_norm",
+                "init_l0",
+                "sparsity_loss",
+                "tanh_scale",
+            ),
         ),
         "BatchTopK": (
             sae_settings.check_batchtopk_settings,

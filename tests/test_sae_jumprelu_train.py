@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from sae_refusal.sae import JumpReLUSAE, load_sae
+from sae_refusal.sae import base as sae_base
 from sae_refusal.sae.architectures import architecture_from_config
+from sae_refusal.sae.base import start_from_data
 from sae_refusal.sae.jumprelu_train import JumpReLU, TrainableJumpReLUSAE, jumprelu_ste, step_ste
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,25 @@ def test_forward_and_loss_are_the_formula_on_a_hand_example() -> None:
     # the input scale multiplies the input and divides the reconstruction
     sae.set_input_scale(2.0)
     torch.testing.assert_close(sae(x / 2.0).recon_BD, recon / 2.0)
+
+
+def test_the_tanh_penalty_is_the_formula_and_reaches_the_encoder() -> None:
+    """``sparsity_loss="tanh"``: ``mean_B sum_F tanh(c * z * ||W_dec_f||)``; step: no W_enc gradient."""
+    x = torch.tensor([[1.0, 2.0], [0.2, 1.0]])
+    z = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 0.7]])  # the hand example's codes
+    norms = torch.tensor([1.0, 0.5, 2.0**0.5])
+    sae = hand_sae(l0_coef=0.5)
+    sae.sparsity_loss, sae.tanh_scale = "tanh", 3.0
+    out = sae(x)
+    expected = torch.tanh(3.0 * z * norms).sum(-1).mean()
+    torch.testing.assert_close(out.parts["l0_penalty"], expected)
+    torch.testing.assert_close(out.loss, out.mse + 0.5 * expected)
+    out.parts["l0_penalty"].backward()
+    assert sae.W_enc_DF.grad is not None and sae.W_enc_DF.grad.abs().sum() > 0
+    assert sae.W_dec_FD.grad is not None and sae.W_dec_FD.grad.abs().sum() > 0
+    step = hand_sae(l0_coef=0.5)
+    step(x).parts["l0_penalty"].backward()
+    assert step.W_enc_DF.grad is None or step.W_enc_DF.grad.abs().sum() == 0
 
 
 def test_straight_through_gradients_are_the_rectangle_kernel_formula() -> None:
@@ -129,6 +150,62 @@ def trained_like(generator: torch.Generator) -> TrainableJumpReLUSAE:
         sae.log_threshold_F.add_(torch.randn(F, generator=generator))
     sae.set_input_scale(1.7)
     return sae
+
+
+def centred_rows(n: int = 400, d: int = 16) -> torch.Tensor:
+    """Rows far from the origin (mean norm ~24, as a residual stream's), whose centred parts are small."""
+    gen = torch.Generator().manual_seed(3)
+    return 6.0 * torch.ones(d) + 0.5 * torch.randn(n, d, generator=gen)
+
+
+def test_init_l0_starts_each_latent_firing_on_its_share_of_the_training_rows() -> None:
+    """``b_enc_f = theta_f - q_f``: each latent fires on ``round(N * init_l0 / F)`` rows, thresholds kept."""
+    x_ND, n_latents = centred_rows(), 64
+    sae = JumpReLU(init_threshold=0.3, bandwidth=0.05, init_l0=8.0).build(16, n_latents, torch.Generator())
+    start_from_data(sae, x_ND)
+    with torch.no_grad():
+        fires_F = (sae.encode(x_ND) != 0).sum(0)
+    assert fires_F.tolist() == [round(400 * 8.0 / n_latents)] * n_latents  # 50 rows each: L0 8
+    torch.testing.assert_close(sae.threshold_F, torch.full((n_latents,), 0.3))
+    assert sae.b_enc_F.abs().min() > 0  # the bias moved, not the threshold
+    # the start of every latent is its own quantile: a latent with a wider spread needs a larger bias shift
+    wide = JumpReLU(init_threshold=0.3, init_l0=8.0).build(16, n_latents, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        wide.W_enc_DF[:, 0] *= 10.0
+    start_from_data(wide, x_ND)
+    with torch.no_grad():
+        assert int((wide.encode(x_ND)[:, 0] != 0).sum()) == 50
+
+
+def test_a_threshold_above_every_centred_pre_activation_is_an_error_not_a_silent_collapse() -> None:
+    """Decoder bias at the data mean (as a fit starts) + a constant 0.35 threshold: nothing could learn."""
+    x_ND = centred_rows()
+    too_high = JumpReLU(init_threshold=5.0, bandwidth=0.05).build(16, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"^model\.architecture\.init_threshold: 5 is above every pre-activ"):
+        start_from_data(too_high, x_ND)
+    reachable = JumpReLU(init_threshold=0.001, bandwidth=0.05).build(16, 64, torch.Generator().manual_seed(0))
+    start_from_data(reachable, x_ND)
+    assert torch.equal(reachable.b_enc_F, torch.zeros(64))  # checked, not moved
+    with pytest.raises(ValueError, match=r"^model\.architecture\.init_l0: needs at least 2 training rows"):
+        start_from_data(JumpReLU(init_l0=1.0).build(16, 64, torch.Generator()), x_ND[:1])
+
+
+def test_start_from_data_sets_the_scale_the_decoder_bias_and_reads_evenly_spaced_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x_ND = centred_rows(n=10)
+    seen: list[torch.Tensor] = []
+    sae = JumpReLU(init_l0=1.0).build(16, 64, torch.Generator())
+    monkeypatch.setattr(sae_base, "INIT_SAMPLE_ROWS", 4)
+    monkeypatch.setattr(sae, "init_from_data", lambda rows: seen.append(rows))
+    mean_D = start_from_data(sae, x_ND)
+    scale = sae_base.mean_norm_scale(x_ND)
+    assert math.isclose(float(sae.input_scale), scale, rel_tol=1e-6)
+    torch.testing.assert_close(sae.b_dec_D.detach(), x_ND.mean(0) * scale)
+    torch.testing.assert_close(mean_D, x_ND.mean(0) * scale)
+    torch.testing.assert_close(seen[0], x_ND[[0, 3, 6, 9]])  # first, last and evenly between
+    start_from_data(sae, x_ND, normalize_inputs=False)
+    assert float(sae.input_scale) == 1.0
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -209,6 +286,9 @@ def test_architecture_builds_from_its_class_path_and_checks_its_settings() -> No
         "bandwidth": 0.01,
         "init_threshold": 0.001,
         "init_decoder_norm": 0.1,
+        "init_l0": None,
+        "sparsity_loss": "step",
+        "tanh_scale": 4.0,
     }
     torch.testing.assert_close(sae.threshold_F, torch.full((F,), 0.001))
     torch.testing.assert_close(sae.W_dec_FD.norm(dim=1), torch.full((F,), 0.1))
@@ -219,9 +299,16 @@ def test_architecture_builds_from_its_class_path_and_checks_its_settings() -> No
         ("bandwidth", 0.0),
         ("init_threshold", -0.1),
         ("init_decoder_norm", float("nan")),
+        ("init_l0", 0.0),
+        ("init_l0", float("inf")),
+        ("tanh_scale", 0),
     ):
         with pytest.raises(ValueError, match=f"^model\\.architecture\\.{key} must be"):
             JumpReLU(**{key: value})
+    with pytest.raises(
+        ValueError, match=r"^model\.architecture\.init_l0: must be below the number of latents"
+    ):
+        JumpReLU(init_l0=F).build(D, F, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="thresholds > 0"):
         sae.threshold_F = torch.zeros(F)
 
@@ -247,7 +334,7 @@ def test_the_fit_preflight_knows_the_jumprelu_settings() -> None:
 
 @pytest.mark.usefixtures("lightning_globals_restored")
 def test_fit_with_the_jumprelu_config_exports_trained_jumprelu_saes(
-    tmp_path: Path, tiny_model_dir: Path, prompt_file: Path
+    tmp_path: Path, tiny_model_dir: Path, prompt_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from sae_refusal.cli import main
     from tests.test_cli import tiny_config
@@ -260,7 +347,43 @@ def test_fit_with_the_jumprelu_config_exports_trained_jumprelu_saes(
     folder = tmp_path / "run" / "tb" / "version_0" / "sae"
     saes = [load_sae(folder / f"seed{seed}") for seed in (0, 1, 2)]
     for sae in saes:
-        assert isinstance(sae, TrainableJumpReLUSAE) and sae.config()["l0_coef"] == 1.0
+        assert isinstance(sae, TrainableJumpReLUSAE) and sae.config()["l0_coef"] == 0.18
         assert (sae.d_model, sae.n_latents) == (32, 32 * 16)
         assert not torch.equal(sae.log_threshold_F, torch.full_like(sae.log_threshold_F, math.log(0.001)))
     assert not torch.equal(saes[0].W_dec_FD, saes[1].W_dec_FD)
+    # the fit starts every seed through start_from_data: without init_l0, a threshold out of reach stops it
+    # before a step
+    key = "--model.init_args.architecture.init_args"
+    out = ["--trainer.default_root_dir", str(tmp_path / "run2"), "--trainer.max_epochs", "1"]
+    no_start = tmp_path / "no_start.yaml"  # a YAML null (jsonargparse reads a command-line null as a string)
+    no_start.write_text("model:\n  init_args:\n    architecture:\n      init_args:\n        init_l0: null\n")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *["fit", "--config", str(config), "--config", str(fragment), "--config", str(no_start), *out],
+                *[f"{key}.init_threshold", "1000"],
+            ]
+        )
+    assert (
+        "error: model.architecture.init_threshold: 1000 is above every pre-activation"
+        in capsys.readouterr().err
+    )
+    # ... and init_l0 starts the same threshold from the data (the export records it)
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--config",
+            str(fragment),
+            *out,
+            f"{key}.init_threshold",
+            "1000",
+            f"{key}.init_l0",
+            "4",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "run2"),
+        ]
+    )
+    started = load_sae(next((tmp_path / "run2").rglob("seed0/cfg.json")).parent)
+    assert isinstance(started, TrainableJumpReLUSAE) and started.config()["init_l0"] == 4.0

@@ -34,17 +34,21 @@ from sae_refusal.sae.files import SHA256_KEY, write_tensors
 
 __all__ = [
     "CONFIG_FILE",
+    "INIT_SAMPLE_ROWS",
     "SAE_REGISTRY",
     "WEIGHTS_FILE",
     "SAEOutput",
     "SparseAutoencoder",
     "mean_norm_scale",
+    "start_from_data",
 ]
 
 #: Config file of a project export.
 CONFIG_FILE = "cfg.json"
 #: Tensor file of a project export.
 WEIGHTS_FILE = "sae.safetensors"
+#: Most training rows an architecture's data-driven start (:meth:`SparseAutoencoder.init_from_data`) reads.
+INIT_SAMPLE_ROWS = 4096
 
 
 class SAEOutput(NamedTuple):
@@ -84,6 +88,29 @@ def mean_norm_scale(acts_ND: torch.Tensor) -> float:
     if not math.isfinite(mean_norm) or mean_norm <= 0.0:
         raise ValueError(f"acts_ND: mean row norm is {mean_norm}; cannot normalise")
     return math.sqrt(acts_ND.shape[1]) / mean_norm
+
+
+@torch.no_grad()
+def start_from_data(
+    sae: SparseAutoencoder, acts_ND: torch.Tensor, *, normalize_inputs: bool = True
+) -> torch.Tensor:
+    """Start ``sae`` from its training rows, as a fit does before the first step.
+
+    Sets the input scale (:func:`mean_norm_scale`, or 1), the decoder bias to the scaled data mean, then
+    :meth:`SparseAutoencoder.init_from_data` on at most :data:`INIT_SAMPLE_ROWS` evenly spaced rows (no RNG).
+
+    Returns:
+        The scaled data mean ``(D,)`` on the SAE's device.
+    """
+    scale = mean_norm_scale(acts_ND) if normalize_inputs else 1.0
+    device = sae.b_dec_D.device
+    mean_D = (acts_ND.float().mean(0) * scale).to(device)
+    sae.set_input_scale(scale)
+    sae.b_dec_D.copy_(mean_D)
+    n = acts_ND.shape[0]
+    rows = torch.linspace(0, n - 1, min(n, INIT_SAMPLE_ROWS)).round().long()
+    sae.init_from_data(acts_ND[rows].float().to(device))
+    return mean_D
 
 
 def fvu_of(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
@@ -153,6 +180,13 @@ class SparseAutoencoder(nn.Module):
 
     def update_firing(self, fired_F: torch.Tensor) -> None:
         """Count one training step's active latents (a no-op unless the SAE tracks dead latents)."""
+
+    def init_from_data(self, x_ND: torch.Tensor) -> None:
+        """Start architecture-specific parameters from training rows (raw space); a no-op by default.
+
+        Called once before training, after :meth:`set_input_scale` and with ``b_dec_D`` at the data mean
+        (:func:`start_from_data`); a trainable JumpReLU SAE starts its encoder bias here.
+        """
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

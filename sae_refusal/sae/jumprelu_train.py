@@ -5,7 +5,8 @@
     theta = exp(log_threshold_F)                   per-latent threshold, positive by construction
     z  = JumpReLU_theta(pre) = pre * H(pre - theta)
     x_hat = (z @ W_dec_FD + b_dec) / input_scale
-    L  = mean_B ||x' - x_hat'||^2 + l0_coef * mean_B sum_F H(pre - theta)
+    L  = mean_B ||x' - x_hat'||^2 + l0_coef * mean_B sum_F H(pre - theta)          (sparsity_loss "step")
+    L  = mean_B ||x' - x_hat'||^2 + l0_coef * mean_B sum_F tanh(c * z * ||W_dec_f||) (sparsity_loss "tanh")
 
 ``H`` is piecewise constant, so the gradient w.r.t. ``theta`` comes from straight-through estimators with a
 kernel ``K`` of bandwidth ``epsilon`` (the paper's eqs. 11-12, rectangle kernel ``K(u) = 1[|u| < 1/2]``)::
@@ -16,6 +17,13 @@ kernel ``K`` of bandwidth ``epsilon`` (the paper's eqs. 11-12, rectangle kernel 
 and the ordinary gradients w.r.t. ``pre`` (``H(pre - theta)`` for the activation, 0 for the step). The
 reconstruction term thus moves the threshold through the activation's estimator, the L0 term through the
 step's; the L0 term sends no gradient to the encoder.
+
+The ``"tanh"`` penalty (Anthropic's circuits update of January 2025; SAELens' ``jumprelu_sparsity_loss_mode
+= "tanh"``, ``c = tanh_scale``) is a smooth, saturating L0 surrogate of the codes themselves: its gradient
+reaches the encoder, the decoder norms and (through the activation's estimator) the thresholds. With the step
+penalty only the thresholds carry the sparsity pressure, and Adam moves a log-threshold about ``lr`` a step:
+in a short fit the encoder biases, pushed by the reconstruction, outrun them and L0 does not follow
+``l0_coef`` (docs/RESULTS.md, issue 26).
 
 Design notes:
 
@@ -31,6 +39,14 @@ Design notes:
 * **Free decoder rows** (``unit_norm_decoder = False``), started at norm ``init_decoder_norm`` with the
   encoder as their transpose, zero biases and every threshold at ``init_threshold`` (SAELens: 0.001). The L0
   penalty does not depend on the decoder norms, so there is nothing to trade against them.
+* **A start from the data** (``init_l0``). A fit starts ``b_dec`` at the data mean, so pre-activations are
+  centred and small; a constant threshold above all of them leaves every latent silent, and no gradient
+  reaches the encoder or the thresholds (the estimators only see pre-activations within ``bandwidth / 2`` of
+  ``theta``). With ``init_l0`` set, :meth:`TrainableJumpReLUSAE.init_from_data` starts each latent's encoder
+  bias so that it fires on ``init_l0 / F`` of the training rows (an expected L0 of ``init_l0``, no latent dead
+  at the start; Anthropic's circuits update of January 2025 starts its JumpReLU encoder biases the same way).
+  Without it, a start where no pre-activation comes within reach of its threshold is an error naming
+  ``init_threshold``, not a silent 30-epoch collapse.
 """
 
 from __future__ import annotations
@@ -135,6 +151,10 @@ class TrainableJumpReLUSAE(JumpReLUSAE):
         bandwidth: Width ``epsilon`` of the rectangle kernel of the straight-through estimators.
         init_threshold: Every latent's threshold ``theta`` at initialisation.
         init_decoder_norm: Norm of each decoder row at initialisation (the encoder starts as its transpose).
+        init_l0: Expected L0 at the start of a fit: :meth:`init_from_data` sets each latent's encoder bias so
+            that it fires on ``init_l0 / n_latents`` of the training rows (``None``: encoder bias 0).
+        sparsity_loss: ``"step"`` (the paper's L0 through the step's estimator) or ``"tanh"`` (module notes).
+        tanh_scale: ``c`` of the tanh penalty.
         generator: RNG of the initial weights (the global RNG is never touched).
 
     Raises:
@@ -152,12 +172,24 @@ class TrainableJumpReLUSAE(JumpReLUSAE):
         bandwidth: float = 0.001,
         init_threshold: float = 0.001,
         init_decoder_norm: float = 0.1,
+        init_l0: float | None = None,
+        sparsity_loss: str = "step",
+        tanh_scale: float = 4.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        check_jumprelu_settings(l0_coef, bandwidth, init_threshold, init_decoder_norm)
+        check_jumprelu_settings(
+            l0_coef, bandwidth, init_threshold, init_decoder_norm, init_l0, sparsity_loss, tanh_scale
+        )
+        if init_l0 is not None and init_l0 >= n_latents:
+            raise ValueError(
+                f"model.architecture.init_l0: must be below the number of latents ({n_latents}), "
+                f"got {init_l0}"
+            )
         SparseAutoencoder.__init__(self, d_model, n_latents)  # own parameters: log thresholds, not thresholds
         self.l0_coef, self.bandwidth = float(l0_coef), float(bandwidth)
         self.init_threshold, self.init_decoder_norm = float(init_threshold), float(init_decoder_norm)
+        self.init_l0 = None if init_l0 is None else float(init_l0)
+        self.sparsity_loss, self.tanh_scale = str(sparsity_loss), float(tanh_scale)
         W_dec_FD = torch.randn(n_latents, d_model, generator=generator)
         W_dec_FD *= init_decoder_norm / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec_FD = nn.Parameter(W_dec_FD)
@@ -186,7 +218,52 @@ class TrainableJumpReLUSAE(JumpReLUSAE):
             "bandwidth": self.bandwidth,
             "init_threshold": self.init_threshold,
             "init_decoder_norm": self.init_decoder_norm,
+            "init_l0": self.init_l0,
+            "sparsity_loss": self.sparsity_loss,
+            "tanh_scale": self.tanh_scale,
         }
+
+    @torch.no_grad()
+    def init_from_data(self, x_ND: torch.Tensor) -> None:
+        """Start the encoder bias from training rows (raw space; input scale and ``b_dec_D`` already set).
+
+        With ``init_l0`` set, latent ``f``'s bias becomes ``theta_f - q_f``, ``q_f`` a value of
+        ``(x - b_dec) @ W_enc[:, f]`` that exactly ``round(N * init_l0 / F)`` of the ``N`` rows exceed (at
+        least 1, at most ``N - 1``; mid-way to the next row's): each latent fires on that many rows.
+        Without it, only checks that some pre-activation comes within ``bandwidth / 2`` of its threshold,
+        where training can move it.
+
+        Raises:
+            ValueError: If ``init_l0`` is set and fewer than 2 rows are given, or if it is unset and no
+                pre-activation reaches ``theta - bandwidth / 2`` (naming
+                ``model.architecture.init_threshold``).
+        """
+        n = x_ND.shape[0]
+        x_ND = x_ND.float().to(self.W_enc_DF.device) * self.input_scale
+        theta_F = self.threshold_F.detach()
+        chunk = max(1, (1 << 24) // max(n, 1))  # at most 16M pre-activations at a time
+        if self.init_l0 is None:
+            reach = theta_F - self.bandwidth / 2
+            for lo in range(0, self.n_latents, chunk):
+                cols = slice(lo, lo + chunk)
+                pre_NC = (x_ND - self.b_dec_D) @ self.W_enc_DF[:, cols] + self.b_enc_F[cols]
+                if bool((pre_NC > reach[cols]).any()):
+                    return
+            raise ValueError(
+                f"model.architecture.init_threshold: {self.init_threshold:g} is above every pre-activation "
+                f"of {n} training rows (by more than bandwidth / 2): no latent fires and no gradient reaches "
+                "the encoder or the thresholds, so the fit would train nothing. Set "
+                "model.architecture.init_l0 (e.g. 32) to start the encoder bias from the data, or lower "
+                "init_threshold"
+            )
+        if n < 2:
+            raise ValueError(f"model.architecture.init_l0: needs at least 2 training rows, got {n}")
+        n_fire = min(max(round(n * self.init_l0 / self.n_latents), 1), n - 1)
+        for lo in range(0, self.n_latents, chunk):
+            pre_NC = (x_ND - self.b_dec_D) @ self.W_enc_DF[:, lo : lo + chunk]
+            top_KC = pre_NC.topk(n_fire + 1, dim=0).values  # descending: n_fire firing rows, then the next
+            cut_C = (top_KC[n_fire - 1] + top_KC[n_fire]) / 2  # mid-gap: rounding cannot move a row across
+            self.b_enc_F[lo : lo + chunk] = theta_F[lo : lo + chunk] - cut_C
 
     def _pre_scaled(self, x_BD: torch.Tensor) -> torch.Tensor:
         return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
@@ -195,13 +272,17 @@ class TrainableJumpReLUSAE(JumpReLUSAE):
         return jumprelu_ste(self._pre_scaled(x_BD), self.threshold_F, self.bandwidth)
 
     def forward(self, x_BD: torch.Tensor, return_latents: bool = False) -> SAEOutput:
-        """Encode and decode ``x_BD`` (raw space); ``loss = mse + l0_coef * mean_B sum_F H(pre - theta)``."""
+        """Encode and decode ``x_BD`` (raw space); ``loss = mse + l0_coef * penalty`` (module notes)."""
         x_BD = x_BD.float() * self.input_scale
         pre_BF, theta_F = self._pre_scaled(x_BD), self.threshold_F
         latents_BF = jumprelu_ste(pre_BF, theta_F, self.bandwidth)
         recon_BD = latents_BF @ self.W_dec_FD + self.b_dec_D
         mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
-        l0_penalty = step_ste(pre_BF, theta_F, self.bandwidth).sum(-1).mean()
+        if self.sparsity_loss == "tanh":
+            scaled_BF = latents_BF * (self.tanh_scale * self.W_dec_FD.norm(dim=1))
+            l0_penalty = torch.tanh(scaled_BF).sum(-1).mean()
+        else:
+            l0_penalty = step_ste(pre_BF, theta_F, self.bandwidth).sum(-1).mean()
         active_BF = latents_BF > 0
         return SAEOutput(
             recon_BD=recon_BD / self.input_scale,
@@ -239,6 +320,13 @@ class JumpReLU(SAEArchitecture):
         bandwidth: Kernel width ``epsilon`` of the threshold's straight-through estimators.
         init_threshold: Every latent's threshold at initialisation.
         init_decoder_norm: Norm of each decoder row at initialisation.
+        init_l0: Expected L0 at the start of a fit: each latent's encoder bias starts so that it fires on
+            ``init_l0 / n_latents`` of the training rows. ``None`` starts the biases at 0 and every threshold
+            at ``init_threshold``, which on centred activations can leave every latent silent (then an error).
+        sparsity_loss: ``"step"``: the L0 through the step's straight-through estimator (the paper);
+            ``"tanh"``: ``sum_F tanh(tanh_scale * z_f * ||W_dec_f||)``, whose gradient also reaches the
+            encoder.
+        tanh_scale: Scale ``c`` inside the tanh penalty.
 
     Raises:
         ValueError: If a setting is out of range (naming its ``model.architecture.*`` key).
@@ -250,10 +338,16 @@ class JumpReLU(SAEArchitecture):
         bandwidth: float = 0.001,
         init_threshold: float = 0.001,
         init_decoder_norm: float = 0.1,
+        init_l0: float | None = None,
+        sparsity_loss: str = "step",
+        tanh_scale: float = 4.0,
     ):
-        check_jumprelu_settings(l0_coef, bandwidth, init_threshold, init_decoder_norm)
+        check_jumprelu_settings(
+            l0_coef, bandwidth, init_threshold, init_decoder_norm, init_l0, sparsity_loss, tanh_scale
+        )
         self.l0_coef, self.bandwidth = l0_coef, bandwidth
         self.init_threshold, self.init_decoder_norm = init_threshold, init_decoder_norm
+        self.init_l0, self.sparsity_loss, self.tanh_scale = init_l0, sparsity_loss, tanh_scale
 
     def build(self, d_model: int, n_latents: int, generator: torch.Generator) -> SparseAutoencoder:
         return TrainableJumpReLUSAE(
@@ -263,5 +357,8 @@ class JumpReLU(SAEArchitecture):
             self.bandwidth,
             self.init_threshold,
             self.init_decoder_norm,
+            self.init_l0,
+            self.sparsity_loss,
+            self.tanh_scale,
             generator,
         )

@@ -51,7 +51,7 @@ from sae_refusal.categories import CATEGORY_SHORT_NAMES
 from sae_refusal.distributed import destroy_process_group_at_exit
 from sae_refusal.llm.loading import LLMConfig, model_fingerprint
 from sae_refusal.sae.architectures import SAEArchitecture, TopK, architecture_from_config
-from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, mean_norm_scale
+from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, start_from_data
 from sae_refusal.sae.provenance import CHECKPOINT_KEY, check_checkpoint_matches_data
 from sae_refusal.sae.settings import check_module_settings
 
@@ -180,13 +180,10 @@ class SAEModule(L.LightningModule):
         splits = getattr(datamodule, "splits", None) or {}
         if "train" not in splits:
             raise RuntimeError("SAEModule needs a data module with a `train` split (ActivationDataModule)")
-        acts_ND = splits["train"].acts_ND.float()
-        scale = mean_norm_scale(acts_ND) if self.normalize_inputs else 1.0
-        mean_D = (acts_ND.mean(0) * scale).to(self.device)
+        acts_ND = splits["train"].acts_ND
         with torch.no_grad():
             for _, sae in self.named_saes():
-                sae.set_input_scale(scale)
-                sae.b_dec_D.copy_(mean_D)
+                mean_D = start_from_data(sae, acts_ND, normalize_inputs=self.normalize_inputs)
             self.data_mean_D.copy_(mean_D)
             self.stats_ready.fill_(True)
 

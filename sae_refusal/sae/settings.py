@@ -53,7 +53,15 @@ ARCHITECTURE_ARGS: dict[str, dict[str, object]] = {
         "encoder_dtype": "float32",
     },
     "L1": {"l1_coef": 0.5, "init_decoder_norm": 0.1},
-    "JumpReLU": {"l0_coef": 1.0, "bandwidth": 0.001, "init_threshold": 0.001, "init_decoder_norm": 0.1},
+    "JumpReLU": {
+        "l0_coef": 1.0,
+        "bandwidth": 0.001,
+        "init_threshold": 0.001,
+        "init_decoder_norm": 0.1,
+        "init_l0": None,
+        "sparsity_loss": "step",
+        "tanh_scale": 4.0,
+    },
     "BatchTopK": {
         "k": 32,
         "aux_k": 256,
@@ -77,6 +85,8 @@ ARCHITECTURE_ARGS: dict[str, dict[str, object]] = {
         "ambiguous_as_benign": True,
     },
 }
+#: ``model.architecture.sparsity_loss`` values of a JumpReLU SAE (:mod:`sae_refusal.sae.jumprelu_train`).
+JUMPRELU_SPARSITY_LOSSES = ("step", "tanh")
 #: ``model.architecture.encoder_dtype`` values of a TopK SAE.
 ENCODER_DTYPE_NAMES: tuple[str, ...] = ("bfloat16", "float32")
 
@@ -209,9 +219,17 @@ def check_l1_settings(l1_coef: object, init_decoder_norm: object) -> None:
 
 
 def check_jumprelu_settings(
-    l0_coef: object, bandwidth: object, init_threshold: object, init_decoder_norm: object
+    l0_coef: object,
+    bandwidth: object,
+    init_threshold: object,
+    init_decoder_norm: object,
+    init_l0: object = None,
+    sparsity_loss: object = "step",
+    tanh_scale: object = 4.0,
 ) -> None:
-    """A JumpReLU SAE's ``l0_coef`` >= 0 and ``bandwidth``, ``init_threshold``, ``init_decoder_norm`` > 0.
+    """A JumpReLU SAE's ``l0_coef`` >= 0, ``bandwidth``, ``init_threshold``, ``init_decoder_norm`` > 0,
+    ``init_l0`` ``None`` or > 0, ``sparsity_loss`` one of :data:`JUMPRELU_SPARSITY_LOSSES` and
+    ``tanh_scale`` > 0.
 
     Raises:
         ValueError: Naming the ``model.architecture.*`` key and the value.
@@ -223,6 +241,14 @@ def check_jumprelu_settings(
         ("init_decoder_norm", init_decoder_norm),
     ):
         _require_at_least(f"model.architecture.{key}", value, _finite(value), 0, strict=True)
+    if init_l0 is not None:
+        _require_at_least("model.architecture.init_l0", init_l0, _finite(init_l0), 0, strict=True)
+    if sparsity_loss not in JUMPRELU_SPARSITY_LOSSES:
+        raise ValueError(
+            f"model.architecture.sparsity_loss must be one of {list(JUMPRELU_SPARSITY_LOSSES)}, "
+            f"got {sparsity_loss!r}"
+        )
+    _require_at_least("model.architecture.tanh_scale", tanh_scale, _finite(tanh_scale), 0, strict=True)
 
 
 def check_contrastive_settings(supcon_weight: object, separation_weight: object, temperature: object) -> None:

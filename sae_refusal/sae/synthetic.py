@@ -225,7 +225,9 @@ def fit_plain(
     """Train ``sae`` (a :class:`~sae_refusal.sae.base.SparseAutoencoder`) on ``acts_ND`` with Adam, as
     :class:`~sae_refusal.sae.module.SAEModule` does one seed (input scale from the data, decoder gradients
     orthogonal to unit-norm rows, rows renormalised after each step, dead-latent counts updated), without
-    Lightning: the ground-truth benchmark trains several architectures on the same draws this way.
+    Lightning: the ground-truth benchmark trains several architectures on the same draws this way. Unlike a
+    fit, it leaves the decoder bias and any data-driven start as they are: call
+    :func:`~sae_refusal.sae.base.start_from_data` first for a fit's start.
 
     Raises:
         ValueError: For ``steps`` or ``batch_size`` below 1.
