@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from sae_refusal import __version__
 from sae_refusal.ckpt_reuse import EVAL_COMMANDS
 from sae_refusal.errors import USER_ERRORS, UserError, one_line
+from sae_refusal.sae_dir_args import add_sae_dir_options
 
 if TYPE_CHECKING:
     from sae_refusal.activations.datamodule import ActivationDataModule
@@ -218,34 +219,11 @@ def _features_parser(with_config: bool = True) -> argparse.ArgumentParser:
         "--analysis.KEY VALUE changes one (e.g. --analysis.tau 0.1 --analysis.projections '[pca]'). "
         "Other options are those of `sae-refusal fit` (e.g. --data.layer, --data.cache.root).",
     )
-    if with_config:
-        parser.add_argument(
-            "-c",
-            "--config",
-            required=True,
-            action="append",
-            metavar="CONFIG.yaml",
-            help="the fit config whose data section describes the activations (the run's saved config.yaml "
-            "works); repeat it to layer configs as `sae-refusal fit` does",
-        )
-    parser.add_argument(
-        "--sae_dir", required=True, help="an SAE export folder, or a folder of seed{n}/ exports"
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output folder; must not exist (default: <sae_dir>/../features/standalone)",
-    )
-    parser.add_argument(
-        "--allow_other_model",
-        action="store_true",
-        help="analyse SAEs trained on another model or layer than the data's (transfer studies); by default "
-        "the exports' model and layer must match data.llm and data.layer",
-    )
-    parser.add_argument(
-        "--no_verify",
-        action="store_true",
-        help="load the SAE tensor files without checking them against the sha256 their cfg.json records",
+    add_sae_dir_options(
+        parser,
+        with_config=with_config,
+        out_default="<sae_dir>/../features/standalone",
+        other_model_use="analyse (e.g. for transfer studies)",
     )
     return parser
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_refusal.errors import UserError
+from sae_refusal.sae_dir_args import add_sae_dir_options
 from sae_refusal.sae_eval.config import SAEEvalConfig
 
 __all__ = ["run_sae_eval_command", "sae_eval_out", "sae_eval_parser"]
@@ -72,37 +73,16 @@ def sae_eval_parser(with_config: bool = True) -> argparse.ArgumentParser:
         "stability (Hungarian matching of decoder rows, shared L1-head features). Writes report.json, "
         "report.md and density.png. Other options are those of `sae-refusal fit` (e.g. --data.layer).",
     )
-    if with_config:
-        parser.add_argument(
-            "-c",
-            "--config",
-            required=True,
-            action="append",
-            metavar="CONFIG.yaml",
-            help="the fit config whose data section describes the activations (the run's saved config.yaml "
-            "works); repeat it to layer configs as `sae-refusal fit` does",
-        )
-    parser.add_argument(
-        "--sae_dir", required=True, help="an SAE export folder, or a folder of seed{n}/ exports"
-    )
-    parser.add_argument(
-        "--out", default=None, help="output folder; must not exist (default: <sae_dir>/../sae_eval)"
+    add_sae_dir_options(
+        parser,
+        with_config=with_config,
+        out_default="<sae_dir>/../sae_eval",
+        other_model_use="evaluate",
     )
     for name, kind, text in _CONFIG_OPTIONS:
         default = getattr(defaults, name)
         shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else default
         parser.add_argument(f"--{name}", type=kind, default=default, help=f"{text} (default: {shown})")
-    parser.add_argument(
-        "--allow_other_model",
-        action="store_true",
-        help="evaluate SAEs trained on another model or layer than the data's; by default the exports' model "
-        "and layer must match data.llm and data.layer",
-    )
-    parser.add_argument(
-        "--no_verify",
-        action="store_true",
-        help="load the SAE tensor files without checking them against the sha256 their cfg.json records",
-    )
     return parser
 
 
