@@ -155,6 +155,26 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def replace_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Move the complete folder ``src`` onto ``dst`` (same filesystem), replacing a folder there.
+
+    An existing ``dst`` is renamed to a hidden ``old`` sibling first and removed once ``src`` took its place:
+    ``dst`` is never a mix of both, and is absent only between the two renames (an interrupt there leaves the
+    old folder under its ``old`` name, removed by the next write of ``dst`` on this host,
+    :func:`remove_stale_siblings`).
+
+    Returns:
+        ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
+    old = _sibling(dst, "old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
 def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -226,12 +246,8 @@ class AtomicFolder:
         """
         if not self.replace:
             return self._commit_new()
-        old = _sibling(self.path, "old")
-        if self.path.exists():
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
+        replace_folder(self.tmp, self.path)
         self.committed = True
-        shutil.rmtree(old, ignore_errors=True)
         return self.path
 
     def _commit_new(self) -> Path:
@@ -277,23 +293,29 @@ class FolderClaim:
     """A job's output folder, claimed for the job's whole run (a second job on it fails at once).
 
     Entering makes the claim ``.<name>.claim/`` beside ``path`` with one ``mkdir`` and writes the owner
-    (host, process id, start time, command) into it, then refuses a ``path`` that exists; leaving removes
-    the claim. A claim whose process is no longer running on this host (a killed job) is taken over with
-    a log line. Pair it with ``AtomicFolder(path, replace=False)`` for the commit.
+    (host, process id, start time, command) into it, then refuses a ``path`` that exists (unless
+    ``existing_ok``); leaving removes the claim. A claim whose process is no longer running on this host
+    (a killed job) is taken over with a log line. Pair it with ``AtomicFolder(path, replace=False)`` for
+    the commit.
 
     Args:
         path: The job's output folder.
         key: The config key or flag that named it (``out_dir``, ``--out``), for error messages.
+        existing_ok: Claim a ``path`` that exists too (an artifact replaced whole at its commit, such as an
+            activation cache, rather than a job's new output folder).
 
     Raises:
         FolderClaimedError: If another running job holds the claim (naming its process, host, start time
-            and command) or ``path`` exists.
+            and command) or ``path`` exists (without ``existing_ok``).
         UserError: If ``path`` cannot be created (a file where a parent folder should be).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, key: str = "out_dir") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, key: str = "out_dir", existing_ok: bool = False
+    ) -> None:
         self.path = Path(path)
         self.key = key
+        self.existing_ok = existing_ok
         self.claim = _claim_path(self.path)
         self._token = uuid.uuid4().hex
         self._held = False
@@ -352,7 +374,7 @@ class FolderClaim:
         except BaseException:
             self._remove_made()
             raise
-        if self.path.exists() or self.path.is_symlink():
+        if not self.existing_ok and (self.path.exists() or self.path.is_symlink()):
             self.release()
             raise FolderClaimedError(f"{self.key}: {self.path} exists; choose another folder or remove it")
         return self

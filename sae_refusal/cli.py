@@ -47,7 +47,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from sae_refusal import __version__
 from sae_refusal.ckpt_reuse import EVAL_COMMANDS
@@ -71,6 +71,7 @@ _LIGHTNING_INFO_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
     "lightning.fabric.utilities.seed",
+    "lightning.fabric.utilities.distributed",  # "Initializing distributed: ..." (the cache command's launch)
 )
 
 
@@ -157,25 +158,48 @@ def activation_datamodule(args: Sequence[str]) -> ActivationDataModule:
     Raises:
         TypeError: If the config's data is not an :class:`ActivationDataModule`.
     """
-    from sae_refusal.activations.datamodule import ActivationDataModule
-
     datamodule = _lightning_cli(args, run=False).datamodule
-    if not isinstance(datamodule, ActivationDataModule):
+    if not _is_activation_datamodule(datamodule):
         raise TypeError(f"data must be an ActivationDataModule, got {type(datamodule).__name__}")
     return datamodule
 
 
+def _is_activation_datamodule(datamodule: object) -> TypeGuard[ActivationDataModule]:
+    from sae_refusal.activations.datamodule import ActivationDataModule
+
+    return isinstance(datamodule, ActivationDataModule)
+
+
 def cache_command(args: Sequence[str]) -> None:
-    """``sae-refusal cache --config cfg.yaml``: fill the activation cache of the config's ``data`` section."""
+    """``sae-refusal cache --config cfg.yaml``: fill the activation cache of the config's ``data`` section.
+
+    With ``trainer.devices`` x ``trainer.num_nodes`` above one (or under ``torchrun``), the command runs as
+    that many processes (:func:`sae_refusal.activations.coordinator.launch`), each extracting its share.
+    """
     if any(a in ("-h", "--help") for a in args):
         print(
             "usage: sae-refusal cache --config CONFIG.yaml [--data.KEY VALUE ...]\n\n"
             "Write the split manifest and compute (or reuse) the activation cache described by the\n"
             "config's `data` section: the same file `sae-refusal fit` takes. Options are those of\n"
-            "`sae-refusal fit` (see `sae-refusal fit --help`); only `data.*` matters here."
+            "`sae-refusal fit` (see `sae-refusal fit --help`); `data.*` says what to cache, and\n"
+            "`trainer.accelerator`, `trainer.devices` and `trainer.num_nodes` how many processes share\n"
+            "the work (one per device; also under torchrun)."
         )
         return
-    cache = activation_datamodule(args[1:] if args[:1] == ["fit"] else args).build_cache()
+    from sae_refusal.activations.coordinator import launch
+
+    cli = _lightning_cli(args[1:] if args[:1] == ["fit"] else args, run=False)
+    datamodule = cli.datamodule
+    if not _is_activation_datamodule(datamodule):
+        raise TypeError(f"data must be an ActivationDataModule, got {type(datamodule).__name__}")
+    trainer = cli.config["trainer"]
+    with quiet_lightning_info():
+        launched = launch(trainer.accelerator, trainer.devices, trainer.num_nodes)
+    with launched.coordinator as coordinator:
+        cache = datamodule.build_cache(coordinator)
+    if coordinator.rank != 0:
+        return
+    launched.wait_for_children()
     extra = cache.manifest.get("extra", {})
     print(f"activation cache: {cache.folder}")
     print(

@@ -53,8 +53,10 @@ def test_init_loads_nothing(tmp_path: Path) -> None:
         cache=CacheConfig(root=str(tmp_path / "cache")),  # the split manifest is written before the model
     )
     assert dm.splits == {}  # the missing model is only noticed when something needs it
+    dm.prepare_data()  # the split manifest only (the cache is filled in setup, by every rank)
+    assert len(list((tmp_path / "cache").glob("splits-*.json"))) == 1
     with pytest.raises(FileNotFoundError, match="no-such-model"):
-        dm.prepare_data()
+        dm.setup()
 
 
 def test_setup_serves_cached_activations_by_split(tiny_model_dir: Path, prompt_file: Path) -> None:

@@ -327,6 +327,7 @@ def test_shard_size_and_manifest_facts(world: World, tmp_path: Path) -> None:
         "n_truncated": 0,
         "n_prompts": 3,
         "batching": {"batch_size": world.cfg.batch_size, "token_budget": None, "sort_window": 16},
+        "world_size": 1,
     }
     assert [s["rows"] for s in world.base.manifest["shards"]] == [3]  # default 4096 rows per shard
     small = cached_activations(
@@ -337,9 +338,9 @@ def test_shard_size_and_manifest_facts(world: World, tmp_path: Path) -> None:
         "shard-00000.safetensors",
         "shard-00001.safetensors",
     ]
-    assert small.identity == world.base.identity  # the shard size does not change the numbers
-    for layer in (0, 1):
-        assert torch.equal(small.load(layer), world.base.load(layer))
+    assert small.identity == world.base.identity  # the shard size changes the numbers by round-off only:
+    for layer in (0, 1):  # each shard is extracted alone, so its prompts batch differently
+        torch.testing.assert_close(small.load(layer), world.base.load(layer))
     cut = cached_activations(
         PROMPTS, world.llm, dataclasses.replace(world.cfg, root=str(tmp_path), max_length=8)
     )

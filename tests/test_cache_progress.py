@@ -1,12 +1,14 @@
-"""Filling an activation cache shows how far it is, says what it did, and leaves nothing when stopped.
+"""Filling an activation cache shows how far it is, says what it did, and leaves nothing half-written.
 
 The progress bar (stderr) moves after every forward pass, not once per length-sorting window; a summary line
 (prompts, layers, seconds, prompts/s, folder) goes to the log; an exception or Ctrl-C in the middle of a
-write leaves the cache root exactly as it was, hidden temporary folders included.
+write leaves no cache and nothing half-written: the cache root as it was, plus a hidden staging folder of the
+shards finished before the stop, from which the next run resumes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 import sae_refusal.activations.build as build
-from sae_refusal.activations.build import CacheConfig, cached_activations
+from sae_refusal.activations.build import CacheConfig, cached_activations, request_identity
 from sae_refusal.atomic import _host_tag
 from sae_refusal.data.chat import format_prompts
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
@@ -88,30 +90,51 @@ class Interrupt(KeyboardInterrupt):
 
 
 @pytest.mark.parametrize("error", [Interrupt, RuntimeError])
-def test_a_cache_stopped_mid_write_leaves_the_cache_root_as_it_was(
+def test_a_cache_stopped_mid_write_keeps_only_finished_shards_and_the_rerun_resumes(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
 ) -> None:
+    """No cache and nothing half-written: the root as it was plus the staging folder of whole shards."""
     llm = LLMConfig(name_or_path=str(tiny_model_dir))
     root = tmp_path / "cache"
     done = cached_activations(PROMPTS, llm, CacheConfig(root=str(root), layers=(1,), batch_size=2))
     (root / "splits-abc.json").write_text("{}")
     before = tree(root)
     real = build.iter_last_token_residuals
+    seen = itertools.count()
 
-    def stops_after_three_batches(*args: Any, **kwargs: Any) -> Iterator[ResidualBatch]:
-        for n, batch in enumerate(real(*args, **kwargs)):
-            if n == 3:
+    def stops_at_the_fourth_batch(*args: Any, **kwargs: Any) -> Iterator[ResidualBatch]:
+        for batch in real(*args, **kwargs):
+            if next(seen) == 3:
                 raise error("stopped mid-write")
             yield batch
 
-    monkeypatch.setattr(build, "iter_last_token_residuals", stops_after_three_batches)
-    # shard_rows=2: shards are already on disk, in the temporary folder, when the write stops
+    monkeypatch.setattr(build, "iter_last_token_residuals", stops_at_the_fourth_batch)
+    # shard_rows=2 = batch_size: one batch per shard; shards 0-2 are finished when the write stops
     cfg = CacheConfig(root=str(root), layers=(1, 2), batch_size=2, shard_rows=2)
     with pytest.raises(error, match="stopped mid-write"):
         cached_activations(PROMPTS, llm, cfg)
-    assert tree(root) == before
-    assert not [name for name in before if name.startswith(".")]
+    staged = f".{request_identity(PROMPTS, llm, cfg).key()}.partial"
+    finished = [f"{staged}/shard-{i:05d}.{ext}" for i in range(3) for ext in ("json", "safetensors")]
+    assert tree(root) == sorted([*before, staged, *finished])
     assert done.folder.name in before
+    calls = itertools.count()
+
+    def counted(*args: Any, **kwargs: Any) -> Iterator[ResidualBatch]:
+        next(calls)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "iter_last_token_residuals", counted)
+    cache = cached_activations(PROMPTS, llm, cfg)
+    assert next(calls) == 3  # shards 3, 4 and 5 (1 row) only
+    shards = [entry["file"] for entry in cache.manifest["shards"]]
+    assert tree(root) == sorted(
+        [
+            *before,
+            cache.folder.name,
+            *(f"{cache.folder.name}/{f}" for f in [*shards, "manifest.json", "prompts.jsonl"]),
+        ]
+    )
+    assert len(shards) == 6
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the liveness probe is POSIX-only")

@@ -14,9 +14,11 @@ Guarantees:
   prompt, prompt set, layers, storage dtype, tokenisation policy) matches what the caller asks for;
   :meth:`ActivationCache.open` with ``expect=`` raises :class:`CacheMismatchError` naming every field that
   differs. Nothing is reused silently.
-* **Atomic writes.** :class:`ActivationCacheWriter` writes into a hidden temporary sibling folder and renames
-  it into place only after the manifest is complete, so an interrupt leaves either the old cache or the new
-  one, never half of either.
+* **Atomic writes.** :class:`ActivationCacheWriter` (one writer) and the build of
+  :mod:`~sae_refusal.activations.build` (shards of several processes, staged by
+  :mod:`~sae_refusal.activations.staging`) write into a hidden sibling folder and rename it into place only
+  after the manifest is complete, so an interrupt leaves either the old cache or the new one, never half of
+  either. Both write shards and manifest with :func:`save_shard` and :func:`write_manifest`.
 * **Finite numbers only.** The writer refuses a batch holding ``inf`` or ``nan`` (nothing is written), and
   reading a shard with a non-finite value raises :class:`NonFiniteActivationsError`.
 * **Corruption is detected.** By default (``verify="hash"``) every file's sha256 is checked against the
@@ -165,7 +167,8 @@ def _layer_key(layer: int) -> str:
     return f"layer_{layer}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
@@ -180,6 +183,68 @@ def first_non_finite(acts_BD: torch.Tensor) -> int | None:
     if not bool(bad_B.any()):
         return None
     return int(bad_B.nonzero()[0, 0])
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` of a cache (``shard-00000.safetensors``, ...)."""
+    return f"shard-{index:05d}.safetensors"
+
+
+def save_shard(path: Path, acts_by_layer: dict[int, torch.Tensor]) -> dict[str, Any]:
+    """Write one shard file, ``{"layer_<l>": (rows, d_model)}``; returns its manifest entry.
+
+    The bytes depend only on the tensors (and their layers), so the same rows give the same file whoever
+    writes them.
+
+    Returns:
+        ``{"file", "rows", "bytes", "sha256"}`` as the manifest lists shards.
+    """
+    tensors = {_layer_key(layer): acts.contiguous() for layer, acts in acts_by_layer.items()}
+    rows = {int(t.shape[0]) for t in tensors.values()}
+    if len(rows) != 1:
+        raise ValueError(f"layers disagree on the rows of shard {path.name}: {sorted(rows)}")
+    n_rows = rows.pop()
+    save_file(tensors, str(path), metadata={"rows": str(n_rows)})
+    return {"file": path.name, "rows": n_rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_manifest(
+    folder: Path,
+    identity: CacheIdentity,
+    d_model: int,
+    shards: Sequence[dict[str, Any]],
+    prompt_rows: Sequence[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``prompts.jsonl`` and ``manifest.json`` of the shards already in ``folder``.
+
+    Args:
+        folder: The (not yet committed) cache folder holding the shards.
+        identity: What produced the activations.
+        d_model: Width of the residual stream.
+        shards: Manifest entries of the shards in row order (:func:`save_shard`).
+        prompt_rows: One metadata dict per activation row, in row order.
+        extra: Additional JSON-serialisable facts to keep in the manifest (e.g. ``n_truncated``).
+
+    Raises:
+        ValueError: If the prompt rows do not match the shards' rows.
+    """
+    n_rows = sum(int(entry["rows"]) for entry in shards)
+    if len(prompt_rows) != n_rows:
+        raise ValueError(f"{len(prompt_rows)} prompt rows for {n_rows} activation rows")
+    with (folder / PROMPTS_NAME).open("w", encoding="utf-8") as fh:
+        for row in prompt_rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "identity": identity.to_json(),
+        "n_rows": n_rows,
+        "d_model": d_model,
+        "shards": list(shards),
+        "prompts_sha256": file_sha256(folder / PROMPTS_NAME),
+        "extra": extra or {},
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 class ActivationCacheWriter:
@@ -248,18 +313,13 @@ class ActivationCacheWriter:
             self._flush(self.shard_rows)
 
     def _flush(self, rows: int) -> None:
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[int, torch.Tensor] = {}
         for layer, parts in self._buffers.items():
             stacked = torch.cat(parts)
-            tensors[_layer_key(layer)] = stacked[:rows].contiguous()
+            tensors[layer] = stacked[:rows]
             self._buffers[layer] = [stacked[rows:]] if stacked.shape[0] > rows else []
         self._buffered_rows -= rows
-        name = f"shard-{len(self._shards):05d}.safetensors"
-        path = self._tmp / name
-        save_file(tensors, str(path), metadata={"rows": str(rows)})
-        self._shards.append(
-            {"file": name, "rows": rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
-        )
+        self._shards.append(save_shard(self._tmp / shard_name(len(self._shards)), tensors))
         self._rows += rows
 
     def commit(
@@ -273,21 +333,7 @@ class ActivationCacheWriter:
         """
         if self._buffered_rows:
             self._flush(self._buffered_rows)
-        if len(prompt_rows) != self._rows:
-            raise ValueError(f"{len(prompt_rows)} prompt rows for {self._rows} activation rows")
-        with (self._tmp / PROMPTS_NAME).open("w", encoding="utf-8") as fh:
-            for row in prompt_rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "identity": self.identity.to_json(),
-            "n_rows": self._rows,
-            "d_model": self.d_model,
-            "shards": self._shards,
-            "prompts_sha256": _sha256(self._tmp / PROMPTS_NAME),
-            "extra": extra or {},
-        }
-        (self._tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        write_manifest(self._tmp, self.identity, self.d_model, self._shards, prompt_rows, extra)
         return ActivationCache.open(self._out.commit(), verify="none")
 
 
@@ -355,7 +401,7 @@ class ActivationCache:
                     f"activation cache file {path} has {path.stat().st_size} bytes, manifest says "
                     f"{entry['bytes']} (truncated or overwritten)",
                 )
-            if verify == "hash" and _sha256(path) != entry["sha256"]:
+            if verify == "hash" and file_sha256(path) != entry["sha256"]:
                 raise corrupt(folder, f"activation cache file {path} fails its sha256 check (altered)")
         with (folder / PROMPTS_NAME).open(encoding="utf-8") as fh:
             prompts = [json.loads(line) for line in fh if line.strip()]

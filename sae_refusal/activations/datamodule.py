@@ -3,9 +3,11 @@
 Lifecycle (see the Lightning pitfalls in docs/ARCHITECTURE.md):
 
 * ``__init__`` stores configs only (no model, no file I/O); the module is pickled to spawned workers.
-* ``prepare_data`` (one process per node) loads the prompt set, writes the split manifest and fills the
-  activation cache (loading the LLM only when no matching cache exists). It sets no state.
-* ``setup`` (every process) reads the prompt set, manifest and cache into memory-resident tensors.
+* ``prepare_data`` (one process per node) loads the prompt set and writes the split manifest. It sets no
+  state.
+* ``setup`` (every process) fills the activation cache when no matching one exists, every process of a
+  multi-process run extracting its share of the prompts (:mod:`sae_refusal.activations.build`; the LLM is
+  loaded only then), then reads the prompt set, manifest and cache into memory-resident tensors.
 * ``val_dataloader`` serves the ``val`` split and nothing else: with ``split.val_fraction: 0`` it raises
   (fit without validation with ``trainer.limit_val_batches: 0``); the test split never stands in for it.
 
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sae_refusal.activations.build import CacheConfig, cached_activations
 from sae_refusal.activations.cache import ActivationCache
+from sae_refusal.activations.coordinator import Coordinator, current_coordinator
 from sae_refusal.categories import COCONOT_CATEGORIES
 from sae_refusal.data.prompt_set import Label, PromptSet
 from sae_refusal.data.sources import PromptSetConfig, load_builtin, load_prompt_set
@@ -206,18 +209,37 @@ class ActivationDataModule(L.LightningDataModule):
         prompt_set.check_categories("built-in prompt set" if self.prompts is None else "data.prompts")
         return split_prompt_set(prompt_set, self.split, self.manifest_path, root=self.cache.root)
 
-    def build_cache(self) -> ActivationCache:
-        """Write the split manifest and fill (or reuse) the activation cache; returns the cache."""
-        return cached_activations(self.load_prompts(), self.llm, self.cache)
+    def build_cache(self, coordinator: Coordinator | None = None) -> ActivationCache:
+        """Write the split manifest and fill (or reuse) the activation cache; returns the cache.
+
+        Args:
+            coordinator: The processes that build it together (every one calls this); default: the ranks of
+                an initialised ``torch.distributed`` group, else this process alone.
+        """
+        return self._prompts_and_cache(coordinator)[1]
+
+    def _prompts_and_cache(self, coordinator: Coordinator | None) -> tuple[PromptSet, ActivationCache]:
+        if coordinator is None:
+            trainer = self.trainer
+            local_rank = trainer.local_rank if trainer is not None else None
+            device = trainer.strategy.root_device if trainer is not None else None
+            with current_coordinator(local_rank=local_rank, device=device) as own:
+                return self._prompts_and_cache(own)
+        # rank 0 first: it writes the split manifest when there is none, the others then read it
+        prompt_set = coordinator.on_rank0(self.load_prompts, "loading the prompts and their split manifest")
+        if prompt_set is None:
+            prompt_set = self.load_prompts()
+        return prompt_set, cached_activations(prompt_set, self.llm, self.cache, coordinator=coordinator)
 
     def prepare_data(self) -> None:
-        self.build_cache()
+        """Write the split manifest (one process per node). The cache is filled in :meth:`setup`, where
+        every process of a multi-process run takes its share of the prompts."""
+        self.load_prompts()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        prompt_set = self.load_prompts()
-        cache = cached_activations(prompt_set, self.llm, self.cache)
+        prompt_set, cache = self._prompts_and_cache(None)
         acts_ND = cache.load(self.served_layer).float()
         split_of = {p.id: p.split for p in prompt_set}
         rows = cache.prompts
