@@ -3,6 +3,7 @@
 #   carry [".device/whl", ".device/data", ".device/tok", ".device/whl_sparsify"], then
 #   PARTS="extract sae generate" bash benchmarks/gpu_performance.sh       (nvidia-h200)
 #   PARTS="ddp" bash benchmarks/gpu_performance.sh                        (nvidia-h200-x2)
+#   PARTS="stacked compile_cache decode_profile aux_profile" bash benchmarks/gpu_performance.sh   (issue 27)
 # .device/tok holds SmolLM2's tokenizer (the real prompt sets go through its chat template):
 #   python -c "from sae_refusal.llm import LLMConfig; from sae_refusal.llm.loading import load_tokenizer; \
 #              load_tokenizer(LLMConfig(name_or_path='smollm2')).save_pretrained('.device/tok')"
@@ -39,5 +40,21 @@ for part in ${PARTS:-extract sae generate}; do
             --json-out "$OUT/generation.json" ;;
     ddp)
         python3 benchmarks/ddp_scaling.py --out "$OUT/ddp.json" ;;
+    stacked)  # three seeds stacked into one set of GEMMs vs one alone and three side by side
+        python3 benchmarks/stacked_seeds.py --device cuda --tf32 --n_latents 65536 --dead_fraction 0.5 \
+            --out "$OUT/stacked_65k_dead.json"
+        python3 benchmarks/stacked_seeds.py --device cuda --tf32 --n_latents 65536 --dead_fraction 0 \
+            --out "$OUT/stacked_65k.json"
+        python3 benchmarks/stacked_seeds.py --device cuda --tf32 --n_latents 65536 --dead_fraction 0 \
+            --encoder_dtype bfloat16 --out "$OUT/stacked_65k_bf16.json" ;;
+    compile_cache)  # the compiled fast step: compile paid in a first process, reused by a second
+        python3 benchmarks/compile_cache_reuse.py --device cuda --batch 32 --json "$OUT/compile_cache.json" ;;
+    decode_profile)  # the fast generator's decode step (graph-free launches of the same kernels)
+        python3 benchmarks/profile_decode_step.py --device cuda --batch 32 --json "$OUT/decode_profile.json" ;;
+    aux_profile)  # the TopK step with half the latents dead (AuxK every step), fp32 encoder with TF32
+        python3 benchmarks/profile_topk_step.py --device cuda --tf32 --dead-fraction 0.5 --rows 25 \
+            --json "$OUT/aux_profile_tf32_dead.json"
+        python3 benchmarks/profile_topk_step.py --device cuda --tf32 --dead-fraction 0 --rows 25 \
+            --json "$OUT/aux_profile_tf32_nodead.json" ;;
     esac
 done 2>&1 | tee "$OUT/log.txt"

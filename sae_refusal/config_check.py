@@ -359,8 +359,9 @@ def preflight_fit(args: Sequence[str]) -> None:
 
     Only what the full parse would refuse too, with the same message: the SAE module's and architecture's
     ranges (:mod:`sae_refusal.sae.settings`; ``k <= latents`` needs the model width and waits for the full
-    parse), and the ``data`` section's ``llm``, ``cache`` and ``split`` settings and ``layer``. Classes other
-    than the project's are left to the parser.
+    parse), ``model.stack_seeds`` with a project architecture other than ``TopK``, and the ``data``
+    section's ``llm``, ``cache`` and ``split`` settings and ``layer``. Classes other than the project's are
+    left to the parser.
 
     Raises:
         ValueError: Naming the config key (the settings' own checks).
@@ -370,7 +371,7 @@ def preflight_fit(args: Sequence[str]) -> None:
     from sae_refusal.activations.config import DATA_MODULE_ARGS, CacheConfig
     from sae_refusal.data.splits import SplitConfig
     from sae_refusal.llm.config import LLMConfig
-    from sae_refusal.sae.settings import MODULE_ARGS, check_module_settings
+    from sae_refusal.sae.settings import MODULE_ARGS, check_module_settings, check_stack_seeds
 
     config = merged_config(args)
     model = config.get("model")
@@ -384,6 +385,15 @@ def preflight_fit(args: Sequence[str]) -> None:
             _typed(module, "lr", MODULE_ARGS["lr"]),
         )
         _check_architecture(module.get("architecture"))
+        node = module.get("architecture")
+        # left out: the module's default TopK; a class of the user's own (name None): the module's own check
+        name = (
+            "TopK"
+            if node is None
+            else _architecture_name(node.get("class_path") if isinstance(node, dict) else node)
+        )
+        if name is not None:
+            check_stack_seeds(_typed(module, "stack_seeds", MODULE_ARGS["stack_seeds"]), name)
     data = config.get("data")
     if not isinstance(data, dict) or "class_path" in data:
         return

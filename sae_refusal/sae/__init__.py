@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sae_refusal.sae.loading import load_sae as load_sae
     from sae_refusal.sae.module import SAEModule as SAEModule
     from sae_refusal.sae.relu import ReLUSAE as ReLUSAE
+    from sae_refusal.sae.stacked import StackedTopKSAE as StackedTopKSAE
     from sae_refusal.sae.topk import TopKSAE as TopKSAE
     from sae_refusal.sae.topk import sparse_decode as sparse_decode
 
@@ -54,6 +55,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "sae_refusal.sae.loading": ("find_sae_exports", "load_sae"),
         "sae_refusal.sae.module": ("SAEModule",),
         "sae_refusal.sae.relu": ("ReLUSAE",),
+        "sae_refusal.sae.stacked": ("StackedTopKSAE",),
         "sae_refusal.sae.topk": ("TopKSAE", "sparse_decode"),
     },
 )

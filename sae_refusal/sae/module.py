@@ -6,6 +6,13 @@ dead-latent bookkeeping, metrics and the export. Each seed has its own ``torch.G
 its own parameters, so training them together is the same as training each alone on the same batches (Adam is
 per parameter; nothing couples the seeds).
 
+With ``stack_seeds`` (TopK only) the seeds train as one batched module
+(:class:`~sae_refusal.sae.stacked.StackedTopKSAE`: one batched encoder product, one sparse decode, one
+decoder-norm kernel for all seeds) with the same per-seed results. Everything that reads or writes a seed goes
+through :meth:`SAEModule.named_saes`, which then gives each seed as a :class:`~sae_refusal.sae.topk.TopKSAE`
+viewing the stacked tensors (exports, callbacks and the fit-start statistics are unchanged); checkpoints hold
+the stacked tensors (``stacked.*``), so a stacked fit resumes from a stacked checkpoint only.
+
 At the start of fit (once; a resumed run keeps the stored values) the input scale is set from the training
 split so that the mean activation norm is ``sqrt(d_model)``, and every seed's decoder bias starts at the
 (normalised) mean activation. Metrics per seed go to ``{stage}/seed{n}/...``: ``mse``, ``fvu``, ``l0``,
@@ -39,6 +46,7 @@ split's mean).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,7 +61,9 @@ from sae_refusal.llm.loading import LLMConfig, model_fingerprint
 from sae_refusal.sae.architectures import SAEArchitecture, TopK, architecture_from_config
 from sae_refusal.sae.base import SAEOutput, SparseAutoencoder, start_from_data
 from sae_refusal.sae.provenance import CHECKPOINT_KEY, check_checkpoint_matches_data
-from sae_refusal.sae.settings import check_module_settings
+from sae_refusal.sae.settings import check_module_settings, check_stack_seeds
+from sae_refusal.sae.stacked import StackedTopKSAE
+from sae_refusal.sae.topk import TopKSAE
 
 __all__ = ["EVAL_CLASS_NAMES", "SAEModule", "class_names_of_batch"]
 
@@ -101,6 +111,18 @@ class SAEModule(L.LightningModule):
         seeds: One SAE per seed, each initialised from its own generator.
         lr: Adam learning rate.
         normalize_inputs: Scale inputs to mean norm ``sqrt(d_model)`` (stored with each SAE).
+        stack_seeds: Train the seeds as one batched module (:class:`~sae_refusal.sae.stacked.StackedTopKSAE`;
+            ``TopK`` architecture only): the same per-seed results and exports, fewer and larger kernels.
+            Its checkpoints hold the stacked tensors: resume a stacked fit with ``stack_seeds`` on.
+
+    Attributes:
+        saes: The seeds' SAEs (``seed{n}`` -> SAE), trained as they are; empty with ``stack_seeds``.
+        stacked: The trained :class:`~sae_refusal.sae.stacked.StackedTopKSAE` with ``stack_seeds``, else
+            ``None``. Read the seeds through :meth:`named_saes` either way.
+
+    Raises:
+        ValueError: On a setting out of range, naming its key (``model.stack_seeds`` with another
+            architecture than ``TopK``).
     """
 
     def __init__(
@@ -111,6 +133,7 @@ class SAEModule(L.LightningModule):
         seeds: list[int] | None = None,
         lr: float = 1e-3,
         normalize_inputs: bool = True,
+        stack_seeds: bool = False,
     ):
         super().__init__()
         if isinstance(architecture, dict):  # as kept in a checkpoint's hyperparameters
@@ -124,14 +147,17 @@ class SAEModule(L.LightningModule):
         if d_model < 1:
             raise ValueError(f"model.d_model must be >= 1, got {d_model}")
         check_module_settings(expansion_factor, seeds, lr)  # the rules `fit` also checks before any import
+        arch_name = "TopK" if type(self.architecture) is TopK else type(self.architecture).__name__
+        check_stack_seeds(stack_seeds, arch_name)
         self.seeds, self.lr, self.normalize_inputs = seeds, lr, normalize_inputs
         n_latents = expansion_factor * d_model
-        self.saes = torch.nn.ModuleDict(
-            {
-                f"seed{s}": self.architecture.build(d_model, n_latents, torch.Generator().manual_seed(s))
-                for s in seeds
-            }
-        )
+        built = (self.architecture.build(d_model, n_latents, torch.Generator().manual_seed(s)) for s in seeds)
+        self.stacked: StackedTopKSAE | None = None
+        if stack_seeds:  # each seed built as alone, then copied into the stack (one seed's weights at a time)
+            self.saes = torch.nn.ModuleDict()
+            self.stacked = StackedTopKSAE.from_saes(cast(Iterator[TopKSAE], built), n_seeds=len(seeds))
+        else:
+            self.saes = torch.nn.ModuleDict({f"seed{s}": sae for s, sae in zip(seeds, built, strict=True)})
         self.stats_ready: torch.Tensor
         self.data_mean_D: torch.Tensor
         self.register_buffer("stats_ready", torch.tensor(False))
@@ -146,8 +172,28 @@ class SAEModule(L.LightningModule):
         return f"seed{self.seeds[0]}"
 
     def named_saes(self) -> list[tuple[str, SparseAutoencoder]]:
-        """``(seed{n}, SAE)`` pairs in seed order."""
+        """``(seed{n}, SAE)`` pairs in seed order.
+
+        With ``stack_seeds``, :class:`~sae_refusal.sae.topk.TopKSAE` views of the stacked tensors
+        (:meth:`~sae_refusal.sae.stacked.StackedTopKSAE.seed_saes`): what they read is current, what they
+        write lands in the stack, they are not trained through.
+        """
+        if self.stacked is not None:
+            return [(f"seed{s}", sae) for s, sae in zip(self.seeds, self.stacked.seed_saes(), strict=True)]
         return [(name, cast(SparseAutoencoder, sae)) for name, sae in self.saes.items()]
+
+    def _trained(self) -> list[torch.nn.Module]:
+        """The modules the optimiser steps: the stack, or each seed's SAE."""
+        return [self.stacked] if self.stacked is not None else list(self.saes.values())
+
+    def _forward_seeds(self, acts_BD: torch.Tensor) -> list[tuple[str, SparseAutoencoder, SAEOutput]]:
+        """Every seed's name, SAE (:meth:`named_saes`) and output on ``acts_BD`` (the stack: one forward)."""
+        named = self.named_saes()
+        if self.stacked is not None:
+            outs = self.stacked(acts_BD, return_latents=self.architecture.needs_latents)
+        else:
+            outs = [sae(acts_BD, return_latents=self.architecture.needs_latents) for _, sae in named]
+        return [(name, sae, out) for (name, sae), out in zip(named, outs, strict=True)]
 
     def setup(self, stage: str) -> None:
         # a gloo group left to interpreter finalisation can abort a finished DDP run (sae_refusal.distributed)
@@ -158,6 +204,8 @@ class SAEModule(L.LightningModule):
 
     def _set_aux_energy_reducer(self, reducer: _MeanOverRanks | None) -> None:
         """Set (or unset) every seed's AuxK normaliser reduction (SAEs without AuxK lack the attribute)."""
+        if self.stacked is not None:  # the stack's forward reads its own (its seed views copy it)
+            self.stacked.aux_energy_reducer = reducer
         for _, sae in self.named_saes():
             if hasattr(sae, "aux_energy_reducer"):
                 cast(Any, sae).aux_energy_reducer = reducer  # a plain attribute (TopKSAE)
@@ -189,14 +237,28 @@ class SAEModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _seed_loss(
-        self, name: str, sae: SparseAutoencoder, batch: dict[str, torch.Tensor], stage: str
+        self,
+        name: str,
+        sae: SparseAutoencoder,
+        batch: dict[str, torch.Tensor],
+        stage: str,
+        out: SAEOutput | None = None,
     ) -> tuple[torch.Tensor, SAEOutput, dict[str, torch.Tensor]]:
         """Loss and output of one seed on a batch; logs the training metrics (per step, this rank's batch).
+
+        Args:
+            name: The seed's name (``seed{n}``).
+            sae: The seed's SAE.
+            batch: The batch.
+            stage: ``train``, ``val`` or ``test``.
+            out: The seed's output on the batch when already computed (:meth:`_forward_seeds`), else ``sae``
+                runs it.
 
         Returns:
             The loss, the SAE output, and the batch's metrics (detached; evaluation accumulates them).
         """
-        out = sae(batch["acts"], return_latents=self.architecture.needs_latents)
+        if out is None:
+            out = sae(batch["acts"], return_latents=self.architecture.needs_latents)
         loss = out.loss
         terms = dict(out.parts)
         extras = self.architecture.extra_losses(out, batch)
@@ -233,11 +295,17 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total = batch["acts"].new_zeros(())
-        for name, sae in self.named_saes():
-            loss, out, _ = self._seed_loss(name, sae, batch, "train")
+        seeds = self._forward_seeds(batch["acts"])
+        for name, sae, out in seeds:
+            loss, _, _ = self._seed_loss(name, sae, batch, "train", out)
             total = total + loss
-            fired_F = self._any_rank(out.fired_F)
-            sae.update_firing(fired_F)
+        # one OR over the ranks for all seeds (every rank then sees the same dead latents)
+        fired_SF = self._any_rank(torch.stack([out.fired_F for _, _, out in seeds]))
+        if self.stacked is not None:
+            self.stacked.update_firing(fired_SF)
+        for (name, sae, _), fired_F in zip(seeds, fired_SF, strict=True):
+            if self.stacked is None:
+                sae.update_firing(fired_F)
             self._fired[name] = self._fired.get(name, torch.zeros_like(fired_F)) | fired_F
         return total
 
@@ -263,18 +331,18 @@ class SAEModule(L.LightningModule):
         self._fired = {}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for _, sae in self.named_saes():
-            sae.remove_parallel_grads()
+        for trained in self._trained():
+            cast(Any, trained).remove_parallel_grads()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # renormalise right after the step (before any callback's on_train_batch_end, e.g. a step-based
         # ModelCheckpoint, so a checkpoint holds the renormalised decoder and a resumed fit matches)
         super().optimizer_step(*args, **kwargs)
-        for _, sae in self.named_saes():
-            sae.normalize_decoder()
+        for trained in self._trained():
+            cast(Any, trained).normalize_decoder()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = list(self.saes.parameters())
+        params = [p for trained in self._trained() for p in trained.parameters()]
         # the fused kernel (CUDA and CPU): one pass over all parameters, the same update as the default
         # implementation; on CPU it halves the optimizer step of the main job's three SAEs (benchmarks/)
         fused = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in params)
@@ -304,8 +372,8 @@ class SAEModule(L.LightningModule):
             else:  # run it all the same (every rank logs the same metrics), counted with weight 0
                 weight = 0.0
         classes_B = class_names_of_batch(batch["label"], batch["category"])
-        for name, sae in self.named_saes():
-            _, out, metrics = self._seed_loss(name, sae, batch, stage)
+        for name, sae, out in self._forward_seeds(batch["acts"]):
+            _, _, metrics = self._seed_loss(name, sae, batch, stage, out)
             # shrinkage: mean over rows of ||x_hat|| / ||x|| (raw space; 1 = none), SAEBench's l2_ratio
             norm_B = batch["acts"].float().norm(dim=-1).clamp_min(1e-12)
             metrics["shrinkage"] = (out.recon_BD.detach().float().norm(dim=-1) / norm_B).mean()
@@ -432,9 +500,9 @@ class SAEModule(L.LightningModule):
         """Write every seed's SAE to ``<folder>/seed{n}`` (``cfg.json`` + ``sae.safetensors``)."""
         folder = Path(folder)
         written: dict[int, Path] = {}
+        saes = dict(self.named_saes())
         for seed in self.seeds:
-            sae = cast(SparseAutoencoder, self.saes[f"seed{seed}"])
-            written[seed] = sae.save(folder / f"seed{seed}", self.export_metadata(seed))
+            written[seed] = saes[f"seed{seed}"].save(folder / f"seed{seed}", self.export_metadata(seed))
         return written
 
     def on_fit_end(self) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "check_l1_settings",
     "check_module_settings",
     "check_prefix_fractions",
+    "check_stack_seeds",
     "check_topk_settings",
 ]
 
@@ -41,6 +42,7 @@ MODULE_ARGS: dict[str, object] = {
     "seeds": None,
     "lr": 1e-3,
     "normalize_inputs": True,
+    "stack_seeds": False,
 }
 #: The arguments of each architecture (``model.init_args.architecture.init_args``) with their defaults,
 #: checked the same way.
@@ -124,6 +126,25 @@ def check_module_settings(expansion_factor: object, seeds: Sequence[object] | No
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ValueError(f"model.seeds must be a non-empty list of distinct seeds, got {list(seeds)}")
     _require_at_least("model.lr", lr, _finite(lr), 0, strict=True)
+
+
+def check_stack_seeds(stack_seeds: object, architecture: str) -> None:
+    """``model.stack_seeds`` is a bool, and true only with the ``TopK`` architecture.
+
+    Args:
+        stack_seeds: The setting.
+        architecture: The class name of ``model.architecture`` (``TopK`` when it is left out).
+
+    Raises:
+        ValueError: Naming ``model.stack_seeds``, the rule and the value.
+    """
+    if not isinstance(stack_seeds, bool):
+        raise ValueError(f"model.stack_seeds must be true or false, got {stack_seeds!r}")
+    if stack_seeds and architecture != "TopK":
+        raise ValueError(
+            "model.stack_seeds: stacking the seeds into one batched SAE needs the TopK architecture "
+            f"(model.architecture), got {architecture}; set model.stack_seeds false"
+        )
 
 
 def check_topk_settings(
