@@ -3,7 +3,7 @@
 #   carry [".device/whl", ".device/data", ".device/tok", ".device/whl_sparsify"], then
 #   PARTS="extract sae generate" bash benchmarks/gpu_performance.sh       (nvidia-h200)
 #   PARTS="ddp" bash benchmarks/gpu_performance.sh                        (nvidia-h200-x2)
-#   PARTS="stacked compile_cache decode_profile aux_profile" bash benchmarks/gpu_performance.sh   (issue 27)
+#   PARTS="stacked aux_profile" / "compile_cache decode_profile extract_sweep" ... (issue 27; .device/data, .device/tok)
 # .device/tok holds SmolLM2's tokenizer (the real prompt sets go through its chat template):
 #   python -c "from sae_refusal.llm import LLMConfig; from sae_refusal.llm.loading import load_tokenizer; \
 #              load_tokenizer(LLMConfig(name_or_path='smollm2')).save_pretrained('.device/tok')"
@@ -40,6 +40,13 @@ for part in ${PARTS:-extract sae generate}; do
             --json-out "$OUT/generation.json" ;;
     ddp)
         python3 benchmarks/ddp_scaling.py --out "$OUT/ddp.json" ;;
+    extract_sweep)  # the real mix at three token budgets (padding vs pass size), with a kernel profile each
+        for budget in ${BUDGETS:-8192 16384 32768}; do
+            python3 benchmarks/bench_early_exit.py --model llama3-8b-shape --layers 8 --prompts real \
+                --data-root .device/data --tokenizer .device/tok --n-prompts 2048 --batch-size 64 \
+                --token-budget "$budget" --budget-rows 1024 --repeats 2 \
+                --profile "$OUT/extract_profile_real_$budget.txt" --json-out "$OUT/extract_real_$budget.json"
+        done ;;
     stacked)  # three seeds stacked into one set of GEMMs vs one alone and three side by side
         python3 benchmarks/stacked_seeds.py --device cuda --tf32 --n_latents 65536 --dead_fraction 0.5 \
             --out "$OUT/stacked_65k_dead.json"
