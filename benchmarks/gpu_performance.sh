@@ -40,8 +40,8 @@ for part in ${PARTS:-extract sae generate}; do
             --json-out "$OUT/generation.json" ;;
     ddp)
         python3 benchmarks/ddp_scaling.py --out "$OUT/ddp.json" ;;
-    extract_sweep)  # the real mix at three token budgets (padding vs pass size), with a kernel profile each
-        for budget in ${BUDGETS:-8192 16384 32768}; do
+    extract_sweep)  # the real mix at three token budgets (4,096 / 8,192 / 16,384) (padding vs pass size), with a kernel profile each
+        for budget in ${BUDGETS:-4096 8192 16384}; do
             python3 benchmarks/bench_early_exit.py --model llama3-8b-shape --layers 8 --prompts real \
                 --data-root .device/data --tokenizer .device/tok --n-prompts 2048 --batch-size 64 \
                 --token-budget "$budget" --budget-rows 1024 --repeats 2 \
