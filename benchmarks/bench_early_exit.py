@@ -15,6 +15,8 @@ Methods:
   length over the whole set, no token budget;
 * ``early_exit_budget``: ``iter_last_token_residuals`` end to end (tokenisation included) with
   ``--token-budget`` padded tokens per pass, prompts sorted by length over the whole set;
+* ``early_exit_packed`` (``--pack-length L``): the same with prompts packed into rows of ``L`` tokens, each
+  attending only to itself (:mod:`sae_refusal.llm.packing`), passes of ``--token-budget`` tokens;
 * ``early_exit_budget_compiled`` (``--compile``): the same with each block's norms and MLP compiled
   (``torch.compile(dynamic=True)``), a variant to measure; a failure is recorded, not fatal.
 
@@ -54,6 +56,7 @@ from sae_refusal.llm import (
 )
 from sae_refusal.llm.extraction import iter_last_token_residuals, plan_batches
 from sae_refusal.llm.layers import decoder_layers
+from sae_refusal.llm.packing import plan_packs
 from sae_refusal.testing import build_llama3_8b_shape, build_tiny_model, build_tiny_tokenizer
 
 _VOCABULARY = (
@@ -171,9 +174,11 @@ def budget_method(
     args: argparse.Namespace,
     rows: int,
     token_budget: int | None,
+    pack_length: int | None = None,
 ) -> Method:
     """The library's path: ``iter_last_token_residuals`` over all prompts sorted by length (one window),
-    passes of at most ``rows`` prompts and ``token_budget`` padded tokens."""
+    passes of at most ``rows`` prompts and ``token_budget`` padded tokens (or, with ``pack_length``, packed
+    rows of that many tokens in passes of ``token_budget`` tokens)."""
 
     def run() -> dict[int, Tensor]:
         outputs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
@@ -186,6 +191,7 @@ def budget_method(
             max_length=args.max_length,
             sort_window=max(2, -(-len(texts) // rows)),  # 1 would keep input order
             token_budget=token_budget,
+            pack_length=pack_length,
         ):
             for layer in layers:
                 outputs[layer].append(batch.acts[layer])
@@ -269,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--token-budget", type=int, default=None, help="padded tokens per budgeted pass")
     parser.add_argument("--budget-rows", type=int, default=512, help="most rows per budgeted pass")
     parser.add_argument("--compile", action="store_true", help="also time the budgeted path compiled")
+    parser.add_argument(
+        "--pack-length", type=int, default=None, help="also time packed passes (rows of this many tokens)"
+    )
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per method (fastest kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -327,6 +336,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model, tokenizer, texts, layers, args, args.budget_rows, args.token_budget
         ),
     }
+    packed_padded = None
+    if args.pack_length:
+        # one window: every prompt packed together, passes of token_budget tokens
+        rows_cap = len(texts)
+        methods["early_exit_packed"] = budget_method(
+            model, tokenizer, texts, layers, args, rows_cap, args.token_budget, args.pack_length
+        )
+        packs = plan_packs(n_tokens, pack_length=args.pack_length, token_budget=args.token_budget)
+        packed_padded = sum(len(p) * max(sum(n_tokens[i] for i in row) for row in p) for p in packs)
     print(
         f"{args.model} on {device} ({dtype}), {n_layers} layers, reading {layers} ({n_blocks} blocks run); "
         f"{len(texts)} {args.prompts} prompts, {real_tokens / len(texts):.0f} tokens mean / "
@@ -367,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "full_forward": fixed_padded,
             "early_exit": fixed_padded,
             "early_exit_sorted": sorted_padded,
+            "early_exit_packed": packed_padded or budget_padded,
         }.get(name, budget_padded)
         tflops = 2 * params * real_tokens / seconds / 1e12
         out = timing["outputs"]

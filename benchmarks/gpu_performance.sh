@@ -44,7 +44,7 @@ for part in ${PARTS:-extract sae generate}; do
         for budget in ${BUDGETS:-4096 8192 16384}; do
             python3 benchmarks/bench_early_exit.py --model llama3-8b-shape --layers 8 --prompts real \
                 --data-root .device/data --tokenizer .device/tok --n-prompts 2048 --batch-size 64 \
-                --token-budget "$budget" --budget-rows 1024 --repeats 2 \
+                --token-budget "$budget" --budget-rows 1024 --pack-length 256 --repeats 2 \
                 --profile "$OUT/extract_profile_real_$budget.txt" --json-out "$OUT/extract_real_$budget.json"
         done ;;
     stacked)  # three seeds stacked into one set of GEMMs vs one alone and three side by side

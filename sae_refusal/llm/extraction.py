@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from sae_refusal.llm.hooks import ResidualFn, StepContext, StopForward, residual_hooks
 from sae_refusal.llm.layers import decoder_layers, input_device, validate_layers
+from sae_refusal.llm.packing import check_pack_length, packed_last_token_residuals, plan_packs
 from sae_refusal.llm.tokenize import (
     check_max_length,
     context_length,
@@ -245,6 +246,7 @@ def iter_last_token_residuals(
     token_budget: int | None = None,
     out_device: str | torch.device = "cpu",
     progress: Callable[[int], object] | None = None,
+    pack_length: int | None = None,
 ) -> Iterator[ResidualBatch]:
     """Yield last-token residuals for many chat-formatted prompts, in input order, ``batch_size`` at a time.
 
@@ -270,6 +272,9 @@ def iter_last_token_residuals(
         out_device: Where yielded tensors go (they keep the model's dtype).
         progress: Called with the number of prompts after each forward pass (e.g. a progress bar's
             ``update``); batches are yielded a sorting window at a time, so this is the finer signal.
+        pack_length: Pack each window's prompts into rows of this many tokens, each prompt attending only
+            to itself (:mod:`sae_refusal.llm.packing`: no padding but the rows' tails), in passes of at most
+            ``token_budget`` tokens (``batch_size x pack_length`` without a budget); ``None``: padded passes.
 
     Raises:
         ValueError: On a bad ``batch_size``/``sort_window``, layer, a ``max_length`` beyond the model's
@@ -280,6 +285,7 @@ def iter_last_token_residuals(
     if isinstance(sort_window, bool) or not isinstance(sort_window, int) or sort_window < 1:
         raise ValueError(f"sort_window: must be a positive integer, got {sort_window!r}")
     _check_token_budget(token_budget)
+    check_pack_length(pack_length, model)
     wanted = validate_layers(layers, len(decoder_layers(model)))
     if max_length is None:
         max_length = default_max_length(model, tokenizer)
@@ -301,22 +307,37 @@ def iter_last_token_residuals(
     window = batch_size * sort_window
     for start in range(0, len(ids), window):
         stop = min(start + window, len(ids))
-        passes = plan_batches(
-            [len(ids[i]) for i in range(start, stop)],
-            batch_size=batch_size,
-            token_budget=token_budget,
-            sort=sort_window > 1,
-        )
-        order = [start + i for chunk in passes for i in chunk]
         parts: dict[int, list[Tensor]] = {layer: [] for layer in wanted}
-        for local_chunk in passes:
-            chunk = [start + i for i in local_chunk]
-            input_ids_BT, attention_mask_BT = pad_left([ids[i] for i in chunk], pad_id)
-            acts = last_token_residuals(model, input_ids_BT, attention_mask_BT, wanted)
-            for layer, acts_BD in acts.items():
-                parts[layer].append(acts_BD.to(out_device))
-            if progress is not None:
-                progress(len(chunk))
+        if pack_length is not None:
+            packs = plan_packs(
+                [len(ids[i]) for i in range(start, stop)],
+                pack_length=pack_length,
+                token_budget=token_budget or batch_size * pack_length,
+            )
+            order = [start + i for pack in packs for row in pack for i in row]
+            for pack in packs:
+                rows = [[ids[start + i] for i in row] for row in pack]
+                acts = packed_last_token_residuals(model, rows, wanted, pad_id)
+                for layer, acts_ND in acts.items():
+                    parts[layer].append(acts_ND.to(out_device))
+                if progress is not None:
+                    progress(sum(len(row) for row in pack))
+        else:
+            passes = plan_batches(
+                [len(ids[i]) for i in range(start, stop)],
+                batch_size=batch_size,
+                token_budget=token_budget,
+                sort=sort_window > 1,
+            )
+            order = [start + i for chunk in passes for i in chunk]
+            for local_chunk in passes:
+                chunk = [start + i for i in local_chunk]
+                input_ids_BT, attention_mask_BT = pad_left([ids[i] for i in chunk], pad_id)
+                acts = last_token_residuals(model, input_ids_BT, attention_mask_BT, wanted)
+                for layer, acts_BD in acts.items():
+                    parts[layer].append(acts_BD.to(out_device))
+                if progress is not None:
+                    progress(len(chunk))
         # Row r of the sorted window holds prompt order[r]; invert to input order.
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order) - start] = torch.arange(len(order))
