@@ -326,7 +326,12 @@ def test_shard_size_and_manifest_facts(world: World, tmp_path: Path) -> None:
     assert world.base.manifest["extra"] == {
         "n_truncated": 0,
         "n_prompts": 3,
-        "batching": {"batch_size": world.cfg.batch_size, "token_budget": None, "sort_window": 16},
+        "batching": {
+            "batch_size": world.cfg.batch_size,
+            "token_budget": None,
+            "sort_window": 16,
+            "pack_length": None,
+        },
         "world_size": 1,
     }
     assert [s["rows"] for s in world.base.manifest["shards"]] == [3]  # default 4096 rows per shard
@@ -368,3 +373,28 @@ def test_an_adapter_file_changed_in_place_gives_a_new_cache(
     with pytest.raises(RefusalArtifactError, match=altered):  # recomputed: applying the adapter fails
         cached_activations(PROMPTS, llm, world.cfg)
     assert len(calls) == 1
+
+
+def test_a_packed_cache_has_the_padded_cache_identity_and_rows(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.cache.pack_length``: packed passes change the numbers by round-off only (same identity)."""
+    from sae_refusal.llm import extraction
+
+    calls: list[int] = []
+    real = extraction.packed_last_token_residuals
+
+    def counted(model: Any, rows: Any, layers: Any, pad_id: int) -> Any:
+        calls.append(len(rows))
+        return real(model, rows, layers, pad_id)
+
+    monkeypatch.setattr(extraction, "packed_last_token_residuals", counted)
+    packed = cached_activations(
+        PROMPTS, world.llm, dataclasses.replace(world.cfg, root=str(tmp_path), pack_length=64)
+    )
+    assert packed.identity == world.base.identity
+    assert packed.manifest["extra"]["batching"]["pack_length"] == 64 and calls  # the packed path ran
+    for layer in (0, 1):
+        torch.testing.assert_close(packed.load(layer), world.base.load(layer), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"^data\.cache\.pack_length must be >= 1 or null, got 0$"):
+        dataclasses.replace(world.cfg, pack_length=0)

@@ -208,6 +208,7 @@ def _extract_shard(
         max_length=identity.max_length,
         overflow=identity.overflow,
         progress=progress,
+        pack_length=cfg.pack_length,
     ):
         stored = {layer: acts_BD.float().to("cpu", storage) for layer, acts_BD in batch.acts.items()}
         for layer, acts_BD in stored.items():
@@ -365,6 +366,7 @@ def compute_cache(
             "batch_size": cfg.batch_size,
             "token_budget": cfg.token_budget,
             "sort_window": cfg.sort_window,
+            "pack_length": cfg.pack_length,
         }
         extra = {"n_prompts": len(prompt_set), "batching": batching, "world_size": coordinator.world_size}
         rows = [_prompt_row(prompt_set, i) for i in range(len(prompt_set))]

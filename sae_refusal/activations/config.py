@@ -45,6 +45,9 @@ class CacheConfig:
         sort_window: Passes' worth of prompts (``sort_window x batch_size``) sorted by length together, to
             pad little; 1 runs prompts in input order. Batching changes the activations only by float
             round-off (the cache records it in ``extra``, not in its identity).
+        pack_length: Pack prompts into rows of this many tokens, each attending only to itself, in passes of
+            ``token_budget`` tokens (``batch_size x pack_length`` without one): no padding but the rows'
+            tails (:mod:`sae_refusal.llm.packing`; eager or SDPA attention). ``null``: padded passes.
         max_length: Token budget per prompt; ``None`` uses the model's context (capped).
         overflow: ``truncate_left`` (keep the last ``max_length`` tokens and count them) or ``error``.
         shard_rows: Rows per safetensors shard.
@@ -61,6 +64,7 @@ class CacheConfig:
     batch_size: int = 16
     token_budget: int | None = None
     sort_window: int = 16
+    pack_length: int | None = None
     max_length: int | None = None
     overflow: str = "truncate_left"
     shard_rows: int = 4096
@@ -81,6 +85,8 @@ class CacheConfig:
             raise ValueError(f"{KEY}.token_budget must be >= 1 or null, got {self.token_budget}")
         if self.sort_window < 1:
             raise ValueError(f"{KEY}.sort_window must be >= 1, got {self.sort_window}")
+        if self.pack_length is not None and (isinstance(self.pack_length, bool) or self.pack_length < 1):
+            raise ValueError(f"{KEY}.pack_length must be >= 1 or null, got {self.pack_length}")
         if not self.layers:
             raise ValueError(f"{KEY}.layers must name at least one layer")
         if self.max_length is not None:
