@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,19 +12,13 @@ from sae_refusal.activations.build import CacheConfig, _summary, cached_activati
 from sae_refusal.activations.coordinator import RankStatus
 from sae_refusal.data.prompt_set import Label, Prompt, PromptSet
 from sae_refusal.llm import LLMConfig
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed_cache_rate.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The benchmark script, imported from its path."""
-    spec = importlib.util.spec_from_file_location("bench_distributed_cache_rate", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("distributed_cache_rate")
 
 
 def test_the_summary_pattern_reads_the_line_the_build_logs(

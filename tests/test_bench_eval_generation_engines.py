@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -12,19 +10,13 @@ import pytest
 import torch
 
 from sae_refusal.llm import fast_generate
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_generation_engines.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The benchmark script, imported from its path."""
-    spec = importlib.util.spec_from_file_location("bench_eval_generation_engines", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("eval_generation_engines")
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -12,19 +10,15 @@ from types import ModuleType
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sae_arch_speed.py"
+from tests.benchmark_scripts import load_benchmark
+
 TINY = ["--device", "cpu", "--d-model", "16", "--expansion", "4", "--k", "4", "--batch", "64"]
 TINY += ["--steps", "2", "--warmup", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_sae_arch_speed", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sae_arch_speed")
 
 
 @pytest.fixture(autouse=True)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -14,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sae_throughput.py"
+from tests.benchmark_scripts import load_benchmark
+
 TINY = ["--device", "cpu", "--d-model", "32", "--expansion", "4", "--k", "8", "--batch", "128"]
 TINY += ["--threads", "1"]
 
@@ -22,12 +21,7 @@ TINY += ["--threads", "1"]
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The benchmark script, imported from its path."""
-    spec = importlib.util.spec_from_file_location("bench_sae_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sae_throughput")
 
 
 @pytest.fixture(autouse=True)

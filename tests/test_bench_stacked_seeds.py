@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -12,7 +10,8 @@ from types import ModuleType
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stacked_seeds.py"
+from tests.benchmark_scripts import load_benchmark
+
 TINY = ["--device", "cpu", "--d_model", "16", "--n_latents", "64", "--k", "4", "--batch", "32"]
 TINY += ["--aux_k", "8", "--steps", "2", "--warmup", "1", "--threads", "1"]
 
@@ -20,12 +19,7 @@ TINY += ["--aux_k", "8", "--steps", "2", "--warmup", "1", "--threads", "1"]
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """The benchmark script, imported from its path."""
-    spec = importlib.util.spec_from_file_location("bench_stacked_seeds", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("stacked_seeds")
 
 
 @pytest.fixture(autouse=True)
