@@ -217,7 +217,7 @@ def run_phase(args: argparse.Namespace, phase: str, root: Path, variant: str = "
         "steps": n_steps,
         "aux_steps": timer.aux_steps,
         "tf32": tf32,
-        "aux_energy_reducer_in_topk": hasattr(TopKSAE(4, 8, 2), "aux_energy_reducer"),
+        "rank_mean_in_topk": hasattr(TopKSAE(4, 8, 2), "rank_mean"),
     }
     if throughput:
         starts = timer.starts[args.warmup :]

@@ -6,7 +6,7 @@
 * No "It is recommended to use ``self.log(..., sync_dist=True)``" warning: every epoch-level metric is
   reduced over the ranks by the module itself.
 * With AuxK running, a 2-rank fit with per-rank batch B/2 exports the SAEs of a 1-process fit with batch B
-  (the AuxK normaliser is the mean over ranks: ``TopKSAE.aux_energy_reducer``, set by the module).
+  (the AuxK normaliser is the mean over ranks: ``TopKSAE.rank_mean``, set by the module).
 * The fit-start statistics (input scale, decoder bias) survive DDP's wrapping: Lightning builds the DDP
   wrapper on a side CUDA stream whose broadcast copy-back (old values) could otherwise land after them, so
   ``on_fit_start`` waits for the device first (unit test; the real race needs CUDA: a ``slow`` GPU test).
@@ -83,7 +83,7 @@ class Probe(L.Callback):
     """Runs in every process: records warnings, each validation's logged metrics, AuxK steps and whether the
     AuxK normaliser is reduced over ranks; writes ``probe_rank{r}.json`` into ``folder`` at teardown.
 
-    A TopK SAE without ``aux_energy_reducer`` (before TopKSAE has it) gets the attribute set to ``None``
+    A TopK SAE without ``rank_mean`` (before TopKSAE has it) gets the attribute set to ``None``
     before the module's ``on_fit_start``, so the module's wiring is checked either way.
     """
 
@@ -99,15 +99,13 @@ class Probe(L.Callback):
         warnings.simplefilter("always")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.record["native_reducer"] = all(
-            hasattr(sae, "aux_energy_reducer") for _, sae in pl_module.named_saes()
-        )
+        self.record["native_reducer"] = all(hasattr(sae, "rank_mean") for _, sae in pl_module.named_saes())
         for _, sae in pl_module.named_saes():
-            if not hasattr(sae, "aux_energy_reducer"):
-                sae.aux_energy_reducer = None
+            if not hasattr(sae, "rank_mean"):
+                sae.rank_mean = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        reducers = [sae.aux_energy_reducer for _, sae in pl_module.named_saes()]
+        reducers = [sae.rank_mean for _, sae in pl_module.named_saes()]
         if all(r is not None for r in reducers):  # a collective: every rank calls it here
             value = torch.tensor(float(trainer.global_rank + 1))
             self.record["reducer_mean"] = float(reducers[0](value))
@@ -132,7 +130,7 @@ class Probe(L.Callback):
         self._catch.__exit__(None, None, None)
         self.record["warnings"] = [str(w.message) for w in self._caught]
         self.record["reducers_after_fit"] = [
-            getattr(sae, "aux_energy_reducer", None) is None for _, sae in pl_module.named_saes()
+            getattr(sae, "rank_mean", None) is None for _, sae in pl_module.named_saes()
         ]
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"probe_rank{trainer.global_rank}_{getattr(stage, 'value', stage)}.json"
@@ -236,7 +234,7 @@ def test_ddp_fit_with_auxk_equals_one_process_with_the_same_global_batches(tmp_p
     assert two[0]["val"] == two[1]["val"] and len(two[0]["val"]) == 2
     assert "val/seed0/fvu" in one["val"][0] and "val/seed1/fvu_class/ambiguous" in one["val"][0]
     if not two[0]["native_reducer"]:
-        pytest.xfail("TopKSAE has no aux_energy_reducer yet: AuxK is normalised per rank")
+        pytest.xfail("TopKSAE has no rank_mean yet: AuxK is normalised per rank")
     for got, expected in zip(two[0]["val"], one["val"], strict=True):
         assert_same_metrics(got, expected, rel=1e-4)
     for seed in (0, 1):
@@ -265,18 +263,18 @@ def test_the_auxk_reducer_is_set_under_ddp_and_gone_after_the_fit() -> None:
     module.stats_ready.fill_(True)
     saes = [sae for _, sae in module.named_saes()]
     for sae in saes:  # as TopKSAE declares it
-        sae.aux_energy_reducer = None
+        sae.rank_mean = None
     module.trainer = _Trainer()  # type: ignore[assignment]
     module.on_fit_start()
     energy = torch.tensor(1.0)
-    reduced = saes[1].aux_energy_reducer(energy)
+    reduced = saes[1].rank_mean(energy)
     assert float(reduced) == 2.0 and float(energy) == 1.0 and not reduced.requires_grad  # a copy is reduced
     module.on_fit_end()
-    assert all(sae.aux_energy_reducer is None for sae in saes)
+    assert all(sae.rank_mean is None for sae in saes)
     pickle.dumps(module.saes)  # no process-group reference left
     module.on_fit_start()
     module.teardown("fit")  # e.g. after a failed fit
-    assert all(sae.aux_energy_reducer is None for sae in saes)
+    assert all(sae.rank_mean is None for sae in saes)
 
 
 class _Datamodule:

@@ -268,7 +268,7 @@ def test_an_eval_column_with_a_batchtopk_sae(arch: str, tiny_lm: Any, tmp_path: 
 
 # ---------------------------------------------------------------------------------------------- DDP
 class _MeanWithAnotherRank:
-    """A 2-rank ``aux_energy_reducer``: the other rank holds ``other``; counts its calls."""
+    """A 2-rank ``rank_mean``: the other rank holds ``other``; counts its calls."""
 
     def __init__(self, other: torch.Tensor):
         self.other, self.calls = other, 0
@@ -288,18 +288,18 @@ def test_the_threshold_statistic_is_the_mean_over_ranks() -> None:
     assert z is not None
     own = z[z > 0].min()
     sae.threshold.fill_(-1.0)
-    sae.aux_energy_reducer = _MeanWithAnotherRank(torch.tensor([2.0, 1.0]))
+    sae.rank_mean = _MeanWithAnotherRank(torch.tensor([2.0, 1.0]))
     sae(x)
     assert sae.threshold.item() == pytest.approx((own.item() + 2.0) / 2)
     nothing = _MeanWithAnotherRank(torch.tensor([3.0, 1.0]))
-    sae.aux_energy_reducer = nothing
+    sae.rank_mean = nothing
     with torch.no_grad():
         sae.b_enc_F.fill_(-100.0)  # no positive pre-activation on this rank
     sae(x)
     assert nothing.calls == 1
     assert sae.threshold.item() == pytest.approx(0.5 * (own.item() + 2.0) / 2 + 0.5 * 3.0)
     silent = _MeanWithAnotherRank(torch.tensor([0.0, 0.0]))  # no rank kept anything: no update
-    sae.aux_energy_reducer = silent
+    sae.rank_mean = silent
     before = sae.threshold.item()
     sae(x)
     assert silent.calls == 1 and sae.threshold.item() == before

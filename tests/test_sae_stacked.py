@@ -252,8 +252,8 @@ def test_seed_views_read_and_write_the_stack() -> None:
     assert stacked.steps_since_fired_SF[0].tolist() == [0] * 10 + [1] * (N_LATENTS - 10)
     assert not any(p.requires_grad for v in views for p in v.parameters())  # trained through the stack only
     reducer = lambda energy: energy  # noqa: E731
-    stacked.aux_energy_reducer = reducer
-    assert all(v.aux_energy_reducer is reducer and not v.training for v in stacked.eval().seed_saes())
+    stacked.rank_mean = reducer
+    assert all(v.rank_mean is reducer and not v.training for v in stacked.eval().seed_saes())
     stacked.double()  # new storage: new views
     moved = stacked.seed_saes()
     assert moved[1] is not views[1] and moved[1].W_enc_FD.dtype == torch.float64
@@ -261,7 +261,7 @@ def test_seed_views_read_and_write_the_stack() -> None:
     moved[0].to(torch.float16)  # a view moved away is a copy: not handed out again
     again = stacked.seed_saes()
     assert again[0] is not moved[0] and again[0].W_enc_FD.dtype == torch.float64
-    stacked.aux_energy_reducer = None
+    stacked.rank_mean = None
     state = pickle.loads(pickle.dumps(stacked))
     assert "_views" not in state.__dict__ and torch.equal(state.seed_saes()[2].b_dec_D, moved[2].b_dec_D)
 
@@ -286,12 +286,12 @@ def test_the_auxk_reducer_reaches_the_stack_under_ddp_and_leaves_after_the_fit()
     module.stats_ready.fill_(True)
     module.trainer = ddp._Trainer()  # type: ignore[assignment]
     module.on_fit_start()
-    reducer = module.stacked.aux_energy_reducer
-    assert reducer is not None and all(sae.aux_energy_reducer is reducer for _, sae in module.named_saes())
+    reducer = module.stacked.rank_mean
+    assert reducer is not None and all(sae.rank_mean is reducer for _, sae in module.named_saes())
     assert reducer(torch.tensor([1.0, 5.0])).tolist() == [2.0, 4.0]  # all seeds' normalisers in one call
     module.on_fit_end()
-    assert module.stacked.aux_energy_reducer is None
-    assert all(sae.aux_energy_reducer is None for _, sae in module.named_saes())
+    assert module.stacked.rank_mean is None
+    assert all(sae.rank_mean is None for _, sae in module.named_saes())
     pickle.dumps(module.stacked)  # no process-group reference left
 
 

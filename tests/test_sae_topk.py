@@ -400,8 +400,8 @@ def test_setting_edges_and_defaults() -> None:
         "dead_after_steps": 1000,
         "encoder_dtype": "float32",
     }
-    assert sae.aux_energy_reducer is None
-    assert "aux_energy_reducer" not in dict(sae.named_parameters()) | dict(sae.named_buffers())
+    assert sae.rank_mean is None
+    assert "rank_mean" not in dict(sae.named_parameters()) | dict(sae.named_buffers())
     with pytest.raises(ValueError, match="encoder_dtype must be one of"):
         TopKSAE(4, 6, k=2, encoder_dtype="float16")
     assert sae.steps_since_fired_F.dtype == torch.long and not sae.steps_since_fired_F.any()

@@ -197,7 +197,7 @@ def test_fused_duties_fall_back_when_compilation_fails(monkeypatch: pytest.Monke
     assert topk_module._COMPILED["normalize_rows"] is None
 
 
-def test_aux_energy_reducer_makes_averaged_half_batch_grads_the_full_batch_grad() -> None:
+def test_rank_mean_makes_averaged_half_batch_grads_the_full_batch_grad() -> None:
     """Two 'ranks' with half a batch each, the reducer returning the mean of both energies: the average of
     their AuxK gradients (what DDP does) equals the AuxK gradient of one process with the whole batch."""
     gen = torch.Generator().manual_seed(16)
@@ -219,14 +219,14 @@ def test_aux_energy_reducer_makes_averaged_half_batch_grads_the_full_batch_grad(
         seen.append(local)
         return mean_energy
 
-    sae.aux_energy_reducer = reducer
+    sae.rank_mean = reducer
     grads = [torch.autograd.grad(sae(h).parts["aux"], params) for h in halves]
     assert len(seen) == 2 and all(not e.requires_grad for e in seen)
     torch.testing.assert_close(torch.stack(seen), torch.stack(energies), rtol=1e-5, atol=1e-6)
     for name, a, b, ref in zip([n for n, _ in sae.named_parameters()], *grads, full, strict=True):
         torch.testing.assert_close((a + b) / 2, ref, rtol=1e-4, atol=1e-6, msg=name)
-    sae.aux_energy_reducer = None
-    assert "aux_energy_reducer" not in sae.config()
+    sae.rank_mean = None
+    assert "rank_mean" not in sae.config()
 
 
 def test_the_cli_architecture_passes_encoder_dtype_and_names_the_key_on_a_bad_value() -> None:

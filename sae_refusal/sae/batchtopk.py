@@ -22,7 +22,7 @@ positive* activation of the batch (the ``k*B``-th largest value, when positive),
 Thresholding at the batch's own ``m`` keeps exactly its ``k*B`` entries, so on rows like the training ones
 eval-mode L0 is about ``k``. An SAE whose threshold was never set (``theta < 0``, e.g. Lightning's sanity
 validation before the first step) uses the batch top-k in eval mode too. Under DDP each rank selects within
-its own batch, and ``m`` is the mean of the ranks' smallest kept activations (``aux_energy_reducer``), so
+its own batch, and ``m`` is the mean of the ranks' smallest kept activations (``rank_mean``), so
 every rank keeps the same ``theta`` and rank zero's export and checkpoints hold the estimate of the whole
 global batch.
 
@@ -94,7 +94,7 @@ class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
         generator: RNG of the initial weights (the global RNG is never touched).
 
     Attributes:
-        aux_energy_reducer: As :class:`~sae_refusal.sae.topk.TopKSAE`'s (DDP: the mean over ranks, set by
+        rank_mean: As :class:`~sae_refusal.sae.topk.TopKSAE`'s (DDP: the mean over ranks, set by
             :class:`~sae_refusal.sae.module.SAEModule` for the fit); used for the AuxK normaliser and for the
             threshold's statistic (the ranks' mean smallest kept activation, so the ``threshold`` buffer stays
             the same on every rank); a plain attribute, not in :meth:`config`.
@@ -123,7 +123,7 @@ class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
         check_batchtopk_settings(k, aux_k, aux_coef, dead_after_steps, threshold_momentum, n_latents)
         self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
         self.threshold_momentum = float(threshold_momentum)
-        self.aux_energy_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.rank_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
         W_dec_FD = torch.randn(n_latents, d_model, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec_FD = nn.Parameter(W_dec_FD)
@@ -158,7 +158,7 @@ class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
     def _update_threshold(self, z_BF: torch.Tensor) -> None:
         """EMA of the smallest kept positive activation (see the module docstring).
 
-        Under DDP (``aux_energy_reducer`` set) the statistic is the mean over the ranks that kept a positive
+        Under DDP (``rank_mean`` set) the statistic is the mean over the ranks that kept a positive
         activation, so every rank applies the same update and keeps the same threshold; a batch without one
         leaves the threshold as it is.
         """
@@ -166,8 +166,8 @@ class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
         found = z_BF.new_tensor(float(positive.numel() > 0))
         # (smallest * found, found): the reduction below is a collective, so every rank calls it
         stat = torch.stack([positive.min() if positive.numel() else z_BF.new_zeros(()), found])
-        if self.aux_energy_reducer is not None:
-            stat = self.aux_energy_reducer(stat)
+        if self.rank_mean is not None:
+            stat = self.rank_mean(stat)
         if float(stat[1]) <= 0:
             return
         smallest = (stat[0] / stat[1]).to(self.threshold.dtype)
@@ -209,8 +209,8 @@ class BatchTopKSAE(DeadLatentCounter, SparseAutoencoder):
         aux_z_BF = torch.zeros_like(pre_BF).scatter(1, indices_BA, values_BA.relu())
         residual_BD = (x_BD - recon_BD).detach()
         energy = residual_BD.pow(2).sum()
-        if self.aux_energy_reducer is not None:
-            energy = self.aux_energy_reducer(energy)
+        if self.rank_mean is not None:
+            energy = self.rank_mean(energy)
         return (aux_z_BF @ self.W_dec_FD - residual_BD).pow(2).sum() / energy.clamp_min(1e-12)
 
     def _reconstruction(

@@ -35,7 +35,7 @@ successful fit, each atomically, on global rank zero.
 
 Under DDP a fit with per-rank batch ``B / world_size`` matches a one-process fit with batch ``B``: the losses
 are means over rows (DDP averages the gradients), dead latents are OR-ed over ranks, and during the fit each
-TopK SAE's AuxK normaliser (the batch's residual energy) is the mean over ranks (``aux_energy_reducer``,
+TopK SAE's AuxK normaliser (the batch's residual energy) is the mean over ranks (``rank_mean``,
 unset again at the end of the fit). Every epoch-level metric is reduced over ranks by this module (one
 all-reduce per seed) and is the whole split's value, the same on every rank: the evaluation loaders pad the
 split to equal shards (:class:`~sae_refusal.activations.datamodule.PaddedEvalDataset`) and the repeated rows
@@ -72,7 +72,7 @@ EVAL_CLASS_NAMES = ["benign", "ambiguous", *CATEGORY_SHORT_NAMES.values()]
 
 
 class _MeanOverRanks:
-    """``aux_energy_reducer`` of a TopK SAE under DDP: the mean of a scalar over the ranks (an all-reduce).
+    """``rank_mean`` of a TopK SAE under DDP: the mean of a scalar over the ranks (an all-reduce).
 
     The input (the AuxK normaliser) is detached; the result carries no graph.
 
@@ -200,15 +200,15 @@ class SAEModule(L.LightningModule):
         destroy_process_group_at_exit()
 
     def teardown(self, stage: str) -> None:
-        self._set_aux_energy_reducer(None)
+        self._set_rank_mean(None)
 
-    def _set_aux_energy_reducer(self, reducer: _MeanOverRanks | None) -> None:
+    def _set_rank_mean(self, reducer: _MeanOverRanks | None) -> None:
         """Set (or unset) every seed's AuxK normaliser reduction (SAEs without AuxK lack the attribute)."""
         if self.stacked is not None:  # the stack's forward reads its own (its seed views copy it)
-            self.stacked.aux_energy_reducer = reducer
+            self.stacked.rank_mean = reducer
         for _, sae in self.named_saes():
-            if hasattr(sae, "aux_energy_reducer"):
-                cast(Any, sae).aux_energy_reducer = reducer  # a plain attribute (TopKSAE)
+            if hasattr(sae, "rank_mean"):
+                cast(Any, sae).rank_mean = reducer  # a plain attribute (TopKSAE)
 
     # ------------------------------------------------------------------ data statistics
     def on_fit_start(self) -> None:
@@ -221,7 +221,7 @@ class SAEModule(L.LightningModule):
         if self.trainer.world_size > 1:
             # the AuxK loss is normalised by the mean residual energy over ranks, so DDP's mean of the
             # per-rank gradients is the one-process gradient of the global batch
-            self._set_aux_energy_reducer(_MeanOverRanks(self.trainer.strategy))
+            self._set_rank_mean(_MeanOverRanks(self.trainer.strategy))
         if bool(self.stats_ready):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -506,7 +506,7 @@ class SAEModule(L.LightningModule):
         return written
 
     def on_fit_end(self) -> None:
-        self._set_aux_energy_reducer(None)  # no process-group reference outlives the fit
+        self._set_rank_mean(None)  # no process-group reference outlives the fit
         log_dir = self.trainer.log_dir  # a collective under DDP: read it on every rank
         if self.trainer.is_global_zero and log_dir is not None:
             self.export(Path(log_dir) / "sae")

@@ -29,7 +29,7 @@ one computation with the same per-seed results:
   each seed's ``b_dec`` gradient one batched ``-(dL/db_enc_s) @ W_enc_s``.
 * **AuxK** per seed exactly as :class:`TopKSAE`: each seed's own dead latents, ``aux_k`` of them per row
   (fewer when fewer are dead: the AuxK rows of a seed are padded with zero-weight entries, which add
-  nothing and get no gradient), its own residual-energy normaliser; ``aux_energy_reducer`` (DDP) maps the
+  nothing and get no gradient), its own residual-energy normaliser; ``rank_mean`` (DDP) maps the
   ``(S,)`` vector of normalisers at once (one all-reduce for all seeds).
 * **Decoder-norm duties** on the stacked ``(S * F, D)`` decoder: one (compiled, on CUDA) kernel each.
 * **Bookkeeping**: ``steps_since_fired_SF`` per seed, ``input_scale_S`` per seed (a fit gives the seeds the
@@ -185,9 +185,9 @@ class StackedTopKSAE(nn.Module):
         encoder_dtype: ``"float32"`` or ``"bfloat16"``, as :class:`TopKSAE`.
 
     Attributes:
-        aux_energy_reducer: ``None``, or a function mapping this process's AuxK normalisers (the ``(S,)``
+        rank_mean: ``None``, or a function mapping this process's AuxK normalisers (the ``(S,)``
             residual energies, detached) to their means over the data-parallel ranks (as
-            :attr:`TopKSAE.aux_energy_reducer`, for all seeds in one call).
+            :attr:`TopKSAE.rank_mean`, for all seeds in one call).
 
     Raises:
         ValueError: On a setting out of range (as :class:`TopKSAE`) or ``n_seeds < 1``.
@@ -219,7 +219,7 @@ class StackedTopKSAE(nn.Module):
             TopKSAE(d_model, n_latents, k, aux_k, aux_coef, dead_after_steps, encoder_dtype=encoder_dtype)
         self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
         self.encoder_dtype = encoder_dtype
-        self.aux_energy_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.rank_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
         S, F_, D = n_seeds, n_latents, d_model
         self.W_enc_SFD = nn.Parameter(torch.zeros(S, F_, D))
         self.W_dec_SFD = nn.Parameter(torch.zeros(S, F_, D))
@@ -313,14 +313,14 @@ class StackedTopKSAE(nn.Module):
 
         No weight is copied. The views are kept and handed out again while they still view this module's
         tensors (a move of this module to another device, or of a view, builds new ones). Each gets this
-        module's training mode and ``aux_energy_reducer`` on every call.
+        module's training mode and ``rank_mean`` on every call.
         """
         saes: list[TopKSAE] = self.__dict__.get("_views") or []
         if not self._views_current(saes):
             saes = [self._seed_view(s) for s in range(self.n_seeds)]
             self.__dict__["_views"] = saes
         for sae in saes:
-            sae.aux_energy_reducer = self.aux_energy_reducer
+            sae.rank_mean = self.rank_mean
             sae.train(self.training)
         return saes
 
@@ -442,8 +442,8 @@ class StackedTopKSAE(nn.Module):
             residual_SBD = (x_SBD - recon_SBD).detach()
             # each seed's share of its residual's energy left unexplained (as TopKSAE)
             energy_S = residual_SBD.pow(2).sum((1, 2))
-            if self.aux_energy_reducer is not None:  # the means over ranks: DDP's average is then global
-                energy_S = self.aux_energy_reducer(energy_S)
+            if self.rank_mean is not None:  # the means over ranks: DDP's average is then global
+                energy_S = self.rank_mean(energy_S)
             aux_S = (aux_recon_SBD - residual_SBD).pow(2).sum((1, 2)) / energy_S.clamp_min(1e-12)
         active_SBK = values_SBK > 0
         # active entries per latent, > 0 where it fired (an index_add: no host sync, unlike a masked index)

@@ -35,7 +35,7 @@ Speed options, all with float32 master weights and float32 gradients:
   over the dead columns only (no second full-width top-k, no masked copy), and the two decodes (k and aux_k
   rows per input) are one CSR product on CUDA, so ``W_dec``'s gradient is one SpMM with no second ``(F, D)``
   gradient to add.
-* ``aux_energy_reducer`` (distributed training): maps the AuxK normaliser (this process's residual energy)
+* ``rank_mean`` (distributed training): maps the AuxK normaliser (this process's residual energy)
   to its mean over the ranks, so that after DDP averages the gradients the AuxK loss is the global batch's.
 """
 
@@ -384,7 +384,7 @@ class TopKSAE(DeadLatentCounter, SparseAutoencoder):
             bfloat16). Saved in :meth:`config`.
 
     Attributes:
-        aux_energy_reducer: ``None`` (default), or a function mapping this process's AuxK normaliser (a
+        rank_mean: ``None`` (default), or a function mapping this process's AuxK normaliser (a
             detached scalar, the local residual energy) to its mean over the data-parallel ranks; with it,
             DDP's gradient average gives the AuxK loss of the global batch, ``sum(aux err) / sum(energy)``.
             A plain attribute: neither a parameter nor a buffer, not in :meth:`config`.
@@ -421,7 +421,7 @@ class TopKSAE(DeadLatentCounter, SparseAutoencoder):
             raise ValueError(f"encoder_dtype must be one of {sorted(ENCODER_DTYPES)}, got {encoder_dtype!r}")
         self.k, self.aux_k, self.aux_coef, self.dead_after_steps = k, aux_k, aux_coef, dead_after_steps
         self.encoder_dtype = encoder_dtype
-        self.aux_energy_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.rank_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
         W_dec_FD = torch.randn(n_latents, d_model, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec_FD = nn.Parameter(W_dec_FD)
@@ -506,8 +506,8 @@ class TopKSAE(DeadLatentCounter, SparseAutoencoder):
             # the share of the residual's energy left unexplained (OpenAI's normalised MSE): unlike a
             # variance about the batch mean it stays finite for a batch of one row
             energy = residual_BD.pow(2).sum()
-            if self.aux_energy_reducer is not None:  # the mean over ranks: DDP's average is then global
-                energy = self.aux_energy_reducer(energy)
+            if self.rank_mean is not None:  # the mean over ranks: DDP's average is then global
+                energy = self.rank_mean(energy)
             parts["aux"] = (aux_recon_BD - residual_BD).pow(2).sum() / energy.clamp_min(1e-12)
             loss = mse + self.aux_coef * parts["aux"]
         active_BK = values_BK > 0
