@@ -41,6 +41,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One process: HF generate baseline, then the compiled fast step (setup and tokens/s)."""
     sys.path.insert(0, str(HERE))
     from sae_refusal.llm.fast_generate import StaticGenerator
+    from sae_refusal.llm.tokenize import pad_left
     from steered_generation import build_variants_model, random_prompts
 
     device = torch.device(args.device)
@@ -53,8 +54,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     prompts = random_prompts(args.batch, vocab, 60, 117, seed=0)
     width = max(len(p) for p in prompts)
     pad = int(tokenizer.pad_token_id or 0)
-    ids_BT = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask_BT = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids_BT, mask_BT = (t.to(device) for t in pad_left(prompts, pad))
     n_tok = args.batch * args.new_tokens
 
     def timed(run: Any) -> float:

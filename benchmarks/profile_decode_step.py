@@ -51,6 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from sae_refusal.llm.fast_generate import StaticGenerator
+    from sae_refusal.llm.tokenize import pad_left
     from steered_generation import build_variants_model, random_prompts
 
     device = torch.device(args.device)
@@ -61,8 +62,7 @@ def main() -> None:
     prompts = random_prompts(args.batch, int(cast(Any, model).config.vocab_size), 60, 117, seed=0)
     width = max(len(p) for p in prompts)
     pad = int(tokenizer.pad_token_id or 0)
-    ids_BT = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask_BT = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids_BT, mask_BT = (t.to(device) for t in pad_left(prompts, pad))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with StaticGenerator(
         model, batch_size=args.batch, max_cache_len=width + args.new_tokens, mode="static"
