@@ -206,6 +206,16 @@ def test_start_from_data_sets_the_scale_the_decoder_bias_and_reads_evenly_spaced
     torch.testing.assert_close(seen[0], x_ND[[0, 3, 6, 9]])  # first, last and evenly between
     start_from_data(sae, x_ND, normalize_inputs=False)
     assert float(sae.input_scale) == 1.0
+    # every seed of a fit at once: each gets the scale, the bias and the same sample
+    other = JumpReLU(init_l0=1.0).build(16, 64, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(other, "init_from_data", lambda rows: seen.append(rows))
+    start_from_data([sae, other], x_ND)
+    for each in (sae, other):
+        assert math.isclose(float(each.input_scale), scale, rel_tol=1e-6)
+        torch.testing.assert_close(each.b_dec_D.detach(), x_ND.mean(0) * scale)
+    assert len(seen) == 4 and torch.equal(seen[2], seen[3])
+    with pytest.raises(ValueError, match="no SAE given"):
+        start_from_data([], x_ND)
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:

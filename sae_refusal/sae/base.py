@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -92,25 +93,33 @@ def mean_norm_scale(acts_ND: torch.Tensor) -> float:
 
 @torch.no_grad()
 def start_from_data(
-    sae: SparseAutoencoder, acts_ND: torch.Tensor, *, normalize_inputs: bool = True
+    saes: SparseAutoencoder | Sequence[SparseAutoencoder],
+    acts_ND: torch.Tensor,
+    *,
+    normalize_inputs: bool = True,
 ) -> torch.Tensor:
-    """Start ``sae`` from its training rows, as a fit does before the first step.
+    """Start one SAE, or every seed of a fit, from the training rows, as a fit does before the first step.
 
-    Sets the input scale (:func:`mean_norm_scale`, or 1), the decoder bias to the scaled data mean, then
-    :meth:`SparseAutoencoder.init_from_data` on at most :data:`INIT_SAMPLE_ROWS` evenly spaced rows (no RNG).
+    Sets each SAE's input scale (:func:`mean_norm_scale`, or 1), its decoder bias to the scaled data mean,
+    then calls :meth:`SparseAutoencoder.init_from_data` on at most :data:`INIT_SAMPLE_ROWS` evenly spaced rows
+    (no RNG). The statistics and the sample are computed once for all the SAEs given.
 
     Returns:
-        The scaled data mean ``(D,)`` on the SAE's device.
+        The scaled data mean ``(D,)`` (on the first SAE's device).
     """
+    saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
+    if not saes:
+        raise ValueError("start_from_data: no SAE given")
     scale = mean_norm_scale(acts_ND) if normalize_inputs else 1.0
-    device = sae.b_dec_D.device
-    mean_D = (acts_ND.float().mean(0) * scale).to(device)
-    sae.set_input_scale(scale)
-    sae.b_dec_D.copy_(mean_D)
+    mean_D = acts_ND.float().mean(0) * scale
     n = acts_ND.shape[0]
-    rows = torch.linspace(0, n - 1, min(n, INIT_SAMPLE_ROWS)).round().long()
-    sae.init_from_data(acts_ND[rows].float().to(device))
-    return mean_D
+    sample_ND = acts_ND[torch.linspace(0, n - 1, min(n, INIT_SAMPLE_ROWS)).round().long()].float()
+    for sae in saes:
+        device = sae.b_dec_D.device
+        sae.set_input_scale(scale)
+        sae.b_dec_D.copy_(mean_D.to(device))
+        sae.init_from_data(sample_ND.to(device))
+    return mean_D.to(saes[0].b_dec_D.device)
 
 
 def fvu_of(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:

@@ -230,9 +230,8 @@ class SAEModule(L.LightningModule):
             raise RuntimeError("SAEModule needs a data module with a `train` split (ActivationDataModule)")
         acts_ND = splits["train"].acts_ND
         with torch.no_grad():
-            for _, sae in self.named_saes():
-                mean_D = start_from_data(sae, acts_ND, normalize_inputs=self.normalize_inputs)
-            self.data_mean_D.copy_(mean_D)
+            saes = [sae for _, sae in self.named_saes()]
+            self.data_mean_D.copy_(start_from_data(saes, acts_ND, normalize_inputs=self.normalize_inputs))
             self.stats_ready.fill_(True)
 
     # ------------------------------------------------------------------ training
