@@ -3,7 +3,8 @@
 #   carry [".device/whl", ".device/data", ".device/tok", ".device/whl_sparsify"], then
 #   PARTS="extract sae generate" bash benchmarks/gpu_performance.sh       (nvidia-h200)
 #   PARTS="ddp" bash benchmarks/gpu_performance.sh                        (nvidia-h200-x2)
-#   PARTS="stacked aux_profile" / "compile_cache decode_profile extract_sweep" ... (issue 27; .device/data, .device/tok)
+#   PARTS="stacked aux_profile auxk stacked_profile" / "compile_cache decode_profile extract_sweep" ... (issue 27;
+#   the last three need .device/data and .device/tok)
 # .device/tok holds SmolLM2's tokenizer (the real prompt sets go through its chat template):
 #   python -c "from sae_refusal.llm import LLMConfig; from sae_refusal.llm.loading import load_tokenizer; \
 #              load_tokenizer(LLMConfig(name_or_path='smollm2')).save_pretrained('.device/tok')"
@@ -58,6 +59,12 @@ for part in ${PARTS:-extract sae generate}; do
         python3 benchmarks/compile_cache_reuse.py --device cuda --batch 32 --json "$OUT/compile_cache.json" ;;
     decode_profile)  # the fast generator's decode step (graph-free launches of the same kernels)
         python3 benchmarks/profile_decode_step.py --device cuda --batch 32 --json "$OUT/decode_profile.json" ;;
+    auxk)  # AuxK's step overhead with half the latents dead, per values-gradient kernel, 65k and 131k latents
+        python3 benchmarks/auxk_overhead.py --device cuda --tf32 --n_latents 65536,131072 --dead_fraction 0.5 \
+            --profile --out "$OUT/auxk_overhead.json" ;;
+    stacked_profile)  # where the three stacked seeds' step goes (no dead latents)
+        python3 benchmarks/stacked_seeds.py --device cuda --tf32 --n_latents 65536 --dead_fraction 0 --profile \
+            --out "$OUT/stacked_65k_profile.json" ;;
     aux_profile)  # the TopK step with half the latents dead (AuxK every step), fp32 encoder with TF32
         python3 benchmarks/profile_topk_step.py --device cuda --tf32 --dead-fraction 0.5 --rows 25 \
             --json "$OUT/aux_profile_tf32_dead.json"

@@ -31,8 +31,34 @@ def dense_reference_loss(sae: TopKSAE, x_BD: torch.Tensor, dead_F: torch.Tensor 
     return loss
 
 
+def force_csr_decodes(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """CUDA's CSR decode Functions on the CPU, their values' gradient from ``kernel`` (bag | sddmm)."""
+    from sae_refusal.sae import topk as topk_module
+
+    def decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        with topk_module.values_grad_kernel(kernel):
+            return topk_module._SparseDecode.apply(values.contiguous(), indices.contiguous(), W)
+
+    def pair(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with topk_module.values_grad_kernel(kernel):
+            return topk_module._SparseDecodePair.apply(*(a.contiguous() for a in args[:4]), args[4])
+
+    monkeypatch.setattr(topk_module, "sparse_decode", decode)
+    monkeypatch.setattr(topk_module, "sparse_decode_pair", pair)
+
+
+@pytest.mark.parametrize("path", ["dispatch", "csr-bag", "csr-sddmm"])
 @pytest.mark.parametrize("with_dead", [False, True], ids=["no-dead", "auxk"])
-def test_sparse_path_matches_dense_reference(with_dead: bool) -> None:
+def test_sparse_path_matches_dense_reference(
+    with_dead: bool, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss and every gradient (AuxK included) of each decode path equal the dense reference's.
+
+    ``csr-*``: the CUDA path (one CSR product for the k and AuxK decodes) forced on the CPU, the decodes'
+    values gradient from ``embedding_bag``'s per-sample kernel or from the sampled product (SDDMM).
+    """
+    if path != "dispatch":
+        force_csr_decodes(monkeypatch, path.removeprefix("csr-"))
     gen = torch.Generator().manual_seed(0)
     sae = TopKSAE(12, 48, k=5, aux_k=7, dead_after_steps=3, generator=gen)
     with torch.no_grad():  # move away from the symmetric init so every gradient is non-trivial
@@ -214,6 +240,18 @@ def test_relu_training_gets_sparser_with_larger_lambda() -> None:
     assert l0[1.0] < l0[0.01]
 
 
+def test_values_grad_kernel_rejects_an_unknown_name_and_restores_the_previous() -> None:
+    from sae_refusal.sae import topk as topk_module
+
+    with pytest.raises(ValueError, match="values-gradient kernel must be one of"):
+        topk_module.values_grad_kernel("dense").__enter__()
+    before = topk_module._values_grad_kernel[0]
+    with pytest.raises(RuntimeError), topk_module.values_grad_kernel("sddmm"):
+        assert topk_module._values_grad_kernel[0] == "sddmm"
+        raise RuntimeError
+    assert topk_module._values_grad_kernel[0] == before
+
+
 def test_sparse_decode_matches_dense() -> None:
     from sae_refusal.sae import sparse_decode
 
@@ -225,14 +263,18 @@ def test_sparse_decode_matches_dense() -> None:
     torch.testing.assert_close(F.embedding_bag(indices, W, per_sample_weights=values, mode="sum"), dense @ W)
 
 
-@pytest.mark.parametrize("path", ["dispatch", "csr"])
+@pytest.mark.parametrize("path", ["dispatch", "csr-bag", "csr-sddmm"])
 def test_sparse_decode_gradients_match_dense_with_repeated_indices(path: str) -> None:
-    """Both decoder paths (CPU dispatch: embedding_bag; CUDA: the CSR Function) sum repeated indices."""
-    from sae_refusal.sae.topk import _SparseDecode
+    """Every decoder path (CPU dispatch: embedding_bag; CUDA: the CSR Function, with either values-gradient
+    kernel) sums repeated indices."""
+    from sae_refusal.sae.topk import _SparseDecode, values_grad_kernel
     from sae_refusal.sae.topk import sparse_decode as dispatch
 
     def sparse_decode(v: torch.Tensor, i: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        return dispatch(v, i, W) if path == "dispatch" else _SparseDecode.apply(v, i, W)
+        if path == "dispatch":
+            return dispatch(v, i, W)
+        with values_grad_kernel(path.removeprefix("csr-")):  # the kernel of the decodes built here
+            return _SparseDecode.apply(v, i, W)
 
     gen = torch.Generator().manual_seed(3)
     W = torch.randn(10, 4, generator=gen, requires_grad=True)

@@ -8,7 +8,7 @@ Only the encoder's forward is a dense matrix product. Everything else touches th
 
 * the decoder is a CSR ``(B, F) @ (F, D)`` product over the active rows of ``W_dec_FD`` (on CUDA; an
   ``embedding_bag`` on the CPU); its backward
-  gives the k values' gradient (``embedding_bag``'s per-sample-weight kernel) and the rows' gradient as a
+  gives the k values' gradient (a sampled product, :func:`values_grad_kernel`) and the rows' gradient as a
   CSR ``(F, B) @ (B, D)`` product (:func:`rows_grad`);
 * the encoder's backward (:class:`_TopKEncode`) builds ``dL/dW_enc`` with the same CSR product instead of
   multiplying a mostly-zero ``(B, F)`` gradient, and ``dL/db_dec`` as ``-(dL/db_enc) @ W_enc``;
@@ -34,7 +34,9 @@ Speed options, all with float32 master weights and float32 gradients:
 * With dead latents, AuxK reuses the encoder's pre-activations: one ``(B, n_dead)`` column gather and a top-k
   over the dead columns only (no second full-width top-k, no masked copy), and the two decodes (k and aux_k
   rows per input) are one CSR product on CUDA, so ``W_dec``'s gradient is one SpMM with no second ``(F, D)``
-  gradient to add.
+  gradient to add. What AuxK still costs is the sparse work of its ``aux_k`` entries per row, 4x the ``k``
+  entries at the defaults: on an H100 at 65,536 latents with half dead, +63% step time (the gathers of the
+  decode, of its values gradient and of both weight gradients; ``benchmarks/auxk_overhead.py``).
 * ``rank_mean`` (distributed training): maps the AuxK normaliser (this process's residual energy)
   to its mean over the ranks, so that after DDP averages the gradients the AuxK loss is the global batch's.
 """
@@ -42,7 +44,8 @@ Speed options, all with float32 master weights and float32 gradients:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,7 +54,15 @@ from torch import nn
 
 from sae_refusal.sae.base import SAE_REGISTRY, SAEOutput, SparseAutoencoder, fvu_of
 
-__all__ = ["ENCODER_DTYPES", "DeadLatentCounter", "TopKSAE", "rows_grad", "sparse_decode"]
+__all__ = [
+    "ENCODER_DTYPES",
+    "VALUES_GRAD_KERNELS",
+    "DeadLatentCounter",
+    "TopKSAE",
+    "rows_grad",
+    "sparse_decode",
+    "values_grad_kernel",
+]
 
 #: ``encoder_dtype`` name -> dtype of the encoder's dense product.
 ENCODER_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -97,6 +108,57 @@ def _csr(
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
+#: The kernels that can compute a sparse decode's values gradient ``W[flat[n]] . grad[row_of[n]]``.
+VALUES_GRAD_KERNELS = ("bag", "sddmm")
+_values_grad_kernel = ["sddmm"]
+
+
+@contextmanager
+def values_grad_kernel(name: str) -> Iterator[None]:
+    """Sparse decodes built within the block compute their values' gradient with kernel ``name``.
+
+    ``"sddmm"`` (default): a sampled dense-dense product (``grad @ W.T`` sampled at the entries; cuSPARSE's
+    SDDMM on CUDA). ``"bag"``: ``embedding_bag``'s per-sample-weight backward, one ``D``-long dot product per
+    entry in entry order (the earlier default; the reference of the tests). On an H100 (B 4096, k 64 + aux_k
+    256, 65,536 x 4,096, TF32) SDDMM takes 6.2 ms against 8.1 ms for the 1.3 M entries of an AuxK step and
+    the whole step 2-4% less; the two agree to 1.2e-6 (``benchmarks/auxk_overhead.py``).
+
+    Raises:
+        ValueError: On a name not in :data:`VALUES_GRAD_KERNELS`.
+    """
+    if name not in VALUES_GRAD_KERNELS:
+        raise ValueError(f"values-gradient kernel must be one of {VALUES_GRAD_KERNELS}, got {name!r}")
+    previous = _values_grad_kernel[0]
+    _values_grad_kernel[0] = name
+    try:
+        yield
+    finally:
+        _values_grad_kernel[0] = previous
+
+
+def _values_grad(
+    grad_RD: torch.Tensor,
+    W_FD: torch.Tensor,
+    flat_N: torch.Tensor,
+    crow: torch.Tensor,
+    row_of_N: torch.Tensor,
+    kernel: str,
+) -> torch.Tensor:
+    """``W[flat[n]] . grad[row_of[n]]`` per entry ``n`` of the CSR ``(R, F)`` pattern ``(crow, flat)``."""
+    if kernel == "sddmm":
+        pattern = _csr(crow, flat_N, grad_RD.new_zeros(flat_N.numel()), (grad_RD.shape[0], W_FD.shape[0]))
+        return torch.sparse.sampled_addmm(pattern, grad_RD, W_FD.T, beta=0.0).values()
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_RD,
+        W_FD,
+        flat_N,
+        crow[:-1],
+        row_of_N,
+        0,
+        -1,  # mode 0: sum
+    )
+
+
 def _csr_of_rows(values_BK: torch.Tensor, indices_BK: torch.Tensor, n_cols: int) -> torch.Tensor:
     """The ``(B, n_cols)`` CSR matrix with ``values_BK`` at ``indices_BK`` (k per row: no sort needed)."""
     n, width = indices_BK.shape
@@ -107,8 +169,8 @@ def _csr_of_rows(values_BK: torch.Tensor, indices_BK: torch.Tensor, n_cols: int)
 class _SparseDecode(torch.autograd.Function):
     """``sum_k values[b, k] * W[indices[b, k]]`` as a CSR ``(B, F) @ (F, D)`` SpMM.
 
-    Backward: the values' gradient ``W[indices[b, k]] . grad[b]`` with ``embedding_bag``'s own
-    per-sample-weight kernel, and ``W``'s with :func:`rows_grad`.
+    Backward: the values' gradient ``W[indices[b, k]] . grad[b]`` with the kernel of
+    :func:`values_grad_kernel` (as built), and ``W``'s with :func:`rows_grad`.
     """
 
     @staticmethod
@@ -116,6 +178,7 @@ class _SparseDecode(torch.autograd.Function):
         ctx: Any, values_BK: torch.Tensor, indices_BK: torch.Tensor, W_FD: torch.Tensor
     ) -> torch.Tensor:
         ctx.save_for_backward(values_BK, indices_BK, W_FD)
+        ctx.values_kernel = _values_grad_kernel[0]
         return _csr_of_rows(values_BK, indices_BK, W_FD.shape[0]) @ W_FD
 
     @staticmethod
@@ -125,16 +188,10 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = grad_W = None
         grad_BD = grad_BD.contiguous()
         if ctx.needs_input_grad[0]:
-            offsets = torch.arange(0, n * width, width, device=indices_BK.device)
+            crow = torch.arange(0, n * width + 1, width, device=indices_BK.device)
             bag_of_entry = torch.arange(n, device=indices_BK.device).repeat_interleave(width)
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_BD,
-                W_FD,
-                indices_BK.reshape(-1),
-                offsets,
-                bag_of_entry,
-                0,
-                -1,  # mode 0: sum
+            grad_values = _values_grad(
+                grad_BD, W_FD, indices_BK.reshape(-1), crow, bag_of_entry, ctx.values_kernel
             ).view(n, width)
         if ctx.needs_input_grad[2]:
             grad_W = rows_grad(indices_BK, values_BK, grad_BD, W_FD.shape[0])
@@ -157,7 +214,7 @@ class _SparseDecodePair(torch.autograd.Function):
     """Two sparse decodes with one weight (the k active rows and the AuxK rows) as one CSR product.
 
     Rows ``[0, B)`` of the ``(2B, F)`` CSR matrix hold the ``k`` entries of each input, rows ``[B, 2B)`` its
-    ``a`` auxiliary entries. Backward: one per-sample-weight kernel for both sets of values, and ``W``'s
+    ``a`` auxiliary entries. Backward: one values-gradient kernel for both sets of values, and ``W``'s
     gradient as one SpMM (:func:`_rows_grad_ragged`) instead of two ``(F, D)`` products and their sum.
     """
 
@@ -181,6 +238,7 @@ class _SparseDecodePair(torch.autograd.Function):
         out_RD = _csr(crow, flat, weights, (2 * n, W_FD.shape[0])) @ W_FD
         ctx.save_for_backward(weights, flat, crow, W_FD)
         ctx.shape = (n, k, a)
+        ctx.values_kernel = _values_grad_kernel[0]
         return out_RD[:n], out_RD[n:]
 
     @staticmethod
@@ -202,9 +260,7 @@ class _SparseDecodePair(torch.autograd.Function):
         )
         grad_values = grad_aux = grad_W = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_RD, W_FD, flat, crow[:-1], row_of, 0, -1
-            )
+            grad_w = _values_grad(grad_RD, W_FD, flat, crow, row_of, ctx.values_kernel)
             grad_values = grad_w[: n * k].view(n, k)
             grad_aux = grad_w[n * k :].view(n, a)
         if ctx.needs_input_grad[4]:
