@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
+    from profile_topk_step import kernel_events
     from sae_refusal.llm.fast_generate import StaticGenerator
     from sae_refusal.llm.tokenize import pad_left
     from steered_generation import build_variants_model, random_prompts
@@ -74,7 +75,7 @@ def main() -> None:
             gen(ids_BT, mask_BT, 1)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        prefill_only = list(prefill_prof.key_averages())
+        prefill_only = kernel_events(list(prefill_prof.key_averages()), device)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             gen(ids_BT, mask_BT, args.new_tokens)
             if device.type == "cuda":
@@ -84,7 +85,7 @@ def main() -> None:
     def per_kernel(events: list[Any]) -> dict[str, tuple[float, int]]:
         return {e.key: (float(getattr(e, attr, 0.0) or 0.0), int(e.count)) for e in events}
 
-    full, pre = per_kernel(list(prof.key_averages())), per_kernel(prefill_only)
+    full, pre = per_kernel(kernel_events(list(prof.key_averages()), device)), per_kernel(prefill_only)
     steps = args.new_tokens - 1  # decode steps of the call (its first token comes from the prefill)
     decode = {
         k: ((us - pre.get(k, (0.0, 0))[0]) / steps, (n - pre.get(k, (0.0, 0))[1]) / steps)

@@ -12,11 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from sae_refusal.sae import TopKSAE
+
+
+def kernel_events(events: list[Any], device: torch.device) -> list[Any]:
+    """The events whose device time is a kernel's own (CUDA: the kernel rows only).
+
+    On CUDA, ``key_averages()`` lists each kernel twice: as its own row and inside the self device time of
+    the operator that launched it (``aten::mm`` and its ``nvjet...`` kernel); summing every row counts the
+    time about twice. On the CPU every row is an operator and self times do not overlap.
+    """
+    if device.type != "cuda":
+        return events
+    return [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
 
 
 def main() -> None:
@@ -80,7 +94,9 @@ def main() -> None:
         rows = sorted(averages, key=lambda e: float(getattr(e, attr, 0.0) or 0.0), reverse=True)[: args.rows]
         record = {
             "config": {**vars(args), "n_latents": sae.n_latents, "device_name": str(device)},
-            "per_step_total_ms": sum(float(getattr(e, attr, 0.0) or 0.0) for e in averages)
+            "per_step_total_ms": sum(
+                float(getattr(e, attr, 0.0) or 0.0) for e in kernel_events(list(averages), device)
+            )
             / 1e3
             / args.steps,
             "kernels": [

@@ -159,3 +159,22 @@ def test_gate_decisions_set_outside_inference_mode(
             edit.set_alpha(torch.zeros(3))
         edit.set_alpha(torch.zeros(3))  # and then outside again
         assert generator(ids_BT, mask_BT, NEW).tolist() == plain
+
+
+def test_an_unaligned_cache_length_is_rounded_up_and_gives_the_same_tokens(
+    model: nn.Module, prompts: list[list[int]]
+) -> None:
+    """``max_cache_len`` 21 (the exact need) runs on a 24-column cache; the extra columns are masked."""
+    from sae_refusal.llm.fast_generate import CACHE_ALIGN
+
+    batch = prompts[2:5]  # 2, 7 and 12 tokens: 12 + 8 + 1 = 21 positions, not a multiple of CACHE_ALIGN
+    ids_BT, mask_BT = pad_left(batch, 0)
+    need = ids_BT.shape[1] + NEW + 1
+    assert need % CACHE_ALIGN != 0
+    with StaticGenerator(model, batch_size=3, max_cache_len=need) as generator:
+        assert generator.cache_len == -(-need // CACHE_ALIGN) * CACHE_ALIGN > need
+        out = generator(ids_BT, mask_BT, NEW)
+        assert generator._real_BS is not None and generator._real_BS.shape[1] == generator.cache_len
+        with pytest.raises(ValueError, match=f"exceeds max_cache_len {need}"):  # the limit: the asked one
+            generator(ids_BT, mask_BT, need)
+    assert out.tolist() == _reference(model, batch)
