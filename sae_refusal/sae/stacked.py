@@ -65,6 +65,7 @@ from sae_refusal.sae.topk import (
     rows_grad,
     sparse_decode,
     sparse_decode_pair,
+    topk_config,
 )
 
 __all__ = ["StackedTopKSAE"]
@@ -280,15 +281,7 @@ class StackedTopKSAE(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Each seed's :meth:`TopKSAE.config`."""
-        return {
-            "d_model": self.d_model,
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "aux_k": self.aux_k,
-            "aux_coef": self.aux_coef,
-            "dead_after_steps": self.dead_after_steps,
-            "encoder_dtype": self.encoder_dtype,
-        }
+        return topk_config(self)
 
     def _seed_tensors(self) -> dict[str, tuple[torch.Tensor, bool]]:
         """:class:`TopKSAE` tensor name -> (stacked tensor, whether it is a parameter there)."""

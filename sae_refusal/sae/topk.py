@@ -61,6 +61,7 @@ __all__ = [
     "TopKSAE",
     "rows_grad",
     "sparse_decode",
+    "topk_config",
     "values_grad_kernel",
 ]
 
@@ -136,15 +137,20 @@ def values_grad_kernel(name: str) -> Iterator[None]:
         _values_grad_kernel[0] = previous
 
 
+def _row_of_entries(crow: torch.Tensor, n_entries: int) -> torch.Tensor:
+    """The row of each of the ``n_entries`` entries of a CSR matrix (no device sync: the size is given)."""
+    rows = torch.arange(crow.numel() - 1, device=crow.device)
+    return rows.repeat_interleave(crow.diff(), output_size=n_entries)
+
+
 def _values_grad(
     grad_RD: torch.Tensor,
     W_FD: torch.Tensor,
     flat_N: torch.Tensor,
     crow: torch.Tensor,
-    row_of_N: torch.Tensor,
     kernel: str,
 ) -> torch.Tensor:
-    """``W[flat[n]] . grad[row_of[n]]`` per entry ``n`` of the CSR ``(R, F)`` pattern ``(crow, flat)``."""
+    """``W[flat[n]] . grad[r]`` for each entry ``n`` (in row ``r``) of the CSR pattern ``(crow, flat)``."""
     if kernel == "sddmm":
         pattern = _csr(crow, flat_N, grad_RD.new_zeros(flat_N.numel()), (grad_RD.shape[0], W_FD.shape[0]))
         return torch.sparse.sampled_addmm(pattern, grad_RD, W_FD.T, beta=0.0).values()
@@ -153,7 +159,7 @@ def _values_grad(
         W_FD,
         flat_N,
         crow[:-1],
-        row_of_N,
+        _row_of_entries(crow, flat_N.numel()),
         0,
         -1,  # mode 0: sum
     )
@@ -189,10 +195,9 @@ class _SparseDecode(torch.autograd.Function):
         grad_BD = grad_BD.contiguous()
         if ctx.needs_input_grad[0]:
             crow = torch.arange(0, n * width + 1, width, device=indices_BK.device)
-            bag_of_entry = torch.arange(n, device=indices_BK.device).repeat_interleave(width)
-            grad_values = _values_grad(
-                grad_BD, W_FD, indices_BK.reshape(-1), crow, bag_of_entry, ctx.values_kernel
-            ).view(n, width)
+            grad_values = _values_grad(grad_BD, W_FD, indices_BK.reshape(-1), crow, ctx.values_kernel).view(
+                n, width
+            )
         if ctx.needs_input_grad[2]:
             grad_W = rows_grad(indices_BK, values_BK, grad_BD, W_FD.shape[0])
         return grad_values, None, grad_W
@@ -251,19 +256,13 @@ class _SparseDecodePair(torch.autograd.Function):
         grad_RD = torch.cat(
             [zeros if grad_BD is None else grad_BD, zeros if grad_aux_BD is None else grad_aux_BD]
         ).contiguous()
-        device = flat.device
-        row_of = torch.cat(
-            [
-                torch.arange(n, device=device).repeat_interleave(k),
-                torch.arange(n, 2 * n, device=device).repeat_interleave(a),
-            ]
-        )
         grad_values = grad_aux = grad_W = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            grad_w = _values_grad(grad_RD, W_FD, flat, crow, row_of, ctx.values_kernel)
+            grad_w = _values_grad(grad_RD, W_FD, flat, crow, ctx.values_kernel)
             grad_values = grad_w[: n * k].view(n, k)
             grad_aux = grad_w[n * k :].view(n, a)
         if ctx.needs_input_grad[4]:
+            row_of = _row_of_entries(crow, flat.numel())
             grad_W = _rows_grad_ragged(flat, row_of, weights, grad_RD, W_FD.shape[0])
         return grad_values, None, grad_aux, None, grad_W
 
@@ -424,6 +423,19 @@ class DeadLatentCounter:
         self.steps_since_fired_F[fired_F] = 0
 
 
+def topk_config(sae: Any) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``sae``'s :class:`TopKSAE` (or each seed's of a stacked module)."""
+    return {
+        "d_model": sae.d_model,
+        "n_latents": sae.n_latents,
+        "k": sae.k,
+        "aux_k": sae.aux_k,
+        "aux_coef": sae.aux_coef,
+        "dead_after_steps": sae.dead_after_steps,
+        "encoder_dtype": sae.encoder_dtype,
+    }
+
+
 class TopKSAE(DeadLatentCounter, SparseAutoencoder):
     """TopK sparse autoencoder with AuxK.
 
@@ -487,15 +499,7 @@ class TopKSAE(DeadLatentCounter, SparseAutoencoder):
         self.register_buffer("steps_since_fired_F", torch.zeros(n_latents, dtype=torch.long))
 
     def config(self) -> dict[str, Any]:
-        return {
-            "d_model": self.d_model,
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "aux_k": self.aux_k,
-            "aux_coef": self.aux_coef,
-            "dead_after_steps": self.dead_after_steps,
-            "encoder_dtype": self.encoder_dtype,
-        }
+        return topk_config(self)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
