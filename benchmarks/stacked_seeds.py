@@ -33,8 +33,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +47,12 @@ from sae_refusal.sae.architectures import TopK
 from sae_refusal.sae.base import SAEOutput
 from sae_refusal.sae.stacked import StackedTopKSAE
 from sae_refusal.sae.topk import TopKSAE
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from sae_throughput import cpu_name  # noqa: E402  (a sibling script: the CPU's name)
 
 #: The issue's bar: stacked step time per seed over one seed alone.
 BAR = 0.6
@@ -210,15 +216,7 @@ def release(device: torch.device) -> None:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def check_agreement(args: argparse.Namespace, x_BD: Tensor) -> dict[str, Any]:

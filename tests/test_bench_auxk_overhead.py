@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.benchmark_scripts import load_benchmark
+from tests.benchmark_scripts import load_benchmark, torch_globals_kept
 
 TINY = ["--device", "cpu", "--d_model", "16", "--n_latents", "64,128", "--k", "4", "--batch", "32"]
 TINY += ["--aux_k", "8", "--steps", "2", "--warmup", "1"]
@@ -24,11 +24,10 @@ def bench() -> ModuleType:
 
 
 @pytest.fixture(autouse=True)
-def _restore_tf32() -> Iterator[None]:
-    """The script sets the TF32 flag; give the rest of the session its own back."""
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+def _restore_torch_globals() -> Iterator[None]:
+    """The script sets torch globals; give the rest of the session its own back."""
+    with torch_globals_kept():
+        yield
 
 
 def test_the_cpu_smoke_run_prints_the_table_and_writes_the_json(

@@ -8,9 +8,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
-from tests.benchmark_scripts import load_benchmark
+from tests.benchmark_scripts import load_benchmark, torch_globals_kept
 
 TINY = ["--device", "cpu", "--d-model", "16", "--expansion", "4", "--k", "4", "--batch", "64"]
 TINY += ["--steps", "2", "--warmup", "1", "--threads", "1"]
@@ -22,11 +21,10 @@ def bench() -> ModuleType:
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads() -> Iterator[None]:
-    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+def _restore_torch_globals() -> Iterator[None]:
+    """The script sets torch globals; give the rest of the session its own back."""
+    with torch_globals_kept():
+        yield
 
 
 def test_every_architecture_is_timed_against_topk(bench: ModuleType, tmp_path: Path) -> None:

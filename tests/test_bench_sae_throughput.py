@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.benchmark_scripts import load_benchmark
+from tests.benchmark_scripts import load_benchmark, torch_globals_kept
 
 TINY = ["--device", "cpu", "--d-model", "32", "--expansion", "4", "--k", "8", "--batch", "128"]
 TINY += ["--threads", "1"]
@@ -26,13 +26,9 @@ def bench() -> ModuleType:
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals() -> Iterator[None]:
-    """The script sets the thread count and matmul precision; give the rest of the session its own back."""
-    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    yield
-    torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    """The script sets torch globals; give the rest of the session its own back."""
+    with torch_globals_kept():
+        yield
 
 
 def _run(bench: ModuleType, args: list[str], out: Path) -> dict[str, Any]:

@@ -8,9 +8,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
-from tests.benchmark_scripts import load_benchmark
+from tests.benchmark_scripts import load_benchmark, torch_globals_kept
 
 TINY = ["--device", "cpu", "--d_model", "16", "--n_latents", "64", "--k", "4", "--batch", "32"]
 TINY += ["--aux_k", "8", "--steps", "2", "--warmup", "1", "--threads", "1"]
@@ -24,13 +23,9 @@ def bench() -> ModuleType:
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals() -> Iterator[None]:
-    """The script sets the thread count and matmul precision; give the rest of the session its own back."""
-    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    yield
-    torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    """The script sets torch globals; give the rest of the session its own back."""
+    with torch_globals_kept():
+        yield
 
 
 def test_the_cpu_smoke_run_prints_the_table_and_writes_the_json(
